@@ -1,0 +1,266 @@
+//! Benchmark of the relay against NATS JetStream on this machine. Prints:
+//! 1. the drain rate of a backlog through the relay and its ratio to a raw JetStream asynchronous
+//!    publish of the same messages, measured in the same run (goal: ratio >= 0.4);
+//! 2. commit-to-stream latency p50 / p99 at a steady rate (goal: p50 <= 5 ms, p99 <= 25 ms);
+//! 3. what the commit-time NOTIFY costs concurrent producers (commits/s and p99 with and without).
+//!
+//! `cargo run --release -p outbox-cli --example bench_nats -- [backlog] [rate] [seconds]`
+//! (defaults 200000 events, 1000 events/s, 10 s).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, message::PublishMessage};
+use futures::StreamExt;
+use outbox::nats::NatsPublisher;
+use outbox::{NewEvent, Outbox, PgStore, Relay, RelayConfig};
+use testkit::{TestDb, TestStream};
+
+#[path = "support/mod.rs"]
+mod support;
+use support::{drain, percentile, quiet, write_backlog};
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let backlog: i64 = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(200_000);
+    let rate: u64 = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(1000);
+    let secs: u64 = args.get(3).and_then(|a| a.parse().ok()).unwrap_or(10);
+    println!(
+        "machine: {} cores; backlog {backlog}; steady rate {rate}/s for {secs} s",
+        num_cpus()
+    );
+
+    // --- 2. steady-rate latency ----------------------------------------------------------
+    for notify in [true, false] {
+        let l = steady_latency(rate, secs, notify).await;
+        println!(
+            "commit-to-stream at {rate}/s, notify {}: p50 {:.2} ms  p99 {:.2} ms  ({} events){}",
+            if notify { "on " } else { "off" },
+            l.p50,
+            l.p99,
+            l.n,
+            if notify {
+                "   (goal p50 <= 5, p99 <= 25)"
+            } else {
+                "   (poll every 500 ms)"
+            }
+        );
+        println!(
+            "   counted from the COMMIT call instead (includes PostgreSQL's commit): p50 {:.2} ms  p99 {:.2} ms",
+            l.p50_with_commit, l.p99_with_commit
+        );
+    }
+
+    // --- 3. NOTIFY cost to concurrent producers -------------------------------------------
+    for notify in [false, true] {
+        let (tps, p99) = producers(notify, 8, Duration::from_secs(5)).await;
+        println!(
+            "8 producers, 1 event per commit, notify {}: {tps:>7.0} commits/s  p99 commit {p99:.2} ms",
+            if notify { "on " } else { "off" }
+        );
+    }
+    quiet().await;
+
+    // --- 1. drain rate -------------------------------------------------------------------
+    let db = TestDb::new().await;
+    let stream = TestStream::new();
+    write_backlog(&db, backlog).await;
+
+    // The raw baseline publishes exactly the rows the relay will publish, with the same headers
+    // and subjects and the same number of acknowledgements in flight, to a stream of its own.
+    let msgs: Vec<(String, Vec<u8>, String)> = sqlx::query_as(
+        "SELECT 't.' || tenant_id || '.' || topic, payload, event_id::text FROM outbox_event ORDER BY id",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    let raw_stream = TestStream::new();
+    let client = async_nats::connect(testkit::nats_url()).await.unwrap();
+    let js = jetstream::ContextBuilder::new()
+        .max_ack_inflight(4096)
+        .backpressure_on_inflight(true)
+        .build(client.clone());
+    js.create_stream(jetstream::stream::Config {
+        name: raw_stream.name.clone(),
+        subjects: vec![format!("{}.>", raw_stream.prefix)],
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let t = Instant::now();
+    for chunk in msgs.chunks(1000) {
+        let mut acks = Vec::with_capacity(chunk.len());
+        for (subject, payload, id) in chunk {
+            let m = PublishMessage::build()
+                .payload(payload.clone().into())
+                .message_id(id);
+            acks.push(
+                js.send_publish(format!("{}.{subject}", raw_stream.prefix), m)
+                    .await
+                    .unwrap(),
+            );
+        }
+        for a in
+            futures::future::join_all(acks.into_iter().map(std::future::IntoFuture::into_future))
+                .await
+        {
+            a.unwrap();
+        }
+    }
+    let raw = msgs.len() as f64 / t.elapsed().as_secs_f64();
+    drop(msgs);
+
+    let drained = drain(&db, &stream, &client, backlog, None).await;
+    println!("raw JetStream async publish : {raw:>9.0} msg/s");
+    println!(
+        "relay drain, rows kept as published (default)   : {drained:>9.0} events/s   ratio {:.2} (goal >= 0.40)",
+        drained / raw
+    );
+    drop(db);
+    quiet().await;
+    // A fresh database with the same backlog, rows deleted at acknowledgement.
+    let db = TestDb::new().await;
+    write_backlog(&db, backlog).await;
+    let stream2 = TestStream::new();
+    let drained0 = drain(&db, &stream2, &client, backlog, Some(Duration::ZERO)).await;
+    println!(
+        "relay drain, rows deleted at acknowledgement    : {drained0:>9.0} events/s   ratio {:.2} (goal >= 0.40)",
+        drained0 / raw
+    );
+    drop(db);
+}
+
+fn num_cpus() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+struct Latency {
+    p50: f64,
+    p99: f64,
+    p50_with_commit: f64,
+    p99_with_commit: f64,
+    n: usize,
+}
+
+async fn steady_latency(rate: u64, secs: u64, notify: bool) -> Latency {
+    let db = TestDb::new().await;
+    let stream = TestStream::new();
+    let config = RelayConfig {
+        relay_id: "bench-latency".into(),
+        retention: None,
+        ..Default::default()
+    };
+    let publisher = NatsPublisher::connect(stream.nats_config(), config.dedup_horizon())
+        .await
+        .unwrap();
+    let relay = Relay::new(
+        Arc::new(PgStore::new(db.pool.clone())),
+        Arc::new(publisher),
+        config,
+    )
+    .unwrap();
+    let stop = CancellationToken::new();
+    let listen = tokio::spawn(outbox::wake::listen(
+        db.pool.clone(),
+        relay.waker(),
+        stop.child_token(),
+    ));
+    let s = stop.clone();
+    let task = tokio::spawn(async move { relay.run(s).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // Core NATS subscribers see JetStream-published messages as they are stored.
+    let client = async_nats::connect(testkit::nats_url()).await.unwrap();
+    let mut sub = client
+        .subscribe(format!("{}.>", stream.prefix))
+        .await
+        .unwrap();
+    let received: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let r = received.clone();
+    let reader = tokio::spawn(async move {
+        while let Some(m) = sub.next().await {
+            if let Some(id) = m.headers.as_ref().and_then(|h| h.get("Nats-Msg-Id")) {
+                r.lock().await.insert(id.to_string(), Instant::now());
+            }
+        }
+    });
+    let outbox = Outbox::new("Bench").with_notify(notify);
+    // For each event: when COMMIT was sent, and when it returned (the event exists from then on).
+    let committed: Arc<Mutex<HashMap<String, (Instant, Instant)>>> = Arc::default();
+    let total = rate * secs;
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut producers = tokio::task::JoinSet::new();
+    for i in 0..total {
+        tick.tick().await;
+        let pool = db.pool.clone();
+        let ob = outbox.clone();
+        let c = committed.clone();
+        producers.spawn(async move {
+            let mut tx = pool.begin().await.unwrap();
+            let ev = NewEvent::new(
+                "t1",
+                "ProductVariant",
+                format!("v{}", i % 100),
+                "StockLevelChangedEvent",
+                "inventory.stock.changed",
+                serde_json::json!({"i": i}),
+            );
+            let id = ob.enqueue(&mut tx, &[ev]).await.unwrap()[0];
+            let sent = Instant::now();
+            tx.commit().await.unwrap();
+            c.lock()
+                .await
+                .insert(id.to_string(), (sent, Instant::now()));
+        });
+        while producers.len() > 64 {
+            producers.join_next().await;
+        }
+    }
+    while producers.join_next().await.is_some() {}
+    let end = Instant::now() + Duration::from_secs(10);
+    while received.lock().await.len() < total as usize && Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.cancel();
+    let _ = task.await;
+    let _ = listen.await;
+    reader.abort();
+    let committed = committed.lock().await;
+    let received = received.lock().await;
+    let ms = |a: &Instant, b: &Instant| b.saturating_duration_since(*a).as_secs_f64() * 1000.0;
+    let mut lat: Vec<f64> = Vec::new();
+    let mut with_commit: Vec<f64> = Vec::new();
+    for (id, (sent, done)) in committed.iter() {
+        if let Some(r) = received.get(id) {
+            lat.push(ms(done, r));
+            with_commit.push(ms(sent, r));
+        }
+    }
+    let n = lat.len();
+    assert_eq!(n as u64, total, "every committed event reached the stream");
+    Latency {
+        p50: percentile(&mut lat, 0.5),
+        p99: percentile(&mut lat, 0.99),
+        p50_with_commit: percentile(&mut with_commit, 0.5),
+        p99_with_commit: percentile(&mut with_commit, 0.99),
+        n,
+    }
+}
+
+async fn producers(notify: bool, n: usize, dur: Duration) -> (f64, f64) {
+    let db = TestDb::new().await;
+    let outbox = Outbox::new("Bench").with_notify(notify);
+    let mut lat = support::producer_load(&db, &outbox, "t1", n, dur).await;
+    (
+        lat.len() as f64 / dur.as_secs_f64(),
+        percentile(&mut lat, 0.99),
+    )
+}

@@ -1,0 +1,159 @@
+//! Helpers shared by the benchmarks (included with `#[path]`; not an example of its own).
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use outbox::nats::NatsPublisher;
+use outbox::{PgStore, Relay, RelayConfig};
+use testkit::{TestDb, TestStream};
+use tokio_util::sync::CancellationToken;
+
+/// Runs a relay over the backlog in `db` until `stream` holds `backlog` messages; events/s.
+pub async fn drain(
+    db: &TestDb,
+    stream: &TestStream,
+    client: &async_nats::Client,
+    backlog: i64,
+    retention: Option<Duration>,
+) -> f64 {
+    drain_with(db, stream, client, backlog, retention, 1).await
+}
+
+/// Like [`drain`] with `relays` relays sharing the outbox.
+pub async fn drain_with(
+    db: &TestDb,
+    stream: &TestStream,
+    client: &async_nats::Client,
+    backlog: i64,
+    retention: Option<Duration>,
+    relays: usize,
+) -> f64 {
+    let stop = CancellationToken::new();
+    let mut tasks = Vec::new();
+    let t = Instant::now();
+    for _ in 0..relays {
+        let config = RelayConfig {
+            relay_id: testkit::unique("bench"),
+            batch_size: 1000,
+            retention,
+            ..Default::default()
+        };
+        let publisher = NatsPublisher::connect(stream.nats_config(), config.dedup_horizon())
+            .await
+            .unwrap();
+        let relay = Relay::new(
+            Arc::new(PgStore::new(db.pool.clone())),
+            Arc::new(publisher),
+            config,
+        )
+        .unwrap();
+        let s = stop.clone();
+        tasks.push(tokio::spawn(async move { relay.run(s).await }));
+    }
+    let mut info_stream = jetstream::new(client.clone())
+        .get_stream(&stream.name)
+        .await
+        .unwrap();
+    loop {
+        let n = info_stream.info().await.unwrap().state.messages;
+        if n as i64 >= backlog {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let rate = backlog as f64 / t.elapsed().as_secs_f64();
+    stop.cancel();
+    for task in tasks {
+        task.await.unwrap().unwrap();
+    }
+    rate
+}
+
+/// Writes `backlog` events spread over 10 tenants and 5000 aggregates (not timed).
+pub async fn write_backlog(db: &TestDb, backlog: i64) {
+    let t = Instant::now();
+    sqlx::query(
+        "INSERT INTO outbox_event (event_id, tenant_id, aggregate_type, aggregate_id, event_type, topic, payload, headers)
+         SELECT gen_random_uuid(), 't' || (g % 10), 'ProductVariant', 'v' || (g % 5000), 'StockLevelChangedEvent',
+                'inventory.stock.changed',
+                convert_to(json_build_object('eventId', gen_random_uuid(), 'eventType', 'StockLevelChangedEvent',
+                    'eventVersion', '1.0', 'timestamp', now(), 'sourceService', 'Bench', 'correlationId', gen_random_uuid(),
+                    'tenantId', 't' || (g % 10), 'data', json_build_object('productVariantId', gen_random_uuid(),
+                    'newQuantity', g, 'oldQuantity', g - 1, 'quantityChanged', 1, 'changeType', 'PURCHASE'))::text, 'UTF8'),
+                json_build_object('correlationId', gen_random_uuid()::text)
+         FROM generate_series(1, $1) AS g ORDER BY g",
+    )
+    .bind(backlog)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    println!(
+        "backlog of {backlog} written in {:.1} s (not timed)",
+        t.elapsed().as_secs_f64()
+    );
+}
+
+/// Lets PostgreSQL write out what the previous phase dirtied, so that its checkpoint does not land
+/// on the next phase's measurements.
+pub async fn quiet() {
+    if let Ok(p) = sqlx::PgPool::connect(&format!("{}/postgres", testkit::pg_server_url())).await {
+        let _ = sqlx::query("CHECKPOINT").execute(&p).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+}
+
+/// `producers` tasks committing one event per transaction on `db` for `dur`, tenant `tenant`;
+/// returns every commit's latency (begin to commit) in milliseconds.
+pub async fn producer_load(
+    db: &TestDb,
+    outbox: &outbox::Outbox,
+    tenant: &str,
+    producers: usize,
+    dur: Duration,
+) -> Vec<f64> {
+    let end = Instant::now() + dur;
+    let mut set = tokio::task::JoinSet::new();
+    for p in 0..producers {
+        let pool = db.pool.clone();
+        let ob = outbox.clone();
+        let tenant = tenant.to_string();
+        set.spawn(async move {
+            let mut lat = Vec::new();
+            let mut i = 0u64;
+            while Instant::now() < end {
+                let t = Instant::now();
+                let mut tx = pool.begin().await.unwrap();
+                let agg = format!("p{p}-{}", i % 20);
+                let ev = outbox::NewEvent::new(
+                    tenant.as_str(),
+                    "V",
+                    agg,
+                    "E",
+                    "x.y",
+                    serde_json::json!({ "i": i }),
+                );
+                ob.enqueue(&mut tx, &[ev]).await.unwrap();
+                tx.commit().await.unwrap();
+                lat.push(t.elapsed().as_secs_f64() * 1000.0);
+                i += 1;
+            }
+            lat
+        });
+    }
+    let mut all = Vec::new();
+    while let Some(l) = set.join_next().await {
+        all.extend(l.unwrap());
+    }
+    all
+}
+
+/// The `p` quantile (0..=1) of `v` (sorted in place).
+pub fn percentile(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}

@@ -1,0 +1,204 @@
+//! Command-line and environment settings of a relay.
+
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+use outbox::{RelayConfig, RetryPolicy};
+
+/// Which broker the relay publishes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BrokerKind {
+    /// NATS JetStream.
+    Nats,
+    /// RabbitMQ (AMQP 0-9-1) with publisher confirms.
+    Rabbitmq,
+}
+
+/// Broker selection and the JetStream adapter's settings.
+#[derive(Debug, Clone, Args)]
+pub struct BrokerArgs {
+    /// Broker to publish to.
+    #[arg(long, env = "OUTBOX_BROKER", value_enum, default_value = "nats")]
+    pub broker: BrokerKind,
+    /// NATS server URL.
+    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+    /// JetStream stream the events go to.
+    #[arg(long, env = "OUTBOX_NATS_STREAM", default_value = "OUTBOX")]
+    pub nats_stream: String,
+    /// Subjects of the stream when the relay creates it (comma-separated).
+    #[arg(
+        long,
+        env = "OUTBOX_NATS_STREAM_SUBJECTS",
+        default_value = "outbox.>",
+        value_delimiter = ','
+    )]
+    pub nats_stream_subjects: Vec<String>,
+    /// Subject of each event: {tenant}, {topic}, {event_type}, {aggregate_type}.
+    #[arg(
+        long,
+        env = "OUTBOX_NATS_SUBJECT",
+        default_value = "outbox.{tenant}.{topic}"
+    )]
+    pub nats_subject: String,
+    /// Duplicate window (seconds) of a stream the relay creates; must cover the retry horizon.
+    #[arg(long, env = "OUTBOX_NATS_DUPLICATE_WINDOW_SECS", default_value_t = 120)]
+    pub nats_duplicate_window_secs: u64,
+    /// Only check the stream, never create it.
+    #[arg(long, env = "OUTBOX_NATS_NO_CREATE_STREAM")]
+    pub nats_no_create_stream: bool,
+    /// Seconds to wait for one JetStream acknowledgement.
+    #[arg(long, env = "OUTBOX_NATS_ACK_TIMEOUT_SECS", default_value_t = 5)]
+    pub nats_ack_timeout_secs: u64,
+    /// RabbitMQ adapter settings.
+    #[command(flatten)]
+    pub amqp: AmqpArgs,
+}
+
+/// Settings of the RabbitMQ adapter (also used by `outbox rabbitmq-topology`).
+#[derive(Debug, Clone, Args)]
+pub struct AmqpArgs {
+    /// AMQP URL of RabbitMQ.
+    #[arg(
+        long,
+        env = "AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
+    pub amqp_url: String,
+    /// Durable topic exchange the events go to (the inventory seed uses `inventory.events`).
+    #[arg(long, env = "OUTBOX_AMQP_EXCHANGE", default_value = "outbox.events")]
+    pub amqp_exchange: String,
+    /// Routing key of each event: {tenant} (required), {topic}, {event_type}, {aggregate_type}.
+    #[arg(
+        long,
+        env = "OUTBOX_AMQP_ROUTING_KEY",
+        default_value = "{topic}.{tenant}"
+    )]
+    pub amqp_routing_key: String,
+    /// Only check (passive declare) the exchange and alternate exchange, never declare them.
+    #[arg(long, env = "OUTBOX_AMQP_NO_DECLARE")]
+    pub amqp_no_declare: bool,
+    /// Alternate exchange for unroutable events ({exchange} is the exchange's name); empty: none,
+    /// unroutable events are returned, retried and finally dead-lettered in the outbox.
+    #[arg(
+        long,
+        env = "OUTBOX_AMQP_ALTERNATE_EXCHANGE",
+        default_value = "{exchange}.unroutable"
+    )]
+    pub amqp_alternate_exchange: String,
+    /// Most publisher confirms outstanding at once (the batch size bounds it too).
+    #[arg(long, env = "OUTBOX_AMQP_MAX_IN_FLIGHT", default_value_t = 2048)]
+    pub amqp_max_in_flight: usize,
+    /// Seconds to wait for one publisher confirm.
+    #[arg(long, env = "OUTBOX_AMQP_CONFIRM_TIMEOUT_SECS", default_value_t = 10)]
+    pub amqp_confirm_timeout_secs: u64,
+    /// Largest message body in bytes: set it to the broker's `max_message_size`; larger events
+    /// are dead-lettered at once.
+    #[arg(long, env = "OUTBOX_AMQP_MAX_MESSAGE_BYTES", default_value_t = 134_217_728)]
+    pub amqp_max_message_bytes: usize,
+}
+
+impl AmqpArgs {
+    /// The adapter configuration these flags describe.
+    pub fn config(&self) -> outbox::amqp::AmqpConfig {
+        let ae = self
+            .amqp_alternate_exchange
+            .replace("{exchange}", &self.amqp_exchange);
+        outbox::amqp::AmqpConfig {
+            url: self.amqp_url.clone(),
+            exchange: self.amqp_exchange.clone(),
+            routing_key_template: self.amqp_routing_key.clone(),
+            declare: !self.amqp_no_declare,
+            alternate_exchange: (!ae.is_empty()).then_some(ae),
+            max_in_flight: self.amqp_max_in_flight,
+            confirm_timeout: Duration::from_secs(self.amqp_confirm_timeout_secs.max(1)),
+            max_message_size: self.amqp_max_message_bytes,
+            ..Default::default()
+        }
+    }
+}
+
+/// Settings of the relay engine.
+#[derive(Debug, Clone, Args)]
+pub struct RelayArgs {
+    /// Unique name of this relay (default: host-pid-random).
+    #[arg(long, env = "OUTBOX_RELAY_ID")]
+    pub relay_id: Option<String>,
+    /// Most events claimed and in flight at once.
+    #[arg(long, env = "OUTBOX_BATCH_SIZE", default_value_t = 1000)]
+    pub batch_size: i64,
+    /// Milliseconds between polls when no commit notification arrives.
+    #[arg(long, env = "OUTBOX_POLL_INTERVAL_MS", default_value_t = 500)]
+    pub poll_interval_ms: u64,
+    /// Partition lease in milliseconds: how long a dead relay's share waits before another takes it.
+    #[arg(long, env = "OUTBOX_LEASE_MS", default_value_t = 15_000)]
+    pub lease_ms: u64,
+    /// First retry delay in milliseconds.
+    #[arg(long, env = "OUTBOX_RETRY_BASE_MS", default_value_t = 200)]
+    pub retry_base_ms: u64,
+    /// Longest retry delay in milliseconds.
+    #[arg(long, env = "OUTBOX_RETRY_CAP_MS", default_value_t = 15_000)]
+    pub retry_cap_ms: u64,
+    /// Growth factor of the retry delay.
+    #[arg(long, env = "OUTBOX_RETRY_MULTIPLIER", default_value_t = 2.0)]
+    pub retry_multiplier: f64,
+    /// Failed attempts before an event is dead-lettered.
+    #[arg(long, env = "OUTBOX_MAX_ATTEMPTS", default_value_t = 8)]
+    pub max_attempts: u32,
+    /// Let later events of an aggregate flow past its dead letter (default: they wait for replay or purge).
+    #[arg(long, env = "OUTBOX_DEAD_LETTERS_DO_NOT_BLOCK")]
+    pub dead_letters_do_not_block: bool,
+    /// Hours published events are kept before retention deletes them; 0 deletes them as soon as
+    /// the broker acknowledges them (fastest).
+    #[arg(long, env = "OUTBOX_RETENTION_HOURS", default_value_t = 24.0)]
+    pub retention_hours: f64,
+    /// Keep published events forever (no retention).
+    #[arg(long, env = "OUTBOX_KEEP_PUBLISHED")]
+    pub keep_published: bool,
+    /// Seconds between retention passes.
+    #[arg(long, env = "OUTBOX_CLEANUP_INTERVAL_SECS", default_value_t = 60)]
+    pub cleanup_interval_secs: u64,
+    /// Rows deleted per statement of a retention pass.
+    #[arg(long, env = "OUTBOX_CLEANUP_BATCH", default_value_t = 1000)]
+    pub cleanup_batch: i64,
+    /// Milliseconds to pause between the statements of a retention pass.
+    #[arg(long, env = "OUTBOX_CLEANUP_PAUSE_MS", default_value_t = 20)]
+    pub cleanup_pause_ms: u64,
+    /// Database connections of the relay.
+    #[arg(long, env = "OUTBOX_DB_CONNECTIONS", default_value_t = 4)]
+    pub db_connections: u32,
+}
+
+impl RelayArgs {
+    /// The engine configuration these flags describe.
+    pub fn config(&self) -> anyhow::Result<RelayConfig> {
+        if !(self.retention_hours >= 0.0 && self.retention_hours.is_finite()) {
+            anyhow::bail!(
+                "--retention-hours must be 0 or more (0 deletes published events at once)"
+            );
+        }
+        let defaults = RelayConfig::default();
+        let config = RelayConfig {
+            relay_id: self.relay_id.clone().unwrap_or(defaults.relay_id),
+            batch_size: self.batch_size,
+            poll_interval: Duration::from_millis(self.poll_interval_ms),
+            lease: Duration::from_millis(self.lease_ms),
+            retry: RetryPolicy {
+                base: Duration::from_millis(self.retry_base_ms),
+                cap: Duration::from_millis(self.retry_cap_ms),
+                multiplier: self.retry_multiplier,
+                max_attempts: self.max_attempts,
+                jitter: true,
+            },
+            dead_letters_block: !self.dead_letters_do_not_block,
+            retention: (!self.keep_published)
+                .then(|| Duration::from_secs_f64(self.retention_hours.max(0.0) * 3600.0)),
+            cleanup_interval: Duration::from_secs(self.cleanup_interval_secs.max(1)),
+            cleanup_batch: self.cleanup_batch,
+            cleanup_pause: Duration::from_millis(self.cleanup_pause_ms),
+            ..defaults
+        };
+        config.validate()?;
+        Ok(config)
+    }
+}

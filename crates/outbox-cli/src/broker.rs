@@ -1,0 +1,35 @@
+//! Builds the configured broker adapter.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use outbox::amqp::AmqpPublisher;
+use outbox::nats::{NatsConfig, NatsPublisher};
+use outbox::{OutboxError, Publisher};
+
+use crate::args::{BrokerArgs, BrokerKind};
+
+/// Connects the adapter selected by `args`. `horizon` is the relay's re-publish horizon, which the
+/// broker's de-duplication must cover.
+pub async fn connect(
+    args: &BrokerArgs,
+    horizon: Duration,
+) -> Result<Arc<dyn Publisher>, OutboxError> {
+    match args.broker {
+        BrokerKind::Nats => {
+            let cfg = NatsConfig {
+                url: args.nats_url.clone(),
+                stream: args.nats_stream.clone(),
+                subjects: args.nats_stream_subjects.clone(),
+                subject_template: args.nats_subject.clone(),
+                duplicate_window: Duration::from_secs(args.nats_duplicate_window_secs),
+                create_stream: !args.nats_no_create_stream,
+                ack_timeout: Duration::from_secs(args.nats_ack_timeout_secs.max(1)),
+                ..Default::default()
+            };
+            Ok(Arc::new(NatsPublisher::connect(cfg, horizon).await?))
+        }
+        // RabbitMQ has no de-duplication window to check: consumers de-duplicate on message_id.
+        BrokerKind::Rabbitmq => Ok(Arc::new(AmqpPublisher::connect(args.amqp.config()).await?)),
+    }
+}

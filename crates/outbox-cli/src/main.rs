@@ -1,0 +1,165 @@
+//! `outbox`: the standalone relay and the operator commands.
+
+use std::net::SocketAddr;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use outbox_cli::args::{BrokerArgs, RelayArgs};
+use outbox_cli::logging::{self, LogFormat};
+use outbox_cli::ops_cmd::{self, DeadLetterCmd};
+use sqlx::postgres::PgPoolOptions;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "outbox",
+    version,
+    about = "Transactional outbox relay and operator commands"
+)]
+struct Cli {
+    /// PostgreSQL database holding the outbox table.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        global = true,
+        default_value = "postgres://root@127.0.0.1:5432/root"
+    )]
+    database_url: String,
+    /// Log format.
+    #[arg(
+        long,
+        env = "OUTBOX_LOG_FORMAT",
+        value_enum,
+        default_value = "text",
+        global = true
+    )]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Declare a consumer queue bound to the RabbitMQ exchange, with a dead-letter exchange and queue.
+    RabbitmqTopology(Box<outbox_cli::topology_cmd::TopologyArgs>),
+    /// Apply the outbox schema migrations.
+    Migrate,
+    /// Deliver committed events to the broker until SIGTERM.
+    Relay {
+        #[command(flatten)]
+        relay: Box<RelayArgs>,
+        #[command(flatten)]
+        broker: Box<BrokerArgs>,
+        /// Address for /metrics, /healthz and /readyz (empty: no HTTP server).
+        #[arg(long, env = "OUTBOX_METRICS_ADDR", default_value = "127.0.0.1:9187")]
+        metrics_addr: String,
+        /// Apply migrations before starting.
+        #[arg(long, env = "OUTBOX_MIGRATE")]
+        migrate: bool,
+    },
+    /// Counts per state, the oldest pending event, per tenant and event type, and which relay holds
+    /// which partitions.
+    Status {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List, show, replay or purge dead letters.
+    DeadLetters {
+        #[command(subcommand)]
+        action: DeadLetterCmd,
+    },
+    /// Run one retention pass: delete published events older than the retention.
+    Cleanup {
+        /// Keep published events this many hours.
+        #[arg(long, env = "OUTBOX_RETENTION_HOURS", default_value_t = 24.0)]
+        retention_hours: f64,
+        /// Rows deleted per statement.
+        #[arg(long, env = "OUTBOX_CLEANUP_BATCH", default_value_t = 1000)]
+        batch: i64,
+        /// Milliseconds to pause between statements (keeps producers' latency).
+        #[arg(long, env = "OUTBOX_CLEANUP_PAUSE_MS", default_value_t = 20)]
+        pause_ms: u64,
+        /// Only count what would be deleted.
+        #[arg(long)]
+        dry_run: bool,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    logging::init(cli.log_format);
+    match cli.command {
+        Command::RabbitmqTopology(args) => outbox_cli::topology_cmd::run(&args).await?,
+        Command::Migrate => {
+            let pool = connect(&cli.database_url, 2).await?;
+            outbox::schema::migrate(&pool).await?;
+            println!("outbox schema is up to date");
+        }
+        Command::Relay {
+            relay,
+            broker,
+            metrics_addr,
+            migrate,
+        } => {
+            let addr: Option<SocketAddr> =
+                if metrics_addr.is_empty() {
+                    None
+                } else {
+                    Some(metrics_addr.parse().with_context(|| {
+                        format!("--metrics-addr {metrics_addr:?} is not host:port")
+                    })?)
+                };
+            let pool = PgPoolOptions::new()
+                .max_connections(relay.db_connections.max(2))
+                .acquire_timeout(std::time::Duration::from_secs(5))
+                .connect_lazy(&cli.database_url)
+                .context("DATABASE_URL is not a valid PostgreSQL URL")?;
+            if migrate {
+                outbox::schema::migrate(&pool)
+                    .await
+                    .context("applying migrations")?;
+            }
+            let stop = outbox_cli::relay_cmd::shutdown_signal();
+            outbox_cli::relay_cmd::run(pool, &relay, &broker, addr, stop).await?;
+        }
+        Command::Status { json } => {
+            ops_cmd::status(&connect(&cli.database_url, 2).await?, json).await?
+        }
+        Command::DeadLetters { action } => {
+            ops_cmd::dead_letters(&connect(&cli.database_url, 2).await?, action).await?
+        }
+        Command::Cleanup {
+            retention_hours,
+            batch,
+            pause_ms,
+            dry_run,
+            json,
+        } => {
+            ops_cmd::cleanup(
+                &connect(&cli.database_url, 2).await?,
+                retention_hours,
+                batch,
+                pause_ms,
+                dry_run,
+                json,
+            )
+            .await?
+        }
+    }
+    Ok(())
+}
+
+async fn connect(url: &str, n: u32) -> anyhow::Result<sqlx::PgPool> {
+    PgPoolOptions::new()
+        .max_connections(n)
+        .acquire_timeout(std::time::Duration::from_secs(5))
+        .connect(url)
+        .await
+        .with_context(|| {
+            "cannot connect to PostgreSQL: check DATABASE_URL and that the server runs".to_string()
+        })
+}

@@ -1,0 +1,220 @@
+//! Helpers shared by this crate's integration tests.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use outbox::nats::{NatsConfig, NatsPublisher};
+use outbox::{PgStore, Relay, RelayConfig};
+use testkit::{TestDb, TestStream};
+use tokio_util::sync::CancellationToken;
+
+/// A relay running in this test process.
+pub struct InProcessRelay {
+    pub stop: CancellationToken,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+impl InProcessRelay {
+    pub async fn shutdown(self) {
+        self.stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(15), self.task).await;
+    }
+}
+
+/// Relay settings fit for tests: short lease and poll, quick retries.
+pub fn test_config() -> RelayConfig {
+    RelayConfig {
+        relay_id: testkit::unique("relay"),
+        poll_interval: Duration::from_millis(100),
+        lease: Duration::from_millis(1500),
+        retry: outbox::RetryPolicy {
+            base: Duration::from_millis(50),
+            cap: Duration::from_millis(500),
+            max_attempts: 4,
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
+
+pub async fn start_relay(db: &TestDb, nats: NatsConfig, config: RelayConfig) -> InProcessRelay {
+    start_relay_on(db.pool.clone(), nats, config).await
+}
+
+/// A relay in this process over `pool` (which may reach the database through a proxy).
+pub async fn start_relay_on(
+    pool: sqlx::PgPool,
+    nats: NatsConfig,
+    config: RelayConfig,
+) -> InProcessRelay {
+    // RUST_LOG=debug shows the relay's own logs when a test needs explaining.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let publisher = NatsPublisher::connect(nats, config.dedup_horizon())
+        .await
+        .expect("publisher");
+    let relay = Relay::new(
+        Arc::new(PgStore::new(pool.clone())),
+        Arc::new(publisher),
+        config,
+    )
+    .expect("relay");
+    let stop = CancellationToken::new();
+    let s = stop.clone();
+    let task = tokio::spawn(async move {
+        let l = tokio::spawn(outbox::wake::listen(pool, relay.waker(), s.child_token()));
+        relay.run(s).await.expect("relay runs");
+        l.abort();
+    });
+    InProcessRelay { stop, task }
+}
+
+/// A relay child process, killed when dropped.
+pub struct RelayProcess(pub Child);
+
+impl RelayProcess {
+    pub fn spawn(db: &TestDb, stream: &TestStream, extra: &[&str]) -> Self {
+        Self::spawn_via(db, stream, &testkit::nats_url(), extra)
+    }
+
+    /// A relay reaching NATS at `nats_url` (a proxy, in outage tests); `extra` flags override.
+    pub fn spawn_via(db: &TestDb, stream: &TestStream, nats_url: &str, extra: &[&str]) -> Self {
+        let subjects = format!("{}.>", stream.prefix);
+        let template = format!("{}.{{tenant}}.{{topic}}", stream.prefix);
+        let mut args = vec![
+            "relay",
+            "--nats-stream",
+            &stream.name,
+            "--nats-stream-subjects",
+            &subjects,
+            "--nats-subject",
+            &template,
+            "--lease-ms",
+            "1500",
+            "--poll-interval-ms",
+            "100",
+        ];
+        // clap refuses a flag given twice: no HTTP server unless the caller asks for one.
+        if !extra.contains(&"--metrics-addr") {
+            args.extend(["--metrics-addr", ""]);
+        }
+        let child = Command::new(env!("CARGO_BIN_EXE_outbox"))
+            .args(&args)
+            .args(extra)
+            .env("DATABASE_URL", &db.url)
+            .env("NATS_URL", nats_url)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start outbox relay");
+        Self(child)
+    }
+
+    pub fn sigkill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+
+    pub fn sigterm_and_wait(&mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        self.0.wait().expect("wait relay")
+    }
+}
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Inserts `n` events spread over `aggregates` aggregates and 3 tenants with one SQL statement,
+/// as a writer in any language would.
+pub async fn insert_backlog(db: &TestDb, n: i64, aggregates: i64) {
+    sqlx::query(
+        "INSERT INTO outbox_event (event_id, tenant_id, aggregate_type, aggregate_id, event_type, topic, payload)
+         SELECT gen_random_uuid(), 't' || (g % 3), 'V', 'a' || (g % $2), 'Bulk', 'bulk.created',
+                convert_to(json_build_object('g', g)::text, 'UTF8')
+         FROM generate_series(1, $1) AS g ORDER BY g",
+    )
+    .bind(n)
+    .bind(aggregates)
+    .execute(&db.pool)
+    .await
+    .expect("insert backlog");
+}
+
+pub async fn count(db: &TestDb, status: &str) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM outbox_event WHERE status = $1")
+        .bind(status)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+}
+
+/// A message read back from the stream.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub event_id: String,
+    pub aggregate: String,
+    pub seq: i64,
+    pub subject: String,
+    pub payload: Vec<u8>,
+    pub headers: HashMap<String, String>,
+}
+
+pub async fn seen(stream: &TestStream) -> Vec<Seen> {
+    stream
+        .messages()
+        .await
+        .into_iter()
+        .map(|m| {
+            let h = m.headers.clone();
+            let get = |k: &str| h.get(k).map(|v| v.to_string()).unwrap_or_default();
+            let mut headers = HashMap::new();
+            for (k, vs) in h.iter() {
+                if let Some(v) = vs.first() {
+                    headers.insert(k.to_string(), v.to_string());
+                }
+            }
+            Seen {
+                event_id: get("Nats-Msg-Id"),
+                aggregate: format!("{}/{}", get("Outbox-Tenant-Id"), get("Outbox-Aggregate-Id")),
+                seq: get("Outbox-Seq").parse().unwrap_or(-1),
+                subject: m.subject.to_string(),
+                payload: m.payload.to_vec(),
+                headers,
+            }
+        })
+        .collect()
+}
+
+/// Every event at most once in the stream, and per aggregate the sequence numbers 1, 2, 3, ...
+/// in stream order. Returns the number of distinct events.
+pub fn assert_once_and_in_order(msgs: &[Seen]) -> usize {
+    let mut ids = std::collections::HashSet::new();
+    let mut next: HashMap<&str, i64> = HashMap::new();
+    for m in msgs {
+        assert!(
+            ids.insert(m.event_id.clone()),
+            "event {} twice in the stream",
+            m.event_id
+        );
+        let n = next.entry(m.aggregate.as_str()).or_insert(1);
+        assert_eq!(
+            m.seq, *n,
+            "aggregate {} out of order: got seq {} expected {}",
+            m.aggregate, m.seq, n
+        );
+        *n += 1;
+    }
+    ids.len()
+}

@@ -1,0 +1,163 @@
+//! The relay's `/metrics`, `/healthz` and `/readyz` over HTTP, from a real `outbox relay` process.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use testkit::proxy::Proxy;
+use testkit::{eventually, TestDb, TestStream};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Plain HTTP/1.0 GET on loopback: status code and body.
+async fn get(port: u16, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await.ok()?;
+    let code = buf.split_whitespace().nth(1)?.parse().ok()?;
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Some((code, body))
+}
+
+fn metric(body: &str, name: &str) -> f64 {
+    body.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn spawn_relay(db: &TestDb, stream: &TestStream, nats_url: &str, port: u16) -> RelayProcess {
+    let addr = format!("127.0.0.1:{port}");
+    RelayProcess::spawn_via(
+        db,
+        stream,
+        nats_url,
+        &["--metrics-addr", &addr, "--nats-ack-timeout-secs", "1"],
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counters_move_by_exactly_the_workload() {
+    let db = TestDb::new().await;
+    let stream = TestStream::new();
+    let port = free_port();
+    let _relay = spawn_relay(&db, &stream, &testkit::nats_url(), port);
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            get(port, "/metrics").await.is_some()
+        })
+        .await
+    );
+    insert_backlog(&db, 7, 2).await;
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            count(&db, "published").await == 7
+        })
+        .await
+    );
+    let before = get(port, "/metrics").await.unwrap().1;
+    assert_eq!(
+        metric(&before, "outbox_events_published_total"),
+        7.0,
+        "{before}"
+    );
+
+    insert_backlog(&db, 25, 5).await;
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            count(&db, "published").await == 32
+        })
+        .await
+    );
+    let after = eventually(Duration::from_secs(5), || async {
+        metric(
+            &get(port, "/metrics").await.unwrap().1,
+            "outbox_events_published_total",
+        ) == 32.0
+    })
+    .await;
+    let body = get(port, "/metrics").await.unwrap().1;
+    assert!(after, "published counter moved by exactly 25: {body}");
+    assert_eq!(metric(&body, "outbox_events_dead_lettered_total"), 0.0);
+    assert_eq!(
+        metric(&body, "outbox_commit_to_ack_seconds_count"),
+        32.0,
+        "one latency sample per event"
+    );
+    assert!(
+        body.contains("outbox_batch_size_bucket"),
+        "batch size is a histogram"
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            metric(
+                &get(port, "/metrics").await.unwrap().1,
+                "outbox_pending_events",
+            ) == 0.0
+        })
+        .await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_during_a_broker_outage() {
+    let db = TestDb::new().await;
+    let stream = TestStream::new();
+    let proxy = Proxy::start("127.0.0.1:4222").await;
+    let port = free_port();
+    let _relay = spawn_relay(&db, &stream, &format!("nats://{}", proxy.addr), port);
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            matches!(get(port, "/readyz").await, Some((200, b)) if b.contains("\"state\":\"up\""))
+        })
+        .await
+    );
+
+    proxy.cut();
+    insert_backlog(&db, 10, 2).await;
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            matches!(get(port, "/readyz").await, Some((200, b)) if b.contains("\"state\":\"down\"") && b.contains("\"database\":\"up\""))
+        })
+        .await,
+        "ready (the database answers) and honest about the broker"
+    );
+    assert_eq!(
+        get(port, "/healthz").await.map(|r| r.0),
+        Some(200),
+        "alive without its broker"
+    );
+    let m = get(port, "/metrics").await.unwrap().1;
+    assert_eq!(metric(&m, "outbox_broker_up"), 0.0, "{m}");
+    assert_eq!(count(&db, "published").await, 0);
+
+    proxy.restore();
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            count(&db, "published").await == 10
+        })
+        .await
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            matches!(get(port, "/readyz").await, Some((200, b)) if b.contains("\"state\":\"up\""))
+        })
+        .await
+    );
+}

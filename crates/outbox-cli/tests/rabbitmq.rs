@@ -1,0 +1,712 @@
+//! The outbox invariants with RabbitMQ as the broker: the `outbox` binary relays a test database's
+//! events to the real RabbitMQ on this machine, and a queue bound to the test's own exchange shows
+//! what consumers receive. Outages go through a cuttable proxy: the shared broker keeps running.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::{count, insert_backlog};
+use lapin::options::{
+    BasicGetOptions, BasicRejectOptions, ExchangeDeleteOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use outbox::{NewEvent, Outbox};
+use serde_json::json;
+use testkit::proxy::Proxy;
+use testkit::{eventually, TestDb};
+
+const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+fn amqp_url() -> String {
+    std::env::var("TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// A test's own exchange and the queue that collects everything published to it; both (and the
+/// alternate exchange, dead-letter exchange and queues the test made) are deleted on drop.
+struct Rabbit {
+    exchange: String,
+    queue: String,
+    _conn: Connection,
+    ch: Channel,
+    extra_queues: Vec<String>,
+    extra_exchanges: Vec<String>,
+}
+
+impl Rabbit {
+    /// A unique exchange (declared the way the relay declares it) and a queue bound by `#`.
+    async fn new() -> Self {
+        Self::with_bindings(&["#"]).await
+    }
+
+    /// A unique exchange and a collecting queue bound by `bindings` (none: no queue bound).
+    async fn with_bindings(bindings: &[&str]) -> Self {
+        let exchange = testkit::unique("ex");
+        let queue = format!("{exchange}.all");
+        let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
+            .await
+            .expect("RabbitMQ reachable on 127.0.0.1:5672");
+        let ch = conn.create_channel().await.unwrap();
+        let me = Self {
+            extra_queues: vec![
+                format!("{exchange}.unroutable"),
+                format!("{queue}.dlq"),
+                queue.clone(),
+            ],
+            extra_exchanges: vec![format!("{exchange}.unroutable"), format!("{queue}.dlx")],
+            exchange,
+            queue,
+            _conn: conn,
+            ch,
+        };
+        if !bindings.is_empty() {
+            let b: Vec<String> = bindings.iter().map(|s| s.to_string()).collect();
+            outbox::amqp::declare_consumer_queue(
+                &me.config(),
+                &me.queue,
+                &b,
+                &format!("{}.dlx", me.queue),
+                &format!("{}.dlq", me.queue),
+            )
+            .await
+            .expect("declare the test's queue");
+        }
+        me
+    }
+
+    fn config(&self) -> outbox::amqp::AmqpConfig {
+        outbox::amqp::AmqpConfig {
+            url: amqp_url(),
+            exchange: self.exchange.clone(),
+            alternate_exchange: Some(format!("{}.unroutable", self.exchange)),
+            ..Default::default()
+        }
+    }
+
+    /// Takes every message now in `queue`, in queue order.
+    async fn drain(&self, queue: &str) -> Vec<Seen> {
+        let mut out = Vec::new();
+        while let Some(m) = self
+            .ch
+            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+            .await
+            .expect("basic.get")
+        {
+            out.push(Seen::of(
+                &m.delivery.properties,
+                m.delivery.routing_key.as_str(),
+                &m.delivery.data,
+            ));
+        }
+        out
+    }
+
+    async fn depth(&self, queue: &str) -> u32 {
+        self.ch
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map(|q| q.message_count())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Rabbit {
+    fn drop(&mut self) {
+        let (queues, exchanges, exchange) = (
+            self.extra_queues.clone(),
+            self.extra_exchanges.clone(),
+            self.exchange.clone(),
+        );
+        let _ = std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(async move {
+                    let Ok(c) =
+                        Connection::connect(&amqp_url(), ConnectionProperties::default()).await
+                    else {
+                        return;
+                    };
+                    let Ok(ch) = c.create_channel().await else {
+                        return;
+                    };
+                    for q in queues {
+                        let _ = ch
+                            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                            .await;
+                    }
+                    for e in exchanges.into_iter().chain([exchange]) {
+                        let _ = ch
+                            .exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default())
+                            .await;
+                    }
+                    let _ = c.close(200, "test done".into()).await;
+                })
+        })
+        .join();
+    }
+}
+
+/// A message as a consumer sees it.
+#[derive(Debug, Clone)]
+struct Seen {
+    event_id: String,
+    aggregate: String,
+    seq: i64,
+    routing_key: String,
+    payload: Vec<u8>,
+    props: BasicProperties,
+    headers: HashMap<String, String>,
+}
+
+impl Seen {
+    fn of(p: &BasicProperties, routing_key: &str, data: &[u8]) -> Self {
+        let mut headers = HashMap::new();
+        let mut seq = -1;
+        if let Some(h) = p.headers() {
+            for (k, v) in h.inner() {
+                match v {
+                    AMQPValue::LongString(s) => {
+                        headers.insert(
+                            k.to_string(),
+                            String::from_utf8_lossy(s.as_bytes()).into_owned(),
+                        );
+                    }
+                    AMQPValue::LongLongInt(n) if k.as_str() == "Outbox-Seq" => seq = *n,
+                    _ => {}
+                }
+            }
+        }
+        Self {
+            event_id: p
+                .message_id()
+                .as_ref()
+                .map(|s| s.to_string())
+                .unwrap_or_default(),
+            aggregate: format!(
+                "{}/{}",
+                headers.get("Outbox-Tenant-Id").cloned().unwrap_or_default(),
+                headers
+                    .get("Outbox-Aggregate-Id")
+                    .cloned()
+                    .unwrap_or_default()
+            ),
+            seq,
+            routing_key: routing_key.to_string(),
+            payload: data.to_vec(),
+            props: p.clone(),
+            headers,
+        }
+    }
+}
+
+/// Every event of the table reached the queue; duplicates (a crash's re-publishes) are allowed and
+/// skipped, and per aggregate the first copies come with seq 1, 2, 3, ... Returns the number of
+/// duplicates.
+async fn assert_all_delivered_in_order(db: &TestDb, msgs: &[Seen]) -> usize {
+    let want: HashSet<String> =
+        sqlx::query_scalar::<_, uuid::Uuid>("SELECT event_id FROM outbox_event")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|u| u.to_string())
+            .collect();
+    let mut seen = HashSet::new();
+    let mut next: HashMap<&str, i64> = HashMap::new();
+    let mut dups = 0;
+    for m in msgs {
+        if !seen.insert(m.event_id.clone()) {
+            dups += 1;
+            continue;
+        }
+        let n = next.entry(m.aggregate.as_str()).or_insert(1);
+        assert_eq!(
+            m.seq, *n,
+            "aggregate {} out of order: got seq {} expected {}",
+            m.aggregate, m.seq, n
+        );
+        *n += 1;
+    }
+    let missing: Vec<_> = want.difference(&seen).take(5).collect();
+    assert!(
+        missing.is_empty(),
+        "{} events never reached the queue, e.g. {missing:?}",
+        want.difference(&seen).count()
+    );
+    assert_eq!(
+        seen.len(),
+        want.len(),
+        "the queue holds events not in the table"
+    );
+    dups
+}
+
+/// An `outbox relay --broker rabbitmq` child process, killed when dropped.
+struct RelayProcess(Child);
+
+impl RelayProcess {
+    fn spawn(db: &TestDb, rabbit: &Rabbit, url: &str, extra: &[&str]) -> Self {
+        let mut args = vec![
+            "relay",
+            "--broker",
+            "rabbitmq",
+            "--amqp-exchange",
+            &rabbit.exchange,
+            "--lease-ms",
+            "1000",
+            "--poll-interval-ms",
+            "100",
+            "--retry-base-ms",
+            "50",
+            "--retry-cap-ms",
+            "500",
+        ];
+        if !extra.contains(&"--metrics-addr") {
+            args.extend(["--metrics-addr", ""]);
+        }
+        let child = Command::new(env!("CARGO_BIN_EXE_outbox"))
+            .args(&args)
+            .args(extra)
+            .env("DATABASE_URL", &db.url)
+            .env("AMQP_URL", url)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start outbox relay");
+        Self(child)
+    }
+
+    fn sigkill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        self.sigkill();
+    }
+}
+
+async fn all_published(db: &TestDb, n: i64, within: Duration) -> bool {
+    eventually(within, || async { count(db, "published").await == n }).await
+}
+
+fn event(tenant: &str, agg: &str, topic: &str, n: i64) -> NewEvent {
+    NewEvent::new(
+        tenant,
+        "ProductVariant",
+        agg,
+        "StockLevelChangedEvent",
+        topic,
+        json!({ "n": n }),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn committed_events_arrive_with_their_ids_properties_and_routing_keys() {
+    let db = TestDb::new().await;
+    let rabbit = Rabbit::new().await;
+    let outbox = Outbox::new("Test");
+    let mut tx = db.pool.begin().await.unwrap();
+    outbox
+        .enqueue(&mut tx, &[event("acme", "a", "inventory.stock.changed", 0)])
+        .await
+        .unwrap();
+    tx.rollback().await.unwrap();
+    let mut tx = db.pool.begin().await.unwrap();
+    let ids = outbox
+        .enqueue(
+            &mut tx,
+            &[
+                event("acme", "a", "inventory.stock.changed", 1),
+                event("acme", "a", "inventory.stock.changed", 2).traceparent(TRACEPARENT),
+                event("globex", "b", "inventory.reservation.created", 1).correlation_id("corr-1"),
+            ],
+        )
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    insert_backlog(&db, 1500, 40).await;
+
+    let _relay = RelayProcess::spawn(&db, &rabbit, &amqp_url(), &[]);
+    assert!(all_published(&db, 1503, Duration::from_secs(20)).await);
+    let msgs = rabbit.drain(&rabbit.queue).await;
+    assert_eq!(
+        assert_all_delivered_in_order(&db, &msgs).await,
+        0,
+        "no duplicates without a crash"
+    );
+
+    let by_id: HashMap<&str, &Seen> = msgs.iter().map(|m| (m.event_id.as_str(), m)).collect();
+    let traced = by_id[ids[1].to_string().as_str()];
+    assert_eq!(traced.headers["traceparent"], TRACEPARENT);
+    assert!(!by_id[ids[0].to_string().as_str()]
+        .headers
+        .contains_key("traceparent"));
+    let r = by_id[ids[2].to_string().as_str()];
+    assert_eq!(r.routing_key, "inventory.reservation.created.globex");
+    assert_eq!(
+        r.props.correlation_id().as_ref().unwrap().as_str(),
+        "corr-1"
+    );
+    assert_eq!(r.headers["Outbox-Correlation-Id"], "corr-1");
+    for id in &ids {
+        let m = by_id[id.to_string().as_str()];
+        let p = &m.props;
+        assert_eq!(*p.delivery_mode(), Some(2), "persistent");
+        assert_eq!(
+            p.kind().as_ref().unwrap().as_str(),
+            "StockLevelChangedEvent"
+        );
+        assert_eq!(
+            p.content_type().as_ref().unwrap().as_str(),
+            "application/json"
+        );
+        assert!(p.app_id().is_some() && p.timestamp().unwrap() > 1_700_000_000);
+        assert_eq!(m.headers["Outbox-Event-Id"], m.event_id);
+        assert_eq!(m.headers["Outbox-Aggregate-Type"], "ProductVariant");
+        // The bytes consumers receive are the bytes the transaction wrote.
+        let stored: Vec<u8> =
+            sqlx::query_scalar("SELECT payload FROM outbox_event WHERE event_id = $1")
+                .bind(id)
+                .fetch_one(&db.pool)
+                .await
+                .unwrap();
+        assert_eq!(stored, m.payload);
+        let env: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+        assert_eq!(env["eventId"].as_str().unwrap(), m.event_id);
+        assert!(m
+            .routing_key
+            .ends_with(&format!(".{}", env["tenantId"].as_str().unwrap())));
+    }
+    assert_eq!(
+        by_id[ids[0].to_string().as_str()].routing_key,
+        "inventory.stock.changed.acme"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_starts_while_rabbitmq_is_unreachable_and_delivers_after_outages() {
+    let db = TestDb::new().await;
+    let rabbit = Rabbit::new().await;
+    let proxy = Proxy::start("127.0.0.1:5672").await;
+    proxy.cut();
+    let url = format!("amqp://guest:guest@{}/%2f", proxy.addr);
+    let _relay = RelayProcess::spawn(&db, &rabbit, &url, &[]);
+    insert_backlog(&db, 300, 7).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        count(&db, "pending").await,
+        300,
+        "nothing is published while the broker is unreachable"
+    );
+    let attempts: i64 = sqlx::query_scalar("SELECT coalesce(sum(attempts), 0) FROM outbox_event")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(attempts, 0, "an outage spends no event's attempt budget");
+
+    proxy.restore();
+    assert!(all_published(&db, 300, Duration::from_secs(15)).await);
+
+    // A second outage on an established connection, with events arriving during it.
+    proxy.cut();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    insert_backlog(&db, 5000, 7).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(count(&db, "published").await < 5300);
+    proxy.restore();
+    assert!(all_published(&db, 5300, Duration::from_secs(20)).await);
+    assert_eq!(count(&db, "dead").await, 0);
+    let msgs = rabbit.drain(&rabbit.queue).await;
+    assert_all_delivered_in_order(&db, &msgs).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_killed_mid_backlog_loses_nothing_after_restart() {
+    let db = TestDb::new().await;
+    let rabbit = Rabbit::new().await;
+    insert_backlog(&db, 15_000, 50).await;
+    let mut relay = RelayProcess::spawn(&db, &rabbit, &amqp_url(), &["--batch-size", "500"]);
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            count(&db, "published").await >= 2000
+        })
+        .await
+    );
+    relay.sigkill();
+    let after_kill = count(&db, "published").await;
+    assert!(after_kill < 15_000, "the kill came mid-backlog");
+    let _relay = RelayProcess::spawn(&db, &rabbit, &amqp_url(), &[]);
+    assert!(all_published(&db, 15_000, Duration::from_secs(30)).await);
+    let msgs = rabbit.drain(&rabbit.queue).await;
+    let dups = assert_all_delivered_in_order(&db, &msgs).await;
+    // At most the batch in flight at the kill is published twice.
+    assert!(dups <= 500, "{dups} duplicates");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_relays_on_one_table_keep_every_aggregate_in_order() {
+    let db = TestDb::new().await;
+    let rabbit = Rabbit::new().await;
+    let _a = RelayProcess::spawn(&db, &rabbit, &amqp_url(), &["--batch-size", "200"]);
+    let _b = RelayProcess::spawn(&db, &rabbit, &amqp_url(), &["--batch-size", "200"]);
+    // Events arrive while both relays run, in several commits.
+    for _ in 0..5 {
+        insert_backlog(&db, 2000, 30).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(all_published(&db, 10_000, Duration::from_secs(30)).await);
+    let msgs = rabbit.drain(&rabbit.queue).await;
+    assert_eq!(assert_all_delivered_in_order(&db, &msgs).await, 0);
+}
+
+/// RabbitMQ refuses bodies over its `max_message_size` (128 MiB by default, and it closes the
+/// channel when one arrives). The relay knows the limit (`--amqp-max-message-bytes`, here lowered
+/// to 64 KiB so the test does not move 128 MiB) and dead-letters such an event at once without
+/// sending it; the other aggregates keep flowing and the poison's own later events wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_large_event_is_dead_lettered_and_holds_back_only_its_aggregate() {
+    let db = TestDb::new().await;
+    let rabbit = Rabbit::new().await;
+    let outbox = Outbox::new("Test");
+    let mut tx = db.pool.begin().await.unwrap();
+    let big = "x".repeat(100_000);
+    let ids = outbox
+        .enqueue(
+            &mut tx,
+            &[
+                event("acme", "poisoned", "inventory.stock.changed", 1),
+                NewEvent::new(
+                    "acme",
+                    "ProductVariant",
+                    "poisoned",
+                    "StockLevelChangedEvent",
+                    "inventory.stock.changed",
+                    json!({ "blob": big }),
+                ),
+                event("acme", "poisoned", "inventory.stock.changed", 3),
+                event("acme", "healthy", "inventory.stock.changed", 1),
+                event("acme", "healthy", "inventory.stock.changed", 2),
+            ],
+        )
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let _relay = RelayProcess::spawn(
+        &db,
+        &rabbit,
+        &amqp_url(),
+        &["--amqp-max-message-bytes", "65536"],
+    );
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            count(&db, "dead").await == 1 && count(&db, "published").await == 3
+        })
+        .await
+    );
+    let (dead, error): (uuid::Uuid, String) =
+        sqlx::query_as("SELECT event_id, last_error FROM outbox_event WHERE status = 'dead'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(dead, ids[1]);
+    assert!(error.contains("max_message_size"), "{error}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        count(&db, "pending").await,
+        1,
+        "the poison's later event waits"
+    );
+    let got: Vec<String> = rabbit
+        .drain(&rabbit.queue)
+        .await
+        .into_iter()
+        .map(|m| m.event_id)
+        .collect();
+    let want: Vec<String> = [ids[0], ids[3], ids[4]]
+        .iter()
+        .map(|u| u.to_string())
+        .collect();
+    let mut got_sorted = got.clone();
+    got_sorted.sort();
+    let mut want_sorted = want;
+    want_sorted.sort();
+    assert_eq!(
+        got_sorted, want_sorted,
+        "neither the poison nor its aggregate's later event reached the broker"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unroutable_events_go_to_the_alternate_exchange_by_default() {
+    let db = TestDb::new().await;
+    let rabbit = Rabbit::with_bindings(&[]).await;
+    let _relay = RelayProcess::spawn(&db, &rabbit, &amqp_url(), &[]);
+    insert_backlog(&db, 50, 5).await;
+    assert!(all_published(&db, 50, Duration::from_secs(15)).await);
+    let parked = rabbit
+        .drain(&format!("{}.unroutable", rabbit.exchange))
+        .await;
+    assert_all_delivered_in_order(&db, &parked).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_alternate_exchange_unroutable_events_are_counted_retried_and_dead_lettered() {
+    let db = TestDb::new().await;
+    let rabbit = Rabbit::with_bindings(&[]).await;
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let addr = format!("127.0.0.1:{port}");
+    let _relay = RelayProcess::spawn(
+        &db,
+        &rabbit,
+        &amqp_url(),
+        &[
+            "--amqp-alternate-exchange",
+            "",
+            "--max-attempts",
+            "3",
+            "--metrics-addr",
+            &addr,
+        ],
+    );
+    let outbox = Outbox::new("Test");
+    let mut tx = db.pool.begin().await.unwrap();
+    outbox
+        .enqueue(
+            &mut tx,
+            &[
+                event("acme", "a", "inventory.stock.changed", 1),
+                event("acme", "a", "inventory.stock.changed", 2),
+                event("acme", "b", "inventory.stock.changed", 1),
+                event("acme", "b", "inventory.stock.changed", 2),
+            ],
+        )
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            count(&db, "dead").await == 2
+        })
+        .await,
+        "the first event of each aggregate is dead-lettered after its attempts"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(count(&db, "pending").await, 2, "their later events wait");
+    let errors: Vec<String> =
+        sqlx::query_scalar("SELECT last_error FROM outbox_event WHERE status = 'dead'")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert!(errors.iter().all(|e| e.contains("NO_ROUTE")), "{errors:?}");
+    assert_eq!(count(&db, "published").await, 0);
+    let body = tokio::task::spawn_blocking(move || {
+        let out = Command::new("curl")
+            .args(["-s", &format!("http://{addr}/metrics")])
+            .output()
+            .expect("curl");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    })
+    .await
+    .unwrap();
+    let total: f64 = body
+        .lines()
+        .filter(|l| l.starts_with("outbox_events_unroutable_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(total >= 6.0, "3 returns per dead event counted: {body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topology_command_declares_a_bound_queue_with_a_dead_letter_queue() {
+    let db = TestDb::new().await;
+    let rabbit = Rabbit::with_bindings(&[]).await;
+    let status = Command::new(env!("CARGO_BIN_EXE_outbox"))
+        .args([
+            "rabbitmq-topology",
+            "--queue",
+            &rabbit.queue,
+            "--binding",
+            "inventory.stock.*.*",
+            "--amqp-exchange",
+            &rabbit.exchange,
+            "--amqp-url",
+            &amqp_url(),
+        ])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let outbox = Outbox::new("Test");
+    let mut tx = db.pool.begin().await.unwrap();
+    let ids = outbox
+        .enqueue(
+            &mut tx,
+            &[
+                event("acme", "a", "inventory.stock.changed", 1),
+                event("acme", "a", "inventory.reservation.created", 2),
+                event("acme", "a", "inventory.stock.status.changed", 3),
+            ],
+        )
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let _relay = RelayProcess::spawn(&db, &rabbit, &amqp_url(), &[]);
+    assert!(all_published(&db, 3, Duration::from_secs(15)).await);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            rabbit.depth(&rabbit.queue).await == 1
+        })
+        .await,
+        "only the 3-word stock event matches inventory.stock.*.*"
+    );
+    // A consumer rejects it: it lands in the dead-letter queue.
+    let m = rabbit
+        .ch
+        .basic_get(rabbit.queue.as_str().into(), BasicGetOptions::default())
+        .await
+        .unwrap()
+        .expect("a message");
+    assert_eq!(
+        m.delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .unwrap()
+            .as_str(),
+        ids[0].to_string()
+    );
+    m.delivery
+        .acker
+        .reject(BasicRejectOptions { requeue: false })
+        .await
+        .unwrap();
+    let dlq = format!("{}.dlq", rabbit.queue);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            rabbit.depth(&dlq).await == 1
+        })
+        .await
+    );
+    let dead = rabbit.drain(&dlq).await;
+    assert_eq!(dead[0].event_id, ids[0].to_string());
+}

@@ -1,0 +1,708 @@
+//! RabbitMQ (AMQP 0-9-1) adapter, with publisher confirms.
+//!
+//! Every event is published to one durable **topic exchange** (default `outbox.events`; the
+//! inventory seed uses `inventory.events`) as a persistent message (`delivery_mode` 2) on a channel
+//! in confirm mode. A row is reported published only when the broker confirmed (`basic.ack`) the
+//! message *and* did not return it; a `basic.nack`, a return, a broken channel or connection, or a
+//! confirm that does not come in time all mean "not published".
+//!
+//! **Routing key.** Rendered from a template that must contain `{tenant}` (invariant 7). The
+//! default `{topic}.{tenant}` keeps the producer's topic (the seed's `inventory.stock.changed`) as
+//! the key's prefix, so a seed pattern `P` becomes `P.*` for every tenant or `P.acme` for one:
+//! `inventory.stock.*` (the seed's "stock events") is `inventory.stock.*.*`, and `inventory.#`
+//! still takes everything.
+//!
+//! **Message.** `message_id` = `eventId` (consumers de-duplicate on it: RabbitMQ has no
+//! de-duplication of its own), `correlation_id`, `type` = event type, `timestamp` (seconds, the
+//! row's creation), `content_type`, `app_id`, and the headers `Outbox-Event-Id`,
+//! `Outbox-Event-Type`, `Outbox-Tenant-Id`, `Outbox-Aggregate-Type`, `Outbox-Aggregate-Id`,
+//! `Outbox-Seq` (integer), `Outbox-Correlation-Id` and `traceparent` when the event has one: the
+//! same names as the NATS adapter, so consumers move between brokers unchanged.
+//!
+//! **Unroutable messages** are never lost silently. Messages are published `mandatory`. By default
+//! the exchange is declared with an *alternate exchange* (`<exchange>.unroutable`, fanout, bound to
+//! a durable queue of the same name): a message no binding wants is parked there, confirmed, and
+//! counted as published, because the broker holds it and an operator can shovel it on. When no
+//! alternate exchange is configured (or it cannot route either), the broker returns the message:
+//! the adapter counts it in `outbox_events_unroutable_total`, logs a warning, and reports a
+//! *retryable* failure (`unroutable`), so the event is retried with backoff (a consumer's binding
+//! may be on its way) and ends in the outbox's dead letters, replayable, when its budget is spent.
+//!
+//! **Failures.** Broker unreachable, channel or connection broken, or every confirm timing out:
+//! `Unavailable` (no attempt is used, the relay backs off, the events stay in the outbox). A nack
+//! or a single late confirm: `Retryable`. A message larger than the broker's `max_message_size`
+//! (client-side check; the limit is also learnt from the broker's refusal) or a routing key over
+//! 255 bytes: `Permanent`. After a local failure the later events of the same aggregate in the batch
+//! are not sent at all, so the broker never sees them ahead of the failed one.
+//!
+//! **Reconnection.** No automatic recovery inside the client: the adapter holds at most one
+//! connection and one confirm channel, and after any failure opens new ones on the next publish
+//! (re-declaring the topology). The relay starts while RabbitMQ is down and reports `Unavailable`
+//! until it is back.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+    PublisherConfirm,
+};
+use tokio::sync::Mutex;
+use tokio::time::Instant;
+
+use crate::error::{OutboxError, Result};
+use crate::publisher::{Delivery, FailureKind, OutboundMessage, PublishFailure, Publisher};
+
+/// Counter: messages the broker returned as unroutable (`exchange`).
+pub const UNROUTABLE: &str = "outbox_events_unroutable_total";
+
+/// RabbitMQ's default `max_message_size` (128 MiB).
+pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 128 * 1024 * 1024;
+
+/// AMQP short strings (routing keys, property values) hold at most 255 bytes.
+const SHORT_STRING_MAX: usize = 255;
+
+/// Settings of the RabbitMQ adapter.
+#[derive(Debug, Clone)]
+pub struct AmqpConfig {
+    /// AMQP URL, e.g. `amqp://guest:guest@127.0.0.1:5672/%2f`.
+    pub url: String,
+    /// Topic exchange the events go to.
+    pub exchange: String,
+    /// Routing key per event: `{tenant}`, `{topic}`, `{event_type}`, `{aggregate_type}`; must
+    /// contain `{tenant}`.
+    pub routing_key_template: String,
+    /// Declare the exchange (and the alternate exchange); when false only check that they exist
+    /// (passive declare), for brokers whose topology is owned by the operator.
+    pub declare: bool,
+    /// Alternate exchange for unroutable messages (`None`: unroutable messages are returned and
+    /// retried, see the module doc).
+    pub alternate_exchange: Option<String>,
+    /// Most confirms outstanding at once (the relay's batch bounds it too).
+    pub max_in_flight: usize,
+    /// How long to wait for one confirm.
+    pub confirm_timeout: Duration,
+    /// How long to wait for the TCP connection and AMQP handshake.
+    pub connect_timeout: Duration,
+    /// Largest message body the broker accepts (its `max_message_size`).
+    pub max_message_size: usize,
+    /// `app_id` property of every message.
+    pub app_id: String,
+}
+
+impl Default for AmqpConfig {
+    fn default() -> Self {
+        Self {
+            url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            exchange: "outbox.events".into(),
+            routing_key_template: "{topic}.{tenant}".into(),
+            declare: true,
+            alternate_exchange: Some("outbox.events.unroutable".into()),
+            max_in_flight: 2048,
+            confirm_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(3),
+            max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+            app_id: "outbox-relay".into(),
+        }
+    }
+}
+
+/// One open connection and its confirm channel.
+struct Live {
+    conn: Connection,
+    channel: Channel,
+}
+
+impl Live {
+    fn healthy(&self) -> bool {
+        self.conn.status().connected() && self.channel.status().connected()
+    }
+}
+
+/// Publishes to a RabbitMQ topic exchange with publisher confirms.
+pub struct AmqpPublisher {
+    cfg: AmqpConfig,
+    live: Mutex<Option<Live>>,
+    connected: AtomicBool,
+    /// The broker's limit as far as we know: the configured one, lowered when the broker refuses a
+    /// message as too large.
+    max_message_size: AtomicUsize,
+}
+
+impl AmqpPublisher {
+    /// Checks the configuration and, if RabbitMQ answers, connects and declares (or checks) the
+    /// exchange, so that a topology error is reported at start-up. A broker that cannot be
+    /// reached is not an error: the relay starts and the events wait in the outbox.
+    pub async fn connect(cfg: AmqpConfig) -> Result<Self> {
+        if !cfg.routing_key_template.contains("{tenant}") {
+            return Err(OutboxError::Config(format!(
+                "routing key template {:?} must contain {{tenant}}: the tenant is part of every routing key",
+                cfg.routing_key_template
+            )));
+        }
+        if cfg.max_in_flight == 0 {
+            return Err(OutboxError::Config(
+                "max in-flight confirms must be at least 1".into(),
+            ));
+        }
+        if cfg.exchange.is_empty() {
+            return Err(OutboxError::Config(
+                "the exchange name must not be empty (the default exchange cannot be a topic exchange)".into(),
+            ));
+        }
+        if cfg.alternate_exchange.as_deref() == Some(cfg.exchange.as_str()) {
+            return Err(OutboxError::Config(
+                "the alternate exchange must differ from the exchange".into(),
+            ));
+        }
+        cfg.url
+            .parse::<lapin::uri::AMQPUri>()
+            .map_err(|e| OutboxError::Config(format!("AMQP URL is not valid: {e}")))?;
+        let me = Self {
+            max_message_size: AtomicUsize::new(cfg.max_message_size),
+            cfg,
+            live: Mutex::new(None),
+            connected: AtomicBool::new(false),
+        };
+        match me.open().await {
+            Ok(live) => *me.live.lock().await = Some(live),
+            Err(Open::Unreachable(e)) => {
+                tracing::warn!(error = %e, "RabbitMQ not reachable yet; events wait in the outbox until it is")
+            }
+            Err(Open::Topology(e)) => return Err(e),
+        }
+        Ok(me)
+    }
+
+    /// The adapter's settings.
+    pub fn config(&self) -> &AmqpConfig {
+        &self.cfg
+    }
+
+    async fn open(&self) -> std::result::Result<Live, Open> {
+        let props = ConnectionProperties::default().with_connection_name("outbox-relay".into());
+        let conn = tokio::time::timeout(
+            self.cfg.connect_timeout,
+            Connection::connect(&self.cfg.url, props),
+        )
+        .await
+        .map_err(|_| Open::Unreachable("connecting to RabbitMQ timed out".into()))?
+        .map_err(|e| Open::Unreachable(format!("cannot connect to RabbitMQ: {e}")))?;
+        let channel = conn
+            .create_channel()
+            .await
+            .map_err(|e| Open::Unreachable(format!("cannot open a channel: {e}")))?;
+        if let Err(e) = declare_exchange(&channel, &self.cfg).await {
+            let _ = conn.close(200, "topology error".into()).await;
+            return Err(match e {
+                Declare::Broken(m) => Open::Unreachable(m),
+                Declare::Refused(m) => Open::Topology(OutboxError::Config(m)),
+            });
+        }
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|e| Open::Unreachable(format!("cannot enable publisher confirms: {e}")))?;
+        self.connected.store(true, Ordering::Relaxed);
+        tracing::info!(exchange = %self.cfg.exchange, "connected to RabbitMQ");
+        Ok(live_of(conn, channel))
+    }
+
+    fn properties(&self, m: &OutboundMessage) -> BasicProperties {
+        let mut h = FieldTable::default();
+        let mut put = |k: &str, v: &str| {
+            h.insert(k.into(), AMQPValue::LongString(LongString::from(v)));
+        };
+        put("Outbox-Event-Id", &m.event_id.to_string());
+        put("Outbox-Event-Type", &m.event_type);
+        put("Outbox-Tenant-Id", &m.tenant_id);
+        put("Outbox-Aggregate-Type", &m.aggregate_type);
+        put("Outbox-Aggregate-Id", &m.aggregate_id);
+        if let Some(c) = m.header("correlationId") {
+            put("Outbox-Correlation-Id", c);
+        }
+        if let Some(tp) = m.header("traceparent") {
+            put("traceparent", tp);
+        }
+        h.insert("Outbox-Seq".into(), AMQPValue::LongLongInt(m.seq));
+        let mut p = BasicProperties::default()
+            .with_message_id(m.event_id.to_string().into())
+            .with_type(short(&m.event_type))
+            .with_timestamp(m.created_at.timestamp().max(0) as u64)
+            .with_content_type(short(m.header("contentType").unwrap_or("application/json")))
+            .with_app_id(short(&self.cfg.app_id))
+            .with_delivery_mode(2)
+            .with_headers(h);
+        if let Some(c) = m.header("correlationId") {
+            p = p.with_correlation_id(short(c));
+        }
+        p
+    }
+
+    /// Checks that need no broker: a failure here is the event's, not the broker's.
+    fn precheck(&self, m: &OutboundMessage, key: &str) -> Option<PublishFailure> {
+        let limit = self.max_message_size.load(Ordering::Relaxed);
+        if m.payload.len() > limit {
+            return Some(PublishFailure::new(
+                FailureKind::Permanent,
+                "too_large",
+                format!(
+                    "message of {} bytes exceeds the broker's max_message_size of {limit} bytes",
+                    m.payload.len()
+                ),
+            ));
+        }
+        if key.len() > SHORT_STRING_MAX {
+            return Some(PublishFailure::new(
+                FailureKind::Permanent,
+                "bad_routing_key",
+                format!("routing key of {} bytes exceeds AMQP's 255", key.len()),
+            ));
+        }
+        None
+    }
+
+    /// The broker closed the channel because a message was too large: remember its limit
+    /// (from "message size N is larger than configured max size M"), so the next attempt
+    /// dead-letters that message instead of breaking the channel again.
+    fn learn_limit(&self, error: &str) {
+        if let Some(rest) = error.split("max size ").nth(1) {
+            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            if let Ok(n) = digits.parse::<usize>() {
+                self.max_message_size.fetch_min(n, Ordering::Relaxed);
+                tracing::warn!(
+                    max_message_size = n,
+                    "RabbitMQ refused a message as too large; using its limit"
+                );
+            }
+        }
+    }
+}
+
+fn live_of(conn: Connection, channel: Channel) -> Live {
+    Live { conn, channel }
+}
+
+/// Why a connection could not be set up.
+enum Open {
+    /// Network, handshake or channel failure: try again later.
+    Unreachable(String),
+    /// The broker refused the topology: the operator must act.
+    Topology(OutboxError),
+}
+
+/// Why a declaration failed.
+enum Declare {
+    /// The connection broke.
+    Broken(String),
+    /// The broker refused (exists with other settings, absent in passive mode, access refused).
+    Refused(String),
+}
+
+fn short(s: &str) -> ShortString {
+    // Property values are short strings: cut at a character boundary within 255 bytes.
+    let mut end = s.len().min(SHORT_STRING_MAX);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].into()
+}
+
+fn refused_or_broken(e: lapin::Error, what: String) -> Declare {
+    if e.is_amqp_error() {
+        Declare::Refused(format!("{what}: {e}"))
+    } else {
+        Declare::Broken(format!("{what}: {e}"))
+    }
+}
+
+/// Declares (or, with `declare` off, passively checks) the durable topic exchange and its
+/// alternate exchange with the queue that keeps unroutable messages. Shared by the relay and the
+/// `rabbitmq-topology` command, so both declare the exchange with the same arguments (RabbitMQ
+/// refuses a re-declaration with different ones).
+async fn declare_exchange(ch: &Channel, cfg: &AmqpConfig) -> std::result::Result<(), Declare> {
+    let opts = ExchangeDeclareOptions {
+        passive: !cfg.declare,
+        durable: true,
+        ..Default::default()
+    };
+    if let Some(ae) = &cfg.alternate_exchange {
+        ch.exchange_declare(
+            ae.as_str().into(),
+            ExchangeKind::Fanout,
+            opts,
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| refused_or_broken(e, format!("alternate exchange {ae:?}")))?;
+        if cfg.declare {
+            let q = QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            };
+            ch.queue_declare(ae.as_str().into(), q, FieldTable::default())
+                .await
+                .map_err(|e| refused_or_broken(e, format!("unroutable queue {ae:?}")))?;
+            ch.queue_bind(
+                ae.as_str().into(),
+                ae.as_str().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| refused_or_broken(e, format!("binding unroutable queue {ae:?}")))?;
+        }
+    }
+    let mut args = FieldTable::default();
+    if let Some(ae) = &cfg.alternate_exchange {
+        args.insert(
+            "alternate-exchange".into(),
+            AMQPValue::LongString(ae.as_str().into()),
+        );
+    }
+    ch.exchange_declare(
+        cfg.exchange.as_str().into(),
+        ExchangeKind::Topic,
+        opts,
+        args,
+    )
+    .await
+    .map_err(|e| {
+        refused_or_broken(
+            e,
+            format!(
+                "exchange {:?} (durable topic{}{})",
+                cfg.exchange,
+                cfg.alternate_exchange
+                    .as_deref()
+                    .map(|a| format!(", alternate-exchange {a:?}"))
+                    .unwrap_or_default(),
+                if cfg.declare {
+                    "; an existing exchange with other settings must be deleted or matched"
+                } else {
+                    "; passive check: declare it or drop --amqp-no-declare"
+                }
+            ),
+        )
+    })
+}
+
+/// Consumer-side topology for one subscriber (the seed's dead-letter queues): a durable queue
+/// bound to the events exchange by each of `bindings`, whose rejected or expired messages go to
+/// the fanout exchange `dead_letter_exchange` and from there to the durable queue
+/// `dead_letter_queue`. Declares the events exchange as the relay does. Idempotent.
+pub async fn declare_consumer_queue(
+    cfg: &AmqpConfig,
+    queue: &str,
+    bindings: &[String],
+    dead_letter_exchange: &str,
+    dead_letter_queue: &str,
+) -> Result<()> {
+    if bindings.is_empty() {
+        return Err(OutboxError::Config(
+            "give at least one binding pattern".into(),
+        ));
+    }
+    let conn = tokio::time::timeout(
+        cfg.connect_timeout,
+        Connection::connect(&cfg.url, ConnectionProperties::default()),
+    )
+    .await
+    .map_err(|_| OutboxError::Broker("connecting to RabbitMQ timed out".into()))?
+    .map_err(|e| OutboxError::Broker(format!("cannot connect to RabbitMQ: {e}")))?;
+    let result = async {
+        let err = |what: String| move |e: lapin::Error| OutboxError::Broker(format!("{what}: {e}"));
+        let ch = conn
+            .create_channel()
+            .await
+            .map_err(err("opening a channel".into()))?;
+        declare_exchange(&ch, cfg).await.map_err(|e| match e {
+            Declare::Broken(m) => OutboxError::Broker(m),
+            Declare::Refused(m) => OutboxError::Config(m),
+        })?;
+        let durable = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        ch.exchange_declare(
+            dead_letter_exchange.into(),
+            ExchangeKind::Fanout,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(err(format!(
+            "dead-letter exchange {dead_letter_exchange:?}"
+        )))?;
+        ch.queue_declare(dead_letter_queue.into(), durable, FieldTable::default())
+            .await
+            .map_err(err(format!("dead-letter queue {dead_letter_queue:?}")))?;
+        ch.queue_bind(
+            dead_letter_queue.into(),
+            dead_letter_exchange.into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(err(format!("binding {dead_letter_queue:?}")))?;
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString(dead_letter_exchange.into()),
+        );
+        ch.queue_declare(queue.into(), durable, args)
+            .await
+            .map_err(err(format!(
+                "queue {queue:?} (an existing queue with other arguments must be deleted first)"
+            )))?;
+        for b in bindings {
+            ch.queue_bind(
+                queue.into(),
+                cfg.exchange.as_str().into(),
+                b.as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(err(format!("binding {queue:?} to {b:?}")))?;
+        }
+        Ok(())
+    }
+    .await;
+    let _ = conn.close(200, "done".into()).await;
+    result
+}
+
+/// A message sent and waiting for its confirm.
+struct Pending {
+    index: usize,
+    aggregate: (String, String, String),
+    sent: Instant,
+    confirm: PublisherConfirm,
+}
+
+/// What became of one confirm.
+enum Settled {
+    Ok,
+    Failed(PublishFailure),
+    /// The channel broke: this and every later message is unconfirmed.
+    Broken(String),
+}
+
+#[async_trait]
+impl Publisher for AmqpPublisher {
+    fn name(&self) -> &'static str {
+        "rabbitmq"
+    }
+
+    fn is_connected(&self) -> bool {
+        match self.live.try_lock() {
+            Ok(live) => live.as_ref().is_some_and(Live::healthy),
+            // A publish is under way; it keeps the flag current.
+            Err(_) => self.connected.load(Ordering::Relaxed),
+        }
+    }
+
+    async fn publish(&self, batch: &[OutboundMessage]) -> Vec<Result<Delivery, PublishFailure>> {
+        let all = |f: PublishFailure| batch.iter().map(|_| Err(f.clone())).collect::<Vec<_>>();
+        // One batch at a time on the one channel: confirms are per channel, in publish order.
+        let mut guard = self.live.lock().await;
+        if !guard.as_ref().is_some_and(Live::healthy) {
+            if let Some(old) = guard.take() {
+                // Best effort: the old connection may be half-open.
+                let _ = tokio::time::timeout(
+                    Duration::from_millis(200),
+                    old.conn.close(200, "reconnecting".into()),
+                )
+                .await;
+            }
+            self.connected.store(false, Ordering::Relaxed);
+            match self.open().await {
+                Ok(l) => *guard = Some(l),
+                Err(Open::Unreachable(e)) => {
+                    return all(PublishFailure::new(
+                        FailureKind::Unavailable,
+                        "disconnected",
+                        e,
+                    ))
+                }
+                Err(Open::Topology(e)) => {
+                    // The operator's to fix; the events wait rather than die.
+                    tracing::error!(error = %e, "RabbitMQ exchange not usable");
+                    return all(PublishFailure::new(
+                        FailureKind::Unavailable,
+                        "exchange",
+                        e.to_string(),
+                    ));
+                }
+            }
+        }
+        let Some(live) = guard.as_ref() else {
+            unreachable!("a live connection was just set")
+        };
+        let mut out: Vec<Option<Result<Delivery, PublishFailure>>> = vec![None; batch.len()];
+        let mut failed: HashSet<(String, String, String)> = HashSet::new();
+        let mut pending: VecDeque<Pending> = VecDeque::new();
+        let mut broken: Option<String> = None;
+        let agg = |m: &OutboundMessage| {
+            (
+                m.tenant_id.clone(),
+                m.aggregate_type.clone(),
+                m.aggregate_id.clone(),
+            )
+        };
+
+        for (i, m) in batch.iter().enumerate() {
+            // Keep the window bounded: settle the oldest confirm before sending more.
+            while pending.len() >= self.cfg.max_in_flight && broken.is_none() {
+                let p = pending.pop_front().expect("window is not empty");
+                self.settle(p, &mut out, &mut failed, &mut broken).await;
+            }
+            if broken.is_some() {
+                break;
+            }
+            let key = agg(m);
+            if failed.contains(&key) {
+                // An earlier event of this aggregate failed: sending this one would put it ahead
+                // of that event at the broker. The relay ignores this outcome and retries it later.
+                out[i] = Some(Err(PublishFailure::new(
+                    FailureKind::Retryable,
+                    "held_back",
+                    "an earlier event of its aggregate was not published",
+                )));
+                continue;
+            }
+            let routing_key = m.render(&self.cfg.routing_key_template);
+            if let Some(f) = self.precheck(m, &routing_key) {
+                failed.insert(key);
+                out[i] = Some(Err(f));
+                continue;
+            }
+            let sent = live
+                .channel
+                .basic_publish(
+                    self.cfg.exchange.as_str().into(),
+                    routing_key.into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
+                    &m.payload,
+                    self.properties(m),
+                )
+                .await;
+            match sent {
+                Ok(confirm) => pending.push_back(Pending {
+                    index: i,
+                    aggregate: key,
+                    sent: Instant::now(),
+                    confirm,
+                }),
+                Err(e) => broken = Some(format!("publishing failed: {e}")),
+            }
+        }
+        while let Some(p) = pending.pop_front() {
+            if broken.is_some() {
+                break;
+            }
+            self.settle(p, &mut out, &mut failed, &mut broken).await;
+        }
+
+        if let Some(e) = &broken {
+            self.learn_limit(e);
+            tracing::warn!(error = %e, "RabbitMQ channel broken; reconnecting on the next batch");
+            self.connected.store(false, Ordering::Relaxed);
+            if let Some(old) = guard.take() {
+                let _ = tokio::time::timeout(
+                    Duration::from_millis(200),
+                    old.conn.close(200, "channel broken".into()),
+                )
+                .await;
+            }
+        }
+        let unconfirmed = || {
+            PublishFailure::new(
+                FailureKind::Unavailable,
+                "disconnected",
+                broken.clone().unwrap_or_default(),
+            )
+        };
+        out.into_iter()
+            .map(|o| o.unwrap_or_else(|| Err(unconfirmed())))
+            .collect()
+    }
+}
+
+impl AmqpPublisher {
+    /// Waits for one confirm and records its outcome.
+    async fn settle(
+        &self,
+        p: Pending,
+        out: &mut [Option<Result<Delivery, PublishFailure>>],
+        failed: &mut HashSet<(String, String, String)>,
+        broken: &mut Option<String>,
+    ) {
+        let settled = match tokio::time::timeout_at(p.sent + self.cfg.confirm_timeout, p.confirm)
+            .await
+        {
+            Err(_) => {
+                // Confirms come in publish order: the oldest one missing means the broker or
+                // the channel is stuck, not that this event is at fault. Start afresh on the
+                // next batch, without spending attempts.
+                *broken = Some(format!(
+                    "no publisher confirm within {:?}",
+                    self.cfg.confirm_timeout
+                ));
+                Settled::Failed(PublishFailure::new(
+                    FailureKind::Unavailable,
+                    "timeout",
+                    format!("no publisher confirm within {:?}", self.cfg.confirm_timeout),
+                ))
+            }
+            Ok(Err(e)) => Settled::Broken(format!("channel closed before the confirm: {e}")),
+            Ok(Ok(Confirmation::Ack(None))) | Ok(Ok(Confirmation::NotRequested)) => Settled::Ok,
+            Ok(Ok(Confirmation::Ack(Some(ret)))) | Ok(Ok(Confirmation::Nack(Some(ret)))) => {
+                metrics::counter!(UNROUTABLE, "exchange" => self.cfg.exchange.clone()).increment(1);
+                tracing::warn!(
+                    exchange = %self.cfg.exchange,
+                    routing_key = %ret.delivery.routing_key,
+                    reply = %ret.reply_text,
+                    "RabbitMQ returned an unroutable event; it stays in the outbox and is retried"
+                );
+                Settled::Failed(PublishFailure::new(
+                        FailureKind::Retryable,
+                        "unroutable",
+                        format!(
+                            "returned by RabbitMQ ({} {}): no queue is bound for routing key {:?} and no alternate exchange took it",
+                            ret.reply_code, ret.reply_text, ret.delivery.routing_key
+                        ),
+                    ))
+            }
+            Ok(Ok(Confirmation::Nack(None))) => Settled::Failed(PublishFailure::new(
+                FailureKind::Retryable,
+                "nack",
+                "RabbitMQ refused the message (basic.nack)",
+            )),
+        };
+        match settled {
+            Settled::Ok => out[p.index] = Some(Ok(Delivery::Stored)),
+            Settled::Failed(f) => {
+                failed.insert(p.aggregate);
+                out[p.index] = Some(Err(f));
+            }
+            Settled::Broken(e) => *broken = Some(e),
+        }
+    }
+}

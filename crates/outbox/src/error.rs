@@ -1,0 +1,32 @@
+//! Errors of the outbox library.
+
+use thiserror::Error;
+
+/// Everything the outbox library can fail with. Each message says what went wrong and what to do.
+#[derive(Debug, Error)]
+pub enum OutboxError {
+    /// An event given to [`crate::Outbox::enqueue`] does not satisfy the table contract.
+    #[error("invalid event: {0}")]
+    InvalidEvent(String),
+    /// The event data could not be serialised to JSON.
+    #[error("event data is not serialisable to JSON: {0}")]
+    Serialize(#[from] serde_json::Error),
+    /// The database refused or could not be reached.
+    #[error("database error: {0} (check DATABASE_URL and that PostgreSQL is running)")]
+    Database(#[from] sqlx::Error),
+    /// Applying the schema migrations failed.
+    #[error("schema migration failed: {0} (run `outbox migrate` against a database you own)")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A configuration value makes no sense; the message names it.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The broker adapter could not be set up; the message says why.
+    #[error("broker: {0}")]
+    Broker(String),
+    /// An operator command named something that does not exist.
+    #[error("not found: {0}")]
+    NotFound(String),
+}
+
+/// Shorthand for results of this crate.
+pub type Result<T, E = OutboxError> = std::result::Result<T, E>;

@@ -1,0 +1,113 @@
+//! The one interface between the relay and a broker.
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+/// A committed event on its way to the broker.
+#[derive(Debug, Clone)]
+pub struct OutboundMessage {
+    /// Row id in `outbox_event`.
+    pub id: i64,
+    /// The envelope's `eventId`: the broker message id.
+    pub event_id: Uuid,
+    /// Tenant; part of the subject / routing key.
+    pub tenant_id: String,
+    /// Aggregate kind.
+    pub aggregate_type: String,
+    /// Aggregate id.
+    pub aggregate_id: String,
+    /// Position of the event in its aggregate (1, 2, ...), in commit order.
+    pub seq: i64,
+    /// Event type.
+    pub event_type: String,
+    /// Routing key written by the producer.
+    pub topic: String,
+    /// The exact bytes the producer's transaction wrote.
+    pub payload: Bytes,
+    /// `correlationId`, `traceparent`, `contentType` as written at enqueue.
+    pub headers: BTreeMap<String, String>,
+    /// Failed publish attempts so far.
+    pub attempts: i32,
+    /// When the row was written (close to its commit).
+    pub created_at: DateTime<Utc>,
+}
+
+impl OutboundMessage {
+    /// Renders a subject / routing-key template: `{tenant}`, `{topic}`, `{event_type}`,
+    /// `{aggregate_type}`.
+    pub fn render(&self, template: &str) -> String {
+        template
+            .replace("{tenant}", &self.tenant_id)
+            .replace("{topic}", &self.topic)
+            .replace("{event_type}", &self.event_type)
+            .replace("{aggregate_type}", &self.aggregate_type)
+    }
+
+    /// A header written at enqueue, if present.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(String::as_str)
+    }
+}
+
+/// What the broker said of a message it accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// Stored by the broker.
+    Stored,
+    /// The broker already had this message id and dropped the copy.
+    Duplicate,
+}
+
+/// How a failure is handled by the relay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// The broker cannot be reached: the event is not at fault, its attempt budget is not used,
+    /// and the relay backs off as a whole.
+    Unavailable,
+    /// The broker refused this message for a reason that may pass: retried with backoff, then
+    /// dead-lettered when the attempt budget is spent.
+    Retryable,
+    /// Retrying cannot help (too large, no stream for the subject): dead-lettered at once.
+    Permanent,
+}
+
+/// A message the broker did not acknowledge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishFailure {
+    /// How the relay treats it.
+    pub kind: FailureKind,
+    /// A short fixed label for metrics (`timeout`, `too_large`, ...).
+    pub reason: &'static str,
+    /// The broker's or client's words, kept as the row's `last_error`.
+    pub message: String,
+}
+
+impl PublishFailure {
+    /// A failure of the given kind.
+    pub fn new(kind: FailureKind, reason: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            reason,
+            message: message.into(),
+        }
+    }
+}
+
+/// A broker adapter. Implementations publish a batch with many acknowledgements in flight and
+/// report one outcome per message, in the batch's order.
+#[async_trait]
+pub trait Publisher: Send + Sync + 'static {
+    /// Short name for logs and metrics (`nats`, `rabbitmq`).
+    fn name(&self) -> &'static str;
+
+    /// Publishes `batch` in order. Messages of one aggregate appear in the batch in commit order
+    /// and must be sent in that order. Returns exactly `batch.len()` outcomes.
+    async fn publish(&self, batch: &[OutboundMessage]) -> Vec<Result<Delivery, PublishFailure>>;
+
+    /// Whether the broker connection is up right now (health endpoints, metrics).
+    fn is_connected(&self) -> bool;
+}

@@ -1,0 +1,658 @@
+//! The relay engine: lease partitions, claim, publish, settle, retry, dead-letter, clean up.
+//!
+//! One loop per relay process, strictly sequential (claim → publish → settle), so that nothing is
+//! ever in flight while leases are rebalanced. Throughput comes from large batches with every
+//! acknowledgement of a batch in flight at once, not from overlapping batches; overlapping them
+//! would let two batches of one aggregate race. See `docs/architecture.md`.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{OutboxError, Result};
+use crate::publisher::{Delivery, FailureKind, OutboundMessage, PublishFailure, Publisher};
+use crate::retry::RetryPolicy;
+use crate::store::{RelayStore, Settlement};
+use crate::telemetry as m;
+
+/// Settings of one relay.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// Unique name of this relay process (shown by `outbox status`).
+    pub relay_id: String,
+    /// Most events claimed and in flight at once.
+    pub batch_size: i64,
+    /// Longest wait for new events when no notification arrives.
+    pub poll_interval: Duration,
+    /// Partition lease: how long a dead relay's partitions stay unclaimed.
+    pub lease: Duration,
+    /// Per-event retry policy.
+    pub retry: RetryPolicy,
+    /// When true (default) a dead letter holds back the later events of its aggregate until it is
+    /// replayed or purged, so replay keeps the order; when false they flow past it.
+    pub dead_letters_block: bool,
+    /// Published rows older than this are deleted; zero deletes them at acknowledgement (the
+    /// fastest mode: no row version is written), `None` keeps them.
+    pub retention: Option<Duration>,
+    /// Pause between retention passes.
+    pub cleanup_interval: Duration,
+    /// Rows deleted per statement of a retention pass.
+    pub cleanup_batch: i64,
+    /// Pause between the statements of a retention pass (keeps producers' latency; see
+    /// `docs/benchmarks.md`).
+    pub cleanup_pause: Duration,
+    /// Longest pause while the broker is unreachable.
+    pub broker_backoff_cap: Duration,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            relay_id: default_relay_id(),
+            batch_size: 1000,
+            poll_interval: Duration::from_millis(500),
+            lease: Duration::from_secs(15),
+            retry: RetryPolicy::default(),
+            dead_letters_block: true,
+            retention: Some(Duration::from_secs(24 * 3600)),
+            cleanup_interval: Duration::from_secs(60),
+            cleanup_batch: 1000,
+            cleanup_pause: Duration::from_millis(20),
+            broker_backoff_cap: Duration::from_secs(5),
+        }
+    }
+}
+
+impl RelayConfig {
+    /// Rejects settings that cannot work.
+    pub fn validate(&self) -> Result<()> {
+        self.retry.validate()?;
+        if self.batch_size < 1 || self.batch_size > 100_000 {
+            return Err(OutboxError::Config(
+                "batch size must be between 1 and 100000".into(),
+            ));
+        }
+        if self.lease < Duration::from_millis(300) {
+            return Err(OutboxError::Config("lease must be at least 300 ms".into()));
+        }
+        if self.relay_id.is_empty() || self.relay_id.len() > 200 {
+            return Err(OutboxError::Config(
+                "relay id must be 1 to 200 characters".into(),
+            ));
+        }
+        if self.cleanup_batch < 1 {
+            return Err(OutboxError::Config(
+                "cleanup batch must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The longest time an event may be re-published after its first publish: the broker's
+    /// de-duplication window must cover it. Retry delays plus one lease (a crashed relay's batch
+    /// is re-published once its lease expires) plus slack for acknowledgement time-outs.
+    pub fn dedup_horizon(&self) -> Duration {
+        self.retry.horizon() + self.lease + Duration::from_secs(10)
+    }
+}
+
+/// A unique relay id: host, pid and a random suffix.
+pub fn default_relay_id() -> String {
+    format!(
+        "{}-{}-{}",
+        crate::pg::hostname(),
+        std::process::id(),
+        &uuid::Uuid::new_v4().simple().to_string()[..6]
+    )
+}
+
+/// What the relay knows of its own state, for health endpoints.
+#[derive(Debug, Default)]
+pub struct RelayHealth {
+    database_up: AtomicBool,
+    broker_up: AtomicBool,
+    partitions: AtomicUsize,
+}
+
+impl RelayHealth {
+    /// The last database operation succeeded.
+    pub fn database_up(&self) -> bool {
+        self.database_up.load(Ordering::Relaxed)
+    }
+    /// The broker accepted the last publish (or nothing has failed yet).
+    pub fn broker_up(&self) -> bool {
+        self.broker_up.load(Ordering::Relaxed)
+    }
+    /// Partitions held after the last lease round.
+    pub fn partitions(&self) -> usize {
+        self.partitions.load(Ordering::Relaxed)
+    }
+    fn set_db(&self, up: bool) {
+        self.database_up.store(up, Ordering::Relaxed);
+        metrics::gauge!(m::DATABASE_UP).set(if up { 1.0 } else { 0.0 });
+    }
+    fn set_broker(&self, up: bool) {
+        self.broker_up.store(up, Ordering::Relaxed);
+        metrics::gauge!(m::BROKER_UP).set(if up { 1.0 } else { 0.0 });
+    }
+}
+
+/// A relay: one store, one publisher, one loop.
+pub struct Relay {
+    store: Arc<dyn RelayStore>,
+    publisher: Arc<dyn Publisher>,
+    config: RelayConfig,
+    wake: Arc<Notify>,
+    health: Arc<RelayHealth>,
+}
+
+impl Relay {
+    /// A relay over `store` publishing through `publisher`.
+    pub fn new(
+        store: Arc<dyn RelayStore>,
+        publisher: Arc<dyn Publisher>,
+        config: RelayConfig,
+    ) -> Result<Self> {
+        config.validate()?;
+        let health = Arc::new(RelayHealth::default());
+        health.broker_up.store(true, Ordering::Relaxed);
+        Ok(Self {
+            store,
+            publisher,
+            config,
+            wake: Arc::new(Notify::new()),
+            health,
+        })
+    }
+
+    /// Wake the relay now (wired to PostgreSQL `LISTEN` by [`crate::wake::listen`]).
+    pub fn waker(&self) -> Arc<Notify> {
+        self.wake.clone()
+    }
+
+    /// Health flags, shared with the HTTP endpoints.
+    pub fn health(&self) -> Arc<RelayHealth> {
+        self.health.clone()
+    }
+
+    /// The relay's settings.
+    pub fn config(&self) -> &RelayConfig {
+        &self.config
+    }
+
+    /// Runs until `stop` is cancelled; then finishes the batch in flight, gives its partitions
+    /// back and returns. Database and broker failures are retried forever, never returned.
+    pub async fn run(&self, stop: CancellationToken) -> Result<()> {
+        let background = CancellationToken::new();
+        let gauges = tokio::spawn(backlog_gauges(self.store.clone(), background.clone()));
+        let cleanup = self
+            .config
+            .retention
+            .filter(|r| !r.is_zero())
+            .map(|retention| {
+                tokio::spawn(cleanup_loop(
+                    self.store.clone(),
+                    retention,
+                    self.config.cleanup_interval,
+                    self.config.cleanup_batch,
+                    self.config.cleanup_pause,
+                    background.clone(),
+                ))
+            });
+        tracing::info!(relay_id = %self.config.relay_id, broker = self.publisher.name(), "relay started");
+        self.main_loop(&stop).await;
+        background.cancel();
+        let _ = gauges.await;
+        if let Some(c) = cleanup {
+            let _ = c.await;
+        }
+        match self.store.release_all(&self.config.relay_id).await {
+            Ok(()) => {
+                tracing::info!(relay_id = %self.config.relay_id, "relay stopped; partitions released")
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not release partitions; they expire with their lease")
+            }
+        }
+        Ok(())
+    }
+
+    async fn main_loop(&self, stop: &CancellationToken) {
+        let cfg = &self.config;
+        let tick = cfg.lease / 3;
+        let mut next_lease = Instant::now();
+        let mut owned = 0usize;
+        let mut broker_failures = 0u32;
+        let mut db_failures = 0u32;
+        // The settlement of the previous failure-free batch, written while this one is claimed and
+        // published. At most one is outstanding; its ids are kept out of the next claim.
+        let mut background: Option<(tokio::task::JoinHandle<()>, Vec<uuid::Uuid>)> = None;
+        while !stop.is_cancelled() {
+            if Instant::now() >= next_lease {
+                // Partitions may be given back in this round: nothing of ours may still be unsettled.
+                finish(&mut background).await;
+                match self.store.lease_round(&cfg.relay_id, cfg.lease).await {
+                    Ok(state) => {
+                        if state.owned.len() != owned {
+                            tracing::info!(
+                                partitions = state.owned.len(),
+                                live_relays = state.live_relays,
+                                "lease round"
+                            );
+                        }
+                        owned = state.owned.len();
+                        self.health.set_db(true);
+                    }
+                    Err(e) => {
+                        // Without a renewed lease nothing may be claimed; claims re-check leases.
+                        tracing::warn!(error = %e, "lease round failed");
+                        self.health.set_db(false);
+                    }
+                }
+                self.health.partitions.store(owned, Ordering::Relaxed);
+                metrics::gauge!(m::PARTITIONS_OWNED).set(owned as f64);
+                next_lease = Instant::now() + tick;
+            }
+            let until_lease = next_lease.saturating_duration_since(Instant::now());
+            if owned == 0 {
+                self.idle(stop, until_lease).await;
+                continue;
+            }
+            if background.as_ref().is_some_and(|(h, _)| h.is_finished()) {
+                finish(&mut background).await;
+            }
+            let exclude = background
+                .as_ref()
+                .map(|(_, ids)| ids.as_slice())
+                .unwrap_or(&[]);
+            let claim_started = Instant::now();
+            let batch = match self
+                .store
+                .claim(
+                    &cfg.relay_id,
+                    cfg.batch_size,
+                    cfg.dead_letters_block,
+                    exclude,
+                )
+                .await
+            {
+                Ok(b) => {
+                    db_failures = 0;
+                    self.health.set_db(true);
+                    b
+                }
+                Err(e) => {
+                    db_failures += 1;
+                    self.health.set_db(false);
+                    tracing::warn!(error = %e, "claim failed; retrying");
+                    self.pause(stop, backoff(db_failures, tick)).await;
+                    continue;
+                }
+            };
+            if batch.is_empty() {
+                finish(&mut background).await;
+                self.idle(stop, cfg.poll_interval.min(until_lease)).await;
+                continue;
+            }
+            metrics::histogram!(m::BATCH_SIZE).record(batch.len() as f64);
+            let started = Instant::now();
+            let outcomes = self.publisher.publish(&batch).await;
+            metrics::histogram!(m::PUBLISH_SECONDS).record(started.elapsed().as_secs_f64());
+            tracing::debug!(
+                events = batch.len(),
+                claim_ms = (started - claim_started).as_secs_f64() * 1e3,
+                publish_ms = started.elapsed().as_secs_f64() * 1e3,
+                "batch published"
+            );
+            let decided = decide(&batch, outcomes, &cfg.retry, self.publisher.name());
+            if decided.unavailable && decided.settlements.is_empty() {
+                broker_failures += 1;
+                self.health.set_broker(false);
+                let wait = backoff(broker_failures, cfg.broker_backoff_cap.min(tick));
+                tracing::warn!(error = %decided.first_error, retry_in_ms = wait.as_millis() as u64, "broker unavailable; events stay in the outbox");
+                self.pause(stop, wait).await;
+                continue;
+            }
+            broker_failures = 0;
+            self.health.set_broker(!decided.unavailable);
+            // Settlements are written in batch order: the previous one first.
+            finish(&mut background).await;
+            let clean = !decided.unavailable
+                && decided
+                    .settlements
+                    .iter()
+                    .all(|s| matches!(s, Settlement::Published(_)));
+            if clean {
+                // Nothing in this batch holds back a later event, so the next claim need not see
+                // this settlement; it only must not claim these rows again.
+                let ids = decided.settlements.iter().filter_map(|s| match s {
+                    Settlement::Published(id) => Some(*id),
+                    _ => None,
+                });
+                let ids: Vec<uuid::Uuid> = ids.collect();
+                let (store, health, stop) = (self.store.clone(), self.health.clone(), stop.clone());
+                let delete = self.delete_published();
+                let handle = tokio::spawn(async move {
+                    let t = Instant::now();
+                    settle(store.as_ref(), &health, &decided.settlements, delete, &stop).await;
+                    tracing::debug!(settle_ms = t.elapsed().as_secs_f64() * 1e3, "batch settled");
+                });
+                background = Some((handle, ids));
+            } else {
+                // A retry or dead letter must be recorded before the next claim, or the later
+                // events of its aggregate would be claimed past it.
+                settle(
+                    self.store.as_ref(),
+                    &self.health,
+                    &decided.settlements,
+                    self.delete_published(),
+                    stop,
+                )
+                .await;
+            }
+        }
+        finish(&mut background).await;
+    }
+
+    fn delete_published(&self) -> bool {
+        self.config.retention.is_some_and(|r| r.is_zero())
+    }
+
+    async fn idle(&self, stop: &CancellationToken, d: Duration) {
+        tokio::select! {
+            _ = stop.cancelled() => {}
+            _ = self.wake.notified() => {}
+            _ = tokio::time::sleep(d) => {}
+        }
+    }
+
+    async fn pause(&self, stop: &CancellationToken, d: Duration) {
+        tokio::select! {
+            _ = stop.cancelled() => {}
+            _ = tokio::time::sleep(d) => {}
+        }
+    }
+}
+
+/// Waits for the background settlement, if any.
+async fn finish(background: &mut Option<(tokio::task::JoinHandle<()>, Vec<uuid::Uuid>)>) {
+    if let Some((handle, _)) = background.take() {
+        let _ = handle.await;
+    }
+}
+
+/// Records outcomes, retrying while the database is away: the events are already at the broker,
+/// and giving up would only cause re-publishes (which the broker de-duplicates).
+async fn settle(
+    store: &dyn RelayStore,
+    health: &RelayHealth,
+    settlements: &[Settlement],
+    delete_published: bool,
+    stop: &CancellationToken,
+) {
+    let mut failures = 0u32;
+    loop {
+        match store.settle(settlements, delete_published).await {
+            Ok(()) => {
+                health.set_db(true);
+                return;
+            }
+            Err(e) => {
+                failures += 1;
+                health.set_db(false);
+                tracing::warn!(error = %e, attempt = failures, "recording publish outcomes failed; retrying");
+                // Once asked to stop, a few more tries, then the rows stay pending and are
+                // published again (as duplicates) by whoever takes the partitions.
+                if stop.is_cancelled() && failures >= 3 {
+                    return;
+                }
+                tokio::time::sleep(backoff(failures, Duration::from_secs(2))).await;
+            }
+        }
+    }
+}
+
+/// 100 ms doubling per failure, capped.
+fn backoff(failures: u32, cap: Duration) -> Duration {
+    let ms = 100u64.saturating_mul(1u64 << failures.saturating_sub(1).min(16));
+    Duration::from_millis(ms).min(cap)
+}
+
+/// The settlements for one published batch.
+#[derive(Debug, Default)]
+pub(crate) struct Decided {
+    pub settlements: Vec<Settlement>,
+    pub unavailable: bool,
+    pub first_error: String,
+}
+
+/// Turns publish outcomes into settlements. Per aggregate, only the acknowledged prefix is marked
+/// published: once one event of an aggregate failed, its later events in the batch are left
+/// pending even if acknowledged, and are published again after it (the broker drops the copies),
+/// so the stream never sees them overtake their predecessor for good.
+pub(crate) fn decide(
+    batch: &[OutboundMessage],
+    outcomes: Vec<Result<Delivery, PublishFailure>>,
+    retry: &RetryPolicy,
+    broker: &'static str,
+) -> Decided {
+    let mut out = Decided::default();
+    let mut stopped: HashSet<(&str, &str, &str)> = HashSet::new();
+    let now = Utc::now();
+    for (msg, outcome) in batch.iter().zip(outcomes) {
+        let key = (
+            msg.tenant_id.as_str(),
+            msg.aggregate_type.as_str(),
+            msg.aggregate_id.as_str(),
+        );
+        if stopped.contains(&key) {
+            continue;
+        }
+        match outcome {
+            Ok(delivery) => {
+                if delivery == Delivery::Duplicate {
+                    metrics::counter!(m::DUPLICATES, "broker" => broker).increment(1);
+                }
+                metrics::counter!(m::PUBLISHED, "broker" => broker).increment(1);
+                let lag = (now - msg.created_at).to_std().unwrap_or_default();
+                metrics::histogram!(m::COMMIT_TO_ACK).record(lag.as_secs_f64());
+                out.settlements.push(Settlement::Published(msg.event_id));
+            }
+            Err(f) => {
+                stopped.insert(key);
+                if out.first_error.is_empty() {
+                    out.first_error = f.message.clone();
+                }
+                let kind = match f.kind {
+                    FailureKind::Unavailable => "unavailable",
+                    FailureKind::Retryable => "retryable",
+                    FailureKind::Permanent => "permanent",
+                };
+                metrics::counter!(m::FAILED, "kind" => kind, "reason" => f.reason).increment(1);
+                match f.kind {
+                    FailureKind::Unavailable => out.unavailable = true,
+                    FailureKind::Permanent => {
+                        metrics::counter!(m::DEAD_LETTERED, "reason" => f.reason).increment(1);
+                        tracing::error!(event_id = %msg.event_id, reason = f.reason, error = %f.message, "event dead-lettered");
+                        out.settlements.push(Settlement::Dead {
+                            id: msg.event_id,
+                            error: f.message,
+                        });
+                    }
+                    FailureKind::Retryable => {
+                        let attempt = u32::try_from(msg.attempts).unwrap_or(0) + 1;
+                        if attempt >= retry.max_attempts {
+                            metrics::counter!(m::DEAD_LETTERED, "reason" => "retries_exhausted")
+                                .increment(1);
+                            tracing::error!(event_id = %msg.event_id, attempts = attempt, error = %f.message, "event dead-lettered after its last attempt");
+                            out.settlements.push(Settlement::Dead {
+                                id: msg.event_id,
+                                error: format!("gave up after {attempt} attempts: {}", f.message),
+                            });
+                        } else {
+                            metrics::counter!(m::RETRIED, "reason" => f.reason).increment(1);
+                            tracing::warn!(event_id = %msg.event_id, attempt, error = %f.message, "publish failed; will retry");
+                            out.settlements.push(Settlement::Retry {
+                                id: msg.event_id,
+                                delay: retry.delay(attempt),
+                                error: f.message,
+                            });
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+async fn backlog_gauges(store: Arc<dyn RelayStore>, stop: CancellationToken) {
+    loop {
+        if let Ok((n, age)) = store.backlog().await {
+            metrics::gauge!(m::PENDING).set(n as f64);
+            metrics::gauge!(m::OLDEST_PENDING_AGE).set(age.map(|a| a.as_secs_f64()).unwrap_or(0.0));
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+        }
+    }
+}
+
+/// Deletes published rows past retention in bounded batches, pausing between batches so that a
+/// large pass never competes with producers for long.
+async fn cleanup_loop(
+    store: Arc<dyn RelayStore>,
+    retention: Duration,
+    every: Duration,
+    batch: i64,
+    pause: Duration,
+    stop: CancellationToken,
+) {
+    loop {
+        loop {
+            if stop.is_cancelled() {
+                return;
+            }
+            match store.cleanup_batch(retention, batch).await {
+                Ok(n) => {
+                    metrics::counter!(m::CLEANED).increment(n);
+                    if n < batch as u64 {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "retention pass failed");
+                    break;
+                }
+            }
+            tokio::time::sleep(pause).await;
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(id: i64, agg: &str, attempts: i32) -> OutboundMessage {
+        OutboundMessage {
+            id,
+            event_id: uuid::Uuid::now_v7(),
+            tenant_id: "t".into(),
+            aggregate_type: "A".into(),
+            aggregate_id: agg.into(),
+            seq: id,
+            event_type: "E".into(),
+            topic: "x".into(),
+            payload: bytes::Bytes::new(),
+            headers: Default::default(),
+            attempts,
+            created_at: Utc::now(),
+        }
+    }
+
+    fn fail(kind: FailureKind) -> Result<Delivery, PublishFailure> {
+        Err(PublishFailure::new(kind, "test", "boom"))
+    }
+
+    #[test]
+    fn a_failure_stops_its_aggregate_only() {
+        let batch = vec![
+            msg(1, "a", 0),
+            msg(2, "b", 0),
+            msg(3, "a", 0),
+            msg(4, "b", 0),
+        ];
+        let out = decide(
+            &batch,
+            vec![
+                fail(FailureKind::Retryable),
+                Ok(Delivery::Stored),
+                Ok(Delivery::Stored),
+                Ok(Delivery::Duplicate),
+            ],
+            &RetryPolicy::default(),
+            "test",
+        );
+        let row = |e: &uuid::Uuid| batch.iter().find(|m| m.event_id == *e).unwrap().id;
+        let ids: Vec<_> = out
+            .settlements
+            .iter()
+            .map(|s| match s {
+                Settlement::Published(id) => ("p", row(id)),
+                Settlement::Retry { id, .. } => ("r", row(id)),
+                Settlement::Dead { id, .. } => ("d", row(id)),
+            })
+            .collect();
+        // Row 3 was acknowledged but stays pending behind row 1.
+        assert_eq!(ids, vec![("r", 1), ("p", 2), ("p", 4)]);
+    }
+
+    #[test]
+    fn budget_spent_or_permanent_means_dead() {
+        let retry = RetryPolicy {
+            max_attempts: 3,
+            ..Default::default()
+        };
+        let batch = vec![msg(1, "a", 2), msg(2, "b", 0)];
+        let out = decide(
+            &batch,
+            vec![fail(FailureKind::Retryable), fail(FailureKind::Permanent)],
+            &retry,
+            "test",
+        );
+        assert!(
+            matches!(&out.settlements[0], Settlement::Dead { id, error } if *id == batch[0].event_id && error.contains("3 attempts"))
+        );
+        assert!(
+            matches!(&out.settlements[1], Settlement::Dead { id, .. } if *id == batch[1].event_id)
+        );
+        assert!(!out.unavailable);
+    }
+
+    #[test]
+    fn unavailable_touches_nothing() {
+        let batch = vec![msg(1, "a", 0), msg(2, "b", 0)];
+        let out = decide(
+            &batch,
+            vec![
+                fail(FailureKind::Unavailable),
+                fail(FailureKind::Unavailable),
+            ],
+            &RetryPolicy::default(),
+            "test",
+        );
+        assert!(out.settlements.is_empty());
+        assert!(out.unavailable);
+    }
+}

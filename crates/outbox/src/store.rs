@@ -1,0 +1,66 @@
+//! The narrow storage interface the relay runs on. PostgreSQL implements it in [`crate::pg`];
+//! another database can follow by implementing this trait without touching the relay.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use uuid::Uuid;
+
+use crate::error::Result;
+use crate::publisher::OutboundMessage;
+
+/// What happened to a claimed row after its publish (rows are named by their event id).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Settlement {
+    /// The broker acknowledged it.
+    Published(Uuid),
+    /// Retry after `delay`, keeping `error`.
+    Retry {
+        id: Uuid,
+        delay: Duration,
+        error: String,
+    },
+    /// Give up: a dead letter with its last error.
+    Dead { id: Uuid, error: String },
+}
+
+/// What a lease round left this relay with.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LeaseState {
+    /// Partitions this relay may publish from until the next round.
+    pub owned: Vec<i16>,
+    /// Live relays seen (this one included).
+    pub live_relays: i64,
+}
+
+/// Storage operations of the relay.
+#[async_trait]
+pub trait RelayStore: Send + Sync + 'static {
+    /// Heartbeat, renew leases, take a fair share of free partitions and give back any excess.
+    /// Called only between batches, so that nothing given back is still in flight.
+    async fn lease_round(&self, relay_id: &str, lease: Duration) -> Result<LeaseState>;
+
+    /// Gives back every partition of `relay_id` and removes its heartbeat (clean shutdown).
+    async fn release_all(&self, relay_id: &str) -> Result<()>;
+
+    /// Up to `limit` deliverable rows of the owned partitions, in id order: pending, due, not in
+    /// `exclude` (published rows whose settlement is still being written), and not behind a
+    /// failing (or, with `dead_blocks`, dead) earlier event of their aggregate.
+    async fn claim(
+        &self,
+        relay_id: &str,
+        limit: i64,
+        dead_blocks: bool,
+        exclude: &[Uuid],
+    ) -> Result<Vec<OutboundMessage>>;
+
+    /// Records the outcomes of a publish in one transaction. With `delete_published` the
+    /// acknowledged rows are deleted instead of kept as `published` (retention zero).
+    async fn settle(&self, settlements: &[Settlement], delete_published: bool) -> Result<()>;
+
+    /// Deletes up to `batch` published rows older than `retention`; returns how many.
+    async fn cleanup_batch(&self, retention: Duration, batch: i64) -> Result<u64>;
+
+    /// Pending rows and the age of the oldest, for metrics.
+    async fn backlog(&self) -> Result<(i64, Option<Duration>)>;
+}

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Makes sure PostgreSQL, NATS (JetStream) and RabbitMQ answer on 127.0.0.1: starts them where they
+# are installed but stopped, installs the Debian packages where they are missing. Idempotent.
+set -euo pipefail
+
+log() { printf 'ensure-services: %s\n' "$*" >&2; }
+listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+wait_port() {
+  local port=$1 name=$2
+  for _ in $(seq 1 120); do listening "$port" && return 0; sleep 0.5; done
+  log "$name did not start listening on 127.0.0.1:$port; see its log"; return 1
+}
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+apt_updated=
+need_pkg() {
+  if ! dpkg -s "$1" >/dev/null 2>&1; then
+    if [ -z "$apt_updated" ]; then as_root apt-get update -qq; apt_updated=1; fi
+    log "installing $1"
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "$1" >/dev/null
+  fi
+}
+
+# PostgreSQL, with a superuser `root` and trust auth on loopback (what the tests assume).
+if ! listening 5432; then
+  need_pkg postgresql
+  ver=$(ls /etc/postgresql | sort -V | tail -1)
+  hba=/etc/postgresql/$ver/main/pg_hba.conf
+  if ! grep -q '^host all all 127.0.0.1/32 trust' "$hba"; then
+    as_root sed -i '1i host all all 127.0.0.1/32 trust\nhost all all ::1/128 trust' "$hba"
+  fi
+  log "starting PostgreSQL $ver"
+  as_root pg_ctlcluster --skip-systemctl-redirect "$ver" main start || true
+  wait_port 5432 PostgreSQL
+fi
+if ! psql -h 127.0.0.1 -U root -d postgres -Atc 'select 1' >/dev/null 2>&1; then
+  as_root su postgres -c "psql -Atc \"DO \\\$\\\$BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname='root') THEN CREATE ROLE root SUPERUSER LOGIN; END IF; END\\\$\\\$\"" >/dev/null
+fi
+for db in root test; do
+  psql -h 127.0.0.1 -U root -d postgres -Atc "select 1 from pg_database where datname='$db'" | grep -q 1 \
+    || psql -h 127.0.0.1 -U root -d postgres -qc "create database $db"
+done
+
+# NATS with JetStream.
+if ! listening 4222; then
+  need_pkg nats-server
+  mkdir -p /var/lib/nats-server
+  log "starting nats-server with JetStream"
+  as_root start-stop-daemon --start --oknodo --background --exec /usr/sbin/nats-server -- \
+    -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server -l /var/log/nats-server.log
+  wait_port 4222 NATS
+fi
+
+# RabbitMQ.
+if ! listening 5672; then
+  need_pkg rabbitmq-server
+  log "starting RabbitMQ"
+  as_root rabbitmq-server -detached || true
+  wait_port 5672 RabbitMQ
+fi
+log "PostgreSQL, NATS and RabbitMQ are up on 127.0.0.1"
