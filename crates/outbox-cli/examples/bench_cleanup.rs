@@ -30,13 +30,8 @@ async fn main() {
     );
     let db = TestDb::new().await;
     support::write_backlog(&db, rows).await;
-    sqlx::query(
-        "UPDATE outbox_event SET status = 'published', published_at = now() - interval '48 hours'",
-    )
-    .execute(&db.pool)
-    .await
-    .unwrap();
-    sqlx::query("VACUUM ANALYZE outbox_event")
+    testkit::mark_published(&db.pool, "true", "now() - interval '48 hours'").await;
+    sqlx::query("VACUUM ANALYZE outbox_event, outbox_published")
         .execute(&db.pool)
         .await
         .unwrap();
@@ -74,11 +69,9 @@ async fn main() {
         // As many rows past retention again for the next case (the producers' own rows stay
         // pending and are not touched by retention).
         support::write_backlog(&db, deleted as i64).await;
-        sqlx::query("UPDATE outbox_event SET status = 'published', published_at = now() - interval '48 hours' WHERE status = 'pending' AND tenant_id <> 'live'")
-            .execute(&db.pool)
-            .await
-            .unwrap();
-        sqlx::query("VACUUM ANALYZE outbox_event")
+        testkit::mark_published(&db.pool, "tenant_id <> 'live'", "now() - interval '48 hours'")
+            .await;
+        sqlx::query("VACUUM ANALYZE outbox_event, outbox_published")
             .execute(&db.pool)
             .await
             .unwrap();

@@ -5,7 +5,7 @@
 //! 3. what the commit-time NOTIFY costs concurrent producers (commits/s and p99 with and without).
 //!
 //! `cargo run --release -p outbox-cli --example bench_nats -- [backlog] [rate] [seconds]`
-//! (defaults 200000 events, 1000 events/s, 10 s).
+//! (defaults 200000 events, 1000 events/s, 10 s); `BENCH_ONLY=drain` measures the drain only.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{self, message::PublishMessage};
 use futures::StreamExt;
 use outbox::nats::NatsPublisher;
-use outbox::{NewEvent, Outbox, PgStore, Relay, RelayConfig};
+use outbox::{NewEvent, OutboundMessage, Outbox, PgStore, Relay, RelayConfig};
 use testkit::{TestDb, TestStream};
 
 #[path = "support/mod.rs"]
@@ -25,6 +25,9 @@ use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
 async fn main() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        outbox_cli::logging::init(outbox_cli::logging::LogFormat::Text);
+    }
     let args: Vec<String> = std::env::args().collect();
     let backlog: i64 = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(200_000);
     let rate: u64 = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(1000);
@@ -34,8 +37,10 @@ async fn main() {
         num_cpus()
     );
 
+    // `BENCH_ONLY=drain` skips parts 2 and 3 (for iterating on the drain rate).
+    let all = std::env::var("BENCH_ONLY").as_deref() != Ok("drain");
     // --- 2. steady-rate latency ----------------------------------------------------------
-    for notify in [true, false] {
+    for notify in [true, false].into_iter().filter(|_| all) {
         let l = steady_latency(rate, secs, notify).await;
         println!(
             "commit-to-stream at {rate}/s, notify {}: p50 {:.2} ms  p99 {:.2} ms  ({} events){}",
@@ -56,7 +61,7 @@ async fn main() {
     }
 
     // --- 3. NOTIFY cost to concurrent producers -------------------------------------------
-    for notify in [false, true] {
+    for notify in [false, true].into_iter().filter(|_| all) {
         let (tps, p99) = producers(notify, 8, Duration::from_secs(5)).await;
         println!(
             "8 producers, 1 event per commit, notify {}: {tps:>7.0} commits/s  p99 commit {p99:.2} ms",
@@ -70,14 +75,19 @@ async fn main() {
     let stream = TestStream::new();
     write_backlog(&db, backlog).await;
 
-    // The raw baseline publishes exactly the rows the relay will publish, with the same headers
-    // and subjects and the same number of acknowledgements in flight, to a stream of its own.
-    let msgs: Vec<(String, Vec<u8>, String)> = sqlx::query_as(
-        "SELECT 't.' || tenant_id || '.' || topic, payload, event_id::text FROM outbox_event ORDER BY id",
+    // The raw baseline publishes exactly the messages the relay will publish (same subjects, same
+    // headers with `Nats-Msg-Id`, same payload bytes) with the same number of acknowledgements in
+    // flight per batch, to a stream of its own, with no database involved.
+    let msgs: Vec<OutboundMessage> = sqlx::query(
+        "SELECT id, event_id, tenant_id, aggregate_type, aggregate_id, seq, event_type, topic, payload,
+                headers, attempts, created_at FROM outbox_event ORDER BY id",
     )
     .fetch_all(&db.pool)
     .await
-    .unwrap();
+    .unwrap()
+    .iter()
+    .map(|r| outbox::pg::row_to_message(r).unwrap())
+    .collect();
     let raw_stream = TestStream::new();
     let client = async_nats::connect(testkit::nats_url()).await.unwrap();
     let js = jetstream::ContextBuilder::new()
@@ -92,18 +102,15 @@ async fn main() {
     })
     .await
     .unwrap();
+    let template = format!("{}.{{tenant}}.{{topic}}", raw_stream.prefix);
     let t = Instant::now();
     for chunk in msgs.chunks(1000) {
         let mut acks = Vec::with_capacity(chunk.len());
-        for (subject, payload, id) in chunk {
-            let m = PublishMessage::build()
-                .payload(payload.clone().into())
-                .message_id(id);
-            acks.push(
-                js.send_publish(format!("{}.{subject}", raw_stream.prefix), m)
-                    .await
-                    .unwrap(),
-            );
+        for m in chunk {
+            let p = PublishMessage::build()
+                .payload(m.payload.clone())
+                .headers(NatsPublisher::headers(m));
+            acks.push(js.send_publish(m.render(&template), p).await.unwrap());
         }
         for a in
             futures::future::join_all(acks.into_iter().map(std::future::IntoFuture::into_future))

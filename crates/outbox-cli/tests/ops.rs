@@ -245,40 +245,62 @@ async fn dead_letters_are_listed_replayed_in_order_and_purged_with_an_audit_reco
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cleanup_removes_only_old_published_events() {
     let db = TestDb::new().await;
-    insert_backlog(&db, 40, 4).await;
-    // 10 published two days ago, 10 published now, 10 dead two days ago, 10 pending.
+    insert_backlog(&db, 120, 12).await; // 12 aggregates of 10 events
+    // Per aggregate: seq 1-3 published two days ago, 4-6 published now, 7-8 dead two days ago,
+    // the rest pending.
+    let bucket = |cond: &'static str| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(&format!("SELECT count(*) FROM outbox_event WHERE {cond}"))
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    let (n_old, n_new) = (bucket("seq <= 3").await, bucket("seq > 3 AND seq <= 6").await);
+    let (n_dead, n_pending) = (bucket("seq > 6 AND seq <= 8").await, bucket("seq > 8").await);
+    assert!(n_old > 0 && n_new > 0 && n_dead > 0 && n_pending > 0);
+    testkit::mark_published(&db.pool, "seq <= 3", "now() - interval '48 hours'").await;
+    testkit::mark_published(&db.pool, "seq <= 6", "now()").await;
     sqlx::query(
-        "UPDATE outbox_event SET
-            status = CASE WHEN seq <= 3 THEN 'published' WHEN seq <= 6 THEN 'published' WHEN seq <= 8 THEN 'dead' ELSE 'pending' END,
-            published_at = CASE WHEN seq <= 3 THEN now() - interval '48 hours' WHEN seq <= 6 THEN now() END,
-            dead_at = CASE WHEN seq > 6 AND seq <= 8 THEN now() - interval '48 hours' END",
+        "UPDATE outbox_event SET status = 'dead', dead_at = now() - interval '48 hours'
+         WHERE seq > 6 AND seq <= 8",
     )
     .execute(&db.pool)
     .await
     .unwrap();
-    let before: Vec<(String, i64)> =
-        sqlx::query_as("SELECT status, count(*) FROM outbox_event GROUP BY 1 ORDER BY 1")
-            .fetch_all(&db.pool)
-            .await
-            .unwrap();
+    let states = || async {
+        let mut v: Vec<(String, i64)> =
+            sqlx::query_as("SELECT status, count(*) FROM outbox_event GROUP BY 1")
+                .fetch_all(&db.pool)
+                .await
+                .unwrap();
+        v.push(("published".into(), count(&db, "published").await));
+        v.sort();
+        v
+    };
+    let before = states().await;
+    assert_eq!(
+        before,
+        vec![
+            ("dead".to_string(), n_dead),
+            ("pending".to_string(), n_pending),
+            ("published".to_string(), n_old + n_new)
+        ]
+    );
     let old: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM outbox_event WHERE published_at < now() - interval '24 hours'",
+        "SELECT count(*) FROM outbox_published WHERE published_at < now() - interval '24 hours'",
     )
     .fetch_one(&db.pool)
     .await
     .unwrap();
-    assert!(old > 0);
+    assert_eq!(old, n_old);
     let dry = json_of(
         &db,
         &["cleanup", "--dry-run", "--retention-hours", "24", "--json"],
     );
     assert_eq!(dry["rows"], old);
-    let after_dry: Vec<(String, i64)> =
-        sqlx::query_as("SELECT status, count(*) FROM outbox_event GROUP BY 1 ORDER BY 1")
-            .fetch_all(&db.pool)
-            .await
-            .unwrap();
-    assert_eq!(before, after_dry, "a dry run deletes nothing");
+    assert_eq!(before, states().await, "a dry run deletes nothing");
     let done = json_of(
         &db,
         &[
@@ -292,12 +314,13 @@ async fn cleanup_removes_only_old_published_events() {
     );
     assert_eq!(done["rows"], old);
     let left_old: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM outbox_event WHERE published_at < now() - interval '24 hours'",
+        "SELECT count(*) FROM outbox_published WHERE published_at < now() - interval '24 hours'",
     )
     .fetch_one(&db.pool)
     .await
     .unwrap();
     assert_eq!(left_old, 0);
+    assert_eq!(count(&db, "published").await, n_new, "recent published rows are kept");
     for (status, n) in &before {
         if status != "published" {
             assert_eq!(

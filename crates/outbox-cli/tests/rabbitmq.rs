@@ -218,7 +218,7 @@ impl Seen {
 /// duplicates.
 async fn assert_all_delivered_in_order(db: &TestDb, msgs: &[Seen]) -> usize {
     let want: HashSet<String> =
-        sqlx::query_scalar::<_, uuid::Uuid>("SELECT event_id FROM outbox_event")
+        sqlx::query_scalar::<_, uuid::Uuid>("SELECT event_id FROM outbox_event_all")
             .fetch_all(&db.pool)
             .await
             .unwrap()
@@ -383,7 +383,7 @@ async fn committed_events_arrive_with_their_ids_properties_and_routing_keys() {
         assert_eq!(m.headers["Outbox-Aggregate-Type"], "ProductVariant");
         // The bytes consumers receive are the bytes the transaction wrote.
         let stored: Vec<u8> =
-            sqlx::query_scalar("SELECT payload FROM outbox_event WHERE event_id = $1")
+            sqlx::query_scalar("SELECT payload FROM outbox_event_all WHERE event_id = $1")
                 .bind(id)
                 .fetch_one(&db.pool)
                 .await
@@ -416,7 +416,7 @@ async fn relay_starts_while_rabbitmq_is_unreachable_and_delivers_after_outages()
         300,
         "nothing is published while the broker is unreachable"
     );
-    let attempts: i64 = sqlx::query_scalar("SELECT coalesce(sum(attempts), 0) FROM outbox_event")
+    let attempts: i64 = sqlx::query_scalar("SELECT coalesce(sum(attempts), 0) FROM outbox_event_all")
         .fetch_one(&db.pool)
         .await
         .unwrap();
@@ -457,8 +457,9 @@ async fn relay_killed_mid_backlog_loses_nothing_after_restart() {
     assert!(all_published(&db, 15_000, Duration::from_secs(30)).await);
     let msgs = rabbit.drain(&rabbit.queue).await;
     let dups = assert_all_delivered_in_order(&db, &msgs).await;
-    // At most the batch in flight at the kill is published twice.
-    assert!(dups <= 500, "{dups} duplicates");
+    // At most what was unsettled at the kill is published twice: the batch in flight and the
+    // previous one, whose settlement is written while the next batch is published (2 x 500).
+    assert!(dups <= 1000, "{dups} duplicates");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

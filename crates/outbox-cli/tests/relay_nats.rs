@@ -92,7 +92,7 @@ async fn only_committed_transactions_yield_events_and_exactly_theirs() {
     // The bytes consumers receive are the bytes the transaction wrote.
     for m in &msgs {
         let stored: Vec<u8> =
-            sqlx::query_scalar("SELECT payload FROM outbox_event WHERE event_id = $1::uuid")
+            sqlx::query_scalar("SELECT payload FROM outbox_event_all WHERE event_id = $1::uuid")
                 .bind(&m.event_id)
                 .fetch_one(&db.pool)
                 .await
@@ -237,7 +237,7 @@ async fn two_relay_processes_share_one_table_without_duplicates() {
                 held.store(true, std::sync::atomic::Ordering::Relaxed);
             }
             let n: i64 =
-                sqlx::query_scalar("SELECT count(*) FROM outbox_event WHERE status = 'published'")
+                sqlx::query_scalar("SELECT count(*) FROM outbox_published")
                     .fetch_one(&pool)
                     .await
                     .unwrap();
@@ -473,7 +473,7 @@ async fn concurrent_producers_on_interleaved_aggregates_arrive_in_commit_order()
         t.await.unwrap();
     }
     // One statement: rows move from pending to published while the relay runs.
-    let expected: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox_event")
+    let expected: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox_event_all")
         .fetch_one(&db.pool)
         .await
         .unwrap();
@@ -484,7 +484,7 @@ async fn concurrent_producers_on_interleaved_aggregates_arrive_in_commit_order()
     if !done {
         let stuck: Vec<(String, String, i64, String, i32, Option<String>)> = sqlx::query_as(
             "SELECT tenant_id, aggregate_id, seq, status, attempts, last_error FROM outbox_event
-             WHERE status <> 'published' ORDER BY id LIMIT 20",
+             ORDER BY id LIMIT 20",
         )
         .fetch_all(&db.pool)
         .await
@@ -635,7 +635,7 @@ async fn an_event_no_stream_captures_is_dead_lettered_at_once() {
     );
     relay.shutdown().await;
     let (attempts, err): (i32, String) =
-        sqlx::query_as("SELECT attempts, last_error FROM outbox_event")
+        sqlx::query_as("SELECT attempts, last_error FROM outbox_event_all")
             .fetch_one(&db.pool)
             .await
             .unwrap();

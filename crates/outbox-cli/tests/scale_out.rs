@@ -77,7 +77,7 @@ async fn three_relays_one_killed_one_joining_deliver_every_event_once_in_order()
     for p in producers {
         p.await.unwrap();
     }
-    let written: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox_event")
+    let written: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox_event_all")
         .fetch_one(&db.pool)
         .await
         .unwrap();
@@ -135,7 +135,7 @@ async fn a_tenant_backlog_does_not_starve_a_quiet_tenant() {
         tx.commit().await.unwrap();
         let t = Instant::now();
         let delivered = eventually(Duration::from_secs(20), || async {
-            sqlx::query_scalar::<_, String>("SELECT status FROM outbox_event WHERE event_id = $1")
+            sqlx::query_scalar::<_, String>("SELECT status FROM outbox_event_all WHERE event_id = $1")
                 .bind(id)
                 .fetch_one(&db.pool)
                 .await

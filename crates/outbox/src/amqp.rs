@@ -215,7 +215,11 @@ impl AmqpPublisher {
         Ok(live_of(conn, channel))
     }
 
-    fn properties(&self, m: &OutboundMessage) -> BasicProperties {
+    /// The properties and headers this adapter sends with `m` (persistent, `message_id`, `type`,
+    /// `timestamp`, `content_type`, `app_id`, `correlation_id` and the `Outbox-*` headers; see the
+    /// module doc). Public so that a benchmark's raw baseline publishes byte-for-byte the same
+    /// messages as the relay.
+    pub fn properties(&self, m: &OutboundMessage) -> BasicProperties {
         let mut h = FieldTable::default();
         let mut put = |k: &str, v: &str| {
             h.insert(k.into(), AMQPValue::LongString(LongString::from(v)));

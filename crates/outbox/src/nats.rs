@@ -174,7 +174,9 @@ impl NatsPublisher {
         Ok(())
     }
 
-    fn headers(m: &OutboundMessage) -> HeaderMap {
+    /// The headers an event is published with (also used by the benchmark's raw baseline, so
+    /// that it sends byte-for-byte the messages the relay sends).
+    pub fn headers(m: &OutboundMessage) -> HeaderMap {
         let mut h = HeaderMap::new();
         h.insert("Nats-Msg-Id", m.event_id.to_string().as_str());
         h.insert("Outbox-Event-Id", m.event_id.to_string().as_str());

@@ -65,7 +65,7 @@ pub struct Status {
 /// Reads the outbox's state.
 pub async fn status(pool: &PgPool) -> Result<Status> {
     let (pending, published, dead, age): (i64, i64, i64, Option<f64>) = sqlx::query_as(
-        "SELECT count(*) FILTER (WHERE status = 'pending'), count(*) FILTER (WHERE status = 'published'),
+        "SELECT count(*) FILTER (WHERE status = 'pending'), (SELECT count(*) FROM outbox_published),
                 count(*) FILTER (WHERE status = 'dead'),
                 EXTRACT(EPOCH FROM now() - min(created_at) FILTER (WHERE status = 'pending'))::float8
          FROM outbox_event",
@@ -331,7 +331,7 @@ pub async fn cleanup(
     let secs = retention.as_secs_f64();
     if dry_run {
         let n: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM outbox_event WHERE status = 'published' AND published_at < now() - make_interval(secs => $1)",
+            "SELECT count(*) FROM outbox_published WHERE published_at < now() - make_interval(secs => $1)",
         )
         .bind(secs)
         .fetch_one(pool)

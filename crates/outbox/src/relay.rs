@@ -232,9 +232,13 @@ impl Relay {
         // The settlement of the previous failure-free batch, written while this one is claimed and
         // published. At most one is outstanding; its ids are kept out of the next claim.
         let mut background: Option<(tokio::task::JoinHandle<()>, Vec<uuid::Uuid>)> = None;
+        // The next batch, claimed while the previous one was being published (see below).
+        let mut prefetched: Option<Vec<OutboundMessage>> = None;
         while !stop.is_cancelled() {
             if Instant::now() >= next_lease {
-                // Partitions may be given back in this round: nothing of ours may still be unsettled.
+                // Partitions may be given back in this round: nothing of ours may still be
+                // unsettled, and a batch claimed under the old lease may not be published.
+                prefetched = None;
                 finish(&mut background).await;
                 match self.store.lease_round(&cfg.relay_id, cfg.lease).await {
                     Ok(state) => {
@@ -271,16 +275,20 @@ impl Relay {
                 .map(|(_, ids)| ids.as_slice())
                 .unwrap_or(&[]);
             let claim_started = Instant::now();
-            let batch = match self
-                .store
-                .claim(
-                    &cfg.relay_id,
-                    cfg.batch_size,
-                    cfg.dead_letters_block,
-                    exclude,
-                )
-                .await
-            {
+            let claimed = match prefetched.take() {
+                Some(b) => Ok(b),
+                None => {
+                    self.store
+                        .claim(
+                            &cfg.relay_id,
+                            cfg.batch_size,
+                            cfg.dead_letters_block,
+                            exclude,
+                        )
+                        .await
+                }
+            };
+            let batch = match claimed {
                 Ok(b) => {
                     db_failures = 0;
                     self.health.set_db(true);
@@ -301,7 +309,32 @@ impl Relay {
             }
             metrics::histogram!(m::BATCH_SIZE).record(batch.len() as f64);
             let started = Instant::now();
-            let outcomes = self.publisher.publish(&batch).await;
+            // A full batch means a backlog: claim the next batch while this one is in flight, so
+            // that the claim's round trip overlaps the broker's. The next claim must not see the
+            // rows of this batch nor those whose settlement is being written. It is used only if
+            // this batch comes back clean: a failure here must be recorded before anything later of
+            // its aggregate is claimed, so after one the prefetched batch is simply dropped (a
+            // claim writes nothing, so dropping it costs only the query).
+            let (outcomes, next) = if batch.len() as i64 >= cfg.batch_size
+                && next_lease > Instant::now() + tick / 4
+            {
+                let mut in_flight: Vec<uuid::Uuid> = batch.iter().map(|m| m.event_id).collect();
+                if let Some((_, ids)) = &background {
+                    in_flight.extend_from_slice(ids);
+                }
+                let (outcomes, next) = tokio::join!(
+                    self.publisher.publish(&batch),
+                    self.store.claim(
+                        &cfg.relay_id,
+                        cfg.batch_size,
+                        cfg.dead_letters_block,
+                        &in_flight,
+                    )
+                );
+                (outcomes, next.ok().filter(|b| !b.is_empty()))
+            } else {
+                (self.publisher.publish(&batch).await, None)
+            };
             metrics::histogram!(m::PUBLISH_SECONDS).record(started.elapsed().as_secs_f64());
             tracing::debug!(
                 events = batch.len(),
@@ -328,6 +361,7 @@ impl Relay {
                     .iter()
                     .all(|s| matches!(s, Settlement::Published(_)));
             if clean {
+                prefetched = next;
                 // Nothing in this batch holds back a later event, so the next claim need not see
                 // this settlement; it only must not claim these rows again.
                 let ids = decided.settlements.iter().filter_map(|s| match s {

@@ -197,3 +197,22 @@ where
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Moves the pending rows of `outbox_event` that match `filter` (an SQL condition) into
+/// `outbox_published` with `published_at` = `at` (an SQL expression), as the relay does when the
+/// broker acknowledges them: for tests and benchmarks that need published rows of a given age.
+pub async fn mark_published(pool: &sqlx::PgPool, filter: &str, at: &str) -> u64 {
+    sqlx::query(&format!(
+        "WITH moved AS (
+             DELETE FROM outbox_event WHERE status = 'pending' AND ({filter})
+             RETURNING id, event_id, tenant_id, aggregate_type, aggregate_id, event_type, topic,
+                       payload, headers, seq, partition, attempts, created_at)
+         INSERT INTO outbox_published (id, event_id, tenant_id, aggregate_type, aggregate_id,
+                event_type, topic, payload, headers, seq, partition, attempts, created_at, published_at)
+         SELECT *, {at} FROM moved"
+    ))
+    .execute(pool)
+    .await
+    .expect("move rows to outbox_published")
+    .rows_affected()
+}

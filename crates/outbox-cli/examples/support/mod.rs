@@ -75,15 +75,20 @@ pub async fn drain_with(
 pub async fn write_backlog(db: &TestDb, backlog: i64) {
     let t = Instant::now();
     sqlx::query(
+        // Event ids shaped like the enqueue API's UUID v7 (a millisecond timestamp first), so that
+        // the primary key sees the same append-mostly inserts as in production.
         "INSERT INTO outbox_event (event_id, tenant_id, aggregate_type, aggregate_id, event_type, topic, payload, headers)
-         SELECT gen_random_uuid(), 't' || (g % 10), 'ProductVariant', 'v' || (g % 5000), 'StockLevelChangedEvent',
+         SELECT s.eid, 't' || (g % 10), 'ProductVariant', 'v' || (g % 5000), 'StockLevelChangedEvent',
                 'inventory.stock.changed',
-                convert_to(json_build_object('eventId', gen_random_uuid(), 'eventType', 'StockLevelChangedEvent',
+                convert_to(json_build_object('eventId', s.eid, 'eventType', 'StockLevelChangedEvent',
                     'eventVersion', '1.0', 'timestamp', now(), 'sourceService', 'Bench', 'correlationId', gen_random_uuid(),
                     'tenantId', 't' || (g % 10), 'data', json_build_object('productVariantId', gen_random_uuid(),
                     'newQuantity', g, 'oldQuantity', g - 1, 'quantityChanged', 1, 'changeType', 'PURCHASE'))::text, 'UTF8'),
                 json_build_object('correlationId', gen_random_uuid()::text)
-         FROM generate_series(1, $1) AS g ORDER BY g",
+         FROM (SELECT g, (lpad(to_hex((extract(epoch FROM clock_timestamp()) * 1000)::bigint), 12, '0') || '7'
+                          || substr(h, 1, 3) || '8' || substr(h, 4, 15))::uuid AS eid
+               FROM generate_series(1, $1) AS g, LATERAL (SELECT md5(g::text || random()::text) AS h) AS r) AS s
+         ORDER BY g",
     )
     .bind(backlog)
     .execute(&db.pool)

@@ -153,7 +153,13 @@ pub async fn insert_backlog(db: &TestDb, n: i64, aggregates: i64) {
 }
 
 pub async fn count(db: &TestDb, status: &str) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM outbox_event WHERE status = $1")
+    // Published rows live in their own table (migration `..._published_archive.sql`).
+    let sql = if status == "published" {
+        "SELECT count(*) FROM outbox_published WHERE $1 = 'published'"
+    } else {
+        "SELECT count(*) FROM outbox_event WHERE status = $1"
+    };
+    sqlx::query_scalar(sql)
         .bind(status)
         .fetch_one(&db.pool)
         .await
