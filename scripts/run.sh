@@ -1,10 +1,21 @@
 #!/usr/bin/env bash
-# The main job: makes sure PostgreSQL, NATS (JetStream) and RabbitMQ run, builds, applies the outbox
-# migrations and runs the relay against DATABASE_URL (default: the local `root` database), serving
-# /metrics, /healthz and /readyz on 127.0.0.1:9187. Extra arguments go to `outbox relay`.
+# The main job: makes sure PostgreSQL, NATS (JetStream) and RabbitMQ run, builds, and starts the
+# inventory service with its relay in-process against DATABASE_URL (default: the local `root`
+# database), publishing to the local NATS. It applies the migrations itself, serves the API on
+# 127.0.0.1:8080 and the relay's /metrics, /healthz, /readyz on 127.0.0.1:9188, and prints a
+# bearer token for the tenant `demo`. Extra arguments go to `inventory serve`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/ensure-services.sh
 export DATABASE_URL="${DATABASE_URL:-postgres://root@127.0.0.1:5432/root}"
-cargo build --release --locked -p outbox-cli
-exec target/release/outbox relay --migrate "$@"
+if [ -z "${INVENTORY_JWT_SECRET:-}" ]; then
+  # A secret for this run only: tokens minted below stop working when the service restarts.
+  INVENTORY_JWT_SECRET=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
+  export INVENTORY_JWT_SECRET
+  echo "run: INVENTORY_JWT_SECRET is not set; using a random secret for this run" >&2
+fi
+cargo build --release --locked -p inventory -p outbox-cli
+token=$(target/release/inventory token --tenant demo --sub demo-user --ttl-secs 86400)
+echo "run: a bearer token for tenant 'demo' (24 h):" >&2
+echo "$token"
+exec target/release/inventory serve "$@"

@@ -1,1 +1,183 @@
-fn main() {}
+//! `inventory`: the inventory HTTP service (default command `serve`) and a token minter.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use inventory::auth::JwtKeys;
+use inventory::AppState;
+use outbox_cli::args::{BrokerArgs, RelayArgs};
+use outbox_cli::logging::{self, LogFormat};
+use sqlx::postgres::PgPoolOptions;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "inventory",
+    version,
+    about = "Inventory service: stock, receipts, reservations and shipments, with its events through the outbox",
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// Settings of `serve`, which runs when no command is given.
+    #[command(flatten)]
+    serve: Box<ServeArgs>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the HTTP API (and, unless --no-relay, the outbox relay in-process) until SIGTERM.
+    Serve(Box<ServeArgs>),
+    /// Print a bearer token for local use.
+    Token(TokenArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+struct ServeArgs {
+    /// PostgreSQL database of the service (inventory schema and outbox tables).
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://root@127.0.0.1:5432/root"
+    )]
+    database_url: String,
+    /// Address of the HTTP API.
+    #[arg(long, env = "INVENTORY_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// HS256 secret the bearer tokens are signed with.
+    #[arg(long, env = "INVENTORY_JWT_SECRET", hide_env_values = true)]
+    jwt_secret: Option<String>,
+    /// Do not run the relay in-process (leave delivery to a standalone `outbox relay`).
+    #[arg(long, env = "INVENTORY_NO_RELAY")]
+    no_relay: bool,
+    /// Address of the in-process relay's /metrics, /healthz, /readyz (empty: none).
+    #[arg(long, env = "INVENTORY_METRICS_ADDR", default_value = "127.0.0.1:9188")]
+    metrics_addr: String,
+    /// Seconds between sweeps that release expired reservations.
+    #[arg(long, env = "INVENTORY_EXPIRY_INTERVAL_SECS", default_value_t = 5)]
+    expiry_interval_secs: u64,
+    /// Reservations released per sweep transaction.
+    #[arg(long, env = "INVENTORY_EXPIRY_BATCH", default_value_t = 100)]
+    expiry_batch: i64,
+    /// Database connections of the HTTP API.
+    #[arg(long, env = "INVENTORY_DB_POOL", default_value_t = 16)]
+    db_pool: u32,
+    /// Log format.
+    #[arg(long, env = "INVENTORY_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: LogFormat,
+    #[command(flatten)]
+    relay: RelayArgs,
+    #[command(flatten)]
+    broker: BrokerArgs,
+}
+
+#[derive(Debug, Args)]
+struct TokenArgs {
+    /// Tenant claim.
+    #[arg(long)]
+    tenant: String,
+    /// User id (`sub` claim).
+    #[arg(long, default_value = "local-user")]
+    sub: String,
+    /// Lifetime in seconds.
+    #[arg(long, default_value_t = 3600)]
+    ttl_secs: u64,
+    /// HS256 secret (the service's INVENTORY_JWT_SECRET).
+    #[arg(long, env = "INVENTORY_JWT_SECRET", hide_env_values = true)]
+    jwt_secret: String,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Token(t)) => {
+            let token = JwtKeys::new(t.jwt_secret.as_bytes())
+                .mint(&t.tenant, &t.sub, t.ttl_secs)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            println!("{token}");
+            Ok(())
+        }
+        Some(Command::Serve(s)) => serve(*s).await,
+        None => serve(*cli.serve).await,
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    logging::init(args.log_format);
+    let secret = args.jwt_secret.clone().filter(|s| !s.is_empty()).context(
+        "INVENTORY_JWT_SECRET (or --jwt-secret) must be set: it verifies the bearer tokens",
+    )?;
+    let metrics_addr: Option<SocketAddr> =
+        if args.metrics_addr.is_empty() {
+            None
+        } else {
+            Some(args.metrics_addr.parse().with_context(|| {
+                format!("--metrics-addr {:?} is not host:port", args.metrics_addr)
+            })?)
+        };
+    // Validate the relay flags before binding anything, so a typo fails at start.
+    if !args.no_relay {
+        args.relay.config()?;
+    }
+    let pool = PgPoolOptions::new()
+        .max_connections(args.db_pool.max(2))
+        .acquire_timeout(Duration::from_secs(5))
+        .connect(&args.database_url)
+        .await
+        .with_context(|| {
+            "cannot connect to PostgreSQL (check DATABASE_URL and that the server runs)".to_string()
+        })?;
+    inventory::migrate(&pool)
+        .await
+        .context("applying the outbox and inventory migrations")?;
+    let state = AppState::new(pool.clone(), secret.as_bytes());
+    let stop = outbox_cli::relay_cmd::shutdown_signal();
+
+    let expiry = tokio::spawn(inventory::expiry::run(
+        pool.clone(),
+        state.outbox.clone(),
+        Duration::from_secs(args.expiry_interval_secs.max(1)),
+        args.expiry_batch.max(1),
+        stop.child_token(),
+    ));
+
+    // The relay gets its own pool so that a burst of requests cannot starve delivery.
+    let relay = if args.no_relay {
+        tracing::info!("no in-process relay: run `outbox relay` to deliver the events");
+        None
+    } else {
+        let relay_pool = PgPoolOptions::new()
+            .max_connections(args.relay.db_connections.max(2))
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_lazy(&args.database_url)?;
+        let (r, b, s) = (args.relay.clone(), args.broker.clone(), stop.clone());
+        Some(tokio::spawn(async move {
+            let res = outbox_cli::relay_cmd::run(relay_pool, &r, &b, metrics_addr, s.clone()).await;
+            if let Err(e) = &res {
+                tracing::error!(error = %format!("{e:#}"), "the in-process relay stopped; shutting down");
+                s.cancel();
+            }
+            res
+        }))
+    };
+
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (is the port taken?)", args.listen))?;
+    tracing::info!(addr = %args.listen, "inventory service listening");
+    let s = stop.clone();
+    axum::serve(listener, inventory::router(state))
+        .with_graceful_shutdown(async move { s.cancelled().await })
+        .await
+        .context("serving HTTP")?;
+    stop.cancel();
+    let _ = expiry.await;
+    if let Some(r) = relay {
+        r.await.context("relay task")??;
+    }
+    tracing::info!("stopped");
+    Ok(())
+}

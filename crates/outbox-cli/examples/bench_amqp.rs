@@ -88,7 +88,11 @@ async fn main() {
     raw_dest.bind(&admin).await;
     let raw = raw_publish(&conn, &adapter, &raw_dest, &msgs).await;
     let raw_depth = depth(&admin, &raw_dest.queue).await;
-    assert_eq!(raw_depth as usize, msgs.len(), "the raw queue holds every message");
+    assert_eq!(
+        raw_depth as usize,
+        msgs.len(),
+        "the raw queue holds every message"
+    );
     drop(adapter);
     drop(msgs);
     // Leave the broker as empty for the relay as it was for the baseline.

@@ -69,8 +69,12 @@ async fn main() {
         // As many rows past retention again for the next case (the producers' own rows stay
         // pending and are not touched by retention).
         support::write_backlog(&db, deleted as i64).await;
-        testkit::mark_published(&db.pool, "tenant_id <> 'live'", "now() - interval '48 hours'")
-            .await;
+        testkit::mark_published(
+            &db.pool,
+            "tenant_id <> 'live'",
+            "now() - interval '48 hours'",
+        )
+        .await;
         sqlx::query("VACUUM ANALYZE outbox_event, outbox_published")
             .execute(&db.pool)
             .await

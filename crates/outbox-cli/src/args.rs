@@ -94,7 +94,11 @@ pub struct AmqpArgs {
     pub amqp_confirm_timeout_secs: u64,
     /// Largest message body in bytes: set it to the broker's `max_message_size`; larger events
     /// are dead-lettered at once.
-    #[arg(long, env = "OUTBOX_AMQP_MAX_MESSAGE_BYTES", default_value_t = 134_217_728)]
+    #[arg(
+        long,
+        env = "OUTBOX_AMQP_MAX_MESSAGE_BYTES",
+        default_value_t = 134_217_728
+    )]
     pub amqp_max_message_bytes: usize,
 }
 

@@ -246,8 +246,8 @@ async fn dead_letters_are_listed_replayed_in_order_and_purged_with_an_audit_reco
 async fn cleanup_removes_only_old_published_events() {
     let db = TestDb::new().await;
     insert_backlog(&db, 120, 12).await; // 12 aggregates of 10 events
-    // Per aggregate: seq 1-3 published two days ago, 4-6 published now, 7-8 dead two days ago,
-    // the rest pending.
+                                        // Per aggregate: seq 1-3 published two days ago, 4-6 published now, 7-8 dead two days ago,
+                                        // the rest pending.
     let bucket = |cond: &'static str| {
         let pool = db.pool.clone();
         async move {
@@ -257,8 +257,14 @@ async fn cleanup_removes_only_old_published_events() {
                 .unwrap()
         }
     };
-    let (n_old, n_new) = (bucket("seq <= 3").await, bucket("seq > 3 AND seq <= 6").await);
-    let (n_dead, n_pending) = (bucket("seq > 6 AND seq <= 8").await, bucket("seq > 8").await);
+    let (n_old, n_new) = (
+        bucket("seq <= 3").await,
+        bucket("seq > 3 AND seq <= 6").await,
+    );
+    let (n_dead, n_pending) = (
+        bucket("seq > 6 AND seq <= 8").await,
+        bucket("seq > 8").await,
+    );
     assert!(n_old > 0 && n_new > 0 && n_dead > 0 && n_pending > 0);
     testkit::mark_published(&db.pool, "seq <= 3", "now() - interval '48 hours'").await;
     testkit::mark_published(&db.pool, "seq <= 6", "now()").await;
@@ -320,7 +326,11 @@ async fn cleanup_removes_only_old_published_events() {
     .await
     .unwrap();
     assert_eq!(left_old, 0);
-    assert_eq!(count(&db, "published").await, n_new, "recent published rows are kept");
+    assert_eq!(
+        count(&db, "published").await,
+        n_new,
+        "recent published rows are kept"
+    );
     for (status, n) in &before {
         if status != "published" {
             assert_eq!(

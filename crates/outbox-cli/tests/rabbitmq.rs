@@ -416,10 +416,11 @@ async fn relay_starts_while_rabbitmq_is_unreachable_and_delivers_after_outages()
         300,
         "nothing is published while the broker is unreachable"
     );
-    let attempts: i64 = sqlx::query_scalar("SELECT coalesce(sum(attempts), 0) FROM outbox_event_all")
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
+    let attempts: i64 =
+        sqlx::query_scalar("SELECT coalesce(sum(attempts), 0) FROM outbox_event_all")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
     assert_eq!(attempts, 0, "an outage spends no event's attempt budget");
 
     proxy.restore();

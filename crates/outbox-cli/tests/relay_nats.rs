@@ -236,11 +236,10 @@ async fn two_relay_processes_share_one_table_without_duplicates() {
             if owners == 2 {
                 held.store(true, std::sync::atomic::Ordering::Relaxed);
             }
-            let n: i64 =
-                sqlx::query_scalar("SELECT count(*) FROM outbox_published")
-                    .fetch_one(&pool)
-                    .await
-                    .unwrap();
+            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox_published")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
             n == total
         }
     })

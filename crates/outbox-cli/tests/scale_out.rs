@@ -135,11 +135,13 @@ async fn a_tenant_backlog_does_not_starve_a_quiet_tenant() {
         tx.commit().await.unwrap();
         let t = Instant::now();
         let delivered = eventually(Duration::from_secs(20), || async {
-            sqlx::query_scalar::<_, String>("SELECT status FROM outbox_event_all WHERE event_id = $1")
-                .bind(id)
-                .fetch_one(&db.pool)
-                .await
-                .unwrap()
+            sqlx::query_scalar::<_, String>(
+                "SELECT status FROM outbox_event_all WHERE event_id = $1",
+            )
+            .bind(id)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap()
                 == "published"
         })
         .await;

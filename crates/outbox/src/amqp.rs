@@ -28,9 +28,10 @@
 //! *retryable* failure (`unroutable`), so the event is retried with backoff (a consumer's binding
 //! may be on its way) and ends in the outbox's dead letters, replayable, when its budget is spent.
 //!
-//! **Failures.** Broker unreachable, channel or connection broken, or every confirm timing out:
-//! `Unavailable` (no attempt is used, the relay backs off, the events stay in the outbox). A nack
-//! or a single late confirm: `Retryable`. A message larger than the broker's `max_message_size`
+//! **Failures.** Broker unreachable, channel or connection broken, or a confirm that does not come
+//! within `confirm_timeout`: `Unavailable` (no attempt is used, the relay backs off, the events stay
+//! in the outbox; confirms come in publish order, so a missing one means the channel is stuck, not
+//! that the event is at fault, and the next batch opens a fresh channel). A nack: `Retryable`. A message larger than the broker's `max_message_size`
 //! (client-side check; the limit is also learnt from the broker's refusal) or a routing key over
 //! 255 bytes: `Permanent`. After a local failure the later events of the same aggregate in the batch
 //! are not sent at all, so the broker never sees them ahead of the failed one.
@@ -676,7 +677,12 @@ impl AmqpPublisher {
                 ))
             }
             Ok(Err(e)) => Settled::Broken(format!("channel closed before the confirm: {e}")),
-            Ok(Ok(Confirmation::Ack(None))) | Ok(Ok(Confirmation::NotRequested)) => Settled::Ok,
+            Ok(Ok(Confirmation::Ack(None))) => Settled::Ok,
+            // Cannot happen on our confirm-mode channel; if it ever did, nothing confirmed the
+            // message, so it must not count as published.
+            Ok(Ok(Confirmation::NotRequested)) => {
+                Settled::Broken("the channel is not in confirm mode".into())
+            }
             Ok(Ok(Confirmation::Ack(Some(ret)))) | Ok(Ok(Confirmation::Nack(Some(ret)))) => {
                 metrics::counter!(UNROUTABLE, "exchange" => self.cfg.exchange.clone()).increment(1);
                 tracing::warn!(

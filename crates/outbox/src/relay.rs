@@ -315,26 +315,25 @@ impl Relay {
             // this batch comes back clean: a failure here must be recorded before anything later of
             // its aggregate is claimed, so after one the prefetched batch is simply dropped (a
             // claim writes nothing, so dropping it costs only the query).
-            let (outcomes, next) = if batch.len() as i64 >= cfg.batch_size
-                && next_lease > Instant::now() + tick / 4
-            {
-                let mut in_flight: Vec<uuid::Uuid> = batch.iter().map(|m| m.event_id).collect();
-                if let Some((_, ids)) = &background {
-                    in_flight.extend_from_slice(ids);
-                }
-                let (outcomes, next) = tokio::join!(
-                    self.publisher.publish(&batch),
-                    self.store.claim(
-                        &cfg.relay_id,
-                        cfg.batch_size,
-                        cfg.dead_letters_block,
-                        &in_flight,
-                    )
-                );
-                (outcomes, next.ok().filter(|b| !b.is_empty()))
-            } else {
-                (self.publisher.publish(&batch).await, None)
-            };
+            let (outcomes, next) =
+                if batch.len() as i64 >= cfg.batch_size && next_lease > Instant::now() + tick / 4 {
+                    let mut in_flight: Vec<uuid::Uuid> = batch.iter().map(|m| m.event_id).collect();
+                    if let Some((_, ids)) = &background {
+                        in_flight.extend_from_slice(ids);
+                    }
+                    let (outcomes, next) = tokio::join!(
+                        self.publisher.publish(&batch),
+                        self.store.claim(
+                            &cfg.relay_id,
+                            cfg.batch_size,
+                            cfg.dead_letters_block,
+                            &in_flight,
+                        )
+                    );
+                    (outcomes, next.ok().filter(|b| !b.is_empty()))
+                } else {
+                    (self.publisher.publish(&batch).await, None)
+                };
             metrics::histogram!(m::PUBLISH_SECONDS).record(started.elapsed().as_secs_f64());
             tracing::debug!(
                 events = batch.len(),

@@ -1,0 +1,233 @@
+//! Reservations per second through HTTP, with the relay publishing to NATS JetStream in the same
+//! process, against the same workload with events written but no relay running.
+//!
+//! `cargo run --release -p inventory --example bench_reservations [-- REQUESTS CONCURRENCY]`
+//! (defaults 10000 and 32). Each phase gets a fresh database (so that neither phase inherits the
+//! other's rows) and a warm-up of 500 reservations; reservations are of one unit of one of 64
+//! variants with ample stock, so every one succeeds and writes one `InventoryReservedEvent`.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+use inventory::auth::JwtKeys;
+use inventory::AppState;
+use outbox::nats::NatsPublisher;
+use outbox::{PgStore, Relay, RelayConfig};
+use testkit::{TestDb, TestStream};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+const SECRET: &[u8] = b"bench-secret";
+const VARIANTS: usize = 64;
+const WARMUP: usize = 500;
+
+struct Phase {
+    rate: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    drain_after_load: Option<Duration>,
+}
+
+async fn run_phase(with_relay: bool, requests: usize, concurrency: usize) -> Phase {
+    let db = TestDb::new().await;
+    inventory::migrate(&db.pool).await.expect("migrations");
+    // The service's own pool, as `inventory serve` would size it.
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(16)
+        .connect(&db.url)
+        .await
+        .expect("pool");
+    let state = AppState::new(pool.clone(), SECRET);
+    let stream = TestStream::new();
+    let stop = CancellationToken::new();
+    let mut relay_task = None;
+    if with_relay {
+        let config = RelayConfig {
+            relay_id: testkit::unique("bench"),
+            ..Default::default()
+        };
+        let publisher = NatsPublisher::connect(stream.nats_config(), config.dedup_horizon())
+            .await
+            .expect("NATS publisher");
+        let relay_pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(4)
+            .connect(&db.url)
+            .await
+            .expect("relay pool");
+        let relay = Relay::new(
+            Arc::new(PgStore::new(relay_pool.clone())),
+            Arc::new(publisher),
+            config,
+        )
+        .expect("relay");
+        let s = stop.clone();
+        relay_task = Some(tokio::spawn(async move {
+            let l = tokio::spawn(outbox::wake::listen(
+                relay_pool,
+                relay.waker(),
+                s.child_token(),
+            ));
+            relay.run(s).await.expect("relay");
+            l.abort();
+        }));
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let s = stop.clone();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, inventory::router(state))
+            .with_graceful_shutdown(async move { s.cancelled().await })
+            .await
+            .unwrap()
+    });
+
+    let token = JwtKeys::new(SECRET)
+        .mint("bench", "bench-user", 3600)
+        .unwrap();
+    let mut variants = Vec::new();
+    for _ in 0..VARIANTS {
+        let id = Uuid::now_v7();
+        sqlx::query(
+            "INSERT INTO inv_variant (tenant_id, id, quantity, low_stock_threshold, status)
+             VALUES ('bench', $1, 1000000000, 10, 'IN_STOCK')",
+        )
+        .bind(id)
+        .execute(&pool)
+        .await
+        .unwrap();
+        variants.push(id);
+    }
+    let variants = Arc::new(variants);
+
+    // Warm-up, then the measured run.
+    drive(addr, &token, &variants, WARMUP, concurrency).await;
+    let started = Instant::now();
+    let mut latencies = drive(addr, &token, &variants, requests, concurrency).await;
+    let elapsed = started.elapsed();
+    let drain_after_load = if with_relay {
+        let t = Instant::now();
+        loop {
+            let pending: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM outbox_event WHERE status = 'pending'")
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap();
+            if pending == 0 {
+                break Some(t.elapsed());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    } else {
+        None
+    };
+    stop.cancel();
+    let _ = server.await;
+    if let Some(r) = relay_task {
+        let _ = r.await;
+    }
+    pool.close().await;
+    latencies.sort();
+    let pct = |p: f64| {
+        latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)].as_secs_f64()
+            * 1000.0
+    };
+    Phase {
+        rate: requests as f64 / elapsed.as_secs_f64(),
+        p50_ms: pct(0.50),
+        p99_ms: pct(0.99),
+        drain_after_load,
+    }
+}
+
+/// `n` reservations over `concurrency` keep-alive HTTP/1.1 connections; returns the latencies.
+async fn drive(
+    addr: std::net::SocketAddr,
+    token: &str,
+    variants: &Arc<Vec<Uuid>>,
+    n: usize,
+    concurrency: usize,
+) -> Vec<Duration> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut workers = Vec::new();
+    for _ in 0..concurrency {
+        let (next, variants, auth) = (next.clone(), variants.clone(), format!("Bearer {token}"));
+        workers.push(tokio::spawn(async move {
+            let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            stream.set_nodelay(true).unwrap();
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            let mut lat = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n {
+                    return lat;
+                }
+                let v = variants[i % variants.len()];
+                let body = format!(
+                    r#"{{"orderId":"{}","lines":[{{"productVariantId":"{v}","quantity":1}}],"ttlSeconds":3600}}"#,
+                    Uuid::now_v7()
+                );
+                let req = Request::post("/reservations")
+                    .header("host", "bench")
+                    .header("authorization", &auth)
+                    .header("content-type", "application/json")
+                    .body(Full::new(Bytes::from(body)))
+                    .unwrap();
+                let t = Instant::now();
+                sender.ready().await.unwrap();
+                let resp = sender.send_request(req).await.unwrap();
+                let status = resp.status();
+                let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+                assert_eq!(
+                    status.as_u16(),
+                    201,
+                    "{}",
+                    String::from_utf8_lossy(&bytes)
+                );
+                lat.push(t.elapsed());
+            }
+        }));
+    }
+    let mut all = Vec::with_capacity(n);
+    for w in workers {
+        all.extend(w.await.unwrap());
+    }
+    all
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let requests: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(10_000);
+    let concurrency: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(32);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    println!(
+        "machine: {cores} cores; {requests} reservations over HTTP, {concurrency} connections, {VARIANTS} variants"
+    );
+    let without = run_phase(false, requests, concurrency).await;
+    println!(
+        "no relay (events written, not delivered): {:8.0} reservations/s  p50 {:.2} ms  p99 {:.2} ms",
+        without.rate, without.p50_ms, without.p99_ms
+    );
+    let with = run_phase(true, requests, concurrency).await;
+    println!(
+        "relay in-process, publishing to NATS    : {:8.0} reservations/s  p50 {:.2} ms  p99 {:.2} ms  (backlog drained {:.0} ms after the load)",
+        with.rate,
+        with.p50_ms,
+        with.p99_ms,
+        with.drain_after_load.unwrap_or_default().as_secs_f64() * 1000.0
+    );
+    println!(
+        "ratio relay / no relay: {:.2} (goal >= 0.90)",
+        with.rate / without.rate
+    );
+}

@@ -1,0 +1,93 @@
+//! `Idempotency-Key`: the first answer to a POST is stored with its effect, in one transaction.
+//!
+//! The key row is inserted *first* in the request's transaction. A concurrent duplicate's insert
+//! then waits on the primary key until the first transaction ends: if it committed, the duplicate
+//! replays the stored answer; if it rolled back (an error: nothing happened), the duplicate goes
+//! ahead as a first request. So a key is applied at most once, whatever the concurrency.
+//! A key reused with a different request (method, path or body) answers 422.
+
+use axum::http::StatusCode;
+use serde_json::Value;
+use sqlx::PgConnection;
+
+use crate::error::{ApiError, ApiResult};
+
+/// Longest accepted key.
+pub const MAX_KEY_LEN: usize = 200;
+
+/// What the key row says about this request.
+#[derive(Debug)]
+pub enum Claim {
+    /// First use of the key: go ahead, then [`store`] the answer.
+    New,
+    /// The key was used before for this very request: here is its answer.
+    Replay(StatusCode, Value),
+}
+
+/// Checks a key's syntax: 1-200 visible ASCII characters.
+pub fn check_key(key: &str) -> ApiResult<()> {
+    if key.is_empty() || key.len() > MAX_KEY_LEN || !key.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ApiError::BadRequest(format!(
+            "Idempotency-Key must be 1-{MAX_KEY_LEN} visible ASCII characters"
+        )));
+    }
+    Ok(())
+}
+
+/// Claims `key` for `request` in `conn`'s transaction (see the module docs).
+pub async fn claim(
+    conn: &mut PgConnection,
+    tenant: &str,
+    key: &str,
+    request: &Value,
+) -> ApiResult<Claim> {
+    let inserted = sqlx::query(
+        "INSERT INTO inv_idempotency (tenant_id, key, request) VALUES ($1, $2, $3)
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(tenant)
+    .bind(key)
+    .bind(request)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    if inserted == 1 {
+        return Ok(Claim::New);
+    }
+    let (stored, status, body): (Value, Option<i32>, Option<Value>) = sqlx::query_as(
+        "SELECT request, status, body FROM inv_idempotency WHERE tenant_id = $1 AND key = $2",
+    )
+    .bind(tenant)
+    .bind(key)
+    .fetch_one(&mut *conn)
+    .await?;
+    if &stored != request {
+        return Err(ApiError::Unprocessable(format!(
+            "Idempotency-Key {key:?} was already used for a different request; use a new key"
+        )));
+    }
+    let status = status
+        .and_then(|s| StatusCode::from_u16(s as u16).ok())
+        .ok_or_else(|| ApiError::Internal(format!("idempotency key {key:?} has no answer")))?;
+    Ok(Claim::Replay(status, body.unwrap_or(Value::Null)))
+}
+
+/// Stores the answer of a claimed key, in the same transaction as the effect.
+pub async fn store(
+    conn: &mut PgConnection,
+    tenant: &str,
+    key: &str,
+    status: StatusCode,
+    body: &Value,
+) -> ApiResult<()> {
+    sqlx::query(
+        "UPDATE inv_idempotency SET status = $3, body = $4 WHERE tenant_id = $1 AND key = $2",
+    )
+    .bind(tenant)
+    .bind(key)
+    .bind(status.as_u16() as i32)
+    .bind(body)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,69 @@
+//! The inventory service: stock, goods receipts, reservations and shipments of product variants,
+//! per tenant, with every state change committing its events through the transactional outbox.
+//!
+//! Layout: [`http`] (routes and request hygiene) calls [`ops`] (one function per operation, each
+//! inside the caller's transaction), which changes stock only through [`stock`] (row locks,
+//! invariant checks, ledger entries and the seed's six events). [`idempotency`] stores answers
+//! with their effects; [`expiry`] releases expired reservations in the background.
+//!
+//! Decisions where the issue is silent are written next to the code that makes them; the crate
+//! README lists them.
+
+#![recursion_limit = "512"]
+
+pub mod auth;
+pub mod error;
+pub mod expiry;
+pub mod http;
+pub mod idempotency;
+pub mod model;
+pub mod openapi;
+pub mod ops;
+pub mod stock;
+
+use std::sync::Arc;
+
+use outbox::Outbox;
+use sqlx::PgPool;
+
+pub use error::{ApiError, ApiResult};
+pub use http::router;
+
+/// `sourceService` of every envelope (seed section 3).
+pub const SOURCE_SERVICE: &str = "InventoryService";
+
+/// What every request handler shares.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    /// The service's database (inventory schema and outbox tables).
+    pub pool: PgPool,
+    /// The enqueue side of the outbox.
+    pub outbox: Outbox,
+    /// Token verification.
+    pub jwt: Arc<auth::JwtKeys>,
+}
+
+impl AppState {
+    /// State over `pool`, verifying tokens signed with `jwt_secret`.
+    pub fn new(pool: PgPool, jwt_secret: &[u8]) -> Self {
+        Self {
+            pool,
+            outbox: Outbox::new(SOURCE_SERVICE),
+            jwt: Arc::new(auth::JwtKeys::new(jwt_secret)),
+        }
+    }
+}
+
+/// The inventory schema's migrations. Versions sort after the outbox's, and missing versions are
+/// ignored so that both migrators can share one `_sqlx_migrations` table.
+pub fn migrator() -> sqlx::migrate::Migrator {
+    let mut m = sqlx::migrate!("./migrations");
+    m.set_ignore_missing(true);
+    m
+}
+
+/// Applies the outbox migrations, then the inventory's.
+pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
+    outbox::schema::migrator().run(pool).await?;
+    migrator().run(pool).await
+}

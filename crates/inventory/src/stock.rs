@@ -1,0 +1,586 @@
+//! The stock engine: locked variant rows, movements applied to them, and the events and ledger
+//! entries each movement yields, written together in the caller's transaction.
+//!
+//! Every change follows the same steps: lock the variant rows it touches (`FOR NO KEY UPDATE`, sorted by
+//! tenant and id, so that two transactions touching the same variants always wait in the same
+//! order and cannot deadlock), apply the movements in memory (each checked: no negative stock, no
+//! over-reservation, no absurd quantity), then [`Work::flush`] writes the rows, the ledger and the
+//! events in the same transaction. Because a variant's row lock is held from the read to the
+//! commit, the `oldQuantity` of one `StockLevelChangedEvent` is the `newQuantity` of the previous
+//! one, and the outbox delivers them in that (commit) order.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use outbox::{NewEvent, Outbox};
+use serde_json::{json, Map, Value};
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::error::{ApiError, ApiResult};
+use crate::model::{ChangeType, StockStatus, VariantView, MAX_QUANTITY};
+
+/// Aggregate type of every event: the product variant.
+pub const AGGREGATE: &str = "ProductVariant";
+
+/// The six event types of the seed, with their routing keys (seed section 4).
+pub mod topics {
+    /// `StockLevelChangedEvent`.
+    pub const STOCK_CHANGED: (&str, &str) = ("StockLevelChangedEvent", "inventory.stock.changed");
+    /// `StockStatusChangedEvent`.
+    pub const STATUS_CHANGED: (&str, &str) =
+        ("StockStatusChangedEvent", "inventory.stock.status.changed");
+    /// `InventoryReservedEvent`.
+    pub const RESERVED: (&str, &str) = ("InventoryReservedEvent", "inventory.reservation.created");
+    /// `InventoryReservationFailedEvent`.
+    pub const RESERVATION_FAILED: (&str, &str) = (
+        "InventoryReservationFailedEvent",
+        "inventory.reservation.failed",
+    );
+    /// `InventoryReleasedEvent`.
+    pub const RELEASED: (&str, &str) = ("InventoryReleasedEvent", "inventory.reservation.released");
+    /// `LowStockThresholdReachedEvent`.
+    pub const LOW_STOCK: (&str, &str) = (
+        "LowStockThresholdReachedEvent",
+        "inventory.stock.low_threshold_reached",
+    );
+}
+
+/// Who and what caused a change: put into every event and ledger entry it yields.
+#[derive(Debug, Clone)]
+pub struct Cause {
+    /// Ledger actor: the token's `sub`, or `system:...` for the service's own tasks.
+    pub actor: String,
+    /// `userId` of events (`null` for the service's own tasks).
+    pub user_id: Option<String>,
+    /// Correlation id of the request or process.
+    pub correlation_id: String,
+    /// W3C trace context of the request, when it had a valid one.
+    pub traceparent: Option<String>,
+}
+
+/// A variant row, locked by the current transaction.
+#[derive(Debug, Clone)]
+pub struct Variant {
+    /// Tenant.
+    pub tenant_id: String,
+    /// Id.
+    pub id: Uuid,
+    /// Physical quantity.
+    pub quantity: i64,
+    /// Reserved part of the quantity.
+    pub reserved: i64,
+    /// Low-stock threshold.
+    pub low_stock_threshold: i64,
+    /// Whether the variant is discontinued.
+    pub discontinued: bool,
+    /// Created.
+    pub created_at: DateTime<Utc>,
+    /// Last change.
+    pub updated_at: DateTime<Utc>,
+    dirty: bool,
+}
+
+impl Variant {
+    /// `quantity - reserved`.
+    pub fn available(&self) -> i64 {
+        self.quantity - self.reserved
+    }
+
+    /// The derived status.
+    pub fn status(&self) -> StockStatus {
+        StockStatus::derive(
+            self.available(),
+            self.low_stock_threshold,
+            self.discontinued,
+        )
+    }
+
+    /// The API view.
+    pub fn view(&self) -> VariantView {
+        VariantView {
+            product_variant_id: self.id,
+            quantity: self.quantity,
+            reserved: self.reserved,
+            available: self.available(),
+            low_stock_threshold: self.low_stock_threshold,
+            status: self.status(),
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+        }
+    }
+}
+
+type Row = (
+    String,
+    Uuid,
+    i64,
+    i64,
+    i64,
+    bool,
+    DateTime<Utc>,
+    DateTime<Utc>,
+);
+
+const COLUMNS: &str =
+    "tenant_id, id, quantity, reserved, low_stock_threshold, discontinued, created_at, updated_at";
+
+fn from_row(r: Row) -> Variant {
+    Variant {
+        tenant_id: r.0,
+        id: r.1,
+        quantity: r.2,
+        reserved: r.3,
+        low_stock_threshold: r.4,
+        discontinued: r.5,
+        created_at: r.6,
+        updated_at: r.7,
+        dirty: false,
+    }
+}
+
+/// Locked variants, keyed by (tenant, id).
+pub type Locked = BTreeMap<(String, Uuid), Variant>;
+
+/// Reads one variant without locking it.
+pub async fn get(conn: &mut PgConnection, tenant: &str, id: Uuid) -> ApiResult<Option<Variant>> {
+    let row: Option<Row> = sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM inv_variant WHERE tenant_id = $1 AND id = $2"
+    ))
+    .bind(tenant)
+    .bind(id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(row.map(from_row))
+}
+
+/// Locks the variants `ids` of `tenant` that exist, in id order.
+pub async fn lock(conn: &mut PgConnection, tenant: &str, ids: &[Uuid]) -> ApiResult<Locked> {
+    let keys: Vec<(String, Uuid)> = ids.iter().map(|id| (tenant.to_string(), *id)).collect();
+    lock_keys(conn, &keys).await
+}
+
+/// Locks the variants named by (tenant, id) that exist, in (tenant, id) order: the one lock order
+/// every transaction of the service uses.
+pub async fn lock_keys(conn: &mut PgConnection, keys: &[(String, Uuid)]) -> ApiResult<Locked> {
+    if keys.is_empty() {
+        return Ok(Locked::new());
+    }
+    let tenants: Vec<&str> = keys.iter().map(|k| k.0.as_str()).collect();
+    let ids: Vec<Uuid> = keys.iter().map(|k| k.1).collect();
+    // LockRows sits above the Sort in the plan, so rows are locked in ORDER BY order.
+    // NO KEY UPDATE, not UPDATE: the key never changes, and this mode does not conflict with the
+    // KEY SHARE locks that foreign-key checks (ledger, receipt and reservation lines) take in
+    // their own order, which would otherwise deadlock against these sorted locks.
+    let rows: Vec<Row> = sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM inv_variant
+         WHERE (tenant_id, id) IN (SELECT * FROM unnest($1::text[], $2::uuid[]))
+         ORDER BY tenant_id, id FOR NO KEY UPDATE"
+    ))
+    .bind(&tenants)
+    .bind(&ids)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            let v = from_row(r);
+            ((v.tenant_id.clone(), v.id), v)
+        })
+        .collect())
+}
+
+/// Inserts a new variant (quantity 0) unless it exists; returns whether it was created.
+pub async fn insert(
+    conn: &mut PgConnection,
+    tenant: &str,
+    id: Uuid,
+    threshold: i64,
+) -> ApiResult<bool> {
+    check_threshold(threshold)?;
+    let status = StockStatus::derive(0, threshold, false);
+    let created = sqlx::query(
+        "INSERT INTO inv_variant (tenant_id, id, low_stock_threshold, status)
+         VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+    )
+    .bind(tenant)
+    .bind(id)
+    .bind(threshold)
+    .bind(status.as_str())
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    Ok(created == 1)
+}
+
+/// Checks a low-stock threshold.
+pub fn check_threshold(t: i64) -> ApiResult<()> {
+    if !(0..=MAX_QUANTITY).contains(&t) {
+        return Err(ApiError::Unprocessable(format!(
+            "lowStockThreshold must be between 0 and {MAX_QUANTITY}, got {t}"
+        )));
+    }
+    Ok(())
+}
+
+/// A kind of ledger movement with what it needs.
+#[derive(Debug, Clone)]
+pub enum Movement {
+    /// Change of the physical quantity (`dq`), possibly together with the reserved stock (a
+    /// shipment takes both down).
+    Quantity {
+        /// Why.
+        change_type: ChangeType,
+        /// Signed change of `quantity`.
+        dq: i64,
+        /// Signed change of `reserved`.
+        dr: i64,
+    },
+    /// Stock set aside for an order.
+    Reserve {
+        /// Units.
+        qty: i64,
+        /// The order.
+        order_id: Uuid,
+        /// The reservation.
+        reservation_id: Uuid,
+    },
+    /// Reserved stock given back.
+    Release {
+        /// Units.
+        qty: i64,
+        /// The order.
+        order_id: Uuid,
+        /// The reservation.
+        reservation_id: Uuid,
+        /// `ORDER_CANCELLED` or `RESERVATION_EXPIRED`.
+        reason: &'static str,
+    },
+}
+
+/// What a movement refers to, for the ledger.
+#[derive(Debug, Clone, Copy)]
+pub struct Reference {
+    /// `RECEIPT`, `RESERVATION` or `ADJUSTMENT`.
+    pub kind: &'static str,
+    /// The receipt's or reservation's id (none for manual adjustments).
+    pub id: Option<Uuid>,
+}
+
+struct LedgerRow {
+    tenant_id: String,
+    variant_id: Uuid,
+    movement: &'static str,
+    reason: Option<String>,
+    q_before: i64,
+    q_after: i64,
+    r_before: i64,
+    r_after: i64,
+    reference: Reference,
+}
+
+/// The events and ledger entries of one transaction, written by [`Work::flush`].
+pub struct Work {
+    cause: Cause,
+    timestamp: String,
+    events: Vec<NewEvent>,
+    ledger: Vec<LedgerRow>,
+}
+
+impl Work {
+    /// An empty unit of work for `cause`.
+    pub fn new(cause: Cause) -> Self {
+        Self {
+            cause,
+            timestamp: Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true),
+            events: Vec::new(),
+            ledger: Vec::new(),
+        }
+    }
+
+    /// The cause of this work.
+    pub fn cause(&self) -> &Cause {
+        &self.cause
+    }
+
+    /// Number of events collected so far.
+    pub fn event_count(&self) -> usize {
+        self.events.len()
+    }
+
+    /// Adds an event about variant `variant_id` of `tenant`; `timestamp` and `correlationId` are
+    /// added to `data` here so that every payload carries them.
+    pub fn event(&mut self, tenant: &str, variant_id: Uuid, kind: (&str, &str), data: Value) {
+        let mut data: Map<String, Value> = match data {
+            Value::Object(m) => m,
+            _ => Map::new(),
+        };
+        data.insert("productVariantId".into(), variant_id.to_string().into());
+        data.insert("timestamp".into(), self.timestamp.clone().into());
+        data.insert(
+            "correlationId".into(),
+            self.cause.correlation_id.clone().into(),
+        );
+        let mut e = NewEvent::new(
+            tenant,
+            AGGREGATE,
+            variant_id.to_string(),
+            kind.0,
+            kind.1,
+            Value::Object(data),
+        )
+        .correlation_id(self.cause.correlation_id.clone());
+        if let Some(tp) = &self.cause.traceparent {
+            e = e.traceparent(tp.clone());
+        }
+        self.events.push(e);
+    }
+
+    fn user_id(&self) -> Value {
+        self.cause
+            .user_id
+            .clone()
+            .map(Value::from)
+            .unwrap_or(Value::Null)
+    }
+
+    /// Applies `m` to the locked variant `v`, recording the ledger entry and the events it yields:
+    /// the movement's own event (`StockLevelChangedEvent`, `InventoryReservedEvent` or
+    /// `InventoryReleasedEvent`), then `StockStatusChangedEvent` when the status changes, then
+    /// `LowStockThresholdReachedEvent` when available stock crosses the threshold downwards.
+    /// Fails, changing nothing, when the movement would break an invariant.
+    pub fn apply(
+        &mut self,
+        v: &mut Variant,
+        m: &Movement,
+        reason: Option<String>,
+        reference: Reference,
+    ) -> ApiResult<()> {
+        let (dq, dr) = match m {
+            Movement::Quantity { dq, dr, .. } => (*dq, *dr),
+            Movement::Reserve { qty, .. } => (0, *qty),
+            Movement::Release { qty, .. } => (0, -*qty),
+        };
+        let (q0, r0) = (v.quantity, v.reserved);
+        let (q1, r1) = (q0 + dq, r0 + dr);
+        if q1 > MAX_QUANTITY {
+            return Err(ApiError::Unprocessable(format!(
+                "variant {}: quantity would be {q1}, above the limit of {MAX_QUANTITY}",
+                v.id
+            )));
+        }
+        if q1 < 0 {
+            return Err(ApiError::Conflict(format!(
+                "variant {}: not enough stock: quantity is {q0}, the change is {dq}",
+                v.id
+            )));
+        }
+        if r1 < 0 || r1 > q1 {
+            return Err(ApiError::Conflict(format!(
+                "variant {}: {r0} of {q0} units are reserved; the change would leave {r1} reserved of {q1}",
+                v.id
+            )));
+        }
+        let old_status = v.status();
+        let old_available = v.available();
+        v.quantity = q1;
+        v.reserved = r1;
+        v.updated_at = Utc::now();
+        v.dirty = true;
+        let tenant = v.tenant_id.clone();
+        let movement = match m {
+            Movement::Quantity { change_type, .. } => change_type.as_str(),
+            Movement::Reserve { .. } => "RESERVE",
+            Movement::Release { .. } => "RELEASE",
+        };
+        let reason = match m {
+            Movement::Release { reason, .. } => Some(reason.to_string()),
+            _ => reason,
+        };
+        self.ledger.push(LedgerRow {
+            tenant_id: tenant.clone(),
+            variant_id: v.id,
+            movement,
+            reason,
+            q_before: q0,
+            q_after: q1,
+            r_before: r0,
+            r_after: r1,
+            reference,
+        });
+        if dq != 0 {
+            let ct = match m {
+                Movement::Quantity { change_type, .. } => change_type.as_str(),
+                _ => unreachable!("only quantity movements change the quantity"),
+            };
+            self.event(
+                &tenant,
+                v.id,
+                topics::STOCK_CHANGED,
+                json!({
+                    "newQuantity": q1,
+                    "oldQuantity": q0,
+                    "quantityChanged": dq,
+                    "changeType": ct,
+                }),
+            );
+        }
+        match m {
+            Movement::Reserve {
+                qty,
+                order_id,
+                reservation_id,
+            } => {
+                let user = self.user_id();
+                self.event(
+                    &tenant,
+                    v.id,
+                    topics::RESERVED,
+                    json!({
+                        "quantityReserved": qty,
+                        "availableQuantityAfterReservation": v.available(),
+                        "orderId": order_id,
+                        "userId": user,
+                        "reservationId": reservation_id,
+                    }),
+                );
+            }
+            Movement::Release {
+                qty,
+                order_id,
+                reservation_id,
+                reason,
+            } => {
+                let user = self.user_id();
+                self.event(
+                    &tenant,
+                    v.id,
+                    topics::RELEASED,
+                    json!({
+                        "quantityReleased": qty,
+                        "availableQuantityAfterRelease": v.available(),
+                        "orderId": order_id,
+                        "userId": user,
+                        "reservationId": reservation_id,
+                        "reasonForRelease": reason,
+                    }),
+                );
+            }
+            Movement::Quantity { .. } => {}
+        }
+        self.status_changed(v, old_status);
+        let t = v.low_stock_threshold;
+        if old_available > t && v.available() <= t && !v.discontinued {
+            self.event(
+                &tenant,
+                v.id,
+                topics::LOW_STOCK,
+                json!({
+                    "currentQuantity": v.available(),
+                    "lowStockThreshold": t,
+                }),
+            );
+        }
+        Ok(())
+    }
+
+    /// Records `StockStatusChangedEvent` when `v`'s status differs from `old`.
+    pub fn status_changed(&mut self, v: &mut Variant, old: StockStatus) {
+        let new = v.status();
+        if new != old {
+            v.dirty = true;
+            let tenant = v.tenant_id.clone();
+            self.event(
+                &tenant,
+                v.id,
+                topics::STATUS_CHANGED,
+                json!({
+                    "newStatus": new.as_str(),
+                    "oldStatus": old.as_str(),
+                    "currentQuantity": v.quantity,
+                }),
+            );
+        }
+    }
+
+    /// Marks `v` as changed without a movement (threshold, discontinuation).
+    pub fn touch(&mut self, v: &mut Variant) {
+        v.dirty = true;
+        v.updated_at = Utc::now();
+    }
+
+    /// Writes the changed variants, the ledger entries and the events in `conn`'s transaction.
+    pub async fn flush<'a>(
+        self,
+        conn: &mut PgConnection,
+        outbox: &Outbox,
+        variants: impl IntoIterator<Item = &'a Variant>,
+    ) -> ApiResult<()> {
+        let dirty: Vec<&Variant> = variants.into_iter().filter(|v| v.dirty).collect();
+        if !dirty.is_empty() {
+            let tenants: Vec<&str> = dirty.iter().map(|v| v.tenant_id.as_str()).collect();
+            let ids: Vec<Uuid> = dirty.iter().map(|v| v.id).collect();
+            let q: Vec<i64> = dirty.iter().map(|v| v.quantity).collect();
+            let r: Vec<i64> = dirty.iter().map(|v| v.reserved).collect();
+            let t: Vec<i64> = dirty.iter().map(|v| v.low_stock_threshold).collect();
+            let d: Vec<bool> = dirty.iter().map(|v| v.discontinued).collect();
+            let s: Vec<&str> = dirty.iter().map(|v| v.status().as_str()).collect();
+            sqlx::query(
+                "UPDATE inv_variant v SET quantity = u.q, reserved = u.r, low_stock_threshold = u.t,
+                        discontinued = u.d, status = u.s, updated_at = now()
+                 FROM unnest($1::text[], $2::uuid[], $3::int8[], $4::int8[], $5::int8[], $6::bool[], $7::text[])
+                      AS u(tenant_id, id, q, r, t, d, s)
+                 WHERE v.tenant_id = u.tenant_id AND v.id = u.id",
+            )
+            .bind(&tenants)
+            .bind(&ids)
+            .bind(&q)
+            .bind(&r)
+            .bind(&t)
+            .bind(&d)
+            .bind(&s)
+            .execute(&mut *conn)
+            .await?;
+        }
+        if !self.ledger.is_empty() {
+            let l = &self.ledger;
+            let tenants: Vec<&str> = l.iter().map(|e| e.tenant_id.as_str()).collect();
+            let vids: Vec<Uuid> = l.iter().map(|e| e.variant_id).collect();
+            let mv: Vec<&str> = l.iter().map(|e| e.movement).collect();
+            let reason: Vec<Option<&str>> = l.iter().map(|e| e.reason.as_deref()).collect();
+            let qb: Vec<i64> = l.iter().map(|e| e.q_before).collect();
+            let qa: Vec<i64> = l.iter().map(|e| e.q_after).collect();
+            let rb: Vec<i64> = l.iter().map(|e| e.r_before).collect();
+            let ra: Vec<i64> = l.iter().map(|e| e.r_after).collect();
+            let rk: Vec<&str> = l.iter().map(|e| e.reference.kind).collect();
+            let rid: Vec<Option<Uuid>> = l.iter().map(|e| e.reference.id).collect();
+            sqlx::query(
+                "INSERT INTO inv_ledger (tenant_id, variant_id, actor, movement, reason, quantity_before,
+                        quantity_after, reserved_before, reserved_after, correlation_id, reference_type, reference_id)
+                 SELECT u.tenant_id, u.variant_id, $11, u.movement, u.reason, u.qb, u.qa, u.rb, u.ra, $12, u.rk, u.rid
+                 FROM unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::int8[], $6::int8[], $7::int8[],
+                             $8::int8[], $9::text[], $10::uuid[])
+                      WITH ORDINALITY AS u(tenant_id, variant_id, movement, reason, qb, qa, rb, ra, rk, rid, ord)
+                 ORDER BY u.ord",
+            )
+            .bind(&tenants)
+            .bind(&vids)
+            .bind(&mv)
+            .bind(&reason)
+            .bind(&qb)
+            .bind(&qa)
+            .bind(&rb)
+            .bind(&ra)
+            .bind(&rk)
+            .bind(&rid)
+            .bind(&self.cause.actor)
+            .bind(&self.cause.correlation_id)
+            .execute(&mut *conn)
+            .await?;
+        }
+        // One enqueue per transaction: the outbox takes its per-aggregate locks in one sorted
+        // pass, after all variant locks, so producers cannot deadlock on them.
+        outbox.enqueue(&mut *conn, &self.events).await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,1135 @@
+//! The HTTP API through the router (no socket) against the real PostgreSQL; each test has its own
+//! database. Events are read back from the outbox table, where the transaction wrote them.
+
+mod common;
+
+use std::sync::Arc;
+
+use axum::http::{Method, StatusCode};
+use common::*;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+fn summary(events: &[Event]) -> Vec<(String, String)> {
+    events
+        .iter()
+        .map(|e| (e.event_type.clone(), e.aggregate_id.clone()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_operation_commits_its_events_with_the_seed_payloads() {
+    let app = App::new().await;
+    let t = app.token("acme");
+    let v = app.variant(&t, 5, 0).await;
+    let vs = v.to_string();
+    let corr = "req-42";
+    let hdrs = [("x-correlation-id", corr), ("traceparent", TRACEPARENT)];
+
+    // PURCHASE +10: stock changed, OUT_OF_STOCK -> IN_STOCK.
+    let (s, h, body) = app
+        .call(
+            Method::POST,
+            &format!("/variants/{v}/adjustments"),
+            Some(&t),
+            Some(json!({"changeType": "PURCHASE", "quantity": 10, "reason": "initial count"})),
+            &hdrs,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert_eq!(h["x-correlation-id"], corr);
+    assert_eq!(body["quantity"], 10);
+    assert_eq!(body["status"], "IN_STOCK");
+    let ev = app.events().await;
+    assert_eq!(ev.len(), 2);
+    assert_eq!(ev[0].event_type, "StockLevelChangedEvent");
+    let d = &ev[0].data;
+    assert_eq!(
+        (
+            &d["oldQuantity"],
+            &d["newQuantity"],
+            &d["quantityChanged"],
+            &d["changeType"]
+        ),
+        (&json!(0), &json!(10), &json!(10), &json!("PURCHASE"))
+    );
+    assert_eq!(d["correlationId"], corr);
+    assert_eq!(ev[0].envelope["correlationId"], corr);
+    assert_eq!(ev[0].headers["traceparent"], TRACEPARENT);
+    assert_eq!(ev[1].event_type, "StockStatusChangedEvent");
+    assert_eq!(
+        (
+            &ev[1].data["oldStatus"],
+            &ev[1].data["newStatus"],
+            &ev[1].data["currentQuantity"]
+        ),
+        (&json!("OUT_OF_STOCK"), &json!("IN_STOCK"), &json!(10))
+    );
+
+    // SALE -6: available 4 <= threshold 5: LOW_STOCK and one LowStockThresholdReached.
+    let (s, body) = app
+        .post(
+            &t,
+            &format!("/variants/{v}/adjustments"),
+            json!({"changeType": "SALE", "quantity": -6}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    // ADJUSTMENT -1: still low, no second threshold event.
+    let (s, _) = app
+        .post(
+            &t,
+            &format!("/variants/{v}/adjustments"),
+            json!({"changeType": "ADJUSTMENT", "quantity": -1}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let ev = app.events().await;
+    let types: Vec<&str> = ev[2..].iter().map(|e| e.event_type.as_str()).collect();
+    assert_eq!(
+        types,
+        [
+            "StockLevelChangedEvent",
+            "StockStatusChangedEvent",
+            "LowStockThresholdReachedEvent",
+            "StockLevelChangedEvent"
+        ]
+    );
+    assert_eq!(ev[3].data["newStatus"], "LOW_STOCK");
+    assert_eq!(ev[4].data["currentQuantity"], 4);
+    assert_eq!(ev[4].data["lowStockThreshold"], 5);
+    assert_eq!(ev[5].data["oldQuantity"], 4);
+    assert_eq!(ev[5].data["newQuantity"], 3);
+
+    // Reserve all 3: InventoryReserved, LOW_STOCK -> OUT_OF_STOCK.
+    let order = Uuid::now_v7();
+    let (s, r) = app
+        .post(
+            &t,
+            "/reservations",
+            json!({"orderId": order, "lines": [{"productVariantId": v, "quantity": 3}]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{r}");
+    let rid = r["id"].as_str().unwrap().to_string();
+    assert_eq!(r["status"], "ACTIVE");
+    let ev = app.events().await;
+    assert_eq!(ev[6].event_type, "InventoryReservedEvent");
+    let d = &ev[6].data;
+    assert_eq!(d["quantityReserved"], 3);
+    assert_eq!(d["availableQuantityAfterReservation"], 0);
+    assert_eq!(d["orderId"], order.to_string());
+    assert_eq!(d["reservationId"], rid);
+    assert_eq!(d["userId"], "user-1");
+    assert_eq!(ev[7].data["newStatus"], "OUT_OF_STOCK");
+    assert_eq!(ev[7].data["currentQuantity"], 3);
+    assert_eq!(ev.len(), 8);
+
+    // Cancel: InventoryReleased ORDER_CANCELLED, back to LOW_STOCK.
+    let (s, r) = app
+        .post_empty(&t, &format!("/reservations/{rid}/cancel"))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{r}");
+    assert_eq!(r["status"], "RELEASED");
+    let ev = app.events().await;
+    assert_eq!(ev[8].event_type, "InventoryReleasedEvent");
+    assert_eq!(ev[8].data["reasonForRelease"], "ORDER_CANCELLED");
+    assert_eq!(ev[8].data["quantityReleased"], 3);
+    assert_eq!(ev[8].data["availableQuantityAfterRelease"], 3);
+    assert_eq!(ev[8].data["reservationId"], rid);
+    assert_eq!(ev[9].data["newStatus"], "LOW_STOCK");
+    assert_eq!(ev.len(), 10);
+
+    // Reserve 2 and ship: quantity and reserved both fall; SALE.
+    let (s, r) = app
+        .post(
+            &t,
+            "/reservations",
+            json!({"orderId": order, "lines": [{"productVariantId": v, "quantity": 2}], "ttlSeconds": 60}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    let rid2 = r["id"].as_str().unwrap().to_string();
+    let (s, r) = app
+        .post_empty(&t, &format!("/reservations/{rid2}/ship"))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{r}");
+    assert_eq!(r["status"], "SHIPPED");
+    let (_, var) = app.get(&t, &format!("/variants/{v}")).await;
+    assert_eq!(
+        (
+            &var["quantity"],
+            &var["reserved"],
+            &var["available"],
+            &var["status"]
+        ),
+        (&json!(1), &json!(0), &json!(1), &json!("LOW_STOCK"))
+    );
+    let ev = app.events().await;
+    let last = ev
+        .iter()
+        .rev()
+        .find(|e| e.event_type == "StockLevelChangedEvent")
+        .unwrap();
+    assert_eq!(last.data["changeType"], "SALE");
+    assert_eq!(last.data["oldQuantity"], 3);
+    assert_eq!(last.data["newQuantity"], 1);
+    assert_eq!(last.data["quantityChanged"], -2);
+    // Shipping a shipped reservation is a conflict.
+    let (s, p) = app
+        .post_empty(&t, &format!("/reservations/{rid2}/ship"))
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{p}");
+
+    // Discontinue: status event to DISCONTINUED; a second call changes nothing.
+    let n = app.events().await.len();
+    let (s, r) = app
+        .post_empty(&t, &format!("/variants/{v}/discontinue"))
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(r["status"], "DISCONTINUED");
+    let (s, _) = app
+        .post_empty(&t, &format!("/variants/{v}/discontinue"))
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let ev = app.events().await;
+    assert_eq!(ev.len(), n + 1);
+    assert_eq!(ev[n].data["oldStatus"], "LOW_STOCK");
+    assert_eq!(ev[n].data["newStatus"], "DISCONTINUED");
+    // Discontinued variants cannot be reserved.
+    let (s, p) = app
+        .post(
+            &t,
+            "/reservations",
+            json!({"orderId": order, "lines": [{"productVariantId": v, "quantity": 1}]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    assert_eq!(p["failures"][0]["reason"], "PRODUCT_DISCONTINUED");
+
+    assert_well_formed(&app.events().await);
+    // The chain of StockLevelChangedEvents is unbroken from 0.
+    let mut prev = 0;
+    for e in app
+        .events()
+        .await
+        .iter()
+        .filter(|e| e.event_type == "StockLevelChangedEvent")
+    {
+        assert_eq!(e.data["oldQuantity"], prev);
+        prev = e.data["newQuantity"].as_i64().unwrap();
+    }
+    assert_eq!(prev, 1);
+
+    // The ledger has every movement: who, why, before, after, correlation and reference.
+    let (s, l) = app.get(&t, &format!("/variants/{vs}/ledger")).await;
+    assert_eq!(s, StatusCode::OK);
+    let entries = l["entries"].as_array().unwrap();
+    let moves: Vec<&str> = entries
+        .iter()
+        .map(|e| e["movement"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        moves,
+        [
+            "PURCHASE",
+            "SALE",
+            "ADJUSTMENT",
+            "RESERVE",
+            "RELEASE",
+            "RESERVE",
+            "SALE"
+        ]
+    );
+    assert_eq!(entries[0]["actor"], "user-1");
+    assert_eq!(entries[0]["reason"], "initial count");
+    assert_eq!(entries[0]["correlationId"], corr);
+    assert_eq!(entries[0]["quantityBefore"], 0);
+    assert_eq!(entries[0]["quantityAfter"], 10);
+    assert_eq!(entries[3]["reservedAfter"], 3);
+    assert_eq!(entries[4]["reason"], "ORDER_CANCELLED");
+    assert_eq!(entries[4]["referenceId"], rid);
+    let (_, page) = app
+        .get(
+            &t,
+            &format!("/variants/{vs}/ledger?limit=2&after={}", entries[1]["id"]),
+        )
+        .await;
+    assert_eq!(page["entries"].as_array().unwrap().len(), 2);
+    assert_eq!(page["entries"][0]["movement"], "ADJUSTMENT");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn goods_receipt_adds_stock_once() {
+    let app = App::new().await;
+    let t = app.token("acme");
+    let (a, b) = (app.variant(&t, 0, 0).await, app.variant(&t, 0, 3).await);
+    let wh = Uuid::now_v7();
+    let (s, r) = app
+        .post(
+            &t,
+            "/receipts",
+            json!({"reference": "PO-1", "lines": [
+                {"warehouseId": wh, "productVariantId": a, "quantity": 7},
+                {"warehouseId": wh, "productVariantId": b, "quantity": 2},
+                {"warehouseId": wh, "productVariantId": a, "quantity": 1}]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{r}");
+    assert_eq!(r["status"], "DRAFT");
+    let id = r["id"].as_str().unwrap().to_string();
+    let before = app.events().await.len();
+    let (s, r) = app
+        .post_empty(&t, &format!("/receipts/{id}/validate"))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{r}");
+    assert_eq!(r["status"], "VALIDATED");
+    let (s, p) = app
+        .post_empty(&t, &format!("/receipts/{id}/validate"))
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{p}");
+    assert!(p["detail"].as_str().unwrap().contains("already validated"));
+    let (_, va) = app.get(&t, &format!("/variants/{a}")).await;
+    let (_, vb) = app.get(&t, &format!("/variants/{b}")).await;
+    assert_eq!(
+        (va["quantity"].as_i64(), vb["quantity"].as_i64()),
+        (Some(8), Some(5))
+    );
+    let ev = app.events().await;
+    let stock: Vec<&Event> = ev[before..]
+        .iter()
+        .filter(|e| e.event_type == "StockLevelChangedEvent")
+        .collect();
+    assert_eq!(stock.len(), 3, "one per line, once");
+    // Outbox order is per aggregate: look at variant a's two lines.
+    let stock: Vec<&Event> = stock
+        .into_iter()
+        .filter(|e| e.aggregate_id == a.to_string())
+        .collect();
+    assert!(stock.iter().all(|e| e.data["changeType"] == "PURCHASE"));
+    assert_eq!(stock[0].data["newQuantity"], 7);
+    assert_eq!(stock.last().unwrap().data["oldQuantity"], 7);
+    assert_eq!(stock.last().unwrap().data["newQuantity"], 8);
+    assert_well_formed(&ev);
+    let (s, r) = app.get(&t, &format!("/receipts/{id}")).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(r["lines"].as_array().unwrap().len(), 3);
+    // A receipt naming an unknown variant is refused whole.
+    let (s, p) = app
+        .post(
+            &t,
+            "/receipts",
+            json!({"lines": [{"warehouseId": wh, "productVariantId": Uuid::now_v7(), "quantity": 1}]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{p}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_concurrent_reservations_against_fifty_units() {
+    let app = Arc::new(App::new().await);
+    let t = app.token("acme");
+    let v = app.variant(&t, 10, 50).await;
+    let before = app.events().await.len();
+    let mut tasks = Vec::new();
+    for _ in 0..200 {
+        let (app, t) = (app.clone(), t.clone());
+        tasks.push(tokio::spawn(async move {
+            app.post(
+                &t,
+                "/reservations",
+                json!({"orderId": Uuid::now_v7(), "lines": [{"productVariantId": v, "quantity": 1}]}),
+            )
+            .await
+        }));
+    }
+    let mut created = 0;
+    let mut conflict = 0;
+    for task in tasks {
+        let (s, body) = task.await.unwrap();
+        match s {
+            StatusCode::CREATED => created += 1,
+            StatusCode::CONFLICT => {
+                conflict += 1;
+                assert_eq!(body["failures"][0]["reason"], "INSUFFICIENT_STOCK");
+            }
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+    assert_eq!((created, conflict), (50, 150));
+    let (_, var) = app.get(&t, &format!("/variants/{v}")).await;
+    assert_eq!(
+        (
+            &var["quantity"],
+            &var["reserved"],
+            &var["available"],
+            &var["status"]
+        ),
+        (&json!(50), &json!(50), &json!(0), &json!("OUT_OF_STOCK"))
+    );
+    let ev = app.events().await;
+    let count = |t: &str| ev[before..].iter().filter(|e| e.event_type == t).count();
+    assert_eq!(count("InventoryReservedEvent"), 50);
+    assert_eq!(count("InventoryReservationFailedEvent"), 150);
+    assert_eq!(count("LowStockThresholdReachedEvent"), 1);
+    // The Reserved events count available down 49, 48, ..., 0 in commit order.
+    let avail: Vec<i64> = ev
+        .iter()
+        .filter(|e| e.event_type == "InventoryReservedEvent")
+        .map(|e| {
+            e.data["availableQuantityAfterReservation"]
+                .as_i64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(avail, (0..50).rev().collect::<Vec<i64>>());
+    assert_well_formed(&ev);
+    assert_eq!(app.count("inv_reservation").await, 50);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reservation_is_all_or_nothing_and_its_failures_are_events() {
+    let app = App::new().await;
+    let t = app.token("acme");
+    let (a, b) = (app.variant(&t, 0, 10).await, app.variant(&t, 0, 2).await);
+    let ghost = Uuid::now_v7();
+    let order = Uuid::now_v7();
+    let before = app.events().await.len();
+    let (s, p) = app
+        .post(
+            &t,
+            "/reservations",
+            json!({"orderId": order, "lines": [
+                {"productVariantId": a, "quantity": 5},
+                {"productVariantId": b, "quantity": 3},
+                {"productVariantId": ghost, "quantity": 1}]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{p}");
+    assert_eq!(p["status"], 409);
+    let reasons: Vec<(&str, &str)> = p["failures"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            (
+                f["productVariantId"].as_str().unwrap(),
+                f["reason"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            (b.to_string().as_str(), "INSUFFICIENT_STOCK"),
+            (ghost.to_string().as_str(), "PRODUCT_NOT_FOUND")
+        ]
+    );
+    let (_, va) = app.get(&t, &format!("/variants/{a}")).await;
+    assert_eq!(
+        va["reserved"], 0,
+        "nothing reserved on a failed reservation"
+    );
+    let ev = &app.events().await[before..];
+    assert_eq!(ev.len(), 2, "only the failure events: {:?}", summary(ev));
+    let by_id = |id: Uuid| {
+        ev.iter()
+            .find(|e| e.aggregate_id == id.to_string())
+            .unwrap()
+    };
+    let fb = &by_id(b).data;
+    assert_eq!(fb["reasonForFailure"], "INSUFFICIENT_STOCK");
+    assert_eq!(fb["quantityAttempted"], 3);
+    assert_eq!(fb["orderId"], order.to_string());
+    assert_eq!(by_id(ghost).data["reasonForFailure"], "PRODUCT_NOT_FOUND");
+    assert_well_formed(ev);
+    assert_eq!(app.count("inv_reservation").await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_cannot_see_or_change_another_tenants_stock() {
+    let app = App::new().await;
+    let (ta, tb) = (app.token("acme"), app.token("globex"));
+    let v = app.variant(&ta, 0, 10).await;
+    let (s, p) = app.get(&tb, &format!("/variants/{v}")).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{p}");
+    let (s, _) = app.get(&tb, &format!("/variants/{v}/ledger")).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, _) = app
+        .post(
+            &tb,
+            &format!("/variants/{v}/adjustments"),
+            json!({"changeType": "SALE", "quantity": -5}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, _) = app
+        .post_empty(&tb, &format!("/variants/{v}/discontinue"))
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, p) = app
+        .post(
+            &tb,
+            "/reservations",
+            json!({"orderId": Uuid::now_v7(), "lines": [{"productVariantId": v, "quantity": 1}]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    assert_eq!(p["failures"][0]["reason"], "PRODUCT_NOT_FOUND");
+    // acme's reservation is invisible to globex, and globex cannot cancel it.
+    let (s, r) = app
+        .post(
+            &ta,
+            "/reservations",
+            json!({"orderId": Uuid::now_v7(), "lines": [{"productVariantId": v, "quantity": 1}]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    let rid = r["id"].as_str().unwrap();
+    let (s, _) = app.get(&tb, &format!("/reservations/{rid}")).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, _) = app
+        .post_empty(&tb, &format!("/reservations/{rid}/cancel"))
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    // globex's PUT of the same id makes globex's own variant, leaving acme's alone.
+    let (s, _, _) = app
+        .call(
+            Method::PUT,
+            &format!("/variants/{v}"),
+            Some(&tb),
+            Some(json!({"lowStockThreshold": 1})),
+            &[],
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    let (_, va) = app.get(&ta, &format!("/variants/{v}")).await;
+    assert_eq!(
+        (&va["quantity"], &va["reserved"], &va["lowStockThreshold"]),
+        (&json!(10), &json!(1), &json!(0))
+    );
+    let (_, list) = app.get(&tb, "/variants").await;
+    assert_eq!(list["items"].as_array().unwrap().len(), 1);
+    assert_eq!(list["items"][0]["quantity"], 0);
+    // Events carry their tenant.
+    for e in app.events().await {
+        assert_eq!(e.envelope["tenantId"].as_str().unwrap(), e.tenant);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_expired_or_forged_tokens_get_401() {
+    let app = App::new().await;
+    let forged = inventory::auth::JwtKeys::new(b"other-secret")
+        .mint("acme", "u", 3600)
+        .unwrap();
+    #[derive(serde::Serialize)]
+    struct C {
+        tenant: &'static str,
+        sub: &'static str,
+        exp: u64,
+    }
+    let expired = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &C {
+            tenant: "acme",
+            sub: "u",
+            exp: 1_000_000,
+        },
+        &jsonwebtoken::EncodingKey::from_secret(SECRET),
+    )
+    .unwrap();
+    let no_exp = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &serde_json::json!({"tenant": "acme", "sub": "u"}),
+        &jsonwebtoken::EncodingKey::from_secret(SECRET),
+    )
+    .unwrap();
+    let path = format!("/variants/{}", Uuid::now_v7());
+    for (name, auth) in [
+        ("missing", None),
+        ("not bearer", Some("Basic abc".to_string())),
+        ("garbage", Some("Bearer not.a.jwt".to_string())),
+        ("forged", Some(format!("Bearer {forged}"))),
+        ("expired", Some(format!("Bearer {expired}"))),
+        ("no exp", Some(format!("Bearer {no_exp}"))),
+    ] {
+        let hdr: Vec<(&str, &str)> = auth.iter().map(|a| ("authorization", a.as_str())).collect();
+        let (s, h, p) = app.call(Method::GET, &path, None, None, &hdr).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED, "{name}: {p}");
+        assert_eq!(h["content-type"], "application/problem+json", "{name}");
+        assert_eq!(p["status"], 401);
+        assert!(!p["detail"].as_str().unwrap().is_empty());
+        if name == "expired" {
+            assert!(p["detail"].as_str().unwrap().contains("expired"), "{p}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotent_retries_apply_once() {
+    let app = Arc::new(App::new().await);
+    let t = app.token("acme");
+    let v = app.variant(&t, 0, 10).await;
+    let order = Uuid::now_v7();
+    let body = json!({"orderId": order, "lines": [{"productVariantId": v, "quantity": 4}]});
+    let before = app.events().await.len();
+    let (s1, h1, r1) = app
+        .call(
+            Method::POST,
+            "/reservations",
+            Some(&t),
+            Some(body.clone()),
+            &[("idempotency-key", "k-1")],
+        )
+        .await;
+    let (s2, h2, r2) = app
+        .call(
+            Method::POST,
+            "/reservations",
+            Some(&t),
+            Some(body.clone()),
+            &[("idempotency-key", "k-1")],
+        )
+        .await;
+    assert_eq!(s1, StatusCode::CREATED);
+    assert_eq!((s2, &r2), (s1, &r1), "the retry returns the first answer");
+    assert!(h1.get("idempotent-replayed").is_none());
+    assert_eq!(h2["idempotent-replayed"], "true");
+    assert_eq!(app.events().await.len() - before, 1, "one event set");
+    let (_, var) = app.get(&t, &format!("/variants/{v}")).await;
+    assert_eq!(var["reserved"], 4);
+    // The same key with another request is refused.
+    let other = json!({"orderId": order, "lines": [{"productVariantId": v, "quantity": 5}]});
+    let (s, h, p) = app
+        .call(
+            Method::POST,
+            "/reservations",
+            Some(&t),
+            Some(other),
+            &[("idempotency-key", "k-1")],
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{p}");
+    assert_eq!(h["content-type"], "application/problem+json");
+    // Keys are per tenant: globex may use k-1 for itself.
+    let tg = app.token("globex");
+    let (s, _, _) = app
+        .call(
+            Method::POST,
+            "/variants",
+            Some(&tg),
+            Some(json!({})),
+            &[("idempotency-key", "k-1")],
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+
+    // A failed reservation's 409 is an answer too: replayed, its failure events written once.
+    let big = json!({"orderId": order, "lines": [{"productVariantId": v, "quantity": 100}]});
+    let n = app.events().await.len();
+    for _ in 0..3 {
+        let (s, _, p) = app
+            .call(
+                Method::POST,
+                "/reservations",
+                Some(&t),
+                Some(big.clone()),
+                &[("idempotency-key", "k-fail")],
+            )
+            .await;
+        assert_eq!(s, StatusCode::CONFLICT, "{p}");
+    }
+    assert_eq!(app.events().await.len() - n, 1);
+
+    // 20 concurrent requests with one key: one effect, 20 identical answers.
+    let n = app.events().await.len();
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let (app, t) = (app.clone(), t.clone());
+        tasks.push(tokio::spawn(async move {
+            let (s, _, b) = app
+                .call(
+                    Method::POST,
+                    &format!("/variants/{v}/adjustments"),
+                    Some(&t),
+                    Some(json!({"changeType": "RETURN", "quantity": 5})),
+                    &[("idempotency-key", "k-concurrent")],
+                )
+                .await;
+            (s, b)
+        }));
+    }
+    let mut answers = Vec::new();
+    for task in tasks {
+        answers.push(task.await.unwrap());
+    }
+    assert!(answers.iter().all(|a| a == &answers[0]), "{answers:?}");
+    assert_eq!(answers[0].0, StatusCode::OK);
+    let (_, var) = app.get(&t, &format!("/variants/{v}")).await;
+    assert_eq!(var["quantity"], 15, "applied once");
+    let ev = app.events().await;
+    assert_eq!(
+        ev[n..]
+            .iter()
+            .filter(|e| e.event_type == "StockLevelChangedEvent")
+            .count(),
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_reservations_are_released_by_the_sweep() {
+    let app = App::new().await;
+    let t = app.token("acme");
+    let v = app.variant(&t, 0, 5).await;
+    let order = Uuid::now_v7();
+    let (s, short) = app
+        .post(&t, "/reservations", json!({"orderId": order, "lines": [{"productVariantId": v, "quantity": 2}], "ttlSeconds": 1}))
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    let (s, long) = app
+        .post(&t, "/reservations", json!({"orderId": order, "lines": [{"productVariantId": v, "quantity": 1}], "ttlSeconds": 600}))
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    assert_eq!(
+        inventory::expiry::sweep(&app.db.pool, &app.state.outbox, 10)
+            .await
+            .unwrap(),
+        0,
+        "nothing is due yet"
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let before = app.events().await.len();
+    assert_eq!(
+        inventory::expiry::sweep(&app.db.pool, &app.state.outbox, 10)
+            .await
+            .unwrap(),
+        1
+    );
+    let ev = &app.events().await[before..];
+    assert_eq!(ev.len(), 1, "{:?}", summary(ev));
+    let d = &ev[0].data;
+    assert_eq!(ev[0].event_type, "InventoryReleasedEvent");
+    assert_eq!(d["reasonForRelease"], "RESERVATION_EXPIRED");
+    assert_eq!(d["reservationId"], short["id"]);
+    assert_eq!(d["quantityReleased"], 2);
+    assert_eq!(d["availableQuantityAfterRelease"], 4);
+    assert_eq!(d["userId"], Value::Null);
+    assert_well_formed(ev);
+    let (_, r) = app
+        .get(
+            &t,
+            &format!("/reservations/{}", short["id"].as_str().unwrap()),
+        )
+        .await;
+    assert_eq!(r["status"], "EXPIRED");
+    let (_, r) = app
+        .get(
+            &t,
+            &format!("/reservations/{}", long["id"].as_str().unwrap()),
+        )
+        .await;
+    assert_eq!(r["status"], "ACTIVE");
+    let (s, _) = app
+        .post_empty(
+            &t,
+            &format!("/reservations/{}/cancel", short["id"].as_str().unwrap()),
+        )
+        .await;
+    assert_eq!(
+        s,
+        StatusCode::CONFLICT,
+        "an expired reservation cannot be cancelled again"
+    );
+    let (_, var) = app.get(&t, &format!("/variants/{v}")).await;
+    assert_eq!(var["reserved"], 1);
+    let (_, l) = app.get(&t, &format!("/variants/{v}/ledger")).await;
+    let last = l["entries"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(
+        (last["actor"].as_str(), last["reason"].as_str()),
+        (Some("system:expiry"), Some("RESERVATION_EXPIRED"))
+    );
+    // Batches: 25 expired reservations released by a sweep with batch 10.
+    for _ in 0..25 {
+        let (s, _) = app
+            .post(&t, "/reservations", json!({"orderId": order, "lines": [{"productVariantId": v, "quantity": 1}], "ttlSeconds": 1}))
+            .await;
+        if s != StatusCode::CREATED {
+            // Stock of 5 with 1 held long: top it up as needed.
+            app.post(
+                &t,
+                &format!("/variants/{v}/adjustments"),
+                json!({"changeType": "PURCHASE", "quantity": 30}),
+            )
+            .await;
+            let (s, _) = app
+                .post(&t, "/reservations", json!({"orderId": order, "lines": [{"productVariantId": v, "quantity": 1}], "ttlSeconds": 1}))
+                .await;
+            assert_eq!(s, StatusCode::CREATED);
+        }
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    assert_eq!(
+        inventory::expiry::sweep(&app.db.pool, &app.state.outbox, 10)
+            .await
+            .unwrap(),
+        25
+    );
+    let (_, var) = app.get(&t, &format!("/variants/{v}")).await;
+    assert_eq!(var["reserved"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_a_problem_and_writes_nothing() {
+    let app = App::new().await;
+    let t = app.token("acme");
+    let v = app.variant(&t, 0, 5).await;
+    let tables = [
+        "outbox_event",
+        "inv_ledger",
+        "inv_reservation",
+        "inv_receipt",
+        "inv_idempotency",
+        "inv_variant",
+    ];
+    let mut counts = Vec::new();
+    for tb in tables {
+        counts.push(app.count(tb).await);
+    }
+    let adj = format!("/variants/{v}/adjustments");
+    let order = Uuid::now_v7();
+    let line =
+        |q: Value| json!({"orderId": order, "lines": [{"productVariantId": v, "quantity": q}]});
+    let cases: Vec<(&str, Method, String, Option<Value>, StatusCode)> = vec![
+        (
+            "unknown field",
+            Method::POST,
+            adj.clone(),
+            Some(json!({"changeType": "PURCHASE", "quantity": 1, "colour": "red"})),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "unknown change type",
+            Method::POST,
+            adj.clone(),
+            Some(json!({"changeType": "THEFT", "quantity": 1})),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "purchase negative",
+            Method::POST,
+            adj.clone(),
+            Some(json!({"changeType": "PURCHASE", "quantity": -1})),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "zero",
+            Method::POST,
+            adj.clone(),
+            Some(json!({"changeType": "ADJUSTMENT", "quantity": 0})),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "absurd",
+            Method::POST,
+            adj.clone(),
+            Some(json!({"changeType": "PURCHASE", "quantity": 5_000_000_000i64})),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "beyond i64",
+            Method::POST,
+            adj.clone(),
+            Some(json!({"changeType": "PURCHASE", "quantity": 1e30})),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "fraction",
+            Method::POST,
+            adj.clone(),
+            Some(json!({"changeType": "PURCHASE", "quantity": 1.5})),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "below zero",
+            Method::POST,
+            adj.clone(),
+            Some(json!({"changeType": "SALE", "quantity": -6})),
+            StatusCode::CONFLICT,
+        ),
+        (
+            "malformed uuid",
+            Method::POST,
+            "/variants/not-a-uuid/adjustments".into(),
+            Some(json!({"changeType": "PURCHASE", "quantity": 1})),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "unknown variant",
+            Method::POST,
+            format!("/variants/{}/adjustments", Uuid::now_v7()),
+            Some(json!({"changeType": "PURCHASE", "quantity": 1})),
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            "negative reservation",
+            Method::POST,
+            "/reservations".into(),
+            Some(line(json!(-1))),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "absurd reservation",
+            Method::POST,
+            "/reservations".into(),
+            Some(line(json!(2_000_000_000))),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "no lines",
+            Method::POST,
+            "/reservations".into(),
+            Some(json!({"orderId": order, "lines": []})),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "bad ttl",
+            Method::POST,
+            "/reservations".into(),
+            Some(
+                json!({"orderId": order, "lines": [{"productVariantId": v, "quantity": 1}], "ttlSeconds": 0}),
+            ),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "duplicate line",
+            Method::POST,
+            "/reservations".into(),
+            Some(
+                json!({"orderId": order, "lines": [{"productVariantId": v, "quantity": 1}, {"productVariantId": v, "quantity": 1}]}),
+            ),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "malformed order id",
+            Method::POST,
+            "/reservations".into(),
+            Some(json!({"orderId": "42", "lines": []})),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "receipt zero",
+            Method::POST,
+            "/receipts".into(),
+            Some(
+                json!({"lines": [{"warehouseId": Uuid::now_v7(), "productVariantId": v, "quantity": 0}]}),
+            ),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "negative threshold",
+            Method::PUT,
+            format!("/variants/{}", Uuid::now_v7()),
+            Some(json!({"lowStockThreshold": -1})),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "unknown receipt",
+            Method::POST,
+            format!("/receipts/{}/validate", Uuid::now_v7()),
+            None,
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            "unknown reservation",
+            Method::POST,
+            format!("/reservations/{}/ship", Uuid::now_v7()),
+            None,
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            "bad limit",
+            Method::GET,
+            format!("/variants/{v}/ledger?limit=0"),
+            None,
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "no route",
+            Method::GET,
+            "/nope".into(),
+            None,
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            "wrong method",
+            Method::DELETE,
+            format!("/variants/{v}"),
+            None,
+            StatusCode::METHOD_NOT_ALLOWED,
+        ),
+    ];
+    for (name, method, path, body, want) in cases {
+        let key = name.replace(' ', "-");
+        let (s, h, p) = app
+            .call(method, &path, Some(&t), body, &[("idempotency-key", &key)])
+            .await;
+        assert_eq!(s, want, "{name}: {p}");
+        assert_eq!(h["content-type"], "application/problem+json", "{name}");
+        assert_eq!(p["status"], want.as_u16(), "{name}");
+        assert!(
+            p["title"].is_string() && p["type"].is_string(),
+            "{name}: {p}"
+        );
+        assert!(
+            p["detail"].as_str().is_some_and(|d| !d.is_empty()),
+            "{name}: {p}"
+        );
+    }
+    // Invalid JSON and a wrong content type.
+    let req = axum::http::Request::builder()
+        .method(Method::POST)
+        .uri(&adj)
+        .header("authorization", format!("Bearer {t}"))
+        .header("content-type", "application/json")
+        .body(axum::body::Body::from("{not json"))
+        .unwrap();
+    let resp = tower::ServiceExt::oneshot(app.router.clone(), req)
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(resp.headers()["content-type"], "application/problem+json");
+    let (s, _, _) = app
+        .call(
+            Method::POST,
+            &adj,
+            Some(&t),
+            None,
+            &[("content-type", "text/plain")],
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    // A bad correlation id or idempotency key is refused before anything runs.
+    let (s, _, p) = app
+        .call(
+            Method::POST,
+            &adj,
+            Some(&t),
+            Some(json!({"changeType": "PURCHASE", "quantity": 1})),
+            &[("x-correlation-id", "has spaces and ünïcode")],
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{p}");
+    let long = "k".repeat(300);
+    let (s, _, _) = app
+        .call(
+            Method::POST,
+            &adj,
+            Some(&t),
+            Some(json!({"changeType": "PURCHASE", "quantity": 1})),
+            &[("idempotency-key", &long)],
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    for (tb, n) in tables.iter().zip(counts) {
+        assert_eq!(
+            app.count(tb).await,
+            n,
+            "{tb} was written by a refused request"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn correlation_health_and_openapi() {
+    let app = App::new().await;
+    let t = app.token("acme");
+    let (s, h, _) = app.call(Method::GET, "/healthz", None, None, &[]).await;
+    assert_eq!(s, StatusCode::OK);
+    let generated = h["x-correlation-id"].to_str().unwrap();
+    assert_eq!(Uuid::parse_str(generated).unwrap().get_version_num(), 7);
+    let (s, _, _) = app.call(Method::GET, "/readyz", None, None, &[]).await;
+    assert_eq!(s, StatusCode::OK);
+    // The generated id is the one in the events.
+    let v = app.variant(&t, 0, 0).await;
+    let (s, h, _) = app
+        .call(
+            Method::POST,
+            &format!("/variants/{v}/adjustments"),
+            Some(&t),
+            Some(json!({"changeType": "RETURN", "quantity": 2})),
+            &[("traceparent", "garbage")],
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let corr = h["x-correlation-id"].to_str().unwrap().to_string();
+    let ev = app.events().await;
+    assert!(ev.iter().all(|e| e.data["correlationId"] == corr.as_str()));
+    assert!(
+        ev.iter().all(|e| e.headers.get("traceparent").is_none()),
+        "an invalid traceparent is dropped"
+    );
+    // The OpenAPI document names every route.
+    let (s, doc) = app.get(&t, "/openapi.json").await;
+    assert_eq!(s, StatusCode::OK);
+    for p in [
+        "/variants",
+        "/variants/{id}",
+        "/variants/{id}/adjustments",
+        "/variants/{id}/discontinue",
+        "/variants/{id}/ledger",
+        "/receipts",
+        "/receipts/{id}",
+        "/receipts/{id}/validate",
+        "/reservations",
+        "/reservations/{id}",
+        "/reservations/{id}/cancel",
+        "/reservations/{id}/ship",
+        "/healthz",
+        "/readyz",
+        "/openapi.json",
+    ] {
+        assert!(
+            doc["paths"].get(p).is_some(),
+            "{p} missing from the OpenAPI document"
+        );
+    }
+    // PUT updates the threshold; the status change it causes is an event.
+    let (s, _, r) = app
+        .call(
+            Method::PUT,
+            &format!("/variants/{v}"),
+            Some(&t),
+            Some(json!({"lowStockThreshold": 5})),
+            &[],
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(r["status"], "LOW_STOCK");
+    let last = app.events().await.pop().unwrap();
+    assert_eq!(
+        (
+            last.data["oldStatus"].as_str(),
+            last.data["newStatus"].as_str()
+        ),
+        (Some("IN_STOCK"), Some("LOW_STOCK"))
+    );
+    // Stock cannot fall below what is reserved.
+    let (s, _) = app
+        .post(
+            &t,
+            "/reservations",
+            json!({"orderId": Uuid::now_v7(), "lines": [{"productVariantId": v, "quantity": 2}]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    let (s, p) = app
+        .post(
+            &t,
+            &format!("/variants/{v}/adjustments"),
+            json!({"changeType": "ADJUSTMENT", "quantity": -1}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{p}");
+}
