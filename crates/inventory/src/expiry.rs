@@ -29,13 +29,15 @@ pub async fn sweep(pool: &PgPool, outbox: &Outbox, batch: i64) -> ApiResult<usiz
     }
 }
 
-/// Sweeps every `interval` until `stop` is cancelled. Failures (database down) are logged and
-/// retried at the next tick: expiry is late, never lost.
+/// Sweeps every `interval` until `stop` is cancelled, and removes idempotency keys older than
+/// `idempotency_ttl` on the same schedule. Failures (database down) are logged and retried at the
+/// next tick: expiry is late, never lost.
 pub async fn run(
     pool: PgPool,
     outbox: Outbox,
     interval: Duration,
     batch: i64,
+    idempotency_ttl: Duration,
     stop: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(interval);
@@ -49,6 +51,13 @@ pub async fn run(
             Ok(0) => {}
             Ok(n) => tracing::info!(released = n, "released expired reservations"),
             Err(e) => tracing::warn!(error = %e, "expiry sweep failed; retrying at the next tick"),
+        }
+        match crate::idempotency::purge_expired(&pool, idempotency_ttl, 1000).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(deleted = n, "removed expired idempotency keys"),
+            Err(e) => {
+                tracing::warn!(error = %e, "idempotency key purge failed; retrying at the next tick")
+            }
         }
     }
 }

@@ -5,6 +5,10 @@
 //! replays the stored answer; if it rolled back (an error: nothing happened), the duplicate goes
 //! ahead as a first request. So a key is applied at most once, whatever the concurrency.
 //! A key reused with a different request (method, path or body) answers 422.
+//!
+//! Keys are kept for a retention window (24 h by default, `INVENTORY_IDEMPOTENCY_TTL_HOURS`), the
+//! usual promise of such APIs: a retry within it replays, and the table does not grow without
+//! bound. [`purge_expired`] removes older keys in bounded batches.
 
 use axum::http::StatusCode;
 use serde_json::Value;
@@ -90,4 +94,31 @@ pub async fn store(
     .execute(&mut *conn)
     .await?;
     Ok(())
+}
+
+/// Deletes keys older than `ttl` in statements of at most `batch` rows (`SKIP LOCKED`, so a purge
+/// never waits on a request that is using a key); returns how many were deleted.
+pub async fn purge_expired(
+    pool: &sqlx::PgPool,
+    ttl: std::time::Duration,
+    batch: i64,
+) -> ApiResult<u64> {
+    let mut total = 0;
+    loop {
+        let n = sqlx::query(
+            "DELETE FROM inv_idempotency WHERE (tenant_id, key) IN (
+                 SELECT tenant_id, key FROM inv_idempotency
+                 WHERE created_at < now() - make_interval(secs => $1)
+                 LIMIT $2 FOR UPDATE SKIP LOCKED)",
+        )
+        .bind(ttl.as_secs_f64())
+        .bind(batch.max(1))
+        .execute(pool)
+        .await?
+        .rows_affected();
+        total += n;
+        if n < batch.max(1) as u64 {
+            return Ok(total);
+        }
+    }
 }

@@ -61,6 +61,10 @@ struct ServeArgs {
     /// Reservations released per sweep transaction.
     #[arg(long, env = "INVENTORY_EXPIRY_BATCH", default_value_t = 100)]
     expiry_batch: i64,
+    /// Hours an Idempotency-Key is remembered (a retry within it replays the first answer);
+    /// older keys are removed on the sweep's schedule.
+    #[arg(long, env = "INVENTORY_IDEMPOTENCY_TTL_HOURS", default_value_t = 24.0)]
+    idempotency_ttl_hours: f64,
     /// Database connections of the HTTP API.
     #[arg(long, env = "INVENTORY_DB_POOL", default_value_t = 16)]
     db_pool: u32,
@@ -118,6 +122,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 format!("--metrics-addr {:?} is not host:port", args.metrics_addr)
             })?)
         };
+    if !(args.idempotency_ttl_hours.is_finite() && args.idempotency_ttl_hours > 0.0) {
+        anyhow::bail!("--idempotency-ttl-hours must be more than 0");
+    }
     // Validate the relay flags before binding anything, so a typo fails at start.
     if !args.no_relay {
         args.relay.config()?;
@@ -141,6 +148,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         state.outbox.clone(),
         Duration::from_secs(args.expiry_interval_secs.max(1)),
         args.expiry_batch.max(1),
+        Duration::from_secs_f64(args.idempotency_ttl_hours * 3600.0),
         stop.child_token(),
     ));
 

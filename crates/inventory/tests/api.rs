@@ -1133,3 +1133,48 @@ async fn correlation_health_and_openapi() {
         .await;
     assert_eq!(s, StatusCode::CONFLICT, "{p}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_keys_are_forgotten_after_their_ttl_in_bounded_batches() {
+    let app = App::new().await;
+    let t = app.token("acme");
+    for key in ["old-1", "old-2", "old-3", "fresh"] {
+        let (s, _, _) = app
+            .call(
+                Method::POST,
+                "/variants",
+                Some(&t),
+                Some(json!({"lowStockThreshold": 1})),
+                &[("idempotency-key", key)],
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED);
+    }
+    sqlx::query(
+        "UPDATE inv_idempotency SET created_at = now() - interval '25 hours' WHERE key LIKE 'old-%'",
+    )
+    .execute(&app.db.pool)
+    .await
+    .unwrap();
+    let day = std::time::Duration::from_secs(24 * 3600);
+    let n = inventory::idempotency::purge_expired(&app.db.pool, day, 2)
+        .await
+        .unwrap();
+    assert_eq!(n, 3, "three expired keys, removed in batches of two");
+    let left: Vec<String> = sqlx::query_scalar("SELECT key FROM inv_idempotency ORDER BY key")
+        .fetch_all(&app.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(left, vec!["fresh".to_string()]);
+    // The fresh key still replays; a forgotten one is a new request.
+    let (_, h, _) = app
+        .call(
+            Method::POST,
+            "/variants",
+            Some(&t),
+            Some(json!({"lowStockThreshold": 1})),
+            &[("idempotency-key", "fresh")],
+        )
+        .await;
+    assert_eq!(h["idempotent-replayed"], "true");
+}
