@@ -9,46 +9,23 @@ use std::time::Duration;
 
 use axum::http::{Method, StatusCode};
 use common::*;
-use outbox::nats::NatsPublisher;
-use outbox::{PgStore, Relay, RelayConfig};
+use outbox::RelayConfig;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 use testkit::{eventually, TestStream};
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-async fn start_relay(
-    app: &App,
-    stream: &TestStream,
-) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+async fn start_relay(app: &App, stream: &TestStream) -> testkit::relay::InProcessRelay {
     let config = RelayConfig {
         relay_id: testkit::unique("relay"),
         poll_interval: Duration::from_millis(100),
         lease: Duration::from_millis(1500),
         ..Default::default()
     };
-    let publisher = NatsPublisher::connect(stream.nats_config(), config.dedup_horizon())
-        .await
-        .expect("publisher");
-    let pool = app.db.pool.clone();
-    let relay = Relay::new(
-        Arc::new(PgStore::new(pool.clone())),
-        Arc::new(publisher),
-        config,
-    )
-    .expect("relay");
-    let stop = CancellationToken::new();
-    let s = stop.clone();
-    let task = tokio::spawn(async move {
-        let l = tokio::spawn(outbox::wake::listen(pool, relay.waker(), s.child_token()));
-        relay.run(s).await.expect("relay runs");
-        l.abort();
-    });
-    (stop, task)
+    testkit::relay::start_relay_on(app.db.pool.clone(), stream.nats_config(), config).await
 }
 
-/// One random operation of a worker; failures that the rules allow (409) are part of the mix.
 async fn random_op(
     app: &App,
     rng: &mut StdRng,
@@ -153,7 +130,7 @@ async fn random_op(
 async fn stock_level_chain_is_unbroken_in_the_stream_after_a_random_mix() {
     let app = Arc::new(App::new().await);
     let stream = TestStream::new();
-    let (stop, relay) = start_relay(&app, &stream).await;
+    let relay = start_relay(&app, &stream).await;
     let tokens: Vec<(String, String)> = ["acme", "globex"]
         .iter()
         .map(|t| (t.to_string(), app.token(t)))
@@ -193,8 +170,7 @@ async fn stock_level_chain_is_unbroken_in_the_stream_after_a_random_mix() {
         .await,
         "the relay publishes everything"
     );
-    stop.cancel();
-    let _ = relay.await;
+    relay.shutdown().await;
 
     let msgs = stream.messages().await;
     let mut ids = std::collections::HashSet::new();
@@ -250,13 +226,7 @@ async fn stock_level_chain_is_unbroken_in_the_stream_after_a_random_mix() {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use testkit::relay::free_port;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_serves_with_the_broker_down_and_stops_on_sigterm() {

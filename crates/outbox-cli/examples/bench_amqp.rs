@@ -71,16 +71,7 @@ async fn main() {
     write_backlog(&db, backlog).await;
     quiet().await;
     // The very messages the relay will publish, read as the relay reads them.
-    let msgs: Vec<OutboundMessage> = sqlx::query(
-        "SELECT id, event_id, tenant_id, aggregate_type, aggregate_id, seq, event_type, topic, payload,
-                headers, attempts, created_at FROM outbox_event ORDER BY id",
-    )
-    .fetch_all(&db.pool)
-    .await
-    .unwrap()
-    .iter()
-    .map(|r| outbox::pg::row_to_message(r).unwrap())
-    .collect();
+    let msgs = support::backlog_messages(&db).await;
     let raw_dest = Dest::new(&mut topology);
     // The adapter declares the exchange (with its alternate exchange) exactly as the relay's
     // does, and provides the properties; its own channel is not used for the baseline.

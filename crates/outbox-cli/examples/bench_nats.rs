@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{self, message::PublishMessage};
 use futures::StreamExt;
 use outbox::nats::NatsPublisher;
-use outbox::{NewEvent, OutboundMessage, Outbox, PgStore, Relay, RelayConfig};
+use outbox::{NewEvent, Outbox, PgStore, Relay, RelayConfig};
 use testkit::{TestDb, TestStream};
 
 #[path = "support/mod.rs"]
@@ -78,16 +78,7 @@ async fn main() {
     // The raw baseline publishes exactly the messages the relay will publish (same subjects, same
     // headers with `Nats-Msg-Id`, same payload bytes) with the same number of acknowledgements in
     // flight per batch, to a stream of its own, with no database involved.
-    let msgs: Vec<OutboundMessage> = sqlx::query(
-        "SELECT id, event_id, tenant_id, aggregate_type, aggregate_id, seq, event_type, topic, payload,
-                headers, attempts, created_at FROM outbox_event ORDER BY id",
-    )
-    .fetch_all(&db.pool)
-    .await
-    .unwrap()
-    .iter()
-    .map(|r| outbox::pg::row_to_message(r).unwrap())
-    .collect();
+    let msgs = support::backlog_messages(&db).await;
     let raw_stream = TestStream::new();
     let client = async_nats::connect(testkit::nats_url()).await.unwrap();
     let js = jetstream::ContextBuilder::new()

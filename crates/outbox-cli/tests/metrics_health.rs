@@ -8,14 +8,6 @@ use common::*;
 use testkit::proxy::Proxy;
 use testkit::{eventually, TestDb, TestStream};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Plain HTTP/1.0 GET on loopback: status code and body.
 async fn get(port: u16, path: &str) -> Option<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

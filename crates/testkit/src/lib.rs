@@ -3,6 +3,7 @@
 //! nothing behind.
 
 pub mod proxy;
+pub mod relay;
 
 use std::time::Duration;
 

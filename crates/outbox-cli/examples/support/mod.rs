@@ -168,3 +168,18 @@ pub fn percentile(v: &mut [f64], p: f64) -> f64 {
     }
     v[((v.len() as f64 - 1.0) * p).round() as usize]
 }
+
+/// The backlog's rows as the relay reads them (`row_to_message`), in id order: what a raw
+/// baseline publishes so that it sends the very messages the relay sends.
+pub async fn backlog_messages(db: &TestDb) -> Vec<outbox::OutboundMessage> {
+    sqlx::query(
+        "SELECT id, event_id, tenant_id, aggregate_type, aggregate_id, seq, event_type, topic, payload,
+                headers, attempts, created_at FROM outbox_event ORDER BY id",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| outbox::pg::row_to_message(r).unwrap())
+    .collect()
+}

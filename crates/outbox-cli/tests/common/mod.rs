@@ -3,26 +3,14 @@
 
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::Duration;
 
-use outbox::nats::{NatsConfig, NatsPublisher};
-use outbox::{PgStore, Relay, RelayConfig};
+use outbox::nats::NatsConfig;
+use outbox::RelayConfig;
 use testkit::{TestDb, TestStream};
-use tokio_util::sync::CancellationToken;
 
-/// A relay running in this test process.
-pub struct InProcessRelay {
-    pub stop: CancellationToken,
-    pub task: tokio::task::JoinHandle<()>,
-}
-
-impl InProcessRelay {
-    pub async fn shutdown(self) {
-        self.stop.cancel();
-        let _ = tokio::time::timeout(Duration::from_secs(15), self.task).await;
-    }
-}
+#[allow(unused_imports)] // not every test file uses every helper
+pub use testkit::relay::{free_port, start_relay_on, InProcessRelay};
 
 /// Relay settings fit for tests: short lease and poll, quick retries.
 pub fn test_config() -> RelayConfig {
@@ -42,36 +30,6 @@ pub fn test_config() -> RelayConfig {
 
 pub async fn start_relay(db: &TestDb, nats: NatsConfig, config: RelayConfig) -> InProcessRelay {
     start_relay_on(db.pool.clone(), nats, config).await
-}
-
-/// A relay in this process over `pool` (which may reach the database through a proxy).
-pub async fn start_relay_on(
-    pool: sqlx::PgPool,
-    nats: NatsConfig,
-    config: RelayConfig,
-) -> InProcessRelay {
-    // RUST_LOG=debug shows the relay's own logs when a test needs explaining.
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
-    let publisher = NatsPublisher::connect(nats, config.dedup_horizon())
-        .await
-        .expect("publisher");
-    let relay = Relay::new(
-        Arc::new(PgStore::new(pool.clone())),
-        Arc::new(publisher),
-        config,
-    )
-    .expect("relay");
-    let stop = CancellationToken::new();
-    let s = stop.clone();
-    let task = tokio::spawn(async move {
-        let l = tokio::spawn(outbox::wake::listen(pool, relay.waker(), s.child_token()));
-        relay.run(s).await.expect("relay runs");
-        l.abort();
-    });
-    InProcessRelay { stop, task }
 }
 
 /// A relay child process, killed when dropped.
