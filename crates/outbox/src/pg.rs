@@ -304,12 +304,21 @@ impl RelayStore for PgStore {
     }
 
     async fn backlog(&self) -> Result<(i64, Option<Duration>)> {
+        // A gauge read every few seconds must not compete with the drain it reports on: on a
+        // large backlog the planner chose a parallel scan (three processes, ~110 ms on 200,000
+        // rows, every 2 s) and could choose JIT; one process without JIT is enough for a gauge.
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SET LOCAL max_parallel_workers_per_gather = 0")
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("SET LOCAL jit = off").execute(&mut *tx).await?;
         let row = sqlx::query(
             "SELECT count(*) AS n, EXTRACT(EPOCH FROM (now() - min(created_at)))::float8 AS age
              FROM outbox_event WHERE status = 'pending'",
         )
-        .fetch_one(&self.pool)
+        .fetch_one(&mut *tx)
         .await?;
+        tx.commit().await?;
         let n: i64 = row.try_get("n")?;
         let age: Option<f64> = row.try_get("age")?;
         Ok((n, age.map(|a| Duration::from_secs_f64(a.max(0.0)))))
