@@ -43,6 +43,23 @@ impl PgStore {
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }
+
+    /// A transaction for the relay's large reads (the claim, the backlog gauge) with JIT and
+    /// parallel workers off, set in one round trip and for this transaction only, so the caller's
+    /// pool (which may be shared with an application) is left untouched. Why: once the planner
+    /// has statistics of a large backlog, the claim's estimated cost passes `jit_above_cost` and
+    /// compiling it took about 0.5 s per claim against 9 ms for running it; and the gauge, read
+    /// every 2 s, ran as a three-process parallel scan (~110 ms on 200,000 rows) that took CPU
+    /// from the drain it reports on (docs/benchmarks.md).
+    async fn read_tx(&self) -> Result<sqlx::Transaction<'static, sqlx::Postgres>> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "SELECT set_config('jit', 'off', true), set_config('max_parallel_workers_per_gather', '0', true)",
+        )
+        .execute(&mut *tx)
+        .await?;
+        Ok(tx)
+    }
 }
 
 fn millis(d: Duration) -> i64 {
@@ -152,12 +169,7 @@ impl RelayStore for PgStore {
         // insert trigger draws the id under the aggregate's lock), so `ORDER BY id LIMIT share`
         // yields a prefix of each aggregate's deliverable events. NOT EXISTS holds back everything
         // behind a row that waits for its retry (or is dead, when dead letters block).
-        // JIT off for this statement's transaction: once the planner has statistics of a large
-        // backlog, the claim's estimated cost passes `jit_above_cost`, and compiling it took about
-        // 0.5 s per claim here against 9 ms for running it (docs/benchmarks.md). SET LOCAL keeps
-        // the caller's pool, which may be shared with an application, untouched.
-        let mut tx = self.pool.begin().await?;
-        sqlx::query("SET LOCAL jit = off").execute(&mut *tx).await?;
+        let mut tx = self.read_tx().await?;
         let rows = sqlx::query(
             "WITH RECURSIVE t(tenant_id) AS (
                  (SELECT tenant_id FROM outbox_event WHERE status = 'pending' ORDER BY tenant_id LIMIT 1)
@@ -304,14 +316,7 @@ impl RelayStore for PgStore {
     }
 
     async fn backlog(&self) -> Result<(i64, Option<Duration>)> {
-        // A gauge read every few seconds must not compete with the drain it reports on: on a
-        // large backlog the planner chose a parallel scan (three processes, ~110 ms on 200,000
-        // rows, every 2 s) and could choose JIT; one process without JIT is enough for a gauge.
-        let mut tx = self.pool.begin().await?;
-        sqlx::query("SET LOCAL max_parallel_workers_per_gather = 0")
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query("SET LOCAL jit = off").execute(&mut *tx).await?;
+        let mut tx = self.read_tx().await?;
         let row = sqlx::query(
             "SELECT count(*) AS n, EXTRACT(EPOCH FROM (now() - min(created_at)))::float8 AS age
              FROM outbox_event WHERE status = 'pending'",
