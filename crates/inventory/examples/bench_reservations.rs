@@ -51,7 +51,10 @@ async fn run_phase(with_relay: bool, requests: usize, concurrency: usize) -> Pha
             relay_id: testkit::unique("bench"),
             ..Default::default()
         };
-        let publisher = NatsPublisher::connect(stream.nats_config(), config.dedup_horizon())
+        let publisher = NatsPublisher::connect(
+            stream.nats_config(),
+            config.dedup_horizon(stream.nats_config().ack_timeout),
+        )
             .await
             .expect("NATS publisher");
         let relay_pool = sqlx::postgres::PgPoolOptions::new()

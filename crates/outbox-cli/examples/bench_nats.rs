@@ -100,7 +100,7 @@ async fn main() {
         for m in chunk {
             let p = PublishMessage::build()
                 .payload(m.payload.clone())
-                .headers(NatsPublisher::headers(m));
+                .headers(NatsPublisher::headers(m).unwrap());
             acks.push(js.send_publish(m.render(&template), p).await.unwrap());
         }
         for a in
@@ -155,7 +155,10 @@ async fn steady_latency(rate: u64, secs: u64, notify: bool) -> Latency {
         retention: None,
         ..Default::default()
     };
-    let publisher = NatsPublisher::connect(stream.nats_config(), config.dedup_horizon())
+    let publisher = NatsPublisher::connect(
+        stream.nats_config(),
+        config.dedup_horizon(stream.nats_config().ack_timeout),
+    )
         .await
         .unwrap();
     let relay = Relay::new(

@@ -92,6 +92,10 @@ pub struct AmqpArgs {
     /// Seconds to wait for one publisher confirm.
     #[arg(long, env = "OUTBOX_AMQP_CONFIRM_TIMEOUT_SECS", default_value_t = 10)]
     pub amqp_confirm_timeout_secs: u64,
+    /// Seconds one publish may take to be written: under a memory or disk alarm RabbitMQ stops
+    /// reading, and the relay treats that as an outage instead of waiting forever.
+    #[arg(long, env = "OUTBOX_AMQP_SEND_TIMEOUT_SECS", default_value_t = 5)]
+    pub amqp_send_timeout_secs: u64,
     /// Largest message body in bytes: set it to the broker's `max_message_size`; larger events
     /// are dead-lettered at once.
     #[arg(
@@ -116,6 +120,7 @@ impl AmqpArgs {
             alternate_exchange: (!ae.is_empty()).then_some(ae),
             max_in_flight: self.amqp_max_in_flight,
             confirm_timeout: Duration::from_secs(self.amqp_confirm_timeout_secs.max(1)),
+            send_timeout: Duration::from_secs(self.amqp_send_timeout_secs.max(1)),
             max_message_size: self.amqp_max_message_bytes,
             ..Default::default()
         }
@@ -168,6 +173,10 @@ pub struct RelayArgs {
     /// Milliseconds to pause between the statements of a retention pass.
     #[arg(long, env = "OUTBOX_CLEANUP_PAUSE_MS", default_value_t = 20)]
     pub cleanup_pause_ms: u64,
+    /// Seconds with work pending and nothing settled after which the relay reports itself
+    /// stalled (`/healthz` answers 503, `outbox_relay_stalled` is 1).
+    #[arg(long, env = "OUTBOX_STALL_TIMEOUT_SECS", default_value_t = 60)]
+    pub stall_timeout_secs: u64,
     /// Database connections of the relay.
     #[arg(long, env = "OUTBOX_DB_CONNECTIONS", default_value_t = 4)]
     pub db_connections: u32,
@@ -200,6 +209,7 @@ impl RelayArgs {
             cleanup_interval: Duration::from_secs(self.cleanup_interval_secs.max(1)),
             cleanup_batch: self.cleanup_batch,
             cleanup_pause: Duration::from_millis(self.cleanup_pause_ms),
+            stall_timeout: Duration::from_secs(self.stall_timeout_secs),
             ..defaults
         };
         config.validate()?;

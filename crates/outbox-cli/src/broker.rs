@@ -5,15 +5,15 @@ use std::time::Duration;
 
 use outbox::amqp::AmqpPublisher;
 use outbox::nats::{NatsConfig, NatsPublisher};
-use outbox::{OutboxError, Publisher};
+use outbox::{OutboxError, Publisher, RelayConfig};
 
 use crate::args::{BrokerArgs, BrokerKind};
 
-/// Connects the adapter selected by `args`. `horizon` is the relay's re-publish horizon, which the
-/// broker's de-duplication must cover.
+/// Connects the adapter selected by `args` for a relay configured as `relay`, whose re-publish
+/// horizon the broker's de-duplication must cover.
 pub async fn connect(
     args: &BrokerArgs,
-    horizon: Duration,
+    relay: &RelayConfig,
 ) -> Result<Arc<dyn Publisher>, OutboxError> {
     match args.broker {
         BrokerKind::Nats => {
@@ -27,6 +27,7 @@ pub async fn connect(
                 ack_timeout: Duration::from_secs(args.nats_ack_timeout_secs.max(1)),
                 ..Default::default()
             };
+            let horizon = relay.dedup_horizon(cfg.ack_timeout);
             Ok(Arc::new(NatsPublisher::connect(cfg, horizon).await?))
         }
         // RabbitMQ has no de-duplication window to check: consumers de-duplicate on message_id.

@@ -1,5 +1,6 @@
-//! Metrics and health endpoints of a relay: `/metrics` (Prometheus text), `/healthz` (alive),
-//! `/readyz` (ready when the database answers; reports the broker either way).
+//! Metrics and health endpoints of a relay: `/metrics` (Prometheus text), `/healthz` (alive: the
+//! relay's loop is making progress), `/readyz` (ready when the database answers; reports the
+//! broker either way).
 
 use std::sync::Arc;
 
@@ -55,17 +56,41 @@ pub struct Probe {
 pub fn router(probe: Probe) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(live))
         .route("/readyz", get(ready))
         .with_state(probe)
 }
 
 async fn metrics(State(p): State<Probe>) -> impl IntoResponse {
+    // The progress gauges are computed at scrape time, so that they agree with `/healthz`.
+    metrics::gauge!(outbox::telemetry::SINCE_PROGRESS)
+        .set(p.health.since_progress().as_secs_f64());
+    metrics::gauge!(outbox::telemetry::STALLED).set(if p.health.stalled() { 1.0 } else { 0.0 });
     p.metrics.run_upkeep();
     (
         [("content-type", "text/plain; version=0.0.4")],
         p.metrics.render(),
     )
+}
+
+/// 503 once the loop has had work and settled nothing for longer than the stall timeout: a hung
+/// publish, a broker or database away for that long. Read from timestamps the loop leaves, so a
+/// loop that hangs cannot keep this green.
+async fn live(State(p): State<Probe>) -> impl IntoResponse {
+    let since = p.health.since_progress().as_secs_f64();
+    if p.health.stalled() {
+        let body = serde_json::json!({
+            "status": "stalled",
+            "seconds_since_progress": since,
+            "stall_timeout_seconds": p.health.stall_timeout().as_secs_f64(),
+            "database": if p.health.database_up() { "up" } else { "down" },
+            "broker": if p.publisher.is_connected() { "up" } else { "down" },
+        });
+        (StatusCode::SERVICE_UNAVAILABLE, Json(body))
+    } else {
+        let body = serde_json::json!({ "status": "ok", "seconds_since_progress": since });
+        (StatusCode::OK, Json(body))
+    }
 }
 
 async fn ready(State(p): State<Probe>) -> impl IntoResponse {

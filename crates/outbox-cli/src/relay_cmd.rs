@@ -20,7 +20,7 @@ pub async fn run(
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
     let config = relay.config()?;
-    let publisher = crate::broker::connect(broker, config.dedup_horizon())
+    let publisher = crate::broker::connect(broker, &config)
         .await
         .context("setting up the broker")?;
     let relay = Relay::new(

@@ -107,13 +107,30 @@ async fn counters_move_by_exactly_the_workload() {
     );
 }
 
+/// `outbox_broker_up` follows the connection even when nothing is published (it used to reflect
+/// the last publish, so it stayed 1 with NATS down and nothing pending), and a relay with work
+/// pending that settles nothing for longer than its stall timeout says so on `/healthz` (503) and
+/// in `outbox_relay_stalled` (it used to answer a static "ok").
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_during_a_broker_outage() {
     let db = TestDb::new().await;
     let stream = TestStream::new();
     let proxy = Proxy::start("127.0.0.1:4222").await;
     let port = free_port();
-    let _relay = spawn_relay(&db, &stream, &format!("nats://{}", proxy.addr), port);
+    let addr = format!("127.0.0.1:{port}");
+    let _relay = RelayProcess::spawn_via(
+        &db,
+        &stream,
+        &format!("nats://{}", proxy.addr),
+        &[
+            "--metrics-addr",
+            &addr,
+            "--nats-ack-timeout-secs",
+            "1",
+            "--stall-timeout-secs",
+            "3",
+        ],
+    );
     assert!(
         eventually(Duration::from_secs(15), || async {
             matches!(get(port, "/readyz").await, Some((200, b)) if b.contains("\"state\":\"up\""))
@@ -121,8 +138,15 @@ async fn health_during_a_broker_outage() {
         .await
     );
 
+    // Down with nothing pending: the gauge must still say so.
     proxy.cut();
-    insert_backlog(&db, 10, 2).await;
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            metric(&get(port, "/metrics").await.unwrap().1, "outbox_broker_up") == 0.0
+        })
+        .await,
+        "outbox_broker_up follows the connection, not the last publish"
+    );
     assert!(
         eventually(Duration::from_secs(15), || async {
             matches!(get(port, "/readyz").await, Some((200, b)) if b.contains("\"state\":\"down\"") && b.contains("\"database\":\"up\""))
@@ -130,14 +154,28 @@ async fn health_during_a_broker_outage() {
         .await,
         "ready (the database answers) and honest about the broker"
     );
+    // Nothing to do is not a stall, however long the broker is away.
+    tokio::time::sleep(Duration::from_secs(4)).await;
     assert_eq!(
         get(port, "/healthz").await.map(|r| r.0),
         Some(200),
-        "alive without its broker"
+        "no work pending: alive without its broker"
+    );
+
+    // Work pending and nothing settled for longer than the stall timeout: unhealthy.
+    insert_backlog(&db, 10, 2).await;
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            matches!(get(port, "/healthz").await, Some((503, b)) if b.contains("stalled"))
+        })
+        .await,
+        "a relay that settles nothing with work pending reports itself stalled"
     );
     let m = get(port, "/metrics").await.unwrap().1;
-    assert_eq!(metric(&m, "outbox_broker_up"), 0.0, "{m}");
+    assert_eq!(metric(&m, "outbox_relay_stalled"), 1.0, "{m}");
+    assert!(metric(&m, "outbox_relay_seconds_since_progress") >= 3.0, "{m}");
     assert_eq!(count(&db, "published").await, 0);
+    assert_eq!(count(&db, "dead").await, 0);
 
     proxy.restore();
     assert!(
@@ -149,7 +187,10 @@ async fn health_during_a_broker_outage() {
     assert!(
         eventually(Duration::from_secs(10), || async {
             matches!(get(port, "/readyz").await, Some((200, b)) if b.contains("\"state\":\"up\""))
+                && get(port, "/healthz").await.map(|r| r.0) == Some(200)
+                && metric(&get(port, "/metrics").await.unwrap().1, "outbox_relay_stalled") == 0.0
         })
-        .await
+        .await,
+        "healthy again once the backlog is delivered"
     );
 }

@@ -712,3 +712,121 @@ async fn topology_command_declares_a_bound_queue_with_a_dead_letter_queue() {
     let dead = rabbit.drain(&dlq).await;
     assert_eq!(dead[0].event_id, ids[0].to_string());
 }
+
+/// Before: a queue refusing new messages (`x-overflow: reject-publish` on a full queue) made
+/// RabbitMQ nack every publish, each event spent its attempts, and every aggregate's first event
+/// ended dead and blocking. A nack is the broker's state, not the event's fault: no attempt is
+/// spent, nothing is dead-lettered, and once the queue has room everything arrives in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_refusing_publishes_is_an_outage_not_a_dead_letter() {
+    let db = TestDb::new().await;
+    let mut rabbit = Rabbit::new().await;
+    let full = format!("{}.full", rabbit.exchange);
+    rabbit.extra_queues.push(full.clone());
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), AMQPValue::LongInt(3));
+    args.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    rabbit
+        .ch
+        .queue_declare(
+            full.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            args,
+        )
+        .await
+        .unwrap();
+    rabbit
+        .ch
+        .queue_bind(
+            full.as_str().into(),
+            rabbit.exchange.as_str().into(),
+            "#".into(),
+            lapin::options::QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    insert_backlog(&db, 30, 3).await;
+    let _relay = RelayProcess::spawn(&db, &rabbit, &amqp_url(), &["--max-attempts", "3"]);
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            count(&db, "published").await == 3
+        })
+        .await
+    );
+    // Several retry budgets' worth of time (3 attempts, 50-500 ms apart).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(count(&db, "dead").await, 0, "a full queue dead-letters nothing");
+    let spent: i64 = sqlx::query_scalar("SELECT coalesce(sum(attempts), 0) FROM outbox_event")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(spent, 0, "a full queue spends no attempt");
+
+    rabbit
+        .ch
+        .queue_delete(full.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+    assert!(all_published(&db, 30, Duration::from_secs(20)).await);
+    let msgs = rabbit.drain(&rabbit.queue).await;
+    assert_all_delivered_in_order(&db, &msgs).await;
+}
+
+/// Before: `basic_publish` had no deadline. A broker that stops reading the connection (what
+/// RabbitMQ does under a memory or disk alarm; here a proxy that stalls) filled the socket
+/// buffers and the relay's loop waited in `basic_publish` for good: it ignored SIGTERM. Now a
+/// send that takes longer than `--amqp-send-timeout-secs` is an outage: the loop backs off, stays
+/// responsive, and exits 0 on SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_that_stops_reading_cannot_hang_the_relay() {
+    let db = TestDb::new().await;
+    let rabbit = Rabbit::new().await;
+    let proxy = Proxy::start("127.0.0.1:5672").await;
+    let url = format!("amqp://guest:guest@{}/%2f", proxy.addr);
+    let mut relay = RelayProcess::spawn(&db, &rabbit, &url, &["--amqp-send-timeout-secs", "1"]);
+    // Connected and delivering first.
+    insert_backlog(&db, 10, 2).await;
+    assert!(all_published(&db, 10, Duration::from_secs(15)).await);
+    proxy.stall();
+    // 40 MB of events: far more than the socket buffers between relay and broker hold.
+    sqlx::query(
+        "INSERT INTO outbox_event (event_id, tenant_id, aggregate_type, aggregate_id, event_type, topic, payload)
+         SELECT gen_random_uuid(), 't', 'V', 'big' || (g % 50), 'Bulk', 'bulk.created',
+                convert_to(json_build_object('blob', repeat('x', 200000))::text, 'UTF8')
+         FROM generate_series(1, 200) AS g ORDER BY g",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(count(&db, "dead").await, 0);
+    // SIGTERM: the relay finishes (its batch failed as an outage) and exits 0.
+    let _ = Command::new("kill")
+        .args(["-TERM", &relay.0.id().to_string()])
+        .status();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = relay.0.try_wait().unwrap() {
+            break Some(s);
+        }
+        if std::time::Instant::now() > deadline {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    proxy.restore();
+    let status = status.expect("the relay exits on SIGTERM while the broker stalls");
+    assert!(status.success(), "{status:?}");
+    let attempts: i64 = sqlx::query_scalar("SELECT coalesce(sum(attempts), 0) FROM outbox_event")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(attempts, 0, "a stalled broker spends no attempt");
+}

@@ -41,8 +41,8 @@
 //! (re-declaring the topology). The relay starts while RabbitMQ is down and reports `Unavailable`
 //! until it is back.
 
-use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -51,14 +51,14 @@ use lapin::options::{
     QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use futures::FutureExt;
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
-    PublisherConfirm,
 };
 use tokio::sync::Mutex;
-use tokio::time::Instant;
 
 use crate::error::{OutboxError, Result};
+use crate::pipeline::AckFuture;
 use crate::publisher::{Delivery, FailureKind, OutboundMessage, PublishFailure, Publisher};
 
 /// Counter: messages the broker returned as unroutable (`exchange`).
@@ -90,6 +90,8 @@ pub struct AmqpConfig {
     pub max_in_flight: usize,
     /// How long to wait for one confirm.
     pub confirm_timeout: Duration,
+    /// How long one `basic.publish` may take to be written (a blocked connection is not read).
+    pub send_timeout: Duration,
     /// How long to wait for the TCP connection and AMQP handshake.
     pub connect_timeout: Duration,
     /// Largest message body the broker accepts (its `max_message_size`).
@@ -108,6 +110,7 @@ impl Default for AmqpConfig {
             alternate_exchange: Some("outbox.events.unroutable".into()),
             max_in_flight: 2048,
             confirm_timeout: Duration::from_secs(10),
+            send_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(3),
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             app_id: "outbox-relay".into(),
@@ -490,22 +493,6 @@ pub async fn declare_consumer_queue(
     result
 }
 
-/// A message sent and waiting for its confirm.
-struct Pending {
-    index: usize,
-    aggregate: (String, String, String),
-    sent: Instant,
-    confirm: PublisherConfirm,
-}
-
-/// What became of one confirm.
-enum Settled {
-    Ok,
-    Failed(PublishFailure),
-    /// The channel broke: this and every later message is unconfirmed.
-    Broken(String),
-}
-
 #[async_trait]
 impl Publisher for AmqpPublisher {
     fn name(&self) -> &'static str {
@@ -514,13 +501,19 @@ impl Publisher for AmqpPublisher {
 
     fn is_connected(&self) -> bool {
         match self.live.try_lock() {
-            Ok(live) => live.as_ref().is_some_and(Live::healthy),
+            Ok(live) => live
+                .as_ref()
+                .is_some_and(|l| l.healthy() && !l.conn.status().blocked()),
             // A publish is under way; it keeps the flag current.
             Err(_) => self.connected.load(Ordering::Relaxed),
         }
     }
 
-    async fn publish(&self, batch: &[OutboundMessage]) -> Vec<Result<Delivery, PublishFailure>> {
+    async fn publish(
+        &self,
+        batch: &[OutboundMessage],
+        deadline: tokio::time::Instant,
+    ) -> Vec<Result<Delivery, PublishFailure>> {
         let all = |f: PublishFailure| batch.iter().map(|_| Err(f.clone())).collect::<Vec<_>>();
         // One batch at a time on the one channel: confirms are per channel, in publish order.
         let mut guard = self.live.lock().await;
@@ -557,77 +550,20 @@ impl Publisher for AmqpPublisher {
         let Some(live) = guard.as_ref() else {
             unreachable!("a live connection was just set")
         };
-        let mut out: Vec<Option<Result<Delivery, PublishFailure>>> = vec![None; batch.len()];
-        let mut failed: HashSet<(String, String, String)> = HashSet::new();
-        let mut pending: VecDeque<Pending> = VecDeque::new();
-        let mut broken: Option<String> = None;
-        let agg = |m: &OutboundMessage| {
-            (
-                m.tenant_id.clone(),
-                m.aggregate_type.clone(),
-                m.aggregate_id.clone(),
-            )
-        };
-
-        for (i, m) in batch.iter().enumerate() {
-            // Keep the window bounded: settle the oldest confirm before sending more.
-            while pending.len() >= self.cfg.max_in_flight && broken.is_none() {
-                let p = pending.pop_front().expect("window is not empty");
-                self.settle(p, &mut out, &mut failed, &mut broken).await;
+        // Set by a send or confirm that leaves the channel in an unknown state: the next batch
+        // starts on a fresh connection.
+        let reset = Arc::new(AtomicBool::new(false));
+        let outcomes = crate::pipeline::run(batch, self.cfg.max_in_flight, deadline, |m| {
+            let reset = reset.clone();
+            async move { self.send(live, m, reset).await }
+        })
+        .await;
+        let reset = reset.load(Ordering::Relaxed);
+        if reset {
+            for f in outcomes.iter().filter_map(|o| o.as_ref().err()) {
+                self.learn_limit(&f.message);
             }
-            if broken.is_some() {
-                break;
-            }
-            let key = agg(m);
-            if failed.contains(&key) {
-                // An earlier event of this aggregate failed: sending this one would put it ahead
-                // of that event at the broker. The relay ignores this outcome and retries it later.
-                out[i] = Some(Err(PublishFailure::new(
-                    FailureKind::Retryable,
-                    "held_back",
-                    "an earlier event of its aggregate was not published",
-                )));
-                continue;
-            }
-            let routing_key = m.render(&self.cfg.routing_key_template);
-            if let Some(f) = self.precheck(m, &routing_key) {
-                failed.insert(key);
-                out[i] = Some(Err(f));
-                continue;
-            }
-            let sent = live
-                .channel
-                .basic_publish(
-                    self.cfg.exchange.as_str().into(),
-                    routing_key.into(),
-                    BasicPublishOptions {
-                        mandatory: true,
-                        ..Default::default()
-                    },
-                    &m.payload,
-                    self.properties(m),
-                )
-                .await;
-            match sent {
-                Ok(confirm) => pending.push_back(Pending {
-                    index: i,
-                    aggregate: key,
-                    sent: Instant::now(),
-                    confirm,
-                }),
-                Err(e) => broken = Some(format!("publishing failed: {e}")),
-            }
-        }
-        while let Some(p) = pending.pop_front() {
-            if broken.is_some() {
-                break;
-            }
-            self.settle(p, &mut out, &mut failed, &mut broken).await;
-        }
-
-        if let Some(e) = &broken {
-            self.learn_limit(e);
-            tracing::warn!(error = %e, "RabbitMQ channel broken; reconnecting on the next batch");
+            tracing::warn!("RabbitMQ channel broken or stuck; reconnecting on the next batch");
             self.connected.store(false, Ordering::Relaxed);
             if let Some(old) = guard.take() {
                 let _ = tokio::time::timeout(
@@ -637,82 +573,130 @@ impl Publisher for AmqpPublisher {
                 .await;
             }
         }
-        let unconfirmed = || {
-            PublishFailure::new(
-                FailureKind::Unavailable,
-                "disconnected",
-                broken.clone().unwrap_or_default(),
-            )
-        };
-        out.into_iter()
-            .map(|o| o.unwrap_or_else(|| Err(unconfirmed())))
-            .collect()
+        outcomes
     }
 }
 
 impl AmqpPublisher {
-    /// Waits for one confirm and records its outcome.
-    async fn settle(
+    /// Sends one message and returns the future of its confirm. Under a resource alarm RabbitMQ
+    /// blocks the connection and stops reading from it, so `basic_publish` (which waits until its
+    /// frames are written) could wait forever: it has a deadline, and a blocked connection is an
+    /// outage before anything is sent.
+    async fn send(
         &self,
-        p: Pending,
-        out: &mut [Option<Result<Delivery, PublishFailure>>],
-        failed: &mut HashSet<(String, String, String)>,
-        broken: &mut Option<String>,
-    ) {
-        let settled = match tokio::time::timeout_at(p.sent + self.cfg.confirm_timeout, p.confirm)
-            .await
-        {
-            Err(_) => {
-                // Confirms come in publish order: the oldest one missing means the broker or
-                // the channel is stuck, not that this event is at fault. Start afresh on the
-                // next batch, without spending attempts.
-                *broken = Some(format!(
-                    "no publisher confirm within {:?}",
-                    self.cfg.confirm_timeout
-                ));
-                Settled::Failed(PublishFailure::new(
-                    FailureKind::Unavailable,
-                    "timeout",
-                    format!("no publisher confirm within {:?}", self.cfg.confirm_timeout),
-                ))
-            }
-            Ok(Err(e)) => Settled::Broken(format!("channel closed before the confirm: {e}")),
-            Ok(Ok(Confirmation::Ack(None))) => Settled::Ok,
-            // Cannot happen on our confirm-mode channel; if it ever did, nothing confirmed the
-            // message, so it must not count as published.
-            Ok(Ok(Confirmation::NotRequested)) => {
-                Settled::Broken("the channel is not in confirm mode".into())
-            }
-            Ok(Ok(Confirmation::Ack(Some(ret)))) | Ok(Ok(Confirmation::Nack(Some(ret)))) => {
-                metrics::counter!(UNROUTABLE, "exchange" => self.cfg.exchange.clone()).increment(1);
-                tracing::warn!(
-                    exchange = %self.cfg.exchange,
-                    routing_key = %ret.delivery.routing_key,
-                    reply = %ret.reply_text,
-                    "RabbitMQ returned an unroutable event; it stays in the outbox and is retried"
-                );
-                Settled::Failed(PublishFailure::new(
-                        FailureKind::Retryable,
-                        "unroutable",
-                        format!(
-                            "returned by RabbitMQ ({} {}): no queue is bound for routing key {:?} and no alternate exchange took it",
-                            ret.reply_code, ret.reply_text, ret.delivery.routing_key
-                        ),
-                    ))
-            }
-            Ok(Ok(Confirmation::Nack(None))) => Settled::Failed(PublishFailure::new(
-                FailureKind::Retryable,
-                "nack",
-                "RabbitMQ refused the message (basic.nack)",
-            )),
-        };
-        match settled {
-            Settled::Ok => out[p.index] = Some(Ok(Delivery::Stored)),
-            Settled::Failed(f) => {
-                failed.insert(p.aggregate);
-                out[p.index] = Some(Err(f));
-            }
-            Settled::Broken(e) => *broken = Some(e),
+        live: &Live,
+        m: &OutboundMessage,
+        reset: Arc<AtomicBool>,
+    ) -> std::result::Result<AckFuture, PublishFailure> {
+        if live.conn.status().blocked() {
+            return Err(PublishFailure::new(
+                FailureKind::Unavailable,
+                "blocked",
+                "RabbitMQ blocked the connection (a memory or disk alarm): it accepts no messages until the alarm clears",
+            ));
         }
+        let routing_key = m.render(&self.cfg.routing_key_template);
+        if let Some(f) = self.precheck(m, &routing_key) {
+            return Err(f);
+        }
+        let sent = tokio::time::timeout(
+            self.cfg.send_timeout,
+            live.channel.basic_publish(
+                self.cfg.exchange.as_str().into(),
+                routing_key.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                &m.payload,
+                self.properties(m),
+            ),
+        )
+        .await;
+        let confirm = match sent {
+            Ok(Ok(confirm)) => confirm,
+            Ok(Err(e)) => {
+                reset.store(true, Ordering::Relaxed);
+                return Err(PublishFailure::new(
+                    FailureKind::Unavailable,
+                    "disconnected",
+                    format!("publishing failed: {e}"),
+                ));
+            }
+            Err(_) => {
+                reset.store(true, Ordering::Relaxed);
+                return Err(PublishFailure::new(
+                    FailureKind::Unavailable,
+                    "send_timeout",
+                    format!(
+                        "RabbitMQ did not take the message within {:?} (connection blocked or stalled)",
+                        self.cfg.send_timeout
+                    ),
+                ));
+            }
+        };
+        let (timeout, exchange) = (self.cfg.confirm_timeout, self.cfg.exchange.clone());
+        Ok(async move {
+            let settled = tokio::time::timeout(timeout, confirm).await;
+            confirmed(settled, timeout, &exchange, &reset)
+        }
+        .boxed())
+    }
+}
+
+/// What a confirm (or its absence) means for the message.
+fn confirmed(
+    settled: std::result::Result<lapin::Result<Confirmation>, tokio::time::error::Elapsed>,
+    timeout: Duration,
+    exchange: &str,
+    reset: &AtomicBool,
+) -> std::result::Result<Delivery, PublishFailure> {
+    let outage = |reason, message: String| {
+        reset.store(true, Ordering::Relaxed);
+        Err(PublishFailure::new(
+            FailureKind::Unavailable,
+            reason,
+            message,
+        ))
+    };
+    match settled {
+        // Confirms come in publish order: one missing means the broker or the channel is stuck,
+        // not that this event is at fault.
+        Err(_) => outage("timeout", format!("no publisher confirm within {timeout:?}")),
+        Ok(Err(e)) => outage(
+            "disconnected",
+            format!("channel closed before the confirm: {e}"),
+        ),
+        Ok(Ok(Confirmation::Ack(None))) => Ok(Delivery::Stored),
+        // Cannot happen on our confirm-mode channel; if it ever did, nothing confirmed the
+        // message, so it must not count as published.
+        Ok(Ok(Confirmation::NotRequested)) => outage(
+            "disconnected",
+            "the channel is not in confirm mode".into(),
+        ),
+        Ok(Ok(Confirmation::Ack(Some(ret)))) | Ok(Ok(Confirmation::Nack(Some(ret)))) => {
+            metrics::counter!(UNROUTABLE, "exchange" => exchange.to_string()).increment(1);
+            tracing::warn!(
+                exchange = %exchange,
+                routing_key = %ret.delivery.routing_key,
+                reply = %ret.reply_text,
+                "RabbitMQ returned an unroutable event; it stays in the outbox and is retried"
+            );
+            Err(PublishFailure::new(
+                FailureKind::Retryable,
+                "unroutable",
+                format!(
+                    "returned by RabbitMQ ({} {}): no queue is bound for routing key {:?} and no alternate exchange took it",
+                    ret.reply_code, ret.reply_text, ret.delivery.routing_key
+                ),
+            ))
+        }
+        // RabbitMQ nacks when a queue refuses new messages (`x-overflow: reject-publish` on a
+        // full queue) or a queue process failed: a state of the broker, not of this message.
+        Ok(Ok(Confirmation::Nack(None))) => Err(PublishFailure::new(
+            FailureKind::Unavailable,
+            "nack",
+            "RabbitMQ refused the message (basic.nack: a queue is full with reject-publish, or failed)",
+        )),
     }
 }

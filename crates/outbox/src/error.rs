@@ -23,6 +23,16 @@ pub enum OutboxError {
     /// The broker adapter could not be set up; the message says why.
     #[error("broker: {0}")]
     Broker(String),
+    /// Another live relay process uses this relay id.
+    #[error("relay id {relay_id:?} is in use by a live relay on host {host:?} (pid {pid}): give each relay its own --relay-id (or leave it unset for a unique one)")]
+    RelayIdInUse {
+        /// The contested id.
+        relay_id: String,
+        /// Host of the relay holding it.
+        host: String,
+        /// Its process id.
+        pid: i32,
+    },
     /// An operator command named something that does not exist.
     #[error("not found: {0}")]
     NotFound(String),

@@ -16,6 +16,7 @@ pub mod error;
 #[cfg(feature = "nats")]
 pub mod nats;
 pub mod ops;
+pub mod pipeline;
 pub mod pg;
 pub mod publisher;
 pub mod relay;

@@ -7,10 +7,14 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::{self, context::PublishErrorKind, message::PublishMessage, stream};
-use async_nats::{connection::State, HeaderMap};
+use async_nats::jetstream::context::{PublishError, PublishErrorKind};
+use async_nats::jetstream::{self, message::PublishMessage, stream, ErrorCode};
+use async_nats::{connection::State, HeaderMap, HeaderValue};
 use async_trait::async_trait;
-use futures::future::{join_all, BoxFuture, FutureExt};
+use futures::future::FutureExt;
+use std::sync::RwLock;
+use std::time::Instant;
+
 use tokio::sync::Mutex;
 
 use crate::error::{OutboxError, Result};
@@ -33,7 +37,8 @@ pub struct NatsConfig {
     pub create_stream: bool,
     /// How long to wait for one acknowledgement.
     pub ack_timeout: Duration,
-    /// Most acknowledgements outstanding at once.
+    /// Most acknowledgements outstanding at once (async-nats' in-flight permits are set to the
+    /// same number; acknowledgements are read while sending, so a larger batch never waits on them).
     pub max_in_flight: usize,
 }
 
@@ -47,7 +52,7 @@ impl Default for NatsConfig {
             duplicate_window: Duration::from_secs(120),
             create_stream: true,
             ack_timeout: Duration::from_secs(5),
-            max_in_flight: 4096,
+            max_in_flight: 1024,
         }
     }
 }
@@ -58,8 +63,15 @@ pub struct NatsPublisher {
     js: jetstream::Context,
     cfg: NatsConfig,
     horizon: Duration,
-    stream_checked: Mutex<bool>,
+    /// When the stream was last checked: it is checked again every [`RECHECK`], so that an
+    /// operator's change (subjects, duplicate window) is seen without a restart.
+    stream_checked: Mutex<Option<Instant>>,
+    /// The subjects the stream captures, as of the last check.
+    stream_subjects: RwLock<Vec<String>>,
 }
+
+/// How often the stream's configuration is read again.
+const RECHECK: Duration = Duration::from_secs(60);
 
 impl NatsPublisher {
     /// Connects (in the background: the relay starts while NATS is down) and, if the server
@@ -97,7 +109,8 @@ impl NatsPublisher {
             js,
             cfg,
             horizon,
-            stream_checked: Mutex::new(false),
+            stream_checked: Mutex::new(None),
+            stream_subjects: RwLock::new(Vec::new()),
         };
         // Give a reachable server a moment, so that a bad stream is reported at start-up.
         for _ in 0..20 {
@@ -119,10 +132,11 @@ impl NatsPublisher {
         &self.client
     }
 
-    /// Creates the stream if configured and absent; checks its duplicate window.
+    /// Creates the stream if configured and absent; checks its duplicate window and learns its
+    /// subjects. Does the work at most once per [`RECHECK`].
     pub async fn ensure_stream(&self) -> Result<()> {
         let mut checked = self.stream_checked.lock().await;
-        if *checked {
+        if checked.is_some_and(|at| at.elapsed() < RECHECK) {
             return Ok(());
         }
         let info = match self.js.get_stream(&self.cfg.stream).await {
@@ -170,55 +184,151 @@ impl NatsPublisher {
                 self.cfg.stream, window, self.horizon, self.cfg.stream
             )));
         }
-        *checked = true;
+        *self
+            .stream_subjects
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = info.config.subjects.clone();
+        *checked = Some(Instant::now());
         Ok(())
     }
 
     /// The headers an event is published with (also used by the benchmark's raw baseline, so
-    /// that it sends byte-for-byte the messages the relay sends).
-    pub fn headers(m: &OutboundMessage) -> HeaderMap {
+    /// that it sends byte-for-byte the messages the relay sends). Fails, instead of panicking as
+    /// async-nats' `From<&str>` does, when a value cannot be carried in a NATS header (CR or LF):
+    /// such a row is the event's problem, dead-lettered at once, never the relay's.
+    pub fn headers(m: &OutboundMessage) -> std::result::Result<HeaderMap, PublishFailure> {
         let mut h = HeaderMap::new();
-        h.insert("Nats-Msg-Id", m.event_id.to_string().as_str());
-        h.insert("Outbox-Event-Id", m.event_id.to_string().as_str());
-        h.insert("Outbox-Event-Type", m.event_type.as_str());
-        h.insert("Outbox-Tenant-Id", m.tenant_id.as_str());
-        h.insert("Outbox-Aggregate-Type", m.aggregate_type.as_str());
-        h.insert("Outbox-Aggregate-Id", m.aggregate_id.as_str());
-        h.insert("Outbox-Seq", m.seq.to_string().as_str());
+        let mut put = |name: &'static str, value: &str| -> std::result::Result<(), PublishFailure> {
+            let v = value.parse::<HeaderValue>().map_err(|_| {
+                PublishFailure::new(
+                    FailureKind::Permanent,
+                    "bad_header",
+                    format!("{name} {value:?} cannot be sent as a NATS header (CR or LF in it)"),
+                )
+            })?;
+            h.insert(name, v);
+            Ok(())
+        };
+        let id = m.event_id.to_string();
+        put("Nats-Msg-Id", &id)?;
+        put("Outbox-Event-Id", &id)?;
+        put("Outbox-Event-Type", &m.event_type)?;
+        put("Outbox-Tenant-Id", &m.tenant_id)?;
+        put("Outbox-Aggregate-Type", &m.aggregate_type)?;
+        put("Outbox-Aggregate-Id", &m.aggregate_id)?;
+        put("Outbox-Seq", &m.seq.to_string())?;
         if let Some(c) = m.header("correlationId") {
-            h.insert("Outbox-Correlation-Id", c);
+            put("Outbox-Correlation-Id", c)?;
         }
         if let Some(tp) = m.header("traceparent") {
-            h.insert("traceparent", tp);
+            put("traceparent", tp)?;
         }
-        h.insert(
+        put(
             "Content-Type",
             m.header("contentType").unwrap_or("application/json"),
-        );
-        h
+        )?;
+        Ok(h)
     }
 
-    fn classify(&self, kind: PublishErrorKind, err: String) -> PublishFailure {
-        let connected = self.client.connection_state() == State::Connected;
-        match kind {
+    /// How a failure to send, or a negative or missing acknowledgement, is handled. The rule:
+    /// only what is specific to *this message* spends its attempts or dead-letters it; anything
+    /// that says the broker as a whole cannot take messages now is an outage (`Unavailable`): no
+    /// attempt is spent, nothing is dead-lettered, the relay backs off and catches up later.
+    fn classify(client: &async_nats::Client, e: &PublishError) -> PublishFailure {
+        let err = match jetstream_error(e) {
+            Some(j) => format!("{e}: {j}"),
+            None => e.to_string(),
+        };
+        let outage = |reason| PublishFailure::new(FailureKind::Unavailable, reason, err.clone());
+        if client.connection_state() != State::Connected {
+            return outage("disconnected");
+        }
+        match e.kind() {
             PublishErrorKind::MaxPayloadExceeded => {
                 PublishFailure::new(FailureKind::Permanent, "too_large", err)
             }
-            PublishErrorKind::StreamNotFound if connected => PublishFailure::new(
-                FailureKind::Permanent,
-                "no_stream",
-                format!("no stream captures this subject ({err})"),
-            ),
-            _ if !connected => PublishFailure::new(FailureKind::Unavailable, "disconnected", err),
-            PublishErrorKind::TimedOut => {
-                PublishFailure::new(FailureKind::Retryable, "timeout", err)
+            // No responders: no stream captures the subject *right now*. During a stream leader
+            // election or a restart this is transient; when the subject is truly not captured it
+            // is the operator's to fix (stream subjects vs. subject template): either way the
+            // events wait rather than die.
+            PublishErrorKind::StreamNotFound => outage("no_responders"),
+            // No answer in time: the server or its stream is not answering, which says nothing
+            // about this message.
+            PublishErrorKind::TimedOut => outage("timeout"),
+            PublishErrorKind::BrokenPipe | PublishErrorKind::MaxAckPending => {
+                outage("disconnected")
             }
-            PublishErrorKind::BrokenPipe => {
-                PublishFailure::new(FailureKind::Unavailable, "disconnected", err)
-            }
-            _ => PublishFailure::new(FailureKind::Retryable, "rejected", err),
+            _ => match jetstream_error(e).map(|j| j.error_code()) {
+                Some(ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM) => {
+                    PublishFailure::new(FailureKind::Permanent, "too_large", err)
+                }
+                Some(code) if BROKER_WIDE.contains(&code) => outage("broker_refused"),
+                _ => PublishFailure::new(FailureKind::Retryable, "rejected", err),
+            },
         }
     }
+}
+
+/// JetStream refusals that concern the stream or the server, never one message: a full stream
+/// (`discard new`: "maximum messages/bytes exceeded" is a store failure), storage or memory
+/// exhausted, JetStream off or temporarily unavailable, a cluster without a leader, a stream
+/// deleted under the relay.
+const BROKER_WIDE: &[ErrorCode] = &[
+    ErrorCode::STREAM_STORE_FAILED,
+    ErrorCode::INSUFFICIENT_RESOURCES,
+    ErrorCode::STORAGE_RESOURCES_EXCEEDED,
+    ErrorCode::MEMORY_RESOURCES_EXCEEDED,
+    ErrorCode::ACCOUNT_RESOURCES_EXCEEDED,
+    ErrorCode::CLUSTER_NOT_AVAILABLE,
+    ErrorCode::CLUSTER_NOT_LEADER,
+    ErrorCode::CLUSTER_NO_PEERS,
+    ErrorCode::RAFT_GENERAL,
+    ErrorCode::JETSTREAM_NOT_ENABLED,
+    ErrorCode::JETSTREAM_NOT_ENABLED_FOR_ACCOUNT,
+    ErrorCode::STREAM_NOT_FOUND,
+    ErrorCode::TEMP_STORAGE_FAILED,
+];
+
+/// The server's JetStream error behind a publish error, if the server sent one.
+fn jetstream_error(e: &PublishError) -> Option<&jetstream::Error> {
+    std::error::Error::source(e)?.downcast_ref::<jetstream::Error>()
+}
+
+impl NatsPublisher {
+    /// A subject the stream does not capture is this event's problem (its topic or tenant), not
+    /// an outage: dead-lettered at once. Checked before sending because the broker's answer, "no
+    /// responders", is the same as during a stream leader election, which is an outage.
+    fn captured(&self, subject: &str) -> std::result::Result<(), PublishFailure> {
+        let subjects = self
+            .stream_subjects
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        if subjects.is_empty() || subjects.iter().any(|f| subject_matches(f, subject)) {
+            return Ok(());
+        }
+        Err(PublishFailure::new(
+            FailureKind::Permanent,
+            "no_stream",
+            format!(
+                "no stream captures subject {subject:?} (stream {} captures {:?}): fix the subject template or the stream's subjects, then replay",
+                self.cfg.stream, *subjects
+            ),
+        ))
+    }
+}
+
+/// NATS subject matching: `*` matches one token, `>` one or more trailing tokens.
+fn subject_matches(filter: &str, subject: &str) -> bool {
+    let mut s = subject.split('.');
+    for f in filter.split('.') {
+        match (f, s.next()) {
+            (">", Some(_)) => return true,
+            ("*", Some(_)) => {}
+            (f, Some(t)) if f == t => {}
+            _ => return false,
+        }
+    }
+    s.next().is_none()
 }
 
 fn is_not_found(e: &jetstream::context::GetStreamError) -> bool {
@@ -236,7 +346,11 @@ impl Publisher for NatsPublisher {
         self.client.connection_state() == State::Connected
     }
 
-    async fn publish(&self, batch: &[OutboundMessage]) -> Vec<Result<Delivery, PublishFailure>> {
+    async fn publish(
+        &self,
+        batch: &[OutboundMessage],
+        deadline: tokio::time::Instant,
+    ) -> Vec<Result<Delivery, PublishFailure>> {
         let all = |f: PublishFailure| batch.iter().map(|_| Err(f.clone())).collect::<Vec<_>>();
         if !self.is_connected() {
             return all(PublishFailure::new(
@@ -254,52 +368,45 @@ impl Publisher for NatsPublisher {
                 e.to_string(),
             ));
         }
-        // Send everything first (in order, on one connection), then collect the acknowledgements.
-        let mut acks: Vec<
-            BoxFuture<'static, std::result::Result<Delivery, (PublishErrorKind, String)>>,
-        > = Vec::with_capacity(batch.len());
-        for m in batch {
+        crate::pipeline::run(batch, self.cfg.max_in_flight, deadline, |m| async move {
+            let subject = m.render(&self.cfg.subject_template);
+            self.captured(&subject)?;
             let msg = PublishMessage::build()
                 .payload(m.payload.clone())
-                .headers(Self::headers(m));
-            match self
+                .headers(Self::headers(m)?);
+            let ack = self
                 .js
-                .send_publish(m.render(&self.cfg.subject_template), msg)
+                .send_publish(subject, msg)
                 .await
-            {
-                Ok(ack) => acks.push(
-                    async move {
-                        match ack.await {
-                            Ok(a) if a.duplicate => Ok(Delivery::Duplicate),
-                            Ok(_) => Ok(Delivery::Stored),
-                            Err(e) => Err((e.kind(), e.to_string())),
-                        }
-                    }
-                    .boxed(),
-                ),
-                Err(e) => {
-                    let r = Err((e.kind(), e.to_string()));
-                    acks.push(async move { r }.boxed());
+                .map_err(|e| Self::classify(&self.client, &e))?;
+            // A failed acknowledgement is classified when it arrives: the connection state then
+            // says whether the broker went away.
+            let client = self.client.clone();
+            Ok(async move {
+                match ack.await {
+                    Ok(a) if a.duplicate => Ok(Delivery::Duplicate),
+                    Ok(_) => Ok(Delivery::Stored),
+                    Err(e) => Err(Self::classify(&client, &e)),
                 }
             }
-        }
-        let results = join_all(acks).await;
-        // Every acknowledgement timing out means the server is not answering at all, not that
-        // these events are at fault: do not spend their attempt budgets.
-        let all_timed_out = results
-            .iter()
-            .all(|r| matches!(r, Err((PublishErrorKind::TimedOut, _))));
-        results
-            .into_iter()
-            .map(|r| {
-                r.map_err(|(kind, err)| {
-                    if all_timed_out {
-                        PublishFailure::new(FailureKind::Unavailable, "timeout", err)
-                    } else {
-                        self.classify(kind, err)
-                    }
-                })
-            })
-            .collect()
+            .boxed())
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::subject_matches;
+
+    #[test]
+    fn subjects_match_like_nats() {
+        assert!(subject_matches("outbox.>", "outbox.acme.stock.changed"));
+        assert!(!subject_matches("outbox.>", "outbox"));
+        assert!(subject_matches("outbox.*.x", "outbox.acme.x"));
+        assert!(!subject_matches("outbox.*.x", "outbox.acme.y.x"));
+        assert!(subject_matches("a.b", "a.b"));
+        assert!(!subject_matches("a.b", "a.b.c"));
+        assert!(!subject_matches("other.>", "outbox.acme.x"));
     }
 }

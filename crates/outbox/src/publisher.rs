@@ -22,6 +22,8 @@ pub struct OutboundMessage {
     pub aggregate_id: String,
     /// Position of the event in its aggregate (1, 2, ...), in commit order.
     pub seq: i64,
+    /// Partition of the aggregate (the unit of relay ownership): settlements are fenced by it.
+    pub partition: i16,
     /// Event type.
     pub event_type: String,
     /// Routing key written by the producer.
@@ -45,6 +47,11 @@ impl OutboundMessage {
             .replace("{topic}", &self.topic)
             .replace("{event_type}", &self.event_type)
             .replace("{aggregate_type}", &self.aggregate_type)
+    }
+
+    /// The aggregate this event belongs to: the unit of ordering.
+    pub fn aggregate_key(&self) -> (&str, &str, &str) {
+        (&self.tenant_id, &self.aggregate_type, &self.aggregate_id)
     }
 
     /// A header written at enqueue, if present.
@@ -98,15 +105,23 @@ impl PublishFailure {
 }
 
 /// A broker adapter. Implementations publish a batch with many acknowledgements in flight and
-/// report one outcome per message, in the batch's order.
+/// report one outcome per message, in the batch's order. Adapters send through
+/// [`crate::pipeline::run`], which keeps at most one unacknowledged message per aggregate in
+/// flight (see its doc for why).
 #[async_trait]
 pub trait Publisher: Send + Sync + 'static {
     /// Short name for logs and metrics (`nats`, `rabbitmq`).
     fn name(&self) -> &'static str;
 
-    /// Publishes `batch` in order. Messages of one aggregate appear in the batch in commit order
-    /// and must be sent in that order. Returns exactly `batch.len()` outcomes.
-    async fn publish(&self, batch: &[OutboundMessage]) -> Vec<Result<Delivery, PublishFailure>>;
+    /// Publishes `batch`. Messages of one aggregate appear in the batch in commit order and must
+    /// reach the broker in that order. Nothing may be *sent* at or after `deadline` (the end of
+    /// the relay's partition lease): what is not sent by then is reported `Unavailable`.
+    /// Returns exactly `batch.len()` outcomes.
+    async fn publish(
+        &self,
+        batch: &[OutboundMessage],
+        deadline: tokio::time::Instant,
+    ) -> Vec<Result<Delivery, PublishFailure>>;
 
     /// Whether the broker connection is up right now (health endpoints, metrics).
     fn is_connected(&self) -> bool;

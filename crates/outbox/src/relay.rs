@@ -6,7 +6,7 @@
 //! would let two batches of one aggregate race. See `docs/architecture.md`.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::error::{OutboxError, Result};
 use crate::publisher::{Delivery, FailureKind, OutboundMessage, PublishFailure, Publisher};
 use crate::retry::RetryPolicy;
-use crate::store::{RelayStore, Settlement};
+use crate::store::{Fence, RelayStore, Settlement};
 use crate::telemetry as m;
 
 /// Settings of one relay.
@@ -48,6 +48,9 @@ pub struct RelayConfig {
     pub cleanup_pause: Duration,
     /// Longest pause while the broker is unreachable.
     pub broker_backoff_cap: Duration,
+    /// Work pending and nothing settled for this long: the relay reports itself stalled
+    /// (`/healthz` 503, `outbox_relay_stalled` 1).
+    pub stall_timeout: Duration,
 }
 
 impl Default for RelayConfig {
@@ -64,6 +67,7 @@ impl Default for RelayConfig {
             cleanup_batch: 1000,
             cleanup_pause: Duration::from_millis(20),
             broker_backoff_cap: Duration::from_secs(5),
+            stall_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -85,6 +89,11 @@ impl RelayConfig {
                 "relay id must be 1 to 200 characters".into(),
             ));
         }
+        if self.stall_timeout < Duration::from_secs(1) {
+            return Err(OutboxError::Config(
+                "stall timeout must be at least 1 s".into(),
+            ));
+        }
         if self.cleanup_batch < 1 {
             return Err(OutboxError::Config(
                 "cleanup batch must be at least 1".into(),
@@ -93,11 +102,24 @@ impl RelayConfig {
         Ok(())
     }
 
-    /// The longest time an event may be re-published after its first publish: the broker's
-    /// de-duplication window must cover it. Retry delays plus one lease (a crashed relay's batch
-    /// is re-published once its lease expires) plus slack for acknowledgement time-outs.
-    pub fn dedup_horizon(&self) -> Duration {
-        self.retry.horizon() + self.lease + Duration::from_secs(10)
+    /// The longest time an event may be re-published after its first publish, as long as the
+    /// broker stays reachable: the broker's de-duplication window must cover it. The retry delays,
+    /// plus one acknowledgement time-out per attempt (`ack_timeout`: each attempt may wait that
+    /// long before it fails), plus one lease (a crashed relay's batch is re-published once its
+    /// lease expires), plus 10 s of slack. Time the broker is unreachable is not bounded by
+    /// anything the relay controls: see `docs/architecture.md`, invariant 3.
+    pub fn dedup_horizon(&self, ack_timeout: Duration) -> Duration {
+        self.retry.horizon()
+            + ack_timeout * self.retry.max_attempts
+            + self.lease
+            + Duration::from_secs(10)
+    }
+
+    /// How much of a lease the relay keeps in reserve: it claims only from partitions whose lease
+    /// outlives this, and sends nothing once less than this is left (a stalled relay resumes
+    /// past its lease rather than publishing under another relay's).
+    pub fn lease_margin(&self) -> Duration {
+        self.lease / 5
     }
 }
 
@@ -111,26 +133,66 @@ pub fn default_relay_id() -> String {
     )
 }
 
-/// What the relay knows of its own state, for health endpoints.
-#[derive(Debug, Default)]
+/// What the relay knows of its own state, for health endpoints. Read by the HTTP handlers and
+/// the gauge task, which run apart from the relay's loop, so a loop that hangs is still seen.
+#[derive(Debug)]
 pub struct RelayHealth {
     database_up: AtomicBool,
     broker_up: AtomicBool,
     partitions: AtomicUsize,
+    started: Instant,
+    /// Milliseconds after `started` of the loop's last progress: a settled batch, or a claim
+    /// that found nothing to do.
+    progress_ms: AtomicU64,
+    stall_timeout: Duration,
+}
+
+impl Default for RelayHealth {
+    fn default() -> Self {
+        Self::new(RelayConfig::default().stall_timeout)
+    }
 }
 
 impl RelayHealth {
+    fn new(stall_timeout: Duration) -> Self {
+        Self {
+            database_up: AtomicBool::new(false),
+            broker_up: AtomicBool::new(true),
+            partitions: AtomicUsize::new(0),
+            started: Instant::now(),
+            progress_ms: AtomicU64::new(0),
+            stall_timeout,
+        }
+    }
     /// The last database operation succeeded.
     pub fn database_up(&self) -> bool {
         self.database_up.load(Ordering::Relaxed)
     }
-    /// The broker accepted the last publish (or nothing has failed yet).
+    /// The broker connection is up (as of the last publish or gauge update).
     pub fn broker_up(&self) -> bool {
         self.broker_up.load(Ordering::Relaxed)
     }
     /// Partitions held after the last lease round.
     pub fn partitions(&self) -> usize {
         self.partitions.load(Ordering::Relaxed)
+    }
+    /// Time since the loop last made progress (settled a batch or found nothing to do).
+    pub fn since_progress(&self) -> Duration {
+        let at = Duration::from_millis(self.progress_ms.load(Ordering::Relaxed));
+        self.started.elapsed().saturating_sub(at)
+    }
+    /// True when the loop has had work and settled nothing for longer than the stall timeout:
+    /// a hung publish, a broker or database that stays away, a lease that cannot be renewed.
+    pub fn stalled(&self) -> bool {
+        self.since_progress() > self.stall_timeout
+    }
+    /// The stall timeout in force.
+    pub fn stall_timeout(&self) -> Duration {
+        self.stall_timeout
+    }
+    fn progress(&self) {
+        let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.progress_ms.store(ms, Ordering::Relaxed);
     }
     fn set_db(&self, up: bool) {
         self.database_up.store(up, Ordering::Relaxed);
@@ -149,6 +211,8 @@ pub struct Relay {
     config: RelayConfig,
     wake: Arc<Notify>,
     health: Arc<RelayHealth>,
+    /// Unique per running relay: two processes given the same relay id are told apart by it.
+    instance: String,
 }
 
 impl Relay {
@@ -159,14 +223,14 @@ impl Relay {
         config: RelayConfig,
     ) -> Result<Self> {
         config.validate()?;
-        let health = Arc::new(RelayHealth::default());
-        health.broker_up.store(true, Ordering::Relaxed);
+        let health = Arc::new(RelayHealth::new(config.stall_timeout));
         Ok(Self {
             store,
             publisher,
             config,
             wake: Arc::new(Notify::new()),
             health,
+            instance: uuid::Uuid::new_v4().to_string(),
         })
     }
 
@@ -186,10 +250,16 @@ impl Relay {
     }
 
     /// Runs until `stop` is cancelled; then finishes the batch in flight, gives its partitions
-    /// back and returns. Database and broker failures are retried forever, never returned.
+    /// back and returns. Database and broker failures are retried forever, never returned; the
+    /// one error is [`OutboxError::RelayIdInUse`]: another live relay holds this relay's id.
     pub async fn run(&self, stop: CancellationToken) -> Result<()> {
         let background = CancellationToken::new();
-        let gauges = tokio::spawn(backlog_gauges(self.store.clone(), background.clone()));
+        let gauges = tokio::spawn(gauges(
+            self.store.clone(),
+            self.publisher.clone(),
+            self.health.clone(),
+            background.clone(),
+        ));
         let cleanup = self
             .config
             .retention
@@ -205,13 +275,22 @@ impl Relay {
                 ))
             });
         tracing::info!(relay_id = %self.config.relay_id, broker = self.publisher.name(), "relay started");
-        self.main_loop(&stop).await;
+        let outcome = self.main_loop(&stop).await;
         background.cancel();
         let _ = gauges.await;
         if let Some(c) = cleanup {
             let _ = c.await;
         }
-        match self.store.release_all(&self.config.relay_id).await {
+        if let Err(e) = outcome {
+            // The id (and its partitions) belong to another live relay: release nothing of it.
+            tracing::error!(error = %e, "relay stopped");
+            return Err(e);
+        }
+        match self
+            .store
+            .release_all(&self.config.relay_id, &self.instance)
+            .await
+        {
             Ok(()) => {
                 tracing::info!(relay_id = %self.config.relay_id, "relay stopped; partitions released")
             }
@@ -222,10 +301,16 @@ impl Relay {
         Ok(())
     }
 
-    async fn main_loop(&self, stop: &CancellationToken) {
+    async fn main_loop(&self, stop: &CancellationToken) -> Result<()> {
         let cfg = &self.config;
         let tick = cfg.lease / 3;
+        let margin = cfg.lease_margin();
         let mut next_lease = Instant::now();
+        // Until when the partitions of the last lease round may be published from (local clock,
+        // counted from before the round's statement, so never later than the database's
+        // `lease_until`), less the margin.
+        let mut lease_deadline = Instant::now();
+        let mut fence = Arc::new(Fence::default());
         let mut owned = 0usize;
         let mut broker_failures = 0u32;
         let mut db_failures = 0u32;
@@ -240,7 +325,12 @@ impl Relay {
                 // unsettled, and a batch claimed under the old lease may not be published.
                 prefetched = None;
                 finish(&mut background).await;
-                match self.store.lease_round(&cfg.relay_id, cfg.lease).await {
+                let round_started = Instant::now();
+                match self
+                    .store
+                    .lease_round(&cfg.relay_id, &self.instance, cfg.lease)
+                    .await
+                {
                     Ok(state) => {
                         if state.owned.len() != owned {
                             tracing::info!(
@@ -250,10 +340,18 @@ impl Relay {
                             );
                         }
                         owned = state.owned.len();
+                        lease_deadline = round_started + cfg.lease.saturating_sub(margin);
+                        fence = Arc::new(Fence {
+                            relay_id: cfg.relay_id.clone(),
+                            partitions: state.owned,
+                            epochs: state.epochs,
+                        });
                         self.health.set_db(true);
                     }
+                    Err(e @ OutboxError::RelayIdInUse { .. }) => return Err(e),
                     Err(e) => {
-                        // Without a renewed lease nothing may be claimed; claims re-check leases.
+                        // Without a renewed lease nothing may be claimed once the old one runs
+                        // out; claims re-check leases in the database too.
                         tracing::warn!(error = %e, "lease round failed");
                         self.health.set_db(false);
                     }
@@ -263,7 +361,15 @@ impl Relay {
                 next_lease = Instant::now() + tick;
             }
             let until_lease = next_lease.saturating_duration_since(Instant::now());
+            if Instant::now() >= lease_deadline {
+                // No valid lease (the database is away, or this relay stalled): publish nothing
+                // until a lease round succeeds.
+                self.idle(stop, until_lease.min(cfg.poll_interval)).await;
+                continue;
+            }
             if owned == 0 {
+                // Other relays hold every partition: nothing is ours to do.
+                self.health.progress();
                 self.idle(stop, until_lease).await;
                 continue;
             }
@@ -284,6 +390,7 @@ impl Relay {
                             cfg.batch_size,
                             cfg.dead_letters_block,
                             exclude,
+                            margin,
                         )
                         .await
                 }
@@ -304,6 +411,7 @@ impl Relay {
             };
             if batch.is_empty() {
                 finish(&mut background).await;
+                self.health.progress();
                 self.idle(stop, cfg.poll_interval.min(until_lease)).await;
                 continue;
             }
@@ -315,6 +423,7 @@ impl Relay {
             // this batch comes back clean: a failure here must be recorded before anything later of
             // its aggregate is claimed, so after one the prefetched batch is simply dropped (a
             // claim writes nothing, so dropping it costs only the query).
+            let deadline = tokio::time::Instant::from_std(lease_deadline);
             let (outcomes, next) =
                 if batch.len() as i64 >= cfg.batch_size && next_lease > Instant::now() + tick / 4 {
                     let mut in_flight: Vec<uuid::Uuid> = batch.iter().map(|m| m.event_id).collect();
@@ -322,17 +431,18 @@ impl Relay {
                         in_flight.extend_from_slice(ids);
                     }
                     let (outcomes, next) = tokio::join!(
-                        self.publisher.publish(&batch),
+                        self.publisher.publish(&batch, deadline),
                         self.store.claim(
                             &cfg.relay_id,
                             cfg.batch_size,
                             cfg.dead_letters_block,
                             &in_flight,
+                            margin,
                         )
                     );
                     (outcomes, next.ok().filter(|b| !b.is_empty()))
                 } else {
-                    (self.publisher.publish(&batch).await, None)
+                    (self.publisher.publish(&batch, deadline).await, None)
                 };
             metrics::histogram!(m::PUBLISH_SECONDS).record(started.elapsed().as_secs_f64());
             tracing::debug!(
@@ -342,7 +452,17 @@ impl Relay {
                 "batch published"
             );
             let decided = decide(&batch, outcomes, &cfg.retry, self.publisher.name());
+            let lease_ran_out = Instant::now() >= lease_deadline;
+            if lease_ran_out {
+                // Renew (or lose) the lease before anything else is claimed.
+                tracing::warn!("the partition lease ran out during a batch; renewing it before the next claim");
+                next_lease = Instant::now();
+                prefetched = None;
+            }
             if decided.unavailable && decided.settlements.is_empty() {
+                if decided.first_reason == "lease" {
+                    continue;
+                }
                 broker_failures += 1;
                 self.health.set_broker(false);
                 let wait = backoff(broker_failures, cfg.broker_backoff_cap.min(tick));
@@ -351,7 +471,7 @@ impl Relay {
                 continue;
             }
             broker_failures = 0;
-            self.health.set_broker(!decided.unavailable);
+            self.health.set_broker(!decided.unavailable || decided.first_reason == "lease");
             // Settlements are written in batch order: the previous one first.
             finish(&mut background).await;
             let clean = !decided.unavailable
@@ -360,7 +480,9 @@ impl Relay {
                     .iter()
                     .all(|s| matches!(s, Settlement::Published(_)));
             if clean {
-                prefetched = next;
+                if !lease_ran_out {
+                    prefetched = next;
+                }
                 // Nothing in this batch holds back a later event, so the next claim need not see
                 // this settlement; it only must not claim these rows again.
                 let ids = decided.settlements.iter().filter_map(|s| match s {
@@ -370,9 +492,10 @@ impl Relay {
                 let ids: Vec<uuid::Uuid> = ids.collect();
                 let (store, health, stop) = (self.store.clone(), self.health.clone(), stop.clone());
                 let delete = self.delete_published();
+                let fence = fence.clone();
                 let handle = tokio::spawn(async move {
                     let t = Instant::now();
-                    settle(store.as_ref(), &health, &decided.settlements, delete, &stop).await;
+                    settle(store.as_ref(), &health, &decided.settlements, delete, &fence, &stop).await;
                     tracing::debug!(settle_ms = t.elapsed().as_secs_f64() * 1e3, "batch settled");
                 });
                 background = Some((handle, ids));
@@ -384,12 +507,14 @@ impl Relay {
                     &self.health,
                     &decided.settlements,
                     self.delete_published(),
+                    &fence,
                     stop,
                 )
                 .await;
             }
         }
         finish(&mut background).await;
+        Ok(())
     }
 
     fn delete_published(&self) -> bool {
@@ -426,13 +551,17 @@ async fn settle(
     health: &RelayHealth,
     settlements: &[Settlement],
     delete_published: bool,
+    fence: &Fence,
     stop: &CancellationToken,
 ) {
     let mut failures = 0u32;
     loop {
-        match store.settle(settlements, delete_published).await {
+        match store.settle(settlements, delete_published, fence).await {
             Ok(()) => {
                 health.set_db(true);
+                if !settlements.is_empty() {
+                    health.progress();
+                }
                 return;
             }
             Err(e) => {
@@ -462,6 +591,7 @@ pub(crate) struct Decided {
     pub settlements: Vec<Settlement>,
     pub unavailable: bool,
     pub first_error: String,
+    pub first_reason: &'static str,
 }
 
 /// Turns publish outcomes into settlements. Per aggregate, only the acknowledged prefix is marked
@@ -500,6 +630,7 @@ pub(crate) fn decide(
                 stopped.insert(key);
                 if out.first_error.is_empty() {
                     out.first_error = f.message.clone();
+                    out.first_reason = f.reason;
                 }
                 let kind = match f.kind {
                     FailureKind::Unavailable => "unavailable",
@@ -544,12 +675,23 @@ pub(crate) fn decide(
     out
 }
 
-async fn backlog_gauges(store: Arc<dyn RelayStore>, stop: CancellationToken) {
+/// Gauges read apart from the loop: the backlog, the broker connection (so `outbox_broker_up`
+/// follows the connection even when nothing is published), and the loop's progress (so a loop
+/// that hangs is reported by this task, which does not hang with it).
+async fn gauges(
+    store: Arc<dyn RelayStore>,
+    publisher: Arc<dyn Publisher>,
+    health: Arc<RelayHealth>,
+    stop: CancellationToken,
+) {
     loop {
         if let Ok((n, age)) = store.backlog().await {
             metrics::gauge!(m::PENDING).set(n as f64);
             metrics::gauge!(m::OLDEST_PENDING_AGE).set(age.map(|a| a.as_secs_f64()).unwrap_or(0.0));
         }
+        health.set_broker(publisher.is_connected());
+        metrics::gauge!(m::SINCE_PROGRESS).set(health.since_progress().as_secs_f64());
+        metrics::gauge!(m::STALLED).set(if health.stalled() { 1.0 } else { 0.0 });
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_secs(2)) => {}
@@ -605,6 +747,7 @@ mod tests {
             aggregate_type: "A".into(),
             aggregate_id: agg.into(),
             seq: id,
+            partition: 0,
             event_type: "E".into(),
             topic: "x".into(),
             payload: bytes::Bytes::new(),

@@ -29,34 +29,60 @@ pub enum Settlement {
 pub struct LeaseState {
     /// Partitions this relay may publish from until the next round.
     pub owned: Vec<i16>,
+    /// The lease epoch of each partition in `owned` (same order).
+    pub epochs: Vec<i64>,
     /// Live relays seen (this one included).
     pub live_relays: i64,
+}
+
+/// What a relay held when it claimed a batch: retries and dead letters of that batch are written
+/// only while it still holds those partitions under those epochs.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Fence {
+    /// The relay.
+    pub relay_id: String,
+    /// Its partitions at the last lease round.
+    pub partitions: Vec<i16>,
+    /// Their epochs (same order).
+    pub epochs: Vec<i64>,
 }
 
 /// Storage operations of the relay.
 #[async_trait]
 pub trait RelayStore: Send + Sync + 'static {
     /// Heartbeat, renew leases, take a fair share of free partitions and give back any excess.
-    /// Called only between batches, so that nothing given back is still in flight.
-    async fn lease_round(&self, relay_id: &str, lease: Duration) -> Result<LeaseState>;
+    /// Called only between batches, so that nothing given back is still in flight. `instance`
+    /// is unique per running relay: a relay id held by another live instance is refused with
+    /// [`crate::OutboxError::RelayIdInUse`].
+    async fn lease_round(&self, relay_id: &str, instance: &str, lease: Duration)
+        -> Result<LeaseState>;
 
-    /// Gives back every partition of `relay_id` and removes its heartbeat (clean shutdown).
-    async fn release_all(&self, relay_id: &str) -> Result<()>;
+    /// Gives back every partition of `relay_id` and removes its heartbeat (clean shutdown), if
+    /// `instance` still holds the id.
+    async fn release_all(&self, relay_id: &str, instance: &str) -> Result<()>;
 
     /// Up to `limit` deliverable rows of the owned partitions, in id order: pending, due, not in
     /// `exclude` (published rows whose settlement is still being written), and not behind a
-    /// failing (or, with `dead_blocks`, dead) earlier event of their aggregate.
+    /// failing (or, with `dead_blocks`, dead) earlier event of their aggregate, and only from
+    /// partitions whose lease outlives `lease_margin`. At most `limit` rows in all.
     async fn claim(
         &self,
         relay_id: &str,
         limit: i64,
         dead_blocks: bool,
         exclude: &[Uuid],
+        lease_margin: Duration,
     ) -> Result<Vec<OutboundMessage>>;
 
     /// Records the outcomes of a publish in one transaction. With `delete_published` the
-    /// acknowledged rows are deleted instead of kept as `published` (retention zero).
-    async fn settle(&self, settlements: &[Settlement], delete_published: bool) -> Result<()>;
+    /// acknowledged rows are deleted instead of kept as `published` (retention zero). Retries
+    /// and dead letters are written only within `fence`.
+    async fn settle(
+        &self,
+        settlements: &[Settlement],
+        delete_published: bool,
+        fence: &Fence,
+    ) -> Result<()>;
 
     /// Deletes up to `batch` published rows older than `retention`; returns how many.
     async fn cleanup_batch(&self, retention: Duration, batch: i64) -> Result<u64>;

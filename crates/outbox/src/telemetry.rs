@@ -19,10 +19,14 @@ pub const PENDING: &str = "outbox_pending_events";
 pub const OLDEST_PENDING_AGE: &str = "outbox_oldest_pending_age_seconds";
 /// Gauge: partitions this relay holds.
 pub const PARTITIONS_OWNED: &str = "outbox_relay_partitions_owned";
-/// Gauge: 1 when the broker connection is up.
+/// Gauge: 1 when the broker connection is up (sampled every 2 s, and after each publish).
 pub const BROKER_UP: &str = "outbox_broker_up";
 /// Gauge: 1 when the last database operation succeeded.
 pub const DATABASE_UP: &str = "outbox_database_up";
+/// Gauge: seconds since the relay's loop last made progress (settled a batch or found no work).
+pub const SINCE_PROGRESS: &str = "outbox_relay_seconds_since_progress";
+/// Gauge: 1 when work has been pending and nothing settled for longer than the stall timeout.
+pub const STALLED: &str = "outbox_relay_stalled";
 /// Histogram: seconds to publish one batch and receive its acknowledgements.
 pub const PUBLISH_SECONDS: &str = "outbox_publish_duration_seconds";
 /// Histogram: events per claimed batch.
@@ -43,6 +47,8 @@ pub const ALL: &[&str] = &[
     PARTITIONS_OWNED,
     BROKER_UP,
     DATABASE_UP,
+    SINCE_PROGRESS,
+    STALLED,
     PUBLISH_SECONDS,
     BATCH_SIZE,
     COMMIT_TO_ACK,
@@ -72,6 +78,15 @@ pub fn describe() {
     describe_gauge!(PARTITIONS_OWNED, "Partitions leased by this relay");
     describe_gauge!(BROKER_UP, "1 when the broker connection is up");
     describe_gauge!(DATABASE_UP, "1 when the database answered the last query");
+    describe_gauge!(
+        SINCE_PROGRESS,
+        Unit::Seconds,
+        "Time since the relay loop last settled a batch or found nothing to do"
+    );
+    describe_gauge!(
+        STALLED,
+        "1 when work is pending and nothing was settled for longer than the stall timeout"
+    );
     describe_histogram!(
         PUBLISH_SECONDS,
         Unit::Seconds,

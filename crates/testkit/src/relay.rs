@@ -35,7 +35,8 @@ pub async fn start_relay_on(
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
         .try_init();
-    let publisher = NatsPublisher::connect(nats, config.dedup_horizon())
+    let horizon = config.dedup_horizon(nats.ack_timeout);
+    let publisher = NatsPublisher::connect(nats, horizon)
         .await
         .expect("publisher");
     let relay = Relay::new(

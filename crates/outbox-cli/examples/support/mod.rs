@@ -40,7 +40,10 @@ pub async fn drain_with(
             retention,
             ..Default::default()
         };
-        let publisher = NatsPublisher::connect(stream.nats_config(), config.dedup_horizon())
+        let publisher = NatsPublisher::connect(
+            stream.nats_config(),
+            config.dedup_horizon(stream.nats_config().ack_timeout),
+        )
             .await
             .unwrap();
         let relay = Relay::new(
