@@ -55,8 +55,8 @@ async fn run_phase(with_relay: bool, requests: usize, concurrency: usize) -> Pha
             stream.nats_config(),
             config.dedup_horizon(stream.nats_config().ack_timeout),
         )
-            .await
-            .expect("NATS publisher");
+        .await
+        .expect("NATS publisher");
         let relay_pool = sqlx::postgres::PgPoolOptions::new()
             .max_connections(4)
             .connect(&db.url)

@@ -159,8 +159,8 @@ async fn steady_latency(rate: u64, secs: u64, notify: bool) -> Latency {
         stream.nats_config(),
         config.dedup_horizon(stream.nats_config().ack_timeout),
     )
-        .await
-        .unwrap();
+    .await
+    .unwrap();
     let relay = Relay::new(
         Arc::new(PgStore::new(db.pool.clone())),
         Arc::new(publisher),

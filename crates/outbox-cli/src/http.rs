@@ -63,8 +63,7 @@ pub fn router(probe: Probe) -> Router {
 
 async fn metrics(State(p): State<Probe>) -> impl IntoResponse {
     // The progress gauges are computed at scrape time, so that they agree with `/healthz`.
-    metrics::gauge!(outbox::telemetry::SINCE_PROGRESS)
-        .set(p.health.since_progress().as_secs_f64());
+    metrics::gauge!(outbox::telemetry::SINCE_PROGRESS).set(p.health.since_progress().as_secs_f64());
     metrics::gauge!(outbox::telemetry::STALLED).set(if p.health.stalled() { 1.0 } else { 0.0 });
     p.metrics.run_upkeep();
     (

@@ -173,7 +173,10 @@ async fn health_during_a_broker_outage() {
     );
     let m = get(port, "/metrics").await.unwrap().1;
     assert_eq!(metric(&m, "outbox_relay_stalled"), 1.0, "{m}");
-    assert!(metric(&m, "outbox_relay_seconds_since_progress") >= 3.0, "{m}");
+    assert!(
+        metric(&m, "outbox_relay_seconds_since_progress") >= 3.0,
+        "{m}"
+    );
     assert_eq!(count(&db, "published").await, 0);
     assert_eq!(count(&db, "dead").await, 0);
 
@@ -188,7 +191,10 @@ async fn health_during_a_broker_outage() {
         eventually(Duration::from_secs(10), || async {
             matches!(get(port, "/readyz").await, Some((200, b)) if b.contains("\"state\":\"up\""))
                 && get(port, "/healthz").await.map(|r| r.0) == Some(200)
-                && metric(&get(port, "/metrics").await.unwrap().1, "outbox_relay_stalled") == 0.0
+                && metric(
+                    &get(port, "/metrics").await.unwrap().1,
+                    "outbox_relay_stalled",
+                ) == 0.0
         })
         .await,
         "healthy again once the backlog is delivered"

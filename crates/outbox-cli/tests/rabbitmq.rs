@@ -762,7 +762,11 @@ async fn a_queue_refusing_publishes_is_an_outage_not_a_dead_letter() {
     );
     // Several retry budgets' worth of time (3 attempts, 50-500 ms apart).
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(count(&db, "dead").await, 0, "a full queue dead-letters nothing");
+    assert_eq!(
+        count(&db, "dead").await,
+        0,
+        "a full queue dead-letters nothing"
+    );
     let spent: i64 = sqlx::query_scalar("SELECT coalesce(sum(attempts), 0) FROM outbox_event")
         .fetch_one(&db.pool)
         .await

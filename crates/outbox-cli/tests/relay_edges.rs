@@ -123,7 +123,11 @@ async fn an_event_the_stream_refuses_is_never_overtaken_by_its_successor() {
             json!({ "n": i })
         };
         events.push(event("acme", "poisoned", data));
-        events.push(event("acme", &format!("healthy{}", i % 3), json!({ "n": i })));
+        events.push(event(
+            "acme",
+            &format!("healthy{}", i % 3),
+            json!({ "n": i }),
+        ));
     }
     let mut tx = db.pool.begin().await.unwrap();
     outbox.enqueue(&mut tx, &events).await.unwrap();
@@ -136,7 +140,10 @@ async fn an_event_the_stream_refuses_is_never_overtaken_by_its_successor() {
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     relay.shutdown().await;
-    assert!(settled, "the poison is dead, everything else but its successors published");
+    assert!(
+        settled,
+        "the poison is dead, everything else but its successors published"
+    );
     let (seq, error): (i64, String) =
         sqlx::query_as("SELECT seq, last_error FROM outbox_event WHERE status = 'dead'")
             .fetch_one(&db.pool)
@@ -178,7 +185,11 @@ async fn a_full_stream_is_an_outage_not_a_dead_letter() {
     );
     // Several retry budgets' worth of time (test_config: 4 attempts, 50-500 ms apart).
     tokio::time::sleep(Duration::from_secs(4)).await;
-    assert_eq!(count(&db, "dead").await, 0, "a full stream dead-letters nothing");
+    assert_eq!(
+        count(&db, "dead").await,
+        0,
+        "a full stream dead-letters nothing"
+    );
     let spent: i64 = sqlx::query_scalar("SELECT COALESCE(sum(attempts), 0) FROM outbox_event")
         .fetch_one(&db.pool)
         .await
@@ -188,7 +199,15 @@ async fn a_full_stream_is_an_outage_not_a_dead_letter() {
 
     // Room again: everything flows, in order.
     let js = jetstream::new(async_nats::connect(testkit::nats_url()).await.unwrap());
-    let mut info = js.get_stream(&stream.name).await.unwrap().info().await.unwrap().config.clone();
+    let mut info = js
+        .get_stream(&stream.name)
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .config
+        .clone();
     info.max_messages = -1;
     js.update_stream(info).await.unwrap();
     let done = eventually(Duration::from_secs(30), || async {
@@ -213,7 +232,10 @@ async fn a_relay_past_its_lease_is_fenced_out() {
     let lease = Duration::from_secs(30);
 
     // (1) Same relay id, another live instance.
-    let a = store.lease_round("relay-a", "instance-1", lease).await.unwrap();
+    let a = store
+        .lease_round("relay-a", "instance-1", lease)
+        .await
+        .unwrap();
     match store.lease_round("relay-a", "instance-2", lease).await {
         Err(OutboxError::RelayIdInUse { relay_id, pid, .. }) => {
             assert_eq!(relay_id, "relay-a");
@@ -239,7 +261,10 @@ async fn a_relay_past_its_lease_is_fenced_out() {
     ] {
         sqlx::query(stale).execute(&db.pool).await.unwrap();
     }
-    let b = store.lease_round("relay-b", "instance-3", lease).await.unwrap();
+    let b = store
+        .lease_round("relay-b", "instance-3", lease)
+        .await
+        .unwrap();
     assert_eq!(b.owned.len(), 64, "B took every lapsed partition");
     assert!(b.epochs.iter().zip(&a.epochs).all(|(eb, ea)| eb > ea));
     let settlements = vec![
@@ -266,7 +291,11 @@ async fn a_relay_past_its_lease_is_fenced_out() {
         (0, 0),
         "a fenced-out relay records no retry and no dead letter"
     );
-    assert_eq!(count(&db, "published").await, 1, "an acknowledgement still counts");
+    assert_eq!(
+        count(&db, "published").await,
+        1,
+        "an acknowledgement still counts"
+    );
     // A's claim now finds nothing: the partitions are B's.
     let again = store
         .claim("relay-a", 30, true, &[], Duration::ZERO)
@@ -279,7 +308,10 @@ async fn a_relay_past_its_lease_is_fenced_out() {
         .claim("relay-b", 30, true, &[], Duration::from_secs(40))
         .await
         .unwrap();
-    assert!(none.is_empty(), "nothing is claimed from a lease about to run out");
+    assert!(
+        none.is_empty(),
+        "nothing is claimed from a lease about to run out"
+    );
     let some = store
         .claim("relay-b", 30, true, &[], Duration::from_secs(5))
         .await
@@ -297,12 +329,11 @@ async fn a_second_relay_with_the_same_id_is_refused() {
     let _first = RelayProcess::spawn(&db, &stream, &["--relay-id", "twin"]);
     assert!(
         eventually(Duration::from_secs(15), || async {
-            let n: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM outbox_partition WHERE owner = 'twin'",
-            )
-            .fetch_one(store.pool())
-            .await
-            .unwrap();
+            let n: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM outbox_partition WHERE owner = 'twin'")
+                    .fetch_one(store.pool())
+                    .await
+                    .unwrap();
             n == 64
         })
         .await
@@ -335,5 +366,8 @@ fn the_duplicate_window_horizon_counts_an_ack_timeout_per_attempt() {
     let config = test_config();
     let short = config.dedup_horizon(Duration::from_secs(1));
     let long = config.dedup_horizon(Duration::from_secs(5));
-    assert_eq!(long - short, Duration::from_secs(4) * config.retry.max_attempts);
+    assert_eq!(
+        long - short,
+        Duration::from_secs(4) * config.retry.max_attempts
+    );
 }

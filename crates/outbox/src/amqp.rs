@@ -28,13 +28,20 @@
 //! *retryable* failure (`unroutable`), so the event is retried with backoff (a consumer's binding
 //! may be on its way) and ends in the outbox's dead letters, replayable, when its budget is spent.
 //!
-//! **Failures.** Broker unreachable, channel or connection broken, or a confirm that does not come
-//! within `confirm_timeout`: `Unavailable` (no attempt is used, the relay backs off, the events stay
-//! in the outbox; confirms come in publish order, so a missing one means the channel is stuck, not
-//! that the event is at fault, and the next batch opens a fresh channel). A nack: `Retryable`. A message larger than the broker's `max_message_size`
-//! (client-side check; the limit is also learnt from the broker's refusal) or a routing key over
-//! 255 bytes: `Permanent`. After a local failure the later events of the same aggregate in the batch
-//! are not sent at all, so the broker never sees them ahead of the failed one.
+//! **Failures.** Sending goes through [`crate::pipeline::run`]: at most one unconfirmed message per
+//! aggregate, at most `max_in_flight` confirms outstanding. Outages (`Unavailable`: no attempt is
+//! used, the relay backs off, the events stay in the outbox, and the next batch opens a fresh
+//! channel where the old one may be stuck): the broker unreachable, a channel or connection broken,
+//! a confirm that does not come within `confirm_timeout` (confirms come in publish order, so a
+//! missing one means the channel is stuck, not that the event is at fault), a `basic.nack` (a queue
+//! with `x-overflow: reject-publish` is full, or a queue process failed: the broker's state, not the
+//! message's), a connection the broker blocked (`connection.blocked`, a memory or disk alarm), and a
+//! publish not written within `send_timeout` (a blocked connection is not read, and `basic_publish`
+//! waits until its frames are written). Per message: a return (`Retryable`, see above); a message
+//! larger than the broker's `max_message_size` (client-side check; the limit is also learnt from the
+//! broker's refusal) or a routing key over 255 bytes (`Permanent`). After a failure the later events
+//! of the same aggregate in the batch are not sent at all, so the broker never sees them ahead of
+//! the failed one.
 //!
 //! **Reconnection.** No automatic recovery inside the client: the adapter holds at most one
 //! connection and one confirm channel, and after any failure opens new ones on the next publish
@@ -46,12 +53,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures::FutureExt;
 use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
     QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use futures::FutureExt;
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
 };

@@ -16,8 +16,8 @@ pub mod error;
 #[cfg(feature = "nats")]
 pub mod nats;
 pub mod ops;
-pub mod pipeline;
 pub mod pg;
+pub mod pipeline;
 pub mod publisher;
 pub mod relay;
 pub mod retry;

@@ -198,7 +198,9 @@ impl NatsPublisher {
     /// such a row is the event's problem, dead-lettered at once, never the relay's.
     pub fn headers(m: &OutboundMessage) -> std::result::Result<HeaderMap, PublishFailure> {
         let mut h = HeaderMap::new();
-        let mut put = |name: &'static str, value: &str| -> std::result::Result<(), PublishFailure> {
+        let mut put = |name: &'static str,
+                       value: &str|
+         -> std::result::Result<(), PublishFailure> {
             let v = value.parse::<HeaderValue>().map_err(|_| {
                 PublishFailure::new(
                     FailureKind::Permanent,

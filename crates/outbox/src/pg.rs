@@ -150,7 +150,11 @@ impl RelayStore for PgStore {
         let target = ((PARTITIONS + live - 1) / live) as usize;
         owned.sort_unstable();
         if owned.len() > target {
-            let excess: Vec<i16> = owned.split_off(target).into_iter().map(|(p, _)| p).collect();
+            let excess: Vec<i16> = owned
+                .split_off(target)
+                .into_iter()
+                .map(|(p, _)| p)
+                .collect();
             sqlx::query(
                 "UPDATE outbox_partition SET owner = NULL, lease_until = NULL
                  WHERE owner = $1 AND partition = ANY($2)",

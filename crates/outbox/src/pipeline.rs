@@ -170,9 +170,7 @@ mod tests {
     /// were unacknowledged: no aggregate may ever have two.
     #[tokio::test]
     async fn never_two_of_one_aggregate_in_flight_and_window_bounded() {
-        let batch: Vec<_> = (0..300)
-            .map(|i| msg(i, &format!("a{}", i % 7)))
-            .collect();
+        let batch: Vec<_> = (0..300).map(|i| msg(i, &format!("a{}", i % 7))).collect();
         let open: Arc<Mutex<Vec<String>>> = Arc::default();
         let max_open = Arc::new(Mutex::new(0usize));
         let order: Arc<Mutex<Vec<i64>>> = Arc::default();
@@ -211,7 +209,13 @@ mod tests {
 
     #[tokio::test]
     async fn a_refused_event_stops_its_aggregate_and_an_outage_stops_everything() {
-        let batch = vec![msg(1, "a"), msg(2, "b"), msg(3, "a"), msg(4, "b"), msg(5, "c")];
+        let batch = vec![
+            msg(1, "a"),
+            msg(2, "b"),
+            msg(3, "a"),
+            msg(4, "b"),
+            msg(5, "c"),
+        ];
         let sent: Arc<Mutex<Vec<i64>>> = Arc::default();
         let out = run(&batch, 10, far(), |m| {
             let sent = sent.clone();
@@ -219,7 +223,11 @@ mod tests {
             async move {
                 sent.lock().unwrap().push(id);
                 let r = if id == 1 {
-                    Err(PublishFailure::new(FailureKind::Permanent, "too_large", "x"))
+                    Err(PublishFailure::new(
+                        FailureKind::Permanent,
+                        "too_large",
+                        "x",
+                    ))
                 } else {
                     Ok(Delivery::Stored)
                 };
@@ -229,7 +237,10 @@ mod tests {
         .await;
         assert!(out[0].is_err() && out[1].is_ok() && out[3].is_ok() && out[4].is_ok());
         assert_eq!(out[2].as_ref().unwrap_err().reason, "held_back");
-        assert!(!sent.lock().unwrap().contains(&3), "event 3 must not be sent after 1 failed");
+        assert!(
+            !sent.lock().unwrap().contains(&3),
+            "event 3 must not be sent after 1 failed"
+        );
 
         let sent: Arc<Mutex<Vec<i64>>> = Arc::default();
         let out = run(&batch, 1, far(), |m| {
@@ -238,13 +249,21 @@ mod tests {
             async move {
                 sent.lock().unwrap().push(id);
                 if id == 2 {
-                    return Err(PublishFailure::new(FailureKind::Unavailable, "disconnected", "x"));
+                    return Err(PublishFailure::new(
+                        FailureKind::Unavailable,
+                        "disconnected",
+                        "x",
+                    ));
                 }
                 Ok(async { Ok(Delivery::Stored) }.boxed())
             }
         })
         .await;
-        assert_eq!(*sent.lock().unwrap(), vec![1, 2], "nothing is sent after an outage");
+        assert_eq!(
+            *sent.lock().unwrap(),
+            vec![1, 2],
+            "nothing is sent after an outage"
+        );
         for o in &out[1..] {
             assert_eq!(o.as_ref().unwrap_err().kind, FailureKind::Unavailable);
         }

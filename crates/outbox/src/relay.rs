@@ -455,7 +455,9 @@ impl Relay {
             let lease_ran_out = Instant::now() >= lease_deadline;
             if lease_ran_out {
                 // Renew (or lose) the lease before anything else is claimed.
-                tracing::warn!("the partition lease ran out during a batch; renewing it before the next claim");
+                tracing::warn!(
+                    "the partition lease ran out during a batch; renewing it before the next claim"
+                );
                 next_lease = Instant::now();
                 prefetched = None;
             }
@@ -471,7 +473,8 @@ impl Relay {
                 continue;
             }
             broker_failures = 0;
-            self.health.set_broker(!decided.unavailable || decided.first_reason == "lease");
+            self.health
+                .set_broker(!decided.unavailable || decided.first_reason == "lease");
             // Settlements are written in batch order: the previous one first.
             finish(&mut background).await;
             let clean = !decided.unavailable
@@ -495,7 +498,15 @@ impl Relay {
                 let fence = fence.clone();
                 let handle = tokio::spawn(async move {
                     let t = Instant::now();
-                    settle(store.as_ref(), &health, &decided.settlements, delete, &fence, &stop).await;
+                    settle(
+                        store.as_ref(),
+                        &health,
+                        &decided.settlements,
+                        delete,
+                        &fence,
+                        &stop,
+                    )
+                    .await;
                     tracing::debug!(settle_ms = t.elapsed().as_secs_f64() * 1e3, "batch settled");
                 });
                 background = Some((handle, ids));

@@ -54,8 +54,12 @@ pub trait RelayStore: Send + Sync + 'static {
     /// Called only between batches, so that nothing given back is still in flight. `instance`
     /// is unique per running relay: a relay id held by another live instance is refused with
     /// [`crate::OutboxError::RelayIdInUse`].
-    async fn lease_round(&self, relay_id: &str, instance: &str, lease: Duration)
-        -> Result<LeaseState>;
+    async fn lease_round(
+        &self,
+        relay_id: &str,
+        instance: &str,
+        lease: Duration,
+    ) -> Result<LeaseState>;
 
     /// Gives back every partition of `relay_id` and removes its heartbeat (clean shutdown), if
     /// `instance` still holds the id.

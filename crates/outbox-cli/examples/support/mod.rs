@@ -44,8 +44,8 @@ pub async fn drain_with(
             stream.nats_config(),
             config.dedup_horizon(stream.nats_config().ack_timeout),
         )
-            .await
-            .unwrap();
+        .await
+        .unwrap();
         let relay = Relay::new(
             Arc::new(PgStore::new(db.pool.clone())),
             Arc::new(publisher),
