@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{count, insert_backlog};
+use common::{attempts_spent, count, insert_backlog};
 use lapin::options::{
     BasicGetOptions, BasicRejectOptions, ExchangeDeleteOptions, QueueDeclareOptions,
     QueueDeleteOptions,
@@ -767,10 +767,7 @@ async fn a_queue_refusing_publishes_is_an_outage_not_a_dead_letter() {
         0,
         "a full queue dead-letters nothing"
     );
-    let spent: i64 = sqlx::query_scalar("SELECT coalesce(sum(attempts), 0) FROM outbox_event")
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
+    let spent = attempts_spent(&db).await;
     assert_eq!(spent, 0, "a full queue spends no attempt");
 
     rabbit
@@ -828,9 +825,6 @@ async fn a_broker_that_stops_reading_cannot_hang_the_relay() {
     proxy.restore();
     let status = status.expect("the relay exits on SIGTERM while the broker stalls");
     assert!(status.success(), "{status:?}");
-    let attempts: i64 = sqlx::query_scalar("SELECT coalesce(sum(attempts), 0) FROM outbox_event")
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
+    let attempts = attempts_spent(&db).await;
     assert_eq!(attempts, 0, "a stalled broker spends no attempt");
 }

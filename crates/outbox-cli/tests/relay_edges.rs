@@ -12,20 +12,9 @@ use std::time::Duration;
 use async_nats::jetstream;
 use common::*;
 use outbox::store::{Fence, RelayStore, Settlement};
-use outbox::{NewEvent, Outbox, OutboxError, PgStore};
+use outbox::{Outbox, OutboxError, PgStore};
 use serde_json::json;
 use testkit::{eventually, TestDb, TestStream};
-
-fn event(tenant: &str, agg: &str, data: serde_json::Value) -> NewEvent {
-    NewEvent::new(
-        tenant,
-        "ProductVariant",
-        agg,
-        "StockLevelChangedEvent",
-        "inventory.stock.changed",
-        data,
-    )
-}
 
 /// Creates `stream` up front with the given limits (the relay then only checks it).
 async fn create_stream(stream: &TestStream, tweak: impl FnOnce(&mut jetstream::stream::Config)) {
@@ -122,8 +111,8 @@ async fn an_event_the_stream_refuses_is_never_overtaken_by_its_successor() {
         } else {
             json!({ "n": i })
         };
-        events.push(event("acme", "poisoned", data));
-        events.push(event(
+        events.push(stock_event("acme", "poisoned", data));
+        events.push(stock_event(
             "acme",
             &format!("healthy{}", i % 3),
             json!({ "n": i }),
@@ -190,10 +179,7 @@ async fn a_full_stream_is_an_outage_not_a_dead_letter() {
         0,
         "a full stream dead-letters nothing"
     );
-    let spent: i64 = sqlx::query_scalar("SELECT COALESCE(sum(attempts), 0) FROM outbox_event")
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
+    let spent = attempts_spent(&db).await;
     assert_eq!(spent, 0, "a full stream spends no attempt");
     assert_eq!(count(&db, "published").await, 5);
 

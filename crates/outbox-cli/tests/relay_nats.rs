@@ -14,14 +14,7 @@ use testkit::{eventually, TestDb, TestStream};
 const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
 fn event(tenant: &str, agg: &str, n: i64) -> NewEvent {
-    NewEvent::new(
-        tenant,
-        "ProductVariant",
-        agg,
-        "StockLevelChangedEvent",
-        "inventory.stock.changed",
-        json!({ "n": n }),
-    )
+    stock_event(tenant, agg, json!({ "n": n }))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -124,6 +124,26 @@ pub async fn count(db: &TestDb, status: &str) -> i64 {
         .unwrap()
 }
 
+/// A `StockLevelChangedEvent` of the product variant `agg` carrying `data`.
+pub fn stock_event(tenant: &str, agg: &str, data: serde_json::Value) -> outbox::NewEvent {
+    outbox::NewEvent::new(
+        tenant,
+        "ProductVariant",
+        agg,
+        "StockLevelChangedEvent",
+        "inventory.stock.changed",
+        data,
+    )
+}
+
+/// Failed attempts spent by the events still in `outbox_event` (an outage must spend none).
+pub async fn attempts_spent(db: &TestDb) -> i64 {
+    sqlx::query_scalar("SELECT coalesce(sum(attempts), 0) FROM outbox_event")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+}
+
 /// A message read back from the stream.
 #[derive(Debug, Clone)]
 pub struct Seen {
