@@ -11,6 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
+use futures::StreamExt;
 
 /// The `nats-server` binary: `NATS_SERVER_BIN`, otherwise Debian's `/usr/sbin/nats-server`, or
 /// `nats-server` on the `PATH`.
@@ -128,6 +129,41 @@ impl PrivateNats {
         }
     }
 
+    /// Makes `stream` refuse new messages once it holds `room` more than now (`max_msgs` with
+    /// discard `new`): a broker that is up but refuses to store, as a full stream does. Returns
+    /// whether the limit was set.
+    pub async fn refuse_after(&self, stream: &str, room: i64) -> bool {
+        self.set_max_messages(stream, |held| held + room).await
+    }
+
+    /// Lifts the limit [`PrivateNats::refuse_after`] set. Returns whether it was lifted.
+    pub async fn accept_again(&self, stream: &str) -> bool {
+        self.set_max_messages(stream, |_| -1).await
+    }
+
+    async fn set_max_messages(&self, stream: &str, limit: impl FnOnce(i64) -> i64) -> bool {
+        let url = self.url();
+        let stream = stream.to_string();
+        tokio::time::timeout(Duration::from_secs(5), async move {
+            let Ok(client) = async_nats::connect(url).await else {
+                return false;
+            };
+            let js = jetstream::new(client);
+            let Ok(mut s) = js.get_stream(&stream).await else {
+                return false;
+            };
+            let Ok(info) = s.info().await else {
+                return false;
+            };
+            let mut config = info.config.clone();
+            config.max_messages = limit(info.state.messages as i64);
+            config.discard = jetstream::stream::DiscardPolicy::New;
+            js.update_stream(&config).await.is_ok()
+        })
+        .await
+        .unwrap_or(false)
+    }
+
     /// Every message of `stream` in stream order (direct gets work on nats-server 2.9), at most
     /// `within` for the whole read. Returns `None` when the read did not finish in time.
     pub async fn read_stream(
@@ -146,16 +182,18 @@ impl PrivateNats {
                 return Vec::new();
             };
             let state = s.info().await.expect("stream info").state.clone();
-            let mut out = Vec::with_capacity(state.messages as usize);
             if state.messages == 0 {
-                return out;
+                return Vec::new();
             }
-            for seq in state.first_sequence..=state.last_sequence {
-                if let Ok(m) = s.get_raw_message(seq).await {
-                    out.push(m);
-                }
-            }
-            out
+            // Many gets in flight, results in sequence order: a long soak's stream holds
+            // hundreds of thousands of messages, and one get at a time is bound by round trips.
+            let s = &s;
+            futures::stream::iter(state.first_sequence..=state.last_sequence)
+                .map(|seq| async move { s.get_raw_message(seq).await.ok() })
+                .buffered(64)
+                .filter_map(|m| async move { m })
+                .collect::<Vec<_>>()
+                .await
         })
         .await
         .ok()

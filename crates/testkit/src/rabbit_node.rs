@@ -98,6 +98,25 @@ impl RabbitNode {
         self.spawn(within).await
     }
 
+    /// Runs `rabbitmqctl -n <node> <args>` against this node, at most `within`.
+    pub async fn ctl_run(&self, args: &[&str], within: Duration) -> Result<(), String> {
+        let mut c = self
+            .ctl(args)
+            .map_err(|e| format!("cannot run rabbitmqctl: {e}"))?;
+        let end = Instant::now() + within;
+        while Instant::now() < end {
+            match c.try_wait() {
+                Ok(Some(st)) if st.success() => return Ok(()),
+                Ok(Some(st)) => return Err(format!("rabbitmqctl {args:?}: {st}")),
+                Ok(None) => tokio::time::sleep(Duration::from_millis(50)).await,
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+        Err(format!("rabbitmqctl {args:?} took over {within:?}"))
+    }
+
     fn env(&self, cmd: &mut Command) {
         let d = &self.dir;
         cmd.env("HOME", d)
