@@ -969,14 +969,16 @@ async fn soak(kind: BrokerKind, seed: u64, secs: Duration) {
         r.sigkill();
     }
 
+    let read_start = Instant::now();
     let read_limit = Duration::from_secs(60) + secs / 3;
     let delivered = broker
         .read_all(read_limit)
         .await
         .unwrap_or_else(|| panic!("soak seed={seed}: reading the broker took over {read_limit:?}"));
 
-    let rows: Vec<(Uuid, String, String, String, i64)> = sqlx::query_as(
-        "SELECT event_id, tenant_id, aggregate_type, aggregate_id, seq FROM outbox_event_all",
+    let read_secs = read_start.elapsed().as_secs_f64();
+    let rows: Vec<(Uuid, String, String, String, i64, String)> = sqlx::query_as(
+        "SELECT event_id, tenant_id, aggregate_type, aggregate_id, seq, status FROM outbox_event_all",
     )
     .fetch_all(&db.pool)
     .await
@@ -987,7 +989,7 @@ async fn soak(kind: BrokerKind, seed: u64, secs: Duration) {
         "soak {} seed={seed} secs={} batch={batch} committed={} (tx {}) rolled_back={} (tx {}) \
          writer_errors={} delivered_msgs={} | faults: {} relays_started={} | \
          fault phase {fault_secs:.0} s, drain {drain_secs:.1} s (drained={drained}, pending={left_pending}, \
-         dead={dead}) | lost={} phantom={} reorders={} duplicates={} seq_mismatch={} \
+         dead={dead}), read {read_secs:.1} s | lost={} undelivered={} phantom={} reorders={} duplicates={} seq_mismatch={} \
          atomicity: db_phantom={} db_missing={} commit_order={}",
         broker.label(),
         secs.as_secs(),
@@ -1000,6 +1002,7 @@ async fn soak(kind: BrokerKind, seed: u64, secs: Duration) {
         faults.summary(),
         launcher.spawned,
         report.lost,
+        report.undelivered,
         report.phantom,
         report.reorders,
         report.duplicates,
@@ -1016,47 +1019,92 @@ async fn soak(kind: BrokerKind, seed: u64, secs: Duration) {
         "seed={seed} (replay with SOAK_SEED={seed} SOAK_SECONDS={}); {summary}",
         secs.as_secs()
     );
+    // Every check is evaluated, so that one failure does not hide another.
+    let checks = [
+        (
+            ledger.tx_committed == 0 || delivered.is_empty(),
+            "the soak wrote or delivered nothing".to_string(),
+        ),
+        (
+            report.db_phantom > 0,
+            format!(
+                "{} rows in the outbox that no writer committed",
+                report.db_phantom
+            ),
+        ),
+        (
+            report.db_missing > 0,
+            format!(
+                "{} committed events missing from the outbox",
+                report.db_missing
+            ),
+        ),
+        (
+            report.commit_order > 0,
+            format!(
+                "{} seq numbers against a writer's commit order",
+                report.commit_order
+            ),
+        ),
+        (
+            report.phantom > 0,
+            format!("{} phantom messages at the broker", report.phantom),
+        ),
+        (
+            report.lost > 0,
+            format!(
+                "{} events marked published but not at the broker (lost)",
+                report.lost
+            ),
+        ),
+        (
+            report.reorders > 0,
+            format!(
+                "{} messages out of commit order in their aggregate (reorders)",
+                report.reorders
+            ),
+        ),
+        (
+            report.seq_mismatch > 0,
+            format!(
+                "{} copies that differ from their event",
+                report.seq_mismatch
+            ),
+        ),
+        (
+            dead > 0,
+            format!("{dead} dead letters (no scenario here intends them)"),
+        ),
+        (
+            !drained,
+            format!(
+                "not drained within {drain_limit:?} or stuck for 20 s ({left_pending} pending)"
+            ),
+        ),
+        (
+            report.undelivered > 0,
+            format!("{} committed events never delivered", report.undelivered),
+        ),
+    ];
+    let failed: Vec<&str> = checks
+        .iter()
+        .filter(|(bad, _)| *bad)
+        .map(|(_, what)| what.as_str())
+        .collect();
     assert!(
-        ledger.tx_committed > 0 && !delivered.is_empty(),
-        "the soak wrote and delivered nothing: {ctx}"
+        failed.is_empty(),
+        "soak failed: {}\n{ctx}",
+        failed.join("; ")
     );
-    assert_eq!(
-        report.db_phantom, 0,
-        "rows in the outbox no writer committed: {ctx}"
-    );
-    assert_eq!(
-        report.db_missing, 0,
-        "committed events missing from the outbox: {ctx}"
-    );
-    assert_eq!(
-        report.commit_order, 0,
-        "seq disagrees with a writer's commit order: {ctx}"
-    );
-    assert_eq!(report.phantom, 0, "phantom events at the broker: {ctx}");
-    assert_eq!(
-        report.reorders, 0,
-        "aggregates out of commit order at the broker: {ctx}"
-    );
-    assert_eq!(
-        report.seq_mismatch, 0,
-        "copies that differ from their event: {ctx}"
-    );
-    assert_eq!(
-        dead, 0,
-        "dead letters (no scenario here intends them): {ctx}"
-    );
-    assert!(
-        drained,
-        "the relay did not drain within {drain_limit:?}: {ctx}"
-    );
-    assert_eq!(report.lost, 0, "committed events lost: {ctx}");
 }
 
 /// What the final comparison found.
 #[derive(Default)]
 struct Report {
-    /// Committed events the broker does not hold.
+    /// Committed events the broker does not hold although the outbox marked them published.
     lost: usize,
+    /// Committed events the broker does not hold and the outbox still has (pending or dead).
+    undelivered: usize,
     /// Messages whose event no writer committed (rolled back, or unknown).
     phantom: usize,
     /// First copies that arrived after a later event of their aggregate.
@@ -1078,7 +1126,7 @@ struct Report {
 fn check(
     ledger: &Ledger,
     writer_orders: &[Vec<(Uuid, String)>],
-    rows: &[(Uuid, String, String, String, i64)],
+    rows: &[(Uuid, String, String, String, i64, String)],
     delivered: &[Delivered],
 ) -> Report {
     let mut r = Report::default();
@@ -1087,16 +1135,16 @@ fn check(
             r.examples.push(s);
         }
     };
-    let db: HashMap<Uuid, (String, i64)> = rows
+    let db: HashMap<Uuid, (String, i64, String)> = rows
         .iter()
-        .map(|(id, t, ty, a, seq)| (*id, (format!("{t}/{ty}/{a}"), *seq)))
+        .map(|(id, t, ty, a, seq, status)| (*id, (format!("{t}/{ty}/{a}"), *seq, status.clone())))
         .collect();
     let rolled_back: HashSet<Uuid> = ledger.rolled_back.iter().copied().collect();
     let mut committed: HashSet<Uuid> = ledger.committed.iter().map(|(id, _)| *id).collect();
     // A commit that did not answer counts as committed exactly when its rows exist.
     committed.extend(ledger.uncertain.iter().filter(|id| db.contains_key(id)));
 
-    for (id, (agg, seq)) in &db {
+    for (id, (agg, seq, _)) in &db {
         if !committed.contains(id) {
             r.db_phantom += 1;
             let why = if rolled_back.contains(id) {
@@ -1116,7 +1164,9 @@ fn check(
     for order in writer_orders {
         let mut last: HashMap<&str, i64> = HashMap::new();
         for (id, agg) in order {
-            let Some((_, seq)) = db.get(id) else { continue };
+            let Some((_, seq, _)) = db.get(id) else {
+                continue;
+            };
             let prev = last.insert(agg.as_str(), *seq);
             if prev.is_some_and(|p| p >= *seq) {
                 r.commit_order += 1;
@@ -1162,7 +1212,7 @@ fn check(
             continue;
         }
         first.insert(&m.event_id, (&m.aggregate, m.seq, m.payload_len));
-        let (agg, seq) = &db[&id.expect("checked above")];
+        let (agg, seq, _) = &db[&id.expect("checked above")];
         if *agg != m.aggregate || *seq != m.seq {
             r.seq_mismatch += 1;
             note(
@@ -1196,17 +1246,32 @@ fn check(
             ),
         );
     }
-    let mut lost_examples = Vec::new();
+    // Not at the broker: lost if the outbox marked it published (the invariant that a row is
+    // published only after the broker acknowledged it is broken), undelivered if it is still
+    // pending or dead (the drain did not finish: dead letters, a stuck relay).
+    let (mut lost_examples, mut undelivered_examples) = (Vec::new(), Vec::new());
     for id in &committed {
         if !first.contains_key(id.to_string().as_str()) {
-            r.lost += 1;
-            if lost_examples.len() < 5 {
-                lost_examples.push(format!("{id} ({:?})", db.get(id)));
+            let (agg, seq, status) = db.get(id).cloned().unwrap_or_default();
+            let (count, examples) = if status == "published" {
+                (&mut r.lost, &mut lost_examples)
+            } else {
+                (&mut r.undelivered, &mut undelivered_examples)
+            };
+            *count += 1;
+            if examples.len() < 5 {
+                examples.push(format!("{id} ({agg} seq {seq}, {status})"));
             }
         }
     }
     if !lost_examples.is_empty() {
         note(&mut r, format!("lost, e.g. {}", lost_examples.join(", ")));
+    }
+    if !undelivered_examples.is_empty() {
+        note(
+            &mut r,
+            format!("undelivered, e.g. {}", undelivered_examples.join(", ")),
+        );
     }
     r
 }
