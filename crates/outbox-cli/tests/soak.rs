@@ -1,26 +1,40 @@
-//! Randomized, seeded fault soak of the `outbox relay` binary against both brokers.
+//! Randomized, seeded fault soak of the `outbox relay` binary against both brokers
+//! (`docs/faults.md` has the commands and the results).
 //!
-//! Several writers commit (and on purpose roll back) transactions on a few hot aggregates with
-//! bursts and many cold ones across tenants, while the relay reaches PostgreSQL and the broker
-//! through cuttable proxies. At seeded random moments the soak cuts either connection for 50 ms
-//! to 2 s (half of the broker cuts, and the "PostgreSQL after publish" cuts and half of the
-//! kills, wait until the relay is sending to the broker, so that they land inside a batch),
-//! SIGKILLs the relay and starts a new one, runs a second relay for a while (lease take-over),
-//! and restarts the broker once. The broker is private to the soak (a `nats-server` on a free
-//! port with its own store; a RabbitMQ node with its own name, ports and data directory), so the
-//! shared brokers are never restarted. If the private RabbitMQ node cannot be started within
-//! 20 s, `soak_rabbitmq` falls back to the shared broker, restarts nothing, and replaces the
-//! restart with an 8 s cut of the broker proxy; it says so in its output (`broker=shared`).
+//! Four writers commit (and, one transaction in ten, roll back on purpose) transactions on six
+//! hot aggregates, with bursts of up to 30 events of one aggregate in one transaction, and on
+//! 3000 cold ones across four tenants, while the relay (`--batch-size` 50-200, from the seed)
+//! reaches PostgreSQL and the broker through cuttable proxies. At seeded random moments the
+//! soak:
+//! - cuts the broker connection, the PostgreSQL connection, or both, for 50 ms to 2 s; half of
+//!   the broker cuts, the "PostgreSQL after publish" cuts (broker acknowledged, settlement not yet
+//!   written) and half of the kills first wait until the relay is sending to the broker, so that
+//!   they land inside a batch;
+//! - SIGKILLs a relay and starts another; starts a second relay for a while and later kills one of
+//!   the two (lease take-over);
+//! - makes the broker refuse to store for 1-5 s while staying up (a full stream with discard
+//!   `new`; on RabbitMQ a bound queue with `x-max-length` 0 and `reject-publish`, so that every
+//!   publish is nacked): an outage of the broker, which must not spend attempts nor dead-letter;
+//!   `SOAK_REFUSALS=0` leaves these out;
+//! - restarts the broker once (a clean stop, a pause, a start on the same store).
 //!
-//! At the end faults stop, the relay drains (bounded), and the broker's content is checked
-//! against what the writers committed and what the database says: 0 lost, 0 phantom, each
-//! aggregate's first copies in `Outbox-Seq` order (commit order), duplicates only as identical
-//! re-sends of one `eventId` (counted, allowed), no dead letters, nothing left pending.
+//! The broker is private to the soak (a `nats-server` on a free port with its own store; a
+//! RabbitMQ node with its own name, ports, cookie and data directory), so the shared brokers are
+//! never restarted. If the private RabbitMQ node cannot be started within 20 s, `soak_rabbitmq`
+//! falls back to the shared broker: it restarts nothing and cuts the broker proxy for 8 s
+//! instead, and says so in its output (`rabbitmq(shared: no restart)`).
+//!
+//! At the end faults stop, the relay drains (bounded; given up after 20 s without progress), and
+//! the broker's content is checked against what the writers committed and what the database says:
+//! 0 lost, 0 phantom, each aggregate's first copies in `Outbox-Seq` order (commit order: the
+//! database's `seq`, itself checked against each writer's own commit order), duplicates only as
+//! identical re-sends of one `eventId` (counted, allowed), no dead letters, nothing left pending.
 //!
 //! `SOAK_SEED` replays a run's schedule (the seed is printed first and in every failure); the
 //! machine's timing still varies, so a replay sharpens the odds rather than repeating a run byte
 //! for byte. `SOAK_SECONDS` sets the fault phase (default 45 s per broker); `scripts/soak.sh`
-//! runs long soaks. `SOAK_RELAY_LOG=1` keeps the relays' logs (their path is printed).
+//! runs long soaks. `SOAK_RELAY_LOG=1` keeps the relays' logs (their path is printed); a failed
+//! soak prints their last lines.
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -29,7 +43,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, ExchangeDeleteOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, ExchangeDeleteOptions, QueueBindOptions,
     QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
@@ -137,6 +151,7 @@ impl Broker {
                             ],
                             queues: vec![
                                 queue.clone(),
+                                format!("{queue}.refuse"),
                                 format!("{queue}.dlq"),
                                 format!("{exchange}.unroutable"),
                             ],
@@ -160,6 +175,9 @@ impl Broker {
                 )
                 .await
                 .unwrap_or_else(|e| panic!("soak seed={seed}: declare the soak's queue: {e}"));
+                declare_refuser(&url, &queue).await.unwrap_or_else(|e| {
+                    panic!("soak seed={seed}: declare the refusing queue: {e}")
+                });
                 Broker::Rabbit {
                     node,
                     url,
@@ -251,52 +269,58 @@ impl Broker {
         }
     }
 
-    /// Makes the broker refuse new messages after `room` more (a full stream; a queue at its
-    /// `max-length` with `reject-publish`), with the connection up. Returns whether it does:
-    /// not on the shared RabbitMQ, where the soak has no `rabbitmqctl` rights to use.
+    /// Makes the broker refuse new messages while staying up: on NATS the stream gets full
+    /// (`max_msgs` `room` above its count, discard `new`); on RabbitMQ a queue that rejects
+    /// everything (`x-max-length` 0, `reject-publish`) is bound to the exchange, so every publish
+    /// is nacked. (A `max-length` policy on the soak's queue would drop its head the moment it
+    /// applies below the queue's depth: RabbitMQ applies `max-length` before `overflow`.)
+    /// Returns whether the refusal is in place.
     async fn refuse(&self, room: i64) -> bool {
         match self {
             Broker::Nats { server, stream, .. } => server.refuse_after(stream, room).await,
             Broker::Rabbit {
-                node: Some(n),
                 url,
+                exchange,
                 queue,
                 ..
-            } => {
-                let Some(depth) = queue_depth(url, queue).await else {
-                    return false;
-                };
-                let policy =
-                    json!({ "max-length": depth as i64 + room, "overflow": "reject-publish" });
-                n.ctl_run(
-                    &[
-                        "set_policy",
-                        "soak_refuse",
-                        &format!("^{}$", queue.replace('.', "\\.")),
-                        &policy.to_string(),
-                        "--apply-to",
-                        "queues",
-                    ],
-                    Duration::from_secs(15),
-                )
-                .await
-                .is_ok()
-            }
-            Broker::Rabbit { node: None, .. } => false,
+            } => bind_refuser(url, exchange, queue, true).await,
         }
     }
 
     /// Ends [`Broker::refuse`]; panics if it cannot, since the soak could not drain.
     async fn accept(&self, seed: u64) {
-        let ok = match self {
-            Broker::Nats { server, stream, .. } => server.accept_again(stream).await,
-            Broker::Rabbit { node: Some(n), .. } => n
-                .ctl_run(&["clear_policy", "soak_refuse"], Duration::from_secs(15))
-                .await
-                .is_ok(),
-            Broker::Rabbit { node: None, .. } => true,
-        };
+        let mut ok = false;
+        // The broker may be busy: a few tries, each bounded.
+        for _ in 0..5 {
+            ok = match self {
+                Broker::Nats { server, stream, .. } => server.accept_again(stream).await,
+                Broker::Rabbit {
+                    url,
+                    exchange,
+                    queue,
+                    ..
+                } => bind_refuser(url, exchange, queue, false).await,
+            };
+            if ok {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
         assert!(ok, "soak seed={seed}: could not lift the broker's refusal");
+    }
+
+    /// Messages the broker itself set aside (RabbitMQ: the soak queue's dead-letter queue and
+    /// the refusing queue): none are expected, and any would be counted as lost otherwise.
+    async fn set_aside(&self) -> u32 {
+        match self {
+            Broker::Nats { .. } => 0,
+            Broker::Rabbit { url, queue, .. } => {
+                queue_depth(url, &format!("{queue}.dlq")).await.unwrap_or(0)
+                    + queue_depth(url, &format!("{queue}.refuse"))
+                        .await
+                        .unwrap_or(0)
+            }
+        }
     }
 
     /// Everything the broker holds for the soak, in broker order; `None` if reading took longer
@@ -381,6 +405,63 @@ impl Drop for SharedRabbitNames {
         })
         .join();
     }
+}
+
+/// The queue that makes RabbitMQ refuse the soak's messages while it is bound: declared once,
+/// durable, rejecting everything (`x-max-length` 0, `reject-publish`).
+async fn declare_refuser(url: &str, queue: &str) -> Result<(), lapin::Error> {
+    let conn = Connection::connect(url, ConnectionProperties::default()).await?;
+    let ch = conn.create_channel().await?;
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), AMQPValue::LongLongInt(0));
+    args.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    ch.queue_declare(
+        format!("{queue}.refuse").as_str().into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        args,
+    )
+    .await?;
+    let _ = conn.close(200, "declared".into()).await;
+    Ok(())
+}
+
+/// Binds (`on`) or unbinds the refusing queue; whether it worked, within 10 s.
+async fn bind_refuser(url: &str, exchange: &str, queue: &str, on: bool) -> bool {
+    let refuser = format!("{queue}.refuse");
+    let work = async {
+        let conn = Connection::connect(url, ConnectionProperties::default()).await?;
+        let ch = conn.create_channel().await?;
+        if on {
+            ch.queue_bind(
+                refuser.as_str().into(),
+                exchange.into(),
+                "#".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        } else {
+            ch.queue_unbind(
+                refuser.as_str().into(),
+                exchange.into(),
+                "#".into(),
+                FieldTable::default(),
+            )
+            .await?;
+        }
+        let _ = conn.close(200, "bound".into()).await;
+        Ok::<_, lapin::Error>(())
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(10), work).await,
+        Ok(Ok(()))
+    )
 }
 
 async fn queue_depth(url: &str, queue: &str) -> Option<u32> {
@@ -977,6 +1058,7 @@ async fn soak(kind: BrokerKind, seed: u64, secs: Duration) {
         .unwrap_or_else(|| panic!("soak seed={seed}: reading the broker took over {read_limit:?}"));
 
     let read_secs = read_start.elapsed().as_secs_f64();
+    let set_aside = broker.set_aside().await;
     let rows: Vec<(Uuid, String, String, String, i64, String)> = sqlx::query_as(
         "SELECT event_id, tenant_id, aggregate_type, aggregate_id, seq, status FROM outbox_event_all",
     )
@@ -989,7 +1071,7 @@ async fn soak(kind: BrokerKind, seed: u64, secs: Duration) {
         "soak {} seed={seed} secs={} batch={batch} committed={} (tx {}) rolled_back={} (tx {}) \
          writer_errors={} delivered_msgs={} | faults: {} relays_started={} | \
          fault phase {fault_secs:.0} s, drain {drain_secs:.1} s (drained={drained}, pending={left_pending}, \
-         dead={dead}), read {read_secs:.1} s | lost={} undelivered={} phantom={} reorders={} duplicates={} seq_mismatch={} \
+         dead={dead}), read {read_secs:.1} s | set_aside_by_broker={set_aside} lost={} undelivered={} phantom={} reorders={} duplicates={} seq_mismatch={} \
          atomicity: db_phantom={} db_missing={} commit_order={}",
         broker.label(),
         secs.as_secs(),
@@ -1014,6 +1096,19 @@ async fn soak(kind: BrokerKind, seed: u64, secs: Duration) {
     eprintln!("{summary}");
     for line in &report.examples {
         eprintln!("  {line}");
+    }
+    if dead > 0 {
+        // Which failure dead-lettered them tells which fault did it.
+        let why: Vec<(Option<String>, i64)> = sqlx::query_as(
+            "SELECT last_error, count(*) FROM outbox_event WHERE status = 'dead'
+             GROUP BY 1 ORDER BY 2 DESC LIMIT 3",
+        )
+        .fetch_all(&db.pool)
+        .await
+        .unwrap_or_default();
+        for (error, n) in why {
+            eprintln!("  {n} dead letters: {}", error.unwrap_or_default());
+        }
     }
     let ctx = format!(
         "seed={seed} (replay with SOAK_SEED={seed} SOAK_SECONDS={}); {summary}",
@@ -1056,6 +1151,10 @@ async fn soak(kind: BrokerKind, seed: u64, secs: Duration) {
                 "{} events marked published but not at the broker (lost)",
                 report.lost
             ),
+        ),
+        (
+            set_aside > 0,
+            format!("{set_aside} messages the broker set aside (dead-letter or refusing queue)"),
         ),
         (
             report.reorders > 0,
