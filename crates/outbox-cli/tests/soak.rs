@@ -820,10 +820,11 @@ async fn run(kind: BrokerKind) {
         secs.as_secs()
     );
     let started = Instant::now();
-    // The whole soak is bounded: faults, then a drain of at most 60 s plus a quarter of the
-    // fault phase, then reading the broker (60 s plus a third); a hanging relay fails the test
+    // The whole soak is bounded: faults, then a drain of at most 60 s plus half the fault phase
+    // (a long soak leaves a backlog: the debug-built relay falls behind the writers under
+    // faults), then reading the broker (60 s plus a third); a hanging relay fails the test
     // instead of hanging it.
-    let limit = secs.mul_f64(1.7) + Duration::from_secs(180);
+    let limit = secs * 2 + Duration::from_secs(180);
     match tokio::time::timeout(limit, soak(kind, seed, secs)).await {
         Ok(()) => eprintln!(
             "soak {kind:?} seed={seed}: done in {:.0} s",
@@ -1023,7 +1024,7 @@ async fn soak(kind: BrokerKind, seed: u64, secs: Duration) {
     let fault_secs = t0.elapsed().as_secs_f64();
 
     // Drain: faults are over; the relays that are left (one or two) deliver the rest.
-    let drain_limit = Duration::from_secs(60) + secs / 4;
+    let drain_limit = Duration::from_secs(60) + secs / 2;
     let drain_start = Instant::now();
     let mut drained = false;
     let (mut least, mut progress_at) = (i64::MAX, Instant::now());
