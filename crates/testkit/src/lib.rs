@@ -2,7 +2,10 @@
 //! its own stream, and both are removed when the test ends, so tests run in parallel and leave
 //! nothing behind.
 
+pub mod faults;
+pub mod nats_server;
 pub mod proxy;
+pub mod rabbit_node;
 pub mod relay;
 
 use std::time::Duration;
