@@ -144,9 +144,9 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> {
                     ApiError::BadRequest(r.body_text())
                 }
             })?;
-        let Json(v) = Json::<T>::from_bytes(&bytes).map_err(json_rejection)?;
-        // Parsed again as a tree only to look at every string (keys too): cheap next to the
-        // database round trips, and it covers fields added later without a check each.
+        // Parsed as a tree first only to look at every string (keys too): cheap next to the
+        // database round trips, and it covers fields added later without a check each. Malformed
+        // JSON falls through to the typed parse, whose error says where.
         if let Ok(tree) = serde_json::from_slice::<Value>(&bytes) {
             if let Some(path) = nul_path(&tree, "$") {
                 return Err(ApiError::Unprocessable(format!(
@@ -154,6 +154,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> {
                 )));
             }
         }
+        let Json(v) = Json::<T>::from_bytes(&bytes).map_err(json_rejection)?;
         Ok(Body(v))
     }
 }

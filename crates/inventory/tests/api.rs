@@ -1111,7 +1111,10 @@ async fn correlation_health_and_openapi() {
         .await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(r["status"], "LOW_STOCK");
-    let last = app.events().await.pop().unwrap();
+    // The status change, then the threshold reached (raising it is a crossing too: README).
+    let mut ev = app.events().await;
+    let low = ev.pop().unwrap();
+    let last = ev.pop().unwrap();
     assert_eq!(
         (
             last.data["oldStatus"].as_str(),
@@ -1119,6 +1122,7 @@ async fn correlation_health_and_openapi() {
         ),
         (Some("IN_STOCK"), Some("LOW_STOCK"))
     );
+    assert_eq!(low.event_type, "LowStockThresholdReachedEvent");
     // Stock cannot fall below what is reserved.
     let (s, _) = app
         .post(
