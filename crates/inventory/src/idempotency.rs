@@ -113,11 +113,11 @@ pub async fn purge_expired(
     let mut total = 0;
     loop {
         let n = sqlx::query(PURGE_SQL)
-        .bind(ttl.as_secs_f64())
-        .bind(batch.max(1))
-        .execute(pool)
-        .await?
-        .rows_affected();
+            .bind(ttl.as_secs_f64())
+            .bind(batch.max(1))
+            .execute(pool)
+            .await?
+            .rows_affected();
         total += n;
         if n < batch.max(1) as u64 {
             return Ok(total);

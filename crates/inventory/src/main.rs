@@ -122,11 +122,13 @@ struct TokenArgs {
 /// key = the event's topic, tenant in the `Outbox-Tenant-Id` header. Set here, not in the shared
 /// relay flags, so `outbox relay` keeps its generic defaults.
 fn seed_defaults(cmd: clap::Command) -> clap::Command {
-    cmd.mut_arg("amqp_exchange", |a| a.default_value(inventory::SEED_EXCHANGE))
-        .mut_arg("amqp_routing_key", |a| {
-            a.default_value(inventory::SEED_ROUTING_KEY)
-        })
-        .mut_arg("amqp_tenant_in_header_only", |a| a.default_value("true"))
+    cmd.mut_arg("amqp_exchange", |a| {
+        a.default_value(inventory::SEED_EXCHANGE)
+    })
+    .mut_arg("amqp_routing_key", |a| {
+        a.default_value(inventory::SEED_ROUTING_KEY)
+    })
+    .mut_arg("amqp_tenant_in_header_only", |a| a.default_value("true"))
 }
 
 #[tokio::main]

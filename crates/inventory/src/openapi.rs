@@ -52,7 +52,8 @@ impl Modify for Security {
     fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
         let components = doc.components.get_or_insert_with(Default::default);
         let mut bearer = Http::new(HttpAuthScheme::Bearer);
-        bearer.bearer_format = Some("JWT (HS256; claims tenant, sub, exp, optional iss/aud)".into());
+        bearer.bearer_format =
+            Some("JWT (HS256; claims tenant, sub, exp, optional iss/aud)".into());
         components.add_security_scheme("bearer", SecurityScheme::Http(bearer));
     }
 }

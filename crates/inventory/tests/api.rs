@@ -1241,12 +1241,19 @@ async fn nul_characters_are_refused_with_422_or_401_and_change_nothing() {
             .await;
         assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{name}: {p}");
         assert_eq!(h["content-type"], "application/problem+json");
-        assert!(p["detail"].as_str().unwrap().contains("U+0000"), "{name}: {p}");
+        assert!(
+            p["detail"].as_str().unwrap().contains("U+0000"),
+            "{name}: {p}"
+        );
     }
     // A validly signed token whose sub holds a NUL.
     let nul_sub = sign(json!({"tenant": "acme", "sub": "al\u{0}ice", "exp": now() + 600}));
     let (s, p) = app
-        .post(&nul_sub, &adj, json!({"changeType": "PURCHASE", "quantity": 1}))
+        .post(
+            &nul_sub,
+            &adj,
+            json!({"changeType": "PURCHASE", "quantity": 1}),
+        )
         .await;
     assert_eq!(s, StatusCode::UNAUTHORIZED, "{p}");
     assert_eq!(footprint(&app).await, before, "nothing was written");
@@ -1370,14 +1377,34 @@ async fn tokens_not_yet_valid_or_issued_in_the_future_are_refused() {
     let path = format!("/variants/{}", Uuid::now_v7());
     let n = now();
     for (name, claims, ok) in [
-        ("nbf in a minute", json!({"tenant": "acme", "sub": "u", "exp": n + 600, "nbf": n + 60}), false),
-        ("iat in a minute", json!({"tenant": "acme", "sub": "u", "exp": n + 600, "iat": n + 60}), false),
-        ("nbf within the leeway", json!({"tenant": "acme", "sub": "u", "exp": n + 600, "nbf": n + 2, "iat": n + 2}), true),
-        ("nbf passed", json!({"tenant": "acme", "sub": "u", "exp": n + 600, "nbf": n - 60, "iat": n - 60}), true),
+        (
+            "nbf in a minute",
+            json!({"tenant": "acme", "sub": "u", "exp": n + 600, "nbf": n + 60}),
+            false,
+        ),
+        (
+            "iat in a minute",
+            json!({"tenant": "acme", "sub": "u", "exp": n + 600, "iat": n + 60}),
+            false,
+        ),
+        (
+            "nbf within the leeway",
+            json!({"tenant": "acme", "sub": "u", "exp": n + 600, "nbf": n + 2, "iat": n + 2}),
+            true,
+        ),
+        (
+            "nbf passed",
+            json!({"tenant": "acme", "sub": "u", "exp": n + 600, "nbf": n - 60, "iat": n - 60}),
+            true,
+        ),
     ] {
         let (s, p) = app.get(&sign(claims), &path).await;
         if ok {
-            assert_eq!(s, StatusCode::NOT_FOUND, "{name}: accepted, the variant is unknown: {p}");
+            assert_eq!(
+                s,
+                StatusCode::NOT_FOUND,
+                "{name}: accepted, the variant is unknown: {p}"
+            );
         } else {
             assert_eq!(s, StatusCode::UNAUTHORIZED, "{name}: {p}");
         }
@@ -1391,10 +1418,22 @@ async fn tokens_not_yet_valid_or_issued_in_the_future_are_refused() {
     let keys = JwtKeys::with_rules(SECRET, rules);
     assert!(keys.verify(&keys.mint("acme", "u", 60).unwrap()).is_ok());
     for (name, claims) in [
-        ("no iss", json!({"tenant": "acme", "sub": "u", "exp": n + 600, "aud": "inventory"})),
-        ("wrong iss", json!({"tenant": "acme", "sub": "u", "exp": n + 600, "iss": "evil", "aud": "inventory"})),
-        ("no aud", json!({"tenant": "acme", "sub": "u", "exp": n + 600, "iss": "https://id.example"})),
-        ("wrong aud", json!({"tenant": "acme", "sub": "u", "exp": n + 600, "iss": "https://id.example", "aud": "billing"})),
+        (
+            "no iss",
+            json!({"tenant": "acme", "sub": "u", "exp": n + 600, "aud": "inventory"}),
+        ),
+        (
+            "wrong iss",
+            json!({"tenant": "acme", "sub": "u", "exp": n + 600, "iss": "evil", "aud": "inventory"}),
+        ),
+        (
+            "no aud",
+            json!({"tenant": "acme", "sub": "u", "exp": n + 600, "iss": "https://id.example"}),
+        ),
+        (
+            "wrong aud",
+            json!({"tenant": "acme", "sub": "u", "exp": n + 600, "iss": "https://id.example", "aud": "billing"}),
+        ),
     ] {
         let e = keys.verify(&sign(claims)).unwrap_err();
         assert_eq!(e.status(), StatusCode::UNAUTHORIZED, "{name}");
@@ -1402,7 +1441,9 @@ async fn tokens_not_yet_valid_or_issued_in_the_future_are_refused() {
     // Without rules, iss and aud are not judged.
     let plain = JwtKeys::new(SECRET);
     assert!(plain
-        .verify(&sign(json!({"tenant": "acme", "sub": "u", "exp": n + 600, "iss": "x", "aud": "y"})))
+        .verify(&sign(
+            json!({"tenant": "acme", "sub": "u", "exp": n + 600, "iss": "x", "aud": "y"})
+        ))
         .is_ok());
 }
 
@@ -1437,15 +1478,13 @@ async fn the_idempotency_purge_reads_the_created_at_index() {
         .execute(&app.db.pool)
         .await
         .unwrap();
-    let plan: Vec<String> = sqlx::query_scalar(&format!(
-        "EXPLAIN {}",
-        inventory::idempotency::PURGE_SQL
-    ))
-    .bind(24.0 * 3600.0)
-    .bind(1000i64)
-    .fetch_all(&app.db.pool)
-    .await
-    .unwrap();
+    let plan: Vec<String> =
+        sqlx::query_scalar(&format!("EXPLAIN {}", inventory::idempotency::PURGE_SQL))
+            .bind(24.0 * 3600.0)
+            .bind(1000i64)
+            .fetch_all(&app.db.pool)
+            .await
+            .unwrap();
     let plan = plan.join("\n");
     assert!(
         plan.contains("inv_idempotency_created_at"),
@@ -1464,7 +1503,10 @@ async fn the_idempotency_purge_reads_the_created_at_index() {
 /// Checks the rule that ties the status and low-stock events together (README): both report
 /// available stock, and a `LowStockThresholdReachedEvent` comes right after exactly those
 /// status changes that leave `IN_STOCK` for `LOW_STOCK` or `OUT_OF_STOCK` under a threshold > 0.
-fn assert_status_and_low_stock_agree(ev: &[Event], thresholds: &std::collections::HashMap<String, i64>) {
+fn assert_status_and_low_stock_agree(
+    ev: &[Event],
+    thresholds: &std::collections::HashMap<String, i64>,
+) {
     for (i, e) in ev.iter().enumerate() {
         let next = ev.get(i + 1);
         match e.event_type.as_str() {
@@ -1475,9 +1517,15 @@ fn assert_status_and_low_stock_agree(ev: &[Event], thresholds: &std::collections
                     && (d["newStatus"] == "LOW_STOCK" || d["newStatus"] == "OUT_OF_STOCK")
                     && t > 0;
                 let low = next.filter(|n| {
-                    n.event_type == "LowStockThresholdReachedEvent" && n.aggregate_id == e.aggregate_id
+                    n.event_type == "LowStockThresholdReachedEvent"
+                        && n.aggregate_id == e.aggregate_id
                 });
-                assert_eq!(crossing, low.is_some(), "{d} then {:?}", next.map(|n| &n.data));
+                assert_eq!(
+                    crossing,
+                    low.is_some(),
+                    "{d} then {:?}",
+                    next.map(|n| &n.data)
+                );
                 if let Some(l) = low {
                     assert_eq!(l.data["currentQuantity"], d["currentQuantity"]);
                     assert_eq!(l.data["lowStockThreshold"], t);
@@ -1489,7 +1537,10 @@ fn assert_status_and_low_stock_agree(ev: &[Event], thresholds: &std::collections
                     "IN_STOCK" => q > t,
                     _ => true,
                 };
-                assert!(want, "status agrees with currentQuantity {q} and threshold {t}: {d}");
+                assert!(
+                    want,
+                    "status agrees with currentQuantity {q} and threshold {t}: {d}"
+                );
             }
             "LowStockThresholdReachedEvent" => {
                 let prev = &ev[i - 1];
@@ -1509,39 +1560,78 @@ async fn status_and_low_stock_events_agree_on_available_stock() {
     let zero = app.variant(&t, 0, 3).await;
     thresholds.insert(zero.to_string(), 0);
     let (s, _) = app
-        .post(&t, &format!("/variants/{zero}/adjustments"), json!({"changeType": "SALE", "quantity": -3}))
+        .post(
+            &t,
+            &format!("/variants/{zero}/adjustments"),
+            json!({"changeType": "SALE", "quantity": -3}),
+        )
         .await;
     assert_eq!(s, StatusCode::OK);
     let ev = app.events().await;
-    assert!(!ev.iter().any(|e| e.event_type == "LowStockThresholdReachedEvent"));
+    assert!(!ev
+        .iter()
+        .any(|e| e.event_type == "LowStockThresholdReachedEvent"));
     // Reserving 8 of 10 under threshold 5: physical stays 10, available is 2; both events say 2.
     let v = app.variant(&t, 5, 10).await;
     thresholds.insert(v.to_string(), 5);
     let (s, r) = app
-        .post(&t, "/reservations", json!({"orderId": Uuid::now_v7(), "lines": [{"productVariantId": v, "quantity": 8}]}))
+        .post(
+            &t,
+            "/reservations",
+            json!({"orderId": Uuid::now_v7(), "lines": [{"productVariantId": v, "quantity": 8}]}),
+        )
         .await;
     assert_eq!(s, StatusCode::CREATED, "{r}");
     let last = app.events().await;
-    let low = last.iter().rev().find(|e| e.event_type == "LowStockThresholdReachedEvent").unwrap();
+    let low = last
+        .iter()
+        .rev()
+        .find(|e| e.event_type == "LowStockThresholdReachedEvent")
+        .unwrap();
     assert_eq!(low.data["currentQuantity"], 2);
-    let st = last.iter().rev().find(|e| e.event_type == "StockStatusChangedEvent").unwrap();
-    assert_eq!((st.data["newStatus"].as_str(), st.data["currentQuantity"].as_i64()), (Some("LOW_STOCK"), Some(2)));
+    let st = last
+        .iter()
+        .rev()
+        .find(|e| e.event_type == "StockStatusChangedEvent")
+        .unwrap();
+    assert_eq!(
+        (
+            st.data["newStatus"].as_str(),
+            st.data["currentQuantity"].as_i64()
+        ),
+        (Some("LOW_STOCK"), Some(2))
+    );
     // Raising the threshold above available stock is a crossing too: both events.
     let w = app.variant(&t, 2, 10).await;
     let before = app.events().await.len();
     let (s, _, _) = app
-        .call(Method::PUT, &format!("/variants/{w}"), Some(&t), Some(json!({"lowStockThreshold": 20})), &[])
+        .call(
+            Method::PUT,
+            &format!("/variants/{w}"),
+            Some(&t),
+            Some(json!({"lowStockThreshold": 20})),
+            &[],
+        )
         .await;
     assert_eq!(s, StatusCode::OK);
     thresholds.insert(w.to_string(), 20);
     let ev = app.events().await;
     let types: Vec<&str> = ev[before..].iter().map(|e| e.event_type.as_str()).collect();
-    assert_eq!(types, ["StockStatusChangedEvent", "LowStockThresholdReachedEvent"]);
+    assert_eq!(
+        types,
+        ["StockStatusChangedEvent", "LowStockThresholdReachedEvent"]
+    );
     assert_eq!(ev[before + 1].data["currentQuantity"], 10);
     assert_eq!(ev[before + 1].data["lowStockThreshold"], 20);
     // Lowering it again: back to IN_STOCK, no threshold event.
     let (s, _, _) = app
-        .call(Method::PUT, &format!("/variants/{w}"), Some(&t), Some(json!({"lowStockThreshold": 2})), &[])
+        .call(
+            Method::PUT,
+            &format!("/variants/{w}"),
+            Some(&t),
+            Some(json!({"lowStockThreshold": 2})),
+            &[],
+        )
         .await;
     assert_eq!(s, StatusCode::OK);
     // The thresholds of the events above are the current ones except the raise; check the
@@ -1564,25 +1654,48 @@ async fn the_openapi_document_declares_every_answer_of_every_route() {
         let (s, _, p) = app.call(Method::PUT, &v, Some(&t), Some(body), &[]).await;
         assert_eq!(s.as_u16(), want, "{p}");
     }
-    let (s, _, _) = app.call(Method::PUT, "/variants/nope", Some(&t), Some(put(1)), &[]).await;
+    let (s, _, _) = app
+        .call(Method::PUT, "/variants/nope", Some(&t), Some(put(1)), &[])
+        .await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
     // POST /variants: 201, 409.
-    let (s, _) = app.post(&t, "/variants", json!({"productVariantId": Uuid::now_v7()})).await;
+    let (s, _) = app
+        .post(&t, "/variants", json!({"productVariantId": Uuid::now_v7()}))
+        .await;
     assert_eq!(s, StatusCode::CREATED);
-    let (s, _) = app.post(&t, "/variants", json!({"productVariantId": id})).await;
+    let (s, _) = app
+        .post(&t, "/variants", json!({"productVariantId": id}))
+        .await;
     assert_eq!(s, StatusCode::CONFLICT);
     // Adjustments: 200, 404, 409, 422.
     let adj = format!("{v}/adjustments");
-    let (s, _) = app.post(&t, &adj, json!({"changeType": "PURCHASE", "quantity": 3})).await;
+    let (s, _) = app
+        .post(&t, &adj, json!({"changeType": "PURCHASE", "quantity": 3}))
+        .await;
     assert_eq!(s, StatusCode::OK);
-    let (s, _) = app.post(&t, &format!("/variants/{}/adjustments", Uuid::now_v7()), json!({"changeType": "PURCHASE", "quantity": 3})).await;
+    let (s, _) = app
+        .post(
+            &t,
+            &format!("/variants/{}/adjustments", Uuid::now_v7()),
+            json!({"changeType": "PURCHASE", "quantity": 3}),
+        )
+        .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
-    let (s, _) = app.post(&t, &adj, json!({"changeType": "SALE", "quantity": -30})).await;
+    let (s, _) = app
+        .post(&t, &adj, json!({"changeType": "SALE", "quantity": -30}))
+        .await;
     assert_eq!(s, StatusCode::CONFLICT);
-    let (s, _) = app.post(&t, &adj, json!({"changeType": "SALE", "quantity": 3})).await;
+    let (s, _) = app
+        .post(&t, &adj, json!({"changeType": "SALE", "quantity": 3}))
+        .await;
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
     // Reads, ledger, list, 401.
-    for p in [v.clone(), format!("{v}/ledger"), "/variants".into(), format!("/variants/{}", Uuid::now_v7())] {
+    for p in [
+        v.clone(),
+        format!("{v}/ledger"),
+        "/variants".into(),
+        format!("/variants/{}", Uuid::now_v7()),
+    ] {
         let (s, _) = app.get(&t, &p).await;
         assert!(s == StatusCode::OK || s == StatusCode::NOT_FOUND, "{p}");
     }
@@ -1595,12 +1708,16 @@ async fn the_openapi_document_declares_every_answer_of_every_route() {
     assert_eq!(s, StatusCode::CREATED);
     let rid = r["id"].as_str().unwrap();
     for want in [200, 409] {
-        let (s, _) = app.post_empty(&t, &format!("/receipts/{rid}/validate")).await;
+        let (s, _) = app
+            .post_empty(&t, &format!("/receipts/{rid}/validate"))
+            .await;
         assert_eq!(s.as_u16(), want);
     }
     let (s, _) = app.get(&t, &format!("/receipts/{rid}")).await;
     assert_eq!(s, StatusCode::OK);
-    let (s, _) = app.post_empty(&t, &format!("/receipts/{}/validate", Uuid::now_v7())).await;
+    let (s, _) = app
+        .post_empty(&t, &format!("/receipts/{}/validate", Uuid::now_v7()))
+        .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
     // Reservations: 201, 409, 422, cancel 200 then 409, ship 200.
     let res = |q: i64| json!({"orderId": Uuid::now_v7(), "lines": [{"productVariantId": id, "quantity": q}]});
@@ -1612,12 +1729,19 @@ async fn the_openapi_document_declares_every_answer_of_every_route() {
     let (s, _) = app.post(&t, "/reservations", res(0)).await;
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
     for want in [200, 409] {
-        let (s, _) = app.post_empty(&t, &format!("/reservations/{r1}/cancel")).await;
+        let (s, _) = app
+            .post_empty(&t, &format!("/reservations/{r1}/cancel"))
+            .await;
         assert_eq!(s.as_u16(), want);
     }
     let (s, r) = app.post(&t, "/reservations", res(1)).await;
     assert_eq!(s, StatusCode::CREATED);
-    let (s, _) = app.post_empty(&t, &format!("/reservations/{}/ship", r["id"].as_str().unwrap())).await;
+    let (s, _) = app
+        .post_empty(
+            &t,
+            &format!("/reservations/{}/ship", r["id"].as_str().unwrap()),
+        )
+        .await;
     assert_eq!(s, StatusCode::OK);
     let (s, _) = app.get(&t, &format!("/reservations/{r1}")).await;
     assert_eq!(s, StatusCode::OK);
@@ -1626,11 +1750,15 @@ async fn the_openapi_document_declares_every_answer_of_every_route() {
         let (s, _) = app.post_empty(&t, &format!("{v}/discontinue")).await;
         assert_eq!(s.as_u16(), want);
     }
-    let (s, _) = app.post_empty(&t, &format!("/variants/{}/discontinue", Uuid::now_v7())).await;
+    let (s, _) = app
+        .post_empty(&t, &format!("/variants/{}/discontinue", Uuid::now_v7()))
+        .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
     // Oversized body (413), and the operational routes.
     let big = "x".repeat(inventory::http::MAX_BODY_BYTES + 1);
-    let (s, _) = app.post(&t, "/receipts", json!({"reference": big, "lines": []})).await;
+    let (s, _) = app
+        .post(&t, "/receipts", json!({"reference": big, "lines": []}))
+        .await;
     assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
     for p in ["/healthz", "/readyz", "/openapi.json"] {
         let (s, _, _) = app.call(Method::GET, p, None, None, &[]).await;
@@ -1645,8 +1773,13 @@ async fn the_openapi_document_declares_every_answer_of_every_route() {
     for (path, item) in doc["paths"].as_object().unwrap() {
         for (method, op) in item.as_object().unwrap() {
             let codes: Vec<&String> = op["responses"].as_object().unwrap().keys().collect();
-            assert!(codes.iter().any(|c| c.starts_with('2')), "{method} {path}: {codes:?}");
+            assert!(
+                codes.iter().any(|c| c.starts_with('2')),
+                "{method} {path}: {codes:?}"
+            );
         }
     }
-    assert!(doc["components"]["schemas"]["VariantView"]["properties"]["lowStockThreshold"].is_object());
+    assert!(
+        doc["components"]["schemas"]["VariantView"]["properties"]["lowStockThreshold"].is_object()
+    );
 }

@@ -51,7 +51,10 @@ pub fn undeclared(seen: &[(String, String, u16)]) -> Vec<(String, String, u16)> 
         let Some((template, item)) = paths.iter().find(|(t, _)| {
             let ts: Vec<&str> = t.split('/').collect();
             ts.len() == segs.len()
-                && ts.iter().zip(&segs).all(|(a, b)| a.starts_with('{') || a == b)
+                && ts
+                    .iter()
+                    .zip(&segs)
+                    .all(|(a, b)| a.starts_with('{') || a == b)
         }) else {
             continue;
         };
@@ -382,7 +385,11 @@ pub fn seed_schema(event_type: &str) -> Vec<(&'static str, Ty, bool)> {
             ("quantityAttempted", Ty::Int, false),
             (
                 "reasonForFailure",
-                Ty::Enum(&["INSUFFICIENT_STOCK", "PRODUCT_NOT_FOUND", "PRODUCT_DISCONTINUED"]),
+                Ty::Enum(&[
+                    "INSUFFICIENT_STOCK",
+                    "PRODUCT_NOT_FOUND",
+                    "PRODUCT_DISCONTINUED",
+                ]),
                 false,
             ),
             ("orderId", Ty::Uuid, false),
@@ -396,7 +403,11 @@ pub fn seed_schema(event_type: &str) -> Vec<(&'static str, Ty, bool)> {
             ("reservationId", Ty::Uuid, true),
             (
                 "reasonForRelease",
-                Ty::Enum(&["ORDER_CANCELLED", "RESERVATION_EXPIRED", "ORDER_COMPLETED_ADJUSTMENT"]),
+                Ty::Enum(&[
+                    "ORDER_CANCELLED",
+                    "RESERVATION_EXPIRED",
+                    "ORDER_COMPLETED_ADJUSTMENT",
+                ]),
                 false,
             ),
         ],
@@ -422,8 +433,9 @@ fn check_type(what: &str, v: &Value, ty: Ty) {
         ),
         Ty::Int => assert!(v.is_i64(), "{what} must be an integer: {v}"),
         Ty::DateTime => assert!(
-            v.as_str()
-                .is_some_and(|s| chrono::DateTime::parse_from_rfc3339(s).is_ok() && s.ends_with('Z')),
+            v.as_str().is_some_and(
+                |s| chrono::DateTime::parse_from_rfc3339(s).is_ok() && s.ends_with('Z')
+            ),
             "{what} must be an RFC 3339 UTC datetime: {v}"
         ),
         Ty::Enum(vals) => assert!(
