@@ -1767,6 +1767,20 @@ async fn the_openapi_document_declares_every_answer_of_every_route() {
     let seen = app.seen.lock().unwrap().clone();
     assert!(seen.len() > 30);
     assert_eq!(undeclared(&seen), vec![]);
+    // The checker itself: an undeclared status, media type or field is reported.
+    let probe = |status: u16, media: &str, field: &str| {
+        undeclared(&[(
+            "PUT".into(),
+            v.clone(),
+            status,
+            Some(media.into()),
+            vec![field.into()],
+        )])
+    };
+    assert!(probe(200, "application/json", "quantity").is_empty());
+    assert_eq!(probe(418, "application/json", "quantity").len(), 1);
+    assert_eq!(probe(200, "text/plain", "quantity").len(), 1);
+    assert_eq!(probe(200, "application/json", "secret").len(), 1);
     // Every route of the router is in the document, and every operation has a success answer.
     let (_, doc) = app.get(&t, "/openapi.json").await;
     assert_eq!(doc["openapi"].as_str().map(|v| &v[..3]), Some("3.1"));

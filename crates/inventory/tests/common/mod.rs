@@ -23,7 +23,7 @@ pub struct App {
     pub db: TestDb,
     pub state: AppState,
     pub router: Router,
-    pub seen: std::sync::Mutex<Vec<(String, String, u16)>>,
+    pub seen: std::sync::Mutex<Vec<Seen>>,
 }
 
 impl Drop for App {
@@ -39,13 +39,19 @@ impl Drop for App {
     }
 }
 
-/// The (method, route template, status) of `seen` that the document does not declare; calls to
-/// paths or methods the document does not have (404 and 405 probes) are not counted.
-pub fn undeclared(seen: &[(String, String, u16)]) -> Vec<(String, String, u16)> {
+/// One answer of the service: method, path as sent, status, media type of a non-empty body,
+/// and the names of its top-level fields that its declared schema does not list (filled in by
+/// [`undeclared`]; empty when recorded).
+pub type Seen = (String, String, u16, Option<String>, Vec<String>);
+
+/// The (method, route template, status, media type) of `seen` that the document does not
+/// declare (the status, or the body's media type for it); calls to paths or methods the
+/// document does not have (404 and 405 probes) are not counted.
+pub fn undeclared(seen: &[Seen]) -> Vec<Seen> {
     let doc = inventory::openapi::document();
     let paths = doc["paths"].as_object().unwrap();
     let mut out = Vec::new();
-    for (method, path, status) in seen {
+    for (method, path, status, media, fields) in seen {
         let path = path.split('?').next().unwrap();
         let segs: Vec<&str> = path.split('/').collect();
         let Some((template, item)) = paths.iter().find(|(t, _)| {
@@ -61,8 +67,42 @@ pub fn undeclared(seen: &[(String, String, u16)]) -> Vec<(String, String, u16)> 
         let Some(op) = item.get(method.to_ascii_lowercase()) else {
             continue;
         };
-        if op["responses"].get(status.to_string()).is_none() {
-            out.push((method.clone(), template.clone(), *status));
+        let response = op["responses"].get(status.to_string());
+        let content = match (response, media) {
+            (None, _) => None,
+            (Some(_), None) => Some(&Value::Null),
+            (Some(r), Some(m)) => r["content"].get(m.as_str()),
+        };
+        let Some(content) = content else {
+            out.push((
+                method.clone(),
+                template.clone(),
+                *status,
+                media.clone(),
+                vec![],
+            ));
+            continue;
+        };
+        // Every top-level field of the body must be a property of the declared schema.
+        let schema = match content["schema"]["$ref"].as_str() {
+            Some(r) => &doc["components"]["schemas"][r.rsplit('/').next().unwrap()],
+            None => &content["schema"],
+        };
+        if let Some(props) = schema["properties"].as_object() {
+            let extra: Vec<String> = fields
+                .iter()
+                .filter(|f| !props.contains_key(f.as_str()))
+                .cloned()
+                .collect();
+            if !extra.is_empty() {
+                out.push((
+                    method.clone(),
+                    template.clone(),
+                    *status,
+                    media.clone(),
+                    extra,
+                ));
+            }
         }
     }
     out.sort();
@@ -123,18 +163,30 @@ impl App {
     ) -> (StatusCode, HeaderMap, Value) {
         let resp = self.router.clone().oneshot(req).await.unwrap();
         let status = resp.status();
-        self.seen
-            .lock()
-            .unwrap()
-            .push((method.to_string(), path.to_string(), status.as_u16()));
         let headers = resp.headers().clone();
         let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        let media = (!bytes.is_empty())
+            .then(|| headers.get("content-type"))
+            .flatten()
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.split(';').next().unwrap_or("").trim().to_string());
         let v = if bytes.is_empty() {
             Value::Null
         } else {
             serde_json::from_slice(&bytes)
                 .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
         };
+        let fields = v
+            .as_object()
+            .map(|o| o.keys().cloned().collect())
+            .unwrap_or_default();
+        self.seen.lock().unwrap().push((
+            method.to_string(),
+            path.to_string(),
+            status.as_u16(),
+            media,
+            fields,
+        ));
         (status, headers, v)
     }
 
