@@ -149,7 +149,7 @@ impl JwtKeys {
                 ApiError::Unauthorized(match e.kind() {
                     ErrorKind::ExpiredSignature => "the bearer token has expired".to_string(),
                     ErrorKind::ImmatureSignature => {
-                        "the bearer token is not valid yet (its nbf is in the future)".to_string()
+                        "the bearer token is not valid yet (its nbf is in the future); retry then, or check the issuer's clock".to_string()
                     }
                     ErrorKind::InvalidIssuer => format!(
                         "the bearer token's iss must be {:?}",
