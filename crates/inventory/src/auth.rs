@@ -9,9 +9,45 @@ use axum::http::request::Parts;
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
+use thiserror::Error;
 
 use crate::error::ApiError;
 use crate::AppState;
+
+/// Shortest accepted HS256 secret: RFC 7518 (3.2) asks for a key at least as long as the hash
+/// output (256 bits); a shorter one can be brute-forced offline from any captured token.
+pub const MIN_SECRET_LEN: usize = 32;
+
+/// Seconds of clock skew tolerated on `exp`, `nbf` and `iat`.
+pub const LEEWAY_SECS: u64 = 5;
+
+/// Why the token settings cannot be used.
+#[derive(Debug, Error)]
+pub enum AuthConfigError {
+    /// The HS256 secret is too short.
+    #[error(
+        "the JWT secret is {0} bytes long; it must be at least {MIN_SECRET_LEN} bytes \
+         (generate one with `openssl rand -base64 48`)"
+    )]
+    SecretTooShort(usize),
+}
+
+/// Checks that `secret` is long enough to sign HS256 tokens safely.
+pub fn check_secret(secret: &[u8]) -> Result<(), AuthConfigError> {
+    if secret.len() < MIN_SECRET_LEN {
+        return Err(AuthConfigError::SecretTooShort(secret.len()));
+    }
+    Ok(())
+}
+
+/// Optional claim checks beyond signature and lifetime.
+#[derive(Debug, Clone, Default)]
+pub struct TokenRules {
+    /// When set, a token's `iss` must equal it (and minted tokens carry it).
+    pub issuer: Option<String>,
+    /// When set, a token's `aud` must contain it (and minted tokens carry it).
+    pub audience: Option<String>,
+}
 
 /// The claims the service reads.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -22,9 +58,18 @@ pub struct Claims {
     pub sub: String,
     /// Expiry, seconds since the epoch (required).
     pub exp: u64,
-    /// Issued at, seconds since the epoch.
+    /// Issued at, seconds since the epoch; a token issued in the future is refused.
     #[serde(default)]
     pub iat: u64,
+    /// Not before, seconds since the epoch; refused until then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<u64>,
+    /// Issuer (checked when the service is configured with one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iss: Option<String>,
+    /// Audience (checked when the service is configured with one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aud: Option<String>,
 }
 
 /// Signing and verification keys for one shared secret.
@@ -33,6 +78,7 @@ pub struct JwtKeys {
     encoding: EncodingKey,
     decoding: DecodingKey,
     validation: Validation,
+    rules: TokenRules,
 }
 
 impl std::fmt::Debug for JwtKeys {
@@ -46,13 +92,32 @@ impl JwtKeys {
     /// Keys for `secret` (HS256). Only HS256 is accepted, so a token cannot pick a weaker or
     /// asymmetric algorithm (`alg` confusion).
     pub fn new(secret: &[u8]) -> Self {
+        Self::with_rules(secret, TokenRules::default())
+    }
+
+    /// Keys for `secret` that also check (and mint) `iss` and `aud` as `rules` say.
+    pub fn with_rules(secret: &[u8], rules: TokenRules) -> Self {
         let mut validation = Validation::new(Algorithm::HS256);
-        validation.set_required_spec_claims(&["exp", "sub"]);
-        validation.leeway = 5;
+        let mut required = vec!["exp", "sub"];
+        validation.leeway = LEEWAY_SECS;
+        validation.validate_nbf = true;
+        // Without a configured audience an `aud` claim is not ours to judge: ignore it rather
+        // than refuse every token of an issuer that always sets one.
+        validation.validate_aud = rules.audience.is_some();
+        if let Some(iss) = &rules.issuer {
+            validation.set_issuer(&[iss]);
+            required.push("iss");
+        }
+        if let Some(aud) = &rules.audience {
+            validation.set_audience(&[aud]);
+            required.push("aud");
+        }
+        validation.set_required_spec_claims(&required);
         Self {
             encoding: EncodingKey::from_secret(secret),
             decoding: DecodingKey::from_secret(secret),
             validation,
+            rules,
         }
     }
 
@@ -69,6 +134,9 @@ impl JwtKeys {
             sub: sub.into(),
             exp: now + ttl_secs,
             iat: now,
+            nbf: None,
+            iss: self.rules.issuer.clone(),
+            aud: self.rules.audience.clone(),
         };
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
             .map_err(|e| ApiError::Internal(format!("signing a token: {e}")))
@@ -80,6 +148,17 @@ impl JwtKeys {
             .map_err(|e| {
                 ApiError::Unauthorized(match e.kind() {
                     ErrorKind::ExpiredSignature => "the bearer token has expired".to_string(),
+                    ErrorKind::ImmatureSignature => {
+                        "the bearer token is not valid yet (its nbf is in the future); retry then, or check the issuer's clock".to_string()
+                    }
+                    ErrorKind::InvalidIssuer => format!(
+                        "the bearer token's iss must be {:?}",
+                        self.rules.issuer.as_deref().unwrap_or_default()
+                    ),
+                    ErrorKind::InvalidAudience => format!(
+                        "the bearer token's aud must include {:?}",
+                        self.rules.audience.as_deref().unwrap_or_default()
+                    ),
                     ErrorKind::InvalidSignature => {
                         "the bearer token's signature does not verify".to_string()
                     }
@@ -90,14 +169,24 @@ impl JwtKeys {
                 })
             })?;
         let c = data.claims;
+        // jsonwebtoken does not check iat; a token "issued" in the future is forged or minted by
+        // a clock that is wrong, and either way cannot be trusted to expire when it says.
+        if c.iat > now_secs() + LEEWAY_SECS {
+            return Err(ApiError::Unauthorized(
+                "the bearer token's iat is in the future; check the issuer's clock".into(),
+            ));
+        }
         if !valid_tenant(&c.tenant) {
             return Err(ApiError::Unauthorized(
                 "the token's tenant claim must be 1-64 characters of A-Z a-z 0-9 _ -".into(),
             ));
         }
-        if c.sub.is_empty() || c.sub.len() > 200 {
+        // Control characters (NUL above all) cannot be stored in the ledger's text columns and
+        // have no business in a user id.
+        if c.sub.is_empty() || c.sub.len() > 200 || c.sub.chars().any(char::is_control) {
             return Err(ApiError::Unauthorized(
-                "the token's sub claim must be 1-200 characters".into(),
+                "the token's sub claim must be 1-200 characters, none of them control characters"
+                    .into(),
             ));
         }
         Ok(c)

@@ -11,6 +11,10 @@ use thiserror::Error;
 /// Media type of every error body.
 pub const PROBLEM_JSON: &str = "application/problem+json";
 
+/// `Retry-After` (seconds) of a 503: long enough for a pool to replace broken connections or a
+/// failover to promote a replica, short enough not to stall a checkout.
+pub const RETRY_AFTER_SECS: u32 = 1;
+
 /// Everything a request can fail with.
 #[derive(Debug, Error)]
 pub enum ApiError {
@@ -29,6 +33,9 @@ pub enum ApiError {
     /// Well-formed input that breaks a rule, e.g. a negative quantity (422).
     #[error("{0}")]
     Unprocessable(String),
+    /// The body is larger than the service accepts (413).
+    #[error("{0}")]
+    PayloadTooLarge(String),
     /// The database could not be used (503): the request had no effect and may be retried.
     #[error("database unavailable: {0}")]
     Unavailable(String),
@@ -46,6 +53,7 @@ impl ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -91,8 +99,21 @@ impl IntoResponse for ApiError {
             ApiError::Unavailable(e) => tracing::warn!(error = %e, "database unavailable"),
             _ => {}
         }
-        problem_response(self.status(), self.to_problem())
+        let mut resp = problem_response(self.status(), self.to_problem());
+        if matches!(self, ApiError::Unavailable(_)) {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+        }
+        resp
     }
+}
+
+/// Whether a SQLSTATE means "the database or the connection failed, not this request": the
+/// transaction did not commit, so a retry is safe.
+fn transient(code: &str) -> bool {
+    // 08: connection exceptions; 57P01-57P03: admin shutdown, crash shutdown, cannot connect now
+    // (a terminated backend, a failover); 40001/40P01: serialization failure, deadlock.
+    code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "40001" | "40P01")
 }
 
 impl From<sqlx::Error> for ApiError {
@@ -100,11 +121,22 @@ impl From<sqlx::Error> for ApiError {
         match &e {
             sqlx::Error::PoolTimedOut
             | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed
             | sqlx::Error::Io(_)
             | sqlx::Error::Tls(_) => ApiError::Unavailable(e.to_string()),
+            // A connection that died mid-message (a terminated backend) surfaces as a protocol
+            // error when the server's last words were cut short.
+            sqlx::Error::Protocol(m) if m.contains("closed") || m.contains("EOF") => {
+                ApiError::Unavailable(e.to_string())
+            }
             sqlx::Error::Database(db) => match db.code().as_deref() {
-                // Serialization failure / deadlock: the transaction rolled back, a retry is safe.
-                Some("40001") | Some("40P01") => ApiError::Unavailable(e.to_string()),
+                Some(c) if transient(c) => ApiError::Unavailable(e.to_string()),
+                // Class 22, data exception: a value the database cannot take (a NUL in text,
+                // an out-of-range number). The request is at fault, whatever check missed it.
+                Some(c) if c.starts_with("22") => ApiError::Unprocessable(format!(
+                    "a value of the request cannot be stored: {}; correct it and retry",
+                    db.message()
+                )),
                 _ => ApiError::Internal(e.to_string()),
             },
             _ => ApiError::Internal(e.to_string()),

@@ -105,17 +105,76 @@ fn set_correlation(resp: &mut Response, id: &str) {
     }
 }
 
-/// JSON body extractor whose rejections are problem documents.
+/// Largest request body: a reservation of 500 lines is about 60 KiB, so 1 MiB leaves room
+/// without letting one request hold megabytes in memory.
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+
+/// JSON body extractor whose rejections are problem documents. Beyond axum's `Json` it refuses
+/// a body over [`MAX_BODY_BYTES`] with 413 and any string holding U+0000 with 422: PostgreSQL
+/// text and JSONB cannot store NUL, and no field of this API has a use for it.
 pub struct Body<T>(pub T);
 
 impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        match Json::<T>::from_request(req, state).await {
-            Ok(Json(v)) => Ok(Body(v)),
-            Err(r) => Err(json_rejection(r)),
+        let json_type = req
+            .headers()
+            .get(axum::http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .map(|m| {
+                let m = m.trim().to_ascii_lowercase();
+                m == "application/json" || (m.starts_with("application/") && m.ends_with("+json"))
+            })
+            .unwrap_or(false);
+        if !json_type {
+            return Err(ApiError::BadRequest(
+                "the body must be JSON with Content-Type: application/json".into(),
+            ));
         }
+        let bytes = axum::body::Bytes::from_request(req, state)
+            .await
+            .map_err(|r| {
+                if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::PayloadTooLarge(format!(
+                        "the body is larger than {MAX_BODY_BYTES} bytes; send fewer lines per request"
+                    ))
+                } else {
+                    ApiError::BadRequest(r.body_text())
+                }
+            })?;
+        // Parsed as a tree first only to look at every string (keys too): cheap next to the
+        // database round trips, and it covers fields added later without a check each. Malformed
+        // JSON falls through to the typed parse, whose error says where.
+        if let Ok(tree) = serde_json::from_slice::<Value>(&bytes) {
+            if let Some(path) = nul_path(&tree, "$") {
+                return Err(ApiError::Unprocessable(format!(
+                    "{path} contains the NUL character (U+0000), which is not allowed; remove it"
+                )));
+            }
+        }
+        let Json(v) = Json::<T>::from_bytes(&bytes).map_err(json_rejection)?;
+        Ok(Body(v))
+    }
+}
+
+/// The JSON path of the first string (or key) in `v` that contains U+0000.
+pub fn nul_path(v: &Value, at: &str) -> Option<String> {
+    match v {
+        Value::String(s) if s.contains('\0') => Some(at.to_string()),
+        Value::Array(a) => a
+            .iter()
+            .enumerate()
+            .find_map(|(i, x)| nul_path(x, &format!("{at}[{i}]"))),
+        Value::Object(m) => m.iter().find_map(|(k, x)| {
+            if k.contains('\0') {
+                Some(format!("a key of {at}"))
+            } else {
+                nul_path(x, &format!("{at}.{k}"))
+            }
+        }),
+        _ => None,
     }
 }
 
@@ -123,6 +182,9 @@ fn json_rejection(r: JsonRejection) -> ApiError {
     let detail = r.body_text();
     match r.status() {
         StatusCode::UNPROCESSABLE_ENTITY => ApiError::Unprocessable(detail),
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge(format!(
+            "the body is larger than {MAX_BODY_BYTES} bytes; send fewer lines per request"
+        )),
         StatusCode::UNSUPPORTED_MEDIA_TYPE => {
             ApiError::BadRequest("the body must be JSON with Content-Type: application/json".into())
         }
@@ -223,7 +285,25 @@ fn to_value<T: Serialize>(v: &T) -> Value {
     serde_json::to_value(v).unwrap_or(Value::Null)
 }
 
-async fn create_variant(
+#[utoipa::path(
+    post,
+    path = "/variants",
+    tag = "variants",
+    summary = "Create a variant (409 if the id exists)",
+    params(("Idempotency-Key" = Option<String>, Header, description = "1-200 visible ASCII characters: a retry with the same key and request replays the first answer (Idempotent-Replayed: true) with no second effect; the key with another request answers 422")),
+    request_body = CreateVariant,
+    responses(
+        (status = 201, description = "created", body = VariantView),
+        (status = 400, description = "malformed request: JSON, id, query or header", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "missing, invalid or expired bearer token", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "conflicts with the current state", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "body over 1 MiB", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "well-formed but breaks a rule (or an Idempotency-Key reused for another request)", body = Problem, content_type = "application/problem+json"),
+        (status = 500, description = "the service failed; the request had no effect", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "the database is unavailable; the request had no effect, retry after Retry-After seconds", body = Problem, content_type = "application/problem+json")
+    )
+)]
+pub(crate) async fn create_variant(
     State(s): State<AppState>,
     caller: Caller,
     axum::Extension(meta): axum::Extension<RequestMeta>,
@@ -241,7 +321,25 @@ async fn create_variant(
     .await
 }
 
-async fn put_variant(
+#[utoipa::path(
+    put,
+    path = "/variants/{id}",
+    tag = "variants",
+    summary = "Create (201) or update (200) a variant's low-stock threshold",
+    params(("id" = Uuid, Path, description = "Variant id (UUID)")),
+    request_body = UpsertVariant,
+    responses(
+        (status = 200, description = "updated", body = VariantView),
+        (status = 201, description = "created", body = VariantView),
+        (status = 400, description = "malformed request: JSON, id, query or header", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "missing, invalid or expired bearer token", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "body over 1 MiB", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "well-formed but breaks a rule (or an Idempotency-Key reused for another request)", body = Problem, content_type = "application/problem+json"),
+        (status = 500, description = "the service failed; the request had no effect", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "the database is unavailable; the request had no effect, retry after Retry-After seconds", body = Problem, content_type = "application/problem+json")
+    )
+)]
+pub(crate) async fn put_variant(
     State(s): State<AppState>,
     caller: Caller,
     axum::Extension(meta): axum::Extension<RequestMeta>,
@@ -256,7 +354,22 @@ async fn put_variant(
     Ok(respond(status, body))
 }
 
-async fn get_variant(
+#[utoipa::path(
+    get,
+    path = "/variants/{id}",
+    tag = "variants",
+    summary = "Read a variant",
+    params(("id" = Uuid, Path, description = "Variant id (UUID)")),
+    responses(
+        (status = 200, description = "the variant", body = VariantView),
+        (status = 400, description = "malformed request: JSON, id, query or header", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "missing, invalid or expired bearer token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "no such resource for this tenant", body = Problem, content_type = "application/problem+json"),
+        (status = 500, description = "the service failed; the request had no effect", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "the database is unavailable; the request had no effect, retry after Retry-After seconds", body = Problem, content_type = "application/problem+json")
+    )
+)]
+pub(crate) async fn get_variant(
     State(s): State<AppState>,
     caller: Caller,
     Id(id): Id,
@@ -269,12 +382,14 @@ async fn get_variant(
 }
 
 /// Paging of list endpoints.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct Page {
     /// Most entries (1..=1000, default 100).
     pub limit: Option<i64>,
-    /// Cursor: entries after this one.
+    /// Cursor: entries after this one (a variant id for `/variants`, a ledger entry id for a
+    /// ledger).
     pub after: Option<String>,
 }
 
@@ -288,11 +403,25 @@ fn limit(p: &Page) -> ApiResult<i64> {
     Ok(l)
 }
 
-async fn list_variants(
+#[utoipa::path(
+    get,
+    path = "/variants",
+    tag = "variants",
+    summary = "List variants by id",
+    params(Page),
+    responses(
+        (status = 200, description = "a page of variants", body = VariantList),
+        (status = 400, description = "malformed request: JSON, id, query or header", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "missing, invalid or expired bearer token", body = Problem, content_type = "application/problem+json"),
+        (status = 500, description = "the service failed; the request had no effect", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "the database is unavailable; the request had no effect, retry after Retry-After seconds", body = Problem, content_type = "application/problem+json")
+    )
+)]
+pub(crate) async fn list_variants(
     State(s): State<AppState>,
     caller: Caller,
     Q(p): Q<Page>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<VariantList>> {
     let l = limit(&p)?;
     let after = match &p.after {
         None => Uuid::nil(),
@@ -314,10 +443,29 @@ async fn list_variants(
             items.push(v.view());
         }
     }
-    Ok(Json(json!({ "items": items })))
+    Ok(Json(VariantList { items }))
 }
 
-async fn adjust(
+#[utoipa::path(
+    post,
+    path = "/variants/{id}/adjustments",
+    tag = "variants",
+    summary = "Manual stock change (signed quantity)",
+    params(("id" = Uuid, Path, description = "Variant id (UUID)"), ("Idempotency-Key" = Option<String>, Header, description = "1-200 visible ASCII characters: a retry with the same key and request replays the first answer (Idempotent-Replayed: true) with no second effect; the key with another request answers 422")),
+    request_body = Adjustment,
+    responses(
+        (status = 200, description = "the variant after the change", body = VariantView),
+        (status = 400, description = "malformed request: JSON, id, query or header", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "missing, invalid or expired bearer token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "no such resource for this tenant", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "not enough stock, or below the reserved stock", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "body over 1 MiB", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "well-formed but breaks a rule (or an Idempotency-Key reused for another request)", body = Problem, content_type = "application/problem+json"),
+        (status = 500, description = "the service failed; the request had no effect", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "the database is unavailable; the request had no effect, retry after Retry-After seconds", body = Problem, content_type = "application/problem+json")
+    )
+)]
+pub(crate) async fn adjust(
     State(s): State<AppState>,
     caller: Caller,
     axum::Extension(meta): axum::Extension<RequestMeta>,
@@ -329,7 +477,23 @@ async fn adjust(
     run_post(&s, &caller, &meta, &path, req, Command::Adjust(id, b)).await
 }
 
-async fn discontinue(
+#[utoipa::path(
+    post,
+    path = "/variants/{id}/discontinue",
+    tag = "variants",
+    summary = "Discontinue a variant (a second call changes nothing)",
+    params(("id" = Uuid, Path, description = "Variant id (UUID)"), ("Idempotency-Key" = Option<String>, Header, description = "1-200 visible ASCII characters: a retry with the same key and request replays the first answer (Idempotent-Replayed: true) with no second effect; the key with another request answers 422")),
+    responses(
+        (status = 200, description = "the variant, DISCONTINUED", body = VariantView),
+        (status = 400, description = "malformed request: JSON, id, query or header", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "missing, invalid or expired bearer token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "no such resource for this tenant", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "well-formed but breaks a rule (or an Idempotency-Key reused for another request)", body = Problem, content_type = "application/problem+json"),
+        (status = 500, description = "the service failed; the request had no effect", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "the database is unavailable; the request had no effect, retry after Retry-After seconds", body = Problem, content_type = "application/problem+json")
+    )
+)]
+pub(crate) async fn discontinue(
     State(s): State<AppState>,
     caller: Caller,
     axum::Extension(meta): axum::Extension<RequestMeta>,
@@ -347,12 +511,27 @@ async fn discontinue(
     .await
 }
 
-async fn ledger(
+#[utoipa::path(
+    get,
+    path = "/variants/{id}/ledger",
+    tag = "variants",
+    summary = "Stock movements of a variant, oldest first",
+    params(("id" = Uuid, Path, description = "Variant id (UUID)"), Page),
+    responses(
+        (status = 200, description = "a page of the ledger", body = LedgerPage),
+        (status = 400, description = "malformed request: JSON, id, query or header", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "missing, invalid or expired bearer token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "no such resource for this tenant", body = Problem, content_type = "application/problem+json"),
+        (status = 500, description = "the service failed; the request had no effect", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "the database is unavailable; the request had no effect, retry after Retry-After seconds", body = Problem, content_type = "application/problem+json")
+    )
+)]
+pub(crate) async fn ledger(
     State(s): State<AppState>,
     caller: Caller,
     Id(id): Id,
     Q(p): Q<Page>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<LedgerPage>> {
     let l = limit(&p)?;
     let after = match &p.after {
         None => 0,
@@ -365,10 +544,30 @@ async fn ledger(
         return Err(ApiError::NotFound(format!("variant {id} does not exist")));
     }
     let entries = ops::ledger(&mut conn, &caller.tenant, id, after, l).await?;
-    Ok(Json(json!({ "productVariantId": id, "entries": entries })))
+    Ok(Json(LedgerPage {
+        product_variant_id: id,
+        entries,
+    }))
 }
 
-async fn create_receipt(
+#[utoipa::path(
+    post,
+    path = "/receipts",
+    tag = "receipts",
+    summary = "Create a draft goods receipt",
+    params(("Idempotency-Key" = Option<String>, Header, description = "1-200 visible ASCII characters: a retry with the same key and request replays the first answer (Idempotent-Replayed: true) with no second effect; the key with another request answers 422")),
+    request_body = CreateReceipt,
+    responses(
+        (status = 201, description = "created", body = ReceiptView),
+        (status = 400, description = "malformed request: JSON, id, query or header", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "missing, invalid or expired bearer token", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "body over 1 MiB", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "well-formed but breaks a rule (or an Idempotency-Key reused for another request)", body = Problem, content_type = "application/problem+json"),
+        (status = 500, description = "the service failed; the request had no effect", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "the database is unavailable; the request had no effect, retry after Retry-After seconds", body = Problem, content_type = "application/problem+json")
+    )
+)]
+pub(crate) async fn create_receipt(
     State(s): State<AppState>,
     caller: Caller,
     axum::Extension(meta): axum::Extension<RequestMeta>,
@@ -386,7 +585,22 @@ async fn create_receipt(
     .await
 }
 
-async fn get_receipt(
+#[utoipa::path(
+    get,
+    path = "/receipts/{id}",
+    tag = "receipts",
+    summary = "Read a receipt",
+    params(("id" = Uuid, Path, description = "Receipt id (UUID)")),
+    responses(
+        (status = 200, description = "the receipt", body = ReceiptView),
+        (status = 400, description = "malformed request: JSON, id, query or header", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "missing, invalid or expired bearer token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "no such resource for this tenant", body = Problem, content_type = "application/problem+json"),
+        (status = 500, description = "the service failed; the request had no effect", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "the database is unavailable; the request had no effect, retry after Retry-After seconds", body = Problem, content_type = "application/problem+json")
+    )
+)]
+pub(crate) async fn get_receipt(
     State(s): State<AppState>,
     caller: Caller,
     Id(id): Id,
@@ -398,7 +612,24 @@ async fn get_receipt(
         .ok_or_else(|| ApiError::NotFound(format!("receipt {id} does not exist")))
 }
 
-async fn validate_receipt(
+#[utoipa::path(
+    post,
+    path = "/receipts/{id}/validate",
+    tag = "receipts",
+    summary = "Validate a receipt: stock rises (PURCHASE) once",
+    params(("id" = Uuid, Path, description = "Receipt id (UUID)"), ("Idempotency-Key" = Option<String>, Header, description = "1-200 visible ASCII characters: a retry with the same key and request replays the first answer (Idempotent-Replayed: true) with no second effect; the key with another request answers 422")),
+    responses(
+        (status = 200, description = "the validated receipt", body = ReceiptView),
+        (status = 400, description = "malformed request: JSON, id, query or header", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "missing, invalid or expired bearer token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "no such resource for this tenant", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "already validated, or a quantity over the limit", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "well-formed but breaks a rule (or an Idempotency-Key reused for another request)", body = Problem, content_type = "application/problem+json"),
+        (status = 500, description = "the service failed; the request had no effect", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "the database is unavailable; the request had no effect, retry after Retry-After seconds", body = Problem, content_type = "application/problem+json")
+    )
+)]
+pub(crate) async fn validate_receipt(
     State(s): State<AppState>,
     caller: Caller,
     axum::Extension(meta): axum::Extension<RequestMeta>,
@@ -416,7 +647,25 @@ async fn validate_receipt(
     .await
 }
 
-async fn reserve(
+#[utoipa::path(
+    post,
+    path = "/reservations",
+    tag = "reservations",
+    summary = "Reserve all lines or none",
+    params(("Idempotency-Key" = Option<String>, Header, description = "1-200 visible ASCII characters: a retry with the same key and request replays the first answer (Idempotent-Replayed: true) with no second effect; the key with another request answers 422")),
+    request_body = CreateReservation,
+    responses(
+        (status = 201, description = "reserved", body = ReservationView),
+        (status = 400, description = "malformed request: JSON, id, query or header", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "missing, invalid or expired bearer token", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "some lines cannot be reserved: `failures` lists them, nothing was reserved, their InventoryReservationFailedEvents are committed", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "body over 1 MiB", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "well-formed but breaks a rule (or an Idempotency-Key reused for another request)", body = Problem, content_type = "application/problem+json"),
+        (status = 500, description = "the service failed; the request had no effect", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "the database is unavailable; the request had no effect, retry after Retry-After seconds", body = Problem, content_type = "application/problem+json")
+    )
+)]
+pub(crate) async fn reserve(
     State(s): State<AppState>,
     caller: Caller,
     axum::Extension(meta): axum::Extension<RequestMeta>,
@@ -434,7 +683,22 @@ async fn reserve(
     .await
 }
 
-async fn get_reservation(
+#[utoipa::path(
+    get,
+    path = "/reservations/{id}",
+    tag = "reservations",
+    summary = "Read a reservation",
+    params(("id" = Uuid, Path, description = "Reservation id (UUID)")),
+    responses(
+        (status = 200, description = "the reservation", body = ReservationView),
+        (status = 400, description = "malformed request: JSON, id, query or header", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "missing, invalid or expired bearer token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "no such resource for this tenant", body = Problem, content_type = "application/problem+json"),
+        (status = 500, description = "the service failed; the request had no effect", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "the database is unavailable; the request had no effect, retry after Retry-After seconds", body = Problem, content_type = "application/problem+json")
+    )
+)]
+pub(crate) async fn get_reservation(
     State(s): State<AppState>,
     caller: Caller,
     Id(id): Id,
@@ -446,7 +710,24 @@ async fn get_reservation(
         .ok_or_else(|| ApiError::NotFound(format!("reservation {id} does not exist")))
 }
 
-async fn cancel(
+#[utoipa::path(
+    post,
+    path = "/reservations/{id}/cancel",
+    tag = "reservations",
+    summary = "Release an active reservation (ORDER_CANCELLED)",
+    params(("id" = Uuid, Path, description = "Reservation id (UUID)"), ("Idempotency-Key" = Option<String>, Header, description = "1-200 visible ASCII characters: a retry with the same key and request replays the first answer (Idempotent-Replayed: true) with no second effect; the key with another request answers 422")),
+    responses(
+        (status = 200, description = "the released reservation", body = ReservationView),
+        (status = 400, description = "malformed request: JSON, id, query or header", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "missing, invalid or expired bearer token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "no such resource for this tenant", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "the reservation is not ACTIVE", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "well-formed but breaks a rule (or an Idempotency-Key reused for another request)", body = Problem, content_type = "application/problem+json"),
+        (status = 500, description = "the service failed; the request had no effect", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "the database is unavailable; the request had no effect, retry after Retry-After seconds", body = Problem, content_type = "application/problem+json")
+    )
+)]
+pub(crate) async fn cancel(
     State(s): State<AppState>,
     caller: Caller,
     axum::Extension(meta): axum::Extension<RequestMeta>,
@@ -456,7 +737,24 @@ async fn cancel(
     run_post(&s, &caller, &meta, &path, Value::Null, Command::Cancel(id)).await
 }
 
-async fn ship(
+#[utoipa::path(
+    post,
+    path = "/reservations/{id}/ship",
+    tag = "reservations",
+    summary = "Ship an active reservation: reserved stock leaves (SALE)",
+    params(("id" = Uuid, Path, description = "Reservation id (UUID)"), ("Idempotency-Key" = Option<String>, Header, description = "1-200 visible ASCII characters: a retry with the same key and request replays the first answer (Idempotent-Replayed: true) with no second effect; the key with another request answers 422")),
+    responses(
+        (status = 200, description = "the shipped reservation", body = ReservationView),
+        (status = 400, description = "malformed request: JSON, id, query or header", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "missing, invalid or expired bearer token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "no such resource for this tenant", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "the reservation is not ACTIVE, or has expired", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "well-formed but breaks a rule (or an Idempotency-Key reused for another request)", body = Problem, content_type = "application/problem+json"),
+        (status = 500, description = "the service failed; the request had no effect", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "the database is unavailable; the request had no effect, retry after Retry-After seconds", body = Problem, content_type = "application/problem+json")
+    )
+)]
+pub(crate) async fn ship(
     State(s): State<AppState>,
     caller: Caller,
     axum::Extension(meta): axum::Extension<RequestMeta>,
@@ -466,18 +764,57 @@ async fn ship(
     run_post(&s, &caller, &meta, &path, Value::Null, Command::Ship(id)).await
 }
 
-async fn healthz() -> Json<Value> {
-    Json(json!({"status": "ok"}))
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "operations",
+    summary = "Liveness",
+    responses(
+        (status = 200, description = "alive", body = Health),
+        (status = 400, description = "malformed request: JSON, id, query or header", body = Problem, content_type = "application/problem+json")
+    ),
+    security(())
+)]
+pub(crate) async fn healthz() -> Json<Health> {
+    Json(Health {
+        status: "ok".into(),
+    })
 }
 
-async fn readyz(State(s): State<AppState>) -> Response {
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "operations",
+    summary = "Readiness: the database answers",
+    responses(
+        (status = 200, description = "ready", body = Health),
+        (status = 400, description = "malformed request: JSON, id, query or header", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "the database is unavailable; the request had no effect, retry after Retry-After seconds", body = Problem, content_type = "application/problem+json")
+    ),
+    security(())
+)]
+pub(crate) async fn readyz(State(s): State<AppState>) -> Response {
     match sqlx::query("SELECT 1").execute(&s.pool).await {
-        Ok(_) => Json(json!({"status": "ready"})).into_response(),
+        Ok(_) => Json(Health {
+            status: "ready".into(),
+        })
+        .into_response(),
         Err(e) => ApiError::Unavailable(e.to_string()).into_response(),
     }
 }
 
-async fn openapi() -> Json<Value> {
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    tag = "operations",
+    summary = "This document (OpenAPI 3.1)",
+    responses(
+        (status = 200, description = "the document", body = Value),
+        (status = 400, description = "malformed request: JSON, id, query or header", body = Problem, content_type = "application/problem+json")
+    ),
+    security(())
+)]
+pub(crate) async fn openapi() -> Json<Value> {
     Json(crate::openapi::document())
 }
 
@@ -515,6 +852,7 @@ pub fn router(state: AppState) -> Router {
         .route("/openapi.json", get(openapi))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn(correlation))
         .with_state(state)
 }

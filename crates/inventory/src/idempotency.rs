@@ -96,6 +96,13 @@ pub async fn store(
     Ok(())
 }
 
+/// The purge statement: `$1` the TTL in seconds, `$2` the batch. The index on `created_at`
+/// (migration `20270101000002`) lets it read only the expired keys.
+pub const PURGE_SQL: &str = "DELETE FROM inv_idempotency WHERE (tenant_id, key) IN (
+     SELECT tenant_id, key FROM inv_idempotency
+     WHERE created_at < now() - make_interval(secs => $1)
+     LIMIT $2 FOR UPDATE SKIP LOCKED)";
+
 /// Deletes keys older than `ttl` in statements of at most `batch` rows (`SKIP LOCKED`, so a purge
 /// never waits on a request that is using a key); returns how many were deleted.
 pub async fn purge_expired(
@@ -105,17 +112,12 @@ pub async fn purge_expired(
 ) -> ApiResult<u64> {
     let mut total = 0;
     loop {
-        let n = sqlx::query(
-            "DELETE FROM inv_idempotency WHERE (tenant_id, key) IN (
-                 SELECT tenant_id, key FROM inv_idempotency
-                 WHERE created_at < now() - make_interval(secs => $1)
-                 LIMIT $2 FOR UPDATE SKIP LOCKED)",
-        )
-        .bind(ttl.as_secs_f64())
-        .bind(batch.max(1))
-        .execute(pool)
-        .await?
-        .rows_affected();
+        let n = sqlx::query(PURGE_SQL)
+            .bind(ttl.as_secs_f64())
+            .bind(batch.max(1))
+            .execute(pool)
+            .await?
+            .rows_affected();
         total += n;
         if n < batch.max(1) as u64 {
             return Ok(total);

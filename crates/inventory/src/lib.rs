@@ -32,6 +32,14 @@ pub use http::router;
 /// `sourceService` of every envelope (seed section 3).
 pub const SOURCE_SERVICE: &str = "InventoryService";
 
+/// The seed's topic exchange (section 4): the default of `inventory serve --broker rabbitmq`.
+pub const SEED_EXCHANGE: &str = "inventory.events";
+
+/// The seed's routing keys are the events' topics as they are (`inventory.reservation.created`),
+/// so that the seed's bindings (`inventory.reservation.*`) match; the tenant travels in the
+/// `Outbox-Tenant-Id` header (see the README).
+pub const SEED_ROUTING_KEY: &str = "{topic}";
+
 /// What every request handler shares.
 #[derive(Debug, Clone)]
 pub struct AppState {
@@ -46,10 +54,15 @@ pub struct AppState {
 impl AppState {
     /// State over `pool`, verifying tokens signed with `jwt_secret`.
     pub fn new(pool: PgPool, jwt_secret: &[u8]) -> Self {
+        Self::with_keys(pool, auth::JwtKeys::new(jwt_secret))
+    }
+
+    /// State over `pool`, verifying tokens with `keys` (which may also check `iss` and `aud`).
+    pub fn with_keys(pool: PgPool, keys: auth::JwtKeys) -> Self {
         Self {
             pool,
             outbox: Outbox::new(SOURCE_SERVICE),
-            jwt: Arc::new(auth::JwtKeys::new(jwt_secret)),
+            jwt: Arc::new(keys),
         }
     }
 }

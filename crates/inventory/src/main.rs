@@ -4,8 +4,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Args, Parser, Subcommand};
-use inventory::auth::JwtKeys;
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+use inventory::auth::{self, JwtKeys, TokenRules};
 use inventory::AppState;
 use outbox_cli::args::{BrokerArgs, RelayArgs};
 use outbox_cli::logging::{self, LogFormat};
@@ -46,9 +46,11 @@ struct ServeArgs {
     /// Address of the HTTP API.
     #[arg(long, env = "INVENTORY_LISTEN", default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
-    /// HS256 secret the bearer tokens are signed with.
+    /// HS256 secret the bearer tokens are signed with (at least 32 bytes).
     #[arg(long, env = "INVENTORY_JWT_SECRET", hide_env_values = true)]
     jwt_secret: Option<String>,
+    #[command(flatten)]
+    token_rules: TokenRuleArgs,
     /// Do not run the relay in-process (leave delivery to a standalone `outbox relay`).
     #[arg(long, env = "INVENTORY_NO_RELAY")]
     no_relay: bool,
@@ -77,6 +79,27 @@ struct ServeArgs {
     broker: BrokerArgs,
 }
 
+/// Optional claim checks of the bearer tokens.
+#[derive(Debug, Clone, Args)]
+struct TokenRuleArgs {
+    /// Required `iss` of the bearer tokens (unset: not checked).
+    #[arg(long, env = "INVENTORY_JWT_ISSUER")]
+    jwt_issuer: Option<String>,
+    /// Required `aud` of the bearer tokens (unset: not checked).
+    #[arg(long, env = "INVENTORY_JWT_AUDIENCE")]
+    jwt_audience: Option<String>,
+}
+
+impl TokenRuleArgs {
+    fn rules(&self) -> TokenRules {
+        let set = |o: &Option<String>| o.clone().filter(|s| !s.is_empty());
+        TokenRules {
+            issuer: set(&self.jwt_issuer),
+            audience: set(&self.jwt_audience),
+        }
+    }
+}
+
 #[derive(Debug, Args)]
 struct TokenArgs {
     /// Tenant claim.
@@ -91,14 +114,31 @@ struct TokenArgs {
     /// HS256 secret (the service's INVENTORY_JWT_SECRET).
     #[arg(long, env = "INVENTORY_JWT_SECRET", hide_env_values = true)]
     jwt_secret: String,
+    #[command(flatten)]
+    token_rules: TokenRuleArgs,
+}
+
+/// The seed's RabbitMQ contract as the defaults of `serve`: exchange `inventory.events`, routing
+/// key = the event's topic, tenant in the `Outbox-Tenant-Id` header. Set here, not in the shared
+/// relay flags, so `outbox relay` keeps its generic defaults.
+fn seed_defaults(cmd: clap::Command) -> clap::Command {
+    cmd.mut_arg("amqp_exchange", |a| {
+        a.default_value(inventory::SEED_EXCHANGE)
+    })
+    .mut_arg("amqp_routing_key", |a| {
+        a.default_value(inventory::SEED_ROUTING_KEY)
+    })
+    .mut_arg("amqp_tenant_in_header_only", |a| a.default_value("true"))
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let cmd = seed_defaults(Cli::command()).mut_subcommand("serve", seed_defaults);
+    let cli = Cli::from_arg_matches(&cmd.get_matches()).unwrap_or_else(|e| e.exit());
     match cli.command {
         Some(Command::Token(t)) => {
-            let token = JwtKeys::new(t.jwt_secret.as_bytes())
+            auth::check_secret(t.jwt_secret.as_bytes())?;
+            let token = JwtKeys::with_rules(t.jwt_secret.as_bytes(), t.token_rules.rules())
                 .mint(&t.tenant, &t.sub, t.ttl_secs)
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
             println!("{token}");
@@ -114,6 +154,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let secret = args.jwt_secret.clone().filter(|s| !s.is_empty()).context(
         "INVENTORY_JWT_SECRET (or --jwt-secret) must be set: it verifies the bearer tokens",
     )?;
+    auth::check_secret(secret.as_bytes()).context("INVENTORY_JWT_SECRET (--jwt-secret)")?;
     let metrics_addr: Option<SocketAddr> =
         if args.metrics_addr.is_empty() {
             None
@@ -140,7 +181,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     inventory::migrate(&pool)
         .await
         .context("applying the outbox and inventory migrations")?;
-    let state = AppState::new(pool.clone(), secret.as_bytes());
+    let state = AppState::with_keys(
+        pool.clone(),
+        JwtKeys::with_rules(secret.as_bytes(), args.token_rules.rules()),
+    );
     let stop = outbox_cli::relay_cmd::shutdown_signal();
 
     let expiry = tokio::spawn(inventory::expiry::run(

@@ -21,7 +21,7 @@ pub const MAX_TTL_SECS: i64 = 7 * 24 * 3600;
 /// Derived from **available** stock (`quantity - reserved`), because that is what can still be
 /// sold: `OUT_OF_STOCK` when nothing is available, `LOW_STOCK` when available is at or below the
 /// threshold, else `IN_STOCK`; `DISCONTINUED` overrides all.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum StockStatus {
     /// Available above the threshold.
@@ -60,7 +60,7 @@ impl StockStatus {
 }
 
 /// Why a quantity changed (seed 2.1 `changeType`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum ChangeType {
     /// Stock bought in (goods receipts).
@@ -86,7 +86,7 @@ impl ChangeType {
 }
 
 /// A variant as the API shows it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct VariantView {
     /// The variant's id.
@@ -108,7 +108,7 @@ pub struct VariantView {
 }
 
 /// `PUT /variants/{id}`: create or update a variant.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct UpsertVariant {
     /// Threshold at or below which available stock counts as low (0..=1e9).
@@ -116,7 +116,7 @@ pub struct UpsertVariant {
 }
 
 /// `POST /variants`: create a variant, with a chosen id or a generated one.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CreateVariant {
     /// The id to use; generated (UUID v7) when absent.
@@ -131,20 +131,21 @@ pub struct CreateVariant {
 ///
 /// `quantity` is the **signed change**: `PURCHASE` and `RETURN` must be positive, `SALE`
 /// negative, `ADJUSTMENT` either sign but not zero.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Adjustment {
     /// Why the quantity changes.
     pub change_type: ChangeType,
     /// Signed change of the physical quantity.
     pub quantity: i64,
-    /// Free text recorded in the ledger (at most 500 characters).
+    /// Free text recorded in the ledger (at most 500 characters, no U+0000).
     #[serde(default)]
+    #[schema(max_length = 500)]
     pub reason: Option<String>,
 }
 
 /// A line of a goods receipt.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ReceiptLine {
     /// Receiving warehouse (recorded; stock is kept per variant, not per warehouse).
@@ -156,18 +157,20 @@ pub struct ReceiptLine {
 }
 
 /// `POST /receipts`.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CreateReceipt {
-    /// Supplier reference, free text (at most 200 characters).
+    /// Supplier reference, free text (at most 200 characters, no U+0000).
     #[serde(default)]
+    #[schema(max_length = 200)]
     pub reference: Option<String>,
     /// 1 to 500 lines.
+    #[schema(min_items = 1, max_items = 500)]
     pub lines: Vec<ReceiptLine>,
 }
 
 /// A goods receipt as the API shows it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ReceiptView {
     /// The receipt's id.
@@ -185,7 +188,7 @@ pub struct ReceiptView {
 }
 
 /// A line of a reservation request.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ReservationLine {
     /// The variant to reserve.
@@ -195,12 +198,13 @@ pub struct ReservationLine {
 }
 
 /// `POST /reservations`: all lines or none.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CreateReservation {
     /// The order the stock is held for.
     pub order_id: Uuid,
     /// 1 to 500 lines, each variant at most once.
+    #[schema(min_items = 1, max_items = 500)]
     pub lines: Vec<ReservationLine>,
     /// Lifetime in seconds (1..=604800, default 900); then the service releases it.
     #[serde(default)]
@@ -208,7 +212,7 @@ pub struct CreateReservation {
 }
 
 /// A reservation as the API shows it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ReservationView {
     /// The reservation's id.
@@ -228,7 +232,7 @@ pub struct ReservationView {
 }
 
 /// Why one line of a reservation could not be reserved.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct LineFailure {
     /// The variant.
@@ -242,7 +246,7 @@ pub struct LineFailure {
 }
 
 /// One ledger entry.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct LedgerEntry {
     /// Position in the ledger (ascending; use as the `after` cursor).
@@ -269,4 +273,50 @@ pub struct LedgerEntry {
     pub reference_type: Option<String>,
     /// Id of the receipt or reservation.
     pub reference_id: Option<Uuid>,
+}
+
+/// `GET /variants`: one page of variants, by id.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+pub struct VariantList {
+    /// The variants; the last one's id is the `after` cursor of the next page.
+    pub items: Vec<VariantView>,
+}
+
+/// `GET /variants/{id}/ledger`: one page of a variant's ledger.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LedgerPage {
+    /// The variant.
+    pub product_variant_id: Uuid,
+    /// Entries, oldest first; the last one's id is the `after` cursor of the next page.
+    pub entries: Vec<LedgerEntry>,
+}
+
+/// An error answer (RFC 9457 `application/problem+json`). Only described here: the service
+/// builds it in [`crate::error`].
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Problem {
+    /// `about:blank#<status>`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The status's reason phrase.
+    pub title: String,
+    /// The HTTP status.
+    pub status: u16,
+    /// What went wrong and what to do.
+    pub detail: String,
+    /// A failed reservation (409): why each failing line could not be reserved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failures: Option<Vec<LineFailure>>,
+    /// A failed reservation (409): its order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub order_id: Option<Uuid>,
+}
+
+/// `/healthz` and `/readyz` when the service is up.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Health {
+    /// `ok` (alive) or `ready` (the database answers).
+    pub status: String,
 }

@@ -446,18 +446,20 @@ async fn reserve(
     }
     let mut work = Work::new(ctx.cause.clone());
     if !failures.is_empty() {
-        let user = ctx.cause.user_id.clone();
         for f in &failures {
+            let mut data = json!({
+                "quantityAttempted": f.quantity_attempted,
+                "reasonForFailure": f.reason,
+                "orderId": c.order_id,
+            });
+            if let Some(u) = &ctx.cause.user_id {
+                data["userId"] = json!(u);
+            }
             work.event(
                 &ctx.tenant,
                 f.product_variant_id,
                 topics::RESERVATION_FAILED,
-                json!({
-                    "quantityAttempted": f.quantity_attempted,
-                    "reasonForFailure": f.reason,
-                    "orderId": c.order_id,
-                    "userId": user,
-                }),
+                data,
             );
         }
         // Only the failure events are written: the locked rows are unchanged.

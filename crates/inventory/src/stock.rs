@@ -336,18 +336,18 @@ impl Work {
         self.events.push(e);
     }
 
-    fn user_id(&self) -> Value {
-        self.cause
-            .user_id
-            .clone()
-            .map(Value::from)
-            .unwrap_or(Value::Null)
+    /// Adds `userId` to `data` when the cause has a user: the seed marks it optional, so the
+    /// service's own tasks leave it out rather than send `null`.
+    fn with_user(&self, mut data: Value) -> Value {
+        if let (Some(u), Some(m)) = (&self.cause.user_id, data.as_object_mut()) {
+            m.insert("userId".into(), u.clone().into());
+        }
+        data
     }
 
     /// Applies `m` to the locked variant `v`, recording the ledger entry and the events it yields:
     /// the movement's own event (`StockLevelChangedEvent`, `InventoryReservedEvent` or
-    /// `InventoryReleasedEvent`), then `StockStatusChangedEvent` when the status changes, then
-    /// `LowStockThresholdReachedEvent` when available stock crosses the threshold downwards.
+    /// `InventoryReleasedEvent`), then what [`Work::status_changed`] records.
     /// Fails, changing nothing, when the movement would break an invariant.
     pub fn apply(
         &mut self,
@@ -382,7 +382,6 @@ impl Work {
             )));
         }
         let old_status = v.status();
-        let old_available = v.available();
         v.quantity = q1;
         v.reserved = r1;
         v.updated_at = Utc::now();
@@ -431,19 +430,13 @@ impl Work {
                 order_id,
                 reservation_id,
             } => {
-                let user = self.user_id();
-                self.event(
-                    &tenant,
-                    v.id,
-                    topics::RESERVED,
-                    json!({
-                        "quantityReserved": qty,
-                        "availableQuantityAfterReservation": v.available(),
-                        "orderId": order_id,
-                        "userId": user,
-                        "reservationId": reservation_id,
-                    }),
-                );
+                let data = self.with_user(json!({
+                    "quantityReserved": qty,
+                    "availableQuantityAfterReservation": v.available(),
+                    "orderId": order_id,
+                    "reservationId": reservation_id,
+                }));
+                self.event(&tenant, v.id, topics::RESERVED, data);
             }
             Movement::Release {
                 qty,
@@ -451,26 +444,53 @@ impl Work {
                 reservation_id,
                 reason,
             } => {
-                let user = self.user_id();
-                self.event(
-                    &tenant,
-                    v.id,
-                    topics::RELEASED,
-                    json!({
-                        "quantityReleased": qty,
-                        "availableQuantityAfterRelease": v.available(),
-                        "orderId": order_id,
-                        "userId": user,
-                        "reservationId": reservation_id,
-                        "reasonForRelease": reason,
-                    }),
-                );
+                let data = self.with_user(json!({
+                    "quantityReleased": qty,
+                    "availableQuantityAfterRelease": v.available(),
+                    "orderId": order_id,
+                    "reservationId": reservation_id,
+                    "reasonForRelease": reason,
+                }));
+                self.event(&tenant, v.id, topics::RELEASED, data);
             }
             Movement::Quantity { .. } => {}
         }
         self.status_changed(v, old_status);
+        Ok(())
+    }
+
+    /// Records `StockStatusChangedEvent` when `v`'s status differs from `old`, and with it
+    /// `LowStockThresholdReachedEvent` when the change leaves `IN_STOCK` for `LOW_STOCK` or
+    /// `OUT_OF_STOCK` under a threshold above 0.
+    ///
+    /// One rule for both events, whatever moved (stock, reservations or the threshold itself):
+    /// both are computed from **available** stock and both report it as `currentQuantity`, so a
+    /// consumer can check `newStatus` against `currentQuantity` and `lowStockThreshold`. A
+    /// threshold of 0 means "no low-stock warning": selling out is `OUT_OF_STOCK`, not a
+    /// threshold reached. Raising the threshold above available stock is a crossing like any
+    /// other: a reordering consumer listening for the threshold hears about it.
+    pub fn status_changed(&mut self, v: &mut Variant, old: StockStatus) {
+        let new = v.status();
+        if new == old {
+            return;
+        }
+        v.dirty = true;
+        let tenant = v.tenant_id.clone();
+        self.event(
+            &tenant,
+            v.id,
+            topics::STATUS_CHANGED,
+            json!({
+                "newStatus": new.as_str(),
+                "oldStatus": old.as_str(),
+                "currentQuantity": v.available(),
+            }),
+        );
         let t = v.low_stock_threshold;
-        if old_available > t && v.available() <= t && !v.discontinued {
+        if old == StockStatus::InStock
+            && matches!(new, StockStatus::LowStock | StockStatus::OutOfStock)
+            && t > 0
+        {
             self.event(
                 &tenant,
                 v.id,
@@ -478,26 +498,6 @@ impl Work {
                 json!({
                     "currentQuantity": v.available(),
                     "lowStockThreshold": t,
-                }),
-            );
-        }
-        Ok(())
-    }
-
-    /// Records `StockStatusChangedEvent` when `v`'s status differs from `old`.
-    pub fn status_changed(&mut self, v: &mut Variant, old: StockStatus) {
-        let new = v.status();
-        if new != old {
-            v.dirty = true;
-            let tenant = v.tenant_id.clone();
-            self.event(
-                &tenant,
-                v.id,
-                topics::STATUS_CHANGED,
-                json!({
-                    "newStatus": new.as_str(),
-                    "oldStatus": old.as_str(),
-                    "currentQuantity": v.quantity,
                 }),
             );
         }

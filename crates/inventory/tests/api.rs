@@ -122,7 +122,8 @@ async fn every_operation_commits_its_events_with_the_seed_payloads() {
     assert_eq!(d["reservationId"], rid);
     assert_eq!(d["userId"], "user-1");
     assert_eq!(ev[7].data["newStatus"], "OUT_OF_STOCK");
-    assert_eq!(ev[7].data["currentQuantity"], 3);
+    // currentQuantity is available stock, the figure the status is derived from (README).
+    assert_eq!(ev[7].data["currentQuantity"], 0);
     assert_eq!(ev.len(), 8);
 
     // Cancel: InventoryReleased ORDER_CANCELLED, back to LOW_STOCK.
@@ -715,7 +716,10 @@ async fn expired_reservations_are_released_by_the_sweep() {
     assert_eq!(d["reservationId"], short["id"]);
     assert_eq!(d["quantityReleased"], 2);
     assert_eq!(d["availableQuantityAfterRelease"], 4);
-    assert_eq!(d["userId"], Value::Null);
+    assert!(
+        d.get("userId").is_none(),
+        "optional userId is absent, not null, for the sweep"
+    );
     assert_well_formed(ev);
     let (_, r) = app
         .get(
@@ -1107,7 +1111,10 @@ async fn correlation_health_and_openapi() {
         .await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(r["status"], "LOW_STOCK");
-    let last = app.events().await.pop().unwrap();
+    // The status change, then the threshold reached (raising it is a crossing too: README).
+    let mut ev = app.events().await;
+    let low = ev.pop().unwrap();
+    let last = ev.pop().unwrap();
     assert_eq!(
         (
             last.data["oldStatus"].as_str(),
@@ -1115,6 +1122,7 @@ async fn correlation_health_and_openapi() {
         ),
         (Some("IN_STOCK"), Some("LOW_STOCK"))
     );
+    assert_eq!(low.event_type, "LowStockThresholdReachedEvent");
     // Stock cannot fall below what is reserved.
     let (s, _) = app
         .post(
@@ -1177,4 +1185,615 @@ async fn idempotency_keys_are_forgotten_after_their_ttl_in_bounded_batches() {
         )
         .await;
     assert_eq!(h["idempotent-replayed"], "true");
+}
+
+// ---- Strict at the door (issue 11, part 2) ----
+
+/// Ledger rows, unpublished events and idempotency keys: what a refused request must not add.
+async fn footprint(app: &App) -> (i64, i64, i64) {
+    (
+        app.count("inv_ledger").await,
+        app.count("outbox_event").await,
+        app.count("inv_idempotency").await,
+    )
+}
+
+fn sign(claims: Value) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(SECRET),
+    )
+    .unwrap()
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nul_characters_are_refused_with_422_or_401_and_change_nothing() {
+    let app = App::new().await;
+    let t = app.token("acme");
+    let v = app.variant(&t, 0, 5).await;
+    let before = footprint(&app).await;
+    let adj = format!("/variants/{v}/adjustments");
+    let nul_reason = json!({"changeType": "PURCHASE", "quantity": 1, "reason": "a\u{0}b"});
+    let wh = Uuid::now_v7();
+    let nul_ref = json!({"reference": "PO\u{0}1", "lines": [{"warehouseId": wh, "productVariantId": v, "quantity": 1}]});
+    for (name, path, body, key) in [
+        ("reason", adj.as_str(), nul_reason.clone(), None),
+        ("reference", "/receipts", nul_ref, None),
+        ("reason with a key", adj.as_str(), nul_reason, Some("k-nul")),
+        (
+            "any body with a key",
+            "/variants",
+            json!({"productVariantId": Uuid::now_v7(), "lowStockThreshold": 1, "x\u{0}": 1}),
+            Some("k-nul-2"),
+        ),
+    ] {
+        let hdrs: Vec<(&str, &str)> = key.iter().map(|k| ("idempotency-key", *k)).collect();
+        let (s, h, p) = app
+            .call(Method::POST, path, Some(&t), Some(body), &hdrs)
+            .await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{name}: {p}");
+        assert_eq!(h["content-type"], "application/problem+json");
+        assert!(
+            p["detail"].as_str().unwrap().contains("U+0000"),
+            "{name}: {p}"
+        );
+    }
+    // A validly signed token whose sub holds a NUL.
+    let nul_sub = sign(json!({"tenant": "acme", "sub": "al\u{0}ice", "exp": now() + 600}));
+    let (s, p) = app
+        .post(
+            &nul_sub,
+            &adj,
+            json!({"changeType": "PURCHASE", "quantity": 1}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "{p}");
+    assert_eq!(footprint(&app).await, before, "nothing was written");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_errors_map_to_4xx_or_503() {
+    let app = App::new().await;
+    // Class 22 (data exception) is the request's fault: 4xx.
+    let e = sqlx::query("SELECT 1 / 0")
+        .execute(&app.db.pool)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        inventory::ApiError::from(e).status(),
+        StatusCode::UNPROCESSABLE_ENTITY
+    );
+    let e = sqlx::query("SELECT 'abc'::int")
+        .execute(&app.db.pool)
+        .await
+        .unwrap_err();
+    assert!(inventory::ApiError::from(e).status().is_client_error());
+    // A terminated backend (57P01) is transient: 503.
+    let mut conn = app.db.pool.acquire().await.unwrap();
+    let e = sqlx::query("SELECT pg_terminate_backend(pg_backend_pid())")
+        .execute(&mut *conn)
+        .await
+        .unwrap_err();
+    let err = inventory::ApiError::from(e);
+    assert_eq!(err.status(), StatusCode::SERVICE_UNAVAILABLE, "{err:?}");
+    drop(conn);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_terminated_mid_request_is_503_with_retry_after_and_no_effect() {
+    let app = std::sync::Arc::new(App::new().await);
+    let t = app.token("acme");
+    let v = app.variant(&t, 0, 10).await;
+    let before = footprint(&app).await;
+    // Hold the variant's row so the request waits inside its transaction, then kill its backend
+    // as a failover or an operator would.
+    let mut blocker = app.db.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM inv_variant WHERE id = $1 FOR UPDATE")
+        .bind(v)
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    let (a, t2) = (app.clone(), t.clone());
+    let req = tokio::spawn(async move {
+        a.call(
+            Method::POST,
+            &format!("/variants/{v}/adjustments"),
+            Some(&t2),
+            Some(json!({"changeType": "PURCHASE", "quantity": 5})),
+            &[],
+        )
+        .await
+    });
+    let mut killed = false;
+    for _ in 0..100 {
+        let pid: Option<i32> = sqlx::query_scalar(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database()
+               AND wait_event_type = 'Lock' AND pid <> pg_backend_pid() LIMIT 1",
+        )
+        .fetch_optional(&mut *blocker)
+        .await
+        .unwrap();
+        if let Some(pid) = pid {
+            sqlx::query("SELECT pg_terminate_backend($1)")
+                .bind(pid)
+                .execute(&mut *blocker)
+                .await
+                .unwrap();
+            killed = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(killed, "the request waited on the row lock");
+    blocker.rollback().await.unwrap();
+    let (s, h, p) = req.await.unwrap();
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{p}");
+    assert!(h.get("retry-after").is_some(), "503 says when to retry");
+    assert_eq!(h["content-type"], "application/problem+json");
+    assert_eq!(footprint(&app).await, before, "the request had no effect");
+    let (_, var) = app.get(&t, &format!("/variants/{v}")).await;
+    assert_eq!(var["quantity"], 10);
+    // The retry goes through on a fresh connection.
+    let (s, p) = app
+        .post(
+            &t,
+            &format!("/variants/{v}/adjustments"),
+            json!({"changeType": "PURCHASE", "quantity": 5}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{p}");
+    assert_eq!(p["quantity"], 15);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_over_the_limit_is_413() {
+    let app = App::new().await;
+    let t = app.token("acme");
+    let big = "x".repeat(inventory::http::MAX_BODY_BYTES + 1);
+    let (s, h, p) = app
+        .call(
+            Method::POST,
+            "/receipts",
+            Some(&t),
+            Some(json!({"reference": big, "lines": []})),
+            &[],
+        )
+        .await;
+    assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE, "{p}");
+    assert_eq!(h["content-type"], "application/problem+json");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_not_yet_valid_or_issued_in_the_future_are_refused() {
+    let app = App::new().await;
+    let path = format!("/variants/{}", Uuid::now_v7());
+    let n = now();
+    for (name, claims, ok) in [
+        (
+            "nbf in a minute",
+            json!({"tenant": "acme", "sub": "u", "exp": n + 600, "nbf": n + 60}),
+            false,
+        ),
+        (
+            "iat in a minute",
+            json!({"tenant": "acme", "sub": "u", "exp": n + 600, "iat": n + 60}),
+            false,
+        ),
+        (
+            "nbf within the leeway",
+            json!({"tenant": "acme", "sub": "u", "exp": n + 600, "nbf": n + 2, "iat": n + 2}),
+            true,
+        ),
+        (
+            "nbf passed",
+            json!({"tenant": "acme", "sub": "u", "exp": n + 600, "nbf": n - 60, "iat": n - 60}),
+            true,
+        ),
+    ] {
+        let (s, p) = app.get(&sign(claims), &path).await;
+        if ok {
+            assert_eq!(
+                s,
+                StatusCode::NOT_FOUND,
+                "{name}: accepted, the variant is unknown: {p}"
+            );
+        } else {
+            assert_eq!(s, StatusCode::UNAUTHORIZED, "{name}: {p}");
+        }
+    }
+    // iss and aud, when configured.
+    use inventory::auth::{JwtKeys, TokenRules};
+    let rules = TokenRules {
+        issuer: Some("https://id.example".into()),
+        audience: Some("inventory".into()),
+    };
+    let keys = JwtKeys::with_rules(SECRET, rules);
+    assert!(keys.verify(&keys.mint("acme", "u", 60).unwrap()).is_ok());
+    for (name, claims) in [
+        (
+            "no iss",
+            json!({"tenant": "acme", "sub": "u", "exp": n + 600, "aud": "inventory"}),
+        ),
+        (
+            "wrong iss",
+            json!({"tenant": "acme", "sub": "u", "exp": n + 600, "iss": "evil", "aud": "inventory"}),
+        ),
+        (
+            "no aud",
+            json!({"tenant": "acme", "sub": "u", "exp": n + 600, "iss": "https://id.example"}),
+        ),
+        (
+            "wrong aud",
+            json!({"tenant": "acme", "sub": "u", "exp": n + 600, "iss": "https://id.example", "aud": "billing"}),
+        ),
+    ] {
+        let e = keys.verify(&sign(claims)).unwrap_err();
+        assert_eq!(e.status(), StatusCode::UNAUTHORIZED, "{name}");
+    }
+    // Without rules, iss and aud are not judged.
+    let plain = JwtKeys::new(SECRET);
+    assert!(plain
+        .verify(&sign(
+            json!({"tenant": "acme", "sub": "u", "exp": n + 600, "iss": "x", "aud": "y"})
+        ))
+        .is_ok());
+}
+
+#[test]
+fn the_service_refuses_to_start_with_a_short_jwt_secret() {
+    assert!(inventory::auth::check_secret(&[b'k'; 31]).is_err());
+    assert!(inventory::auth::check_secret(&[b'k'; 32]).is_ok());
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_inventory"))
+        .args(["serve", "--metrics-addr", "", "--listen", "127.0.0.1:1"])
+        .env("INVENTORY_JWT_SECRET", "change-me")
+        .env("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none")
+        .output()
+        .expect("run inventory");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("at least 32 bytes"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_idempotency_purge_reads_the_created_at_index() {
+    let app = App::new().await;
+    sqlx::query(
+        "INSERT INTO inv_idempotency (tenant_id, key, request, created_at)
+         SELECT 'acme', 'k' || g, '{}'::jsonb,
+                CASE WHEN g <= 10 THEN now() - interval '2 days' ELSE now() END
+         FROM generate_series(1, 20000) g",
+    )
+    .execute(&app.db.pool)
+    .await
+    .unwrap();
+    sqlx::query("ANALYZE inv_idempotency")
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    let plan: Vec<String> =
+        sqlx::query_scalar(&format!("EXPLAIN {}", inventory::idempotency::PURGE_SQL))
+            .bind(24.0 * 3600.0)
+            .bind(1000i64)
+            .fetch_all(&app.db.pool)
+            .await
+            .unwrap();
+    let plan = plan.join("\n");
+    assert!(
+        plan.contains("inv_idempotency_created_at"),
+        "the purge reads the index, not the whole table:\n{plan}"
+    );
+    let n = inventory::idempotency::purge_expired(
+        &app.db.pool,
+        std::time::Duration::from_secs(24 * 3600),
+        1000,
+    )
+    .await
+    .unwrap();
+    assert_eq!(n, 10);
+}
+
+/// Checks the rule that ties the status and low-stock events together (README): both report
+/// available stock, and a `LowStockThresholdReachedEvent` comes right after exactly those
+/// status changes that leave `IN_STOCK` for `LOW_STOCK` or `OUT_OF_STOCK` under a threshold > 0.
+fn assert_status_and_low_stock_agree(
+    ev: &[Event],
+    thresholds: &std::collections::HashMap<String, i64>,
+) {
+    for (i, e) in ev.iter().enumerate() {
+        let next = ev.get(i + 1);
+        match e.event_type.as_str() {
+            "StockStatusChangedEvent" => {
+                let d = &e.data;
+                let t = thresholds[&e.aggregate_id];
+                let crossing = d["oldStatus"] == "IN_STOCK"
+                    && (d["newStatus"] == "LOW_STOCK" || d["newStatus"] == "OUT_OF_STOCK")
+                    && t > 0;
+                let low = next.filter(|n| {
+                    n.event_type == "LowStockThresholdReachedEvent"
+                        && n.aggregate_id == e.aggregate_id
+                });
+                assert_eq!(
+                    crossing,
+                    low.is_some(),
+                    "{d} then {:?}",
+                    next.map(|n| &n.data)
+                );
+                if let Some(l) = low {
+                    assert_eq!(l.data["currentQuantity"], d["currentQuantity"]);
+                    assert_eq!(l.data["lowStockThreshold"], t);
+                }
+                let q = d["currentQuantity"].as_i64().unwrap();
+                let want = match d["newStatus"].as_str().unwrap() {
+                    "OUT_OF_STOCK" => q == 0,
+                    "LOW_STOCK" => q > 0 && q <= t,
+                    "IN_STOCK" => q > t,
+                    _ => true,
+                };
+                assert!(
+                    want,
+                    "status agrees with currentQuantity {q} and threshold {t}: {d}"
+                );
+            }
+            "LowStockThresholdReachedEvent" => {
+                let prev = &ev[i - 1];
+                assert_eq!(prev.event_type, "StockStatusChangedEvent", "{:?}", e.data);
+            }
+            _ => {}
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_and_low_stock_events_agree_on_available_stock() {
+    let app = App::new().await;
+    let t = app.token("acme");
+    let mut thresholds = std::collections::HashMap::new();
+    // Threshold 0: selling out is OUT_OF_STOCK, not a threshold reached.
+    let zero = app.variant(&t, 0, 3).await;
+    thresholds.insert(zero.to_string(), 0);
+    let (s, _) = app
+        .post(
+            &t,
+            &format!("/variants/{zero}/adjustments"),
+            json!({"changeType": "SALE", "quantity": -3}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let ev = app.events().await;
+    assert!(!ev
+        .iter()
+        .any(|e| e.event_type == "LowStockThresholdReachedEvent"));
+    // Reserving 8 of 10 under threshold 5: physical stays 10, available is 2; both events say 2.
+    let v = app.variant(&t, 5, 10).await;
+    thresholds.insert(v.to_string(), 5);
+    let (s, r) = app
+        .post(
+            &t,
+            "/reservations",
+            json!({"orderId": Uuid::now_v7(), "lines": [{"productVariantId": v, "quantity": 8}]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{r}");
+    let last = app.events().await;
+    let low = last
+        .iter()
+        .rev()
+        .find(|e| e.event_type == "LowStockThresholdReachedEvent")
+        .unwrap();
+    assert_eq!(low.data["currentQuantity"], 2);
+    let st = last
+        .iter()
+        .rev()
+        .find(|e| e.event_type == "StockStatusChangedEvent")
+        .unwrap();
+    assert_eq!(
+        (
+            st.data["newStatus"].as_str(),
+            st.data["currentQuantity"].as_i64()
+        ),
+        (Some("LOW_STOCK"), Some(2))
+    );
+    // Raising the threshold above available stock is a crossing too: both events.
+    let w = app.variant(&t, 2, 10).await;
+    let before = app.events().await.len();
+    let (s, _, _) = app
+        .call(
+            Method::PUT,
+            &format!("/variants/{w}"),
+            Some(&t),
+            Some(json!({"lowStockThreshold": 20})),
+            &[],
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    thresholds.insert(w.to_string(), 20);
+    let ev = app.events().await;
+    let types: Vec<&str> = ev[before..].iter().map(|e| e.event_type.as_str()).collect();
+    assert_eq!(
+        types,
+        ["StockStatusChangedEvent", "LowStockThresholdReachedEvent"]
+    );
+    assert_eq!(ev[before + 1].data["currentQuantity"], 10);
+    assert_eq!(ev[before + 1].data["lowStockThreshold"], 20);
+    // Lowering it again: back to IN_STOCK, no threshold event.
+    let (s, _, _) = app
+        .call(
+            Method::PUT,
+            &format!("/variants/{w}"),
+            Some(&t),
+            Some(json!({"lowStockThreshold": 2})),
+            &[],
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    // The thresholds of the events above are the current ones except the raise; check the
+    // rule on everything after the raise with the threshold in force then.
+    assert_status_and_low_stock_agree(&app.events().await[before..before + 2], &thresholds);
+    thresholds.insert(w.to_string(), 2);
+    assert_status_and_low_stock_agree(&app.events().await[before + 2..], &thresholds);
+    assert_status_and_low_stock_agree(&app.events().await[..before], &thresholds);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openapi_document_declares_every_answer_of_every_route() {
+    let app = App::new().await;
+    let t = app.token("acme");
+    let id = Uuid::now_v7();
+    let v = format!("/variants/{id}");
+    let put = |th: i64| json!({"lowStockThreshold": th});
+    // PUT: 201 then 200; 422; 400.
+    for (body, want) in [(put(5), 201), (put(6), 200), (put(-1), 422)] {
+        let (s, _, p) = app.call(Method::PUT, &v, Some(&t), Some(body), &[]).await;
+        assert_eq!(s.as_u16(), want, "{p}");
+    }
+    let (s, _, _) = app
+        .call(Method::PUT, "/variants/nope", Some(&t), Some(put(1)), &[])
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    // POST /variants: 201, 409.
+    let (s, _) = app
+        .post(&t, "/variants", json!({"productVariantId": Uuid::now_v7()}))
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    let (s, _) = app
+        .post(&t, "/variants", json!({"productVariantId": id}))
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    // Adjustments: 200, 404, 409, 422.
+    let adj = format!("{v}/adjustments");
+    let (s, _) = app
+        .post(&t, &adj, json!({"changeType": "PURCHASE", "quantity": 3}))
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _) = app
+        .post(
+            &t,
+            &format!("/variants/{}/adjustments", Uuid::now_v7()),
+            json!({"changeType": "PURCHASE", "quantity": 3}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, _) = app
+        .post(&t, &adj, json!({"changeType": "SALE", "quantity": -30}))
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    let (s, _) = app
+        .post(&t, &adj, json!({"changeType": "SALE", "quantity": 3}))
+        .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+    // Reads, ledger, list, 401.
+    for p in [
+        v.clone(),
+        format!("{v}/ledger"),
+        "/variants".into(),
+        format!("/variants/{}", Uuid::now_v7()),
+    ] {
+        let (s, _) = app.get(&t, &p).await;
+        assert!(s == StatusCode::OK || s == StatusCode::NOT_FOUND, "{p}");
+    }
+    let (s, _, _) = app.call(Method::GET, &v, None, None, &[]).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    // Receipts: 201, 200, 409, 404.
+    let (s, r) = app
+        .post(&t, "/receipts", json!({"lines": [{"warehouseId": Uuid::now_v7(), "productVariantId": id, "quantity": 2}]}))
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    let rid = r["id"].as_str().unwrap();
+    for want in [200, 409] {
+        let (s, _) = app
+            .post_empty(&t, &format!("/receipts/{rid}/validate"))
+            .await;
+        assert_eq!(s.as_u16(), want);
+    }
+    let (s, _) = app.get(&t, &format!("/receipts/{rid}")).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _) = app
+        .post_empty(&t, &format!("/receipts/{}/validate", Uuid::now_v7()))
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    // Reservations: 201, 409, 422, cancel 200 then 409, ship 200.
+    let res = |q: i64| json!({"orderId": Uuid::now_v7(), "lines": [{"productVariantId": id, "quantity": q}]});
+    let (s, r) = app.post(&t, "/reservations", res(1)).await;
+    assert_eq!(s, StatusCode::CREATED);
+    let r1 = r["id"].as_str().unwrap().to_string();
+    let (s, _) = app.post(&t, "/reservations", res(1000)).await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    let (s, _) = app.post(&t, "/reservations", res(0)).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+    for want in [200, 409] {
+        let (s, _) = app
+            .post_empty(&t, &format!("/reservations/{r1}/cancel"))
+            .await;
+        assert_eq!(s.as_u16(), want);
+    }
+    let (s, r) = app.post(&t, "/reservations", res(1)).await;
+    assert_eq!(s, StatusCode::CREATED);
+    let (s, _) = app
+        .post_empty(
+            &t,
+            &format!("/reservations/{}/ship", r["id"].as_str().unwrap()),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _) = app.get(&t, &format!("/reservations/{r1}")).await;
+    assert_eq!(s, StatusCode::OK);
+    // Discontinue: 200 twice, 404.
+    for want in [200, 200] {
+        let (s, _) = app.post_empty(&t, &format!("{v}/discontinue")).await;
+        assert_eq!(s.as_u16(), want);
+    }
+    let (s, _) = app
+        .post_empty(&t, &format!("/variants/{}/discontinue", Uuid::now_v7()))
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    // Oversized body (413), and the operational routes.
+    let big = "x".repeat(inventory::http::MAX_BODY_BYTES + 1);
+    let (s, _) = app
+        .post(&t, "/receipts", json!({"reference": big, "lines": []}))
+        .await;
+    assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
+    for p in ["/healthz", "/readyz", "/openapi.json"] {
+        let (s, _, _) = app.call(Method::GET, p, None, None, &[]).await;
+        assert_eq!(s, StatusCode::OK);
+    }
+    let seen = app.seen.lock().unwrap().clone();
+    assert!(seen.len() > 30);
+    assert_eq!(undeclared(&seen), vec![]);
+    // The checker itself: an undeclared status, media type or field is reported.
+    let probe = |status: u16, media: &str, field: &str| {
+        undeclared(&[(
+            "PUT".into(),
+            v.clone(),
+            status,
+            Some(media.into()),
+            vec![field.into()],
+        )])
+    };
+    assert!(probe(200, "application/json", "quantity").is_empty());
+    assert_eq!(probe(418, "application/json", "quantity").len(), 1);
+    assert_eq!(probe(200, "text/plain", "quantity").len(), 1);
+    assert_eq!(probe(200, "application/json", "secret").len(), 1);
+    // Every route of the router is in the document, and every operation has a success answer.
+    let (_, doc) = app.get(&t, "/openapi.json").await;
+    assert_eq!(doc["openapi"].as_str().map(|v| &v[..3]), Some("3.1"));
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            let codes: Vec<&String> = op["responses"].as_object().unwrap().keys().collect();
+            assert!(
+                codes.iter().any(|c| c.starts_with('2')),
+                "{method} {path}: {codes:?}"
+            );
+        }
+    }
+    assert!(
+        doc["components"]["schemas"]["VariantView"]["properties"]["lowStockThreshold"].is_object()
+    );
 }

@@ -68,13 +68,19 @@ pub struct AmqpArgs {
     /// Durable topic exchange the events go to (the inventory seed uses `inventory.events`).
     #[arg(long, env = "OUTBOX_AMQP_EXCHANGE", default_value = "outbox.events")]
     pub amqp_exchange: String,
-    /// Routing key of each event: {tenant} (required), {topic}, {event_type}, {aggregate_type}.
+    /// Routing key of each event: {tenant} (required unless --amqp-tenant-in-header-only),
+    /// {topic}, {event_type}, {aggregate_type}.
     #[arg(
         long,
         env = "OUTBOX_AMQP_ROUTING_KEY",
         default_value = "{topic}.{tenant}"
     )]
     pub amqp_routing_key: String,
+    /// Allow a routing key without {tenant}: the tenant then travels only in the
+    /// Outbox-Tenant-Id header (every message has it), and a consumer selects one tenant with a
+    /// headers binding. For contracts with fixed routing keys (the inventory seed's).
+    #[arg(long, env = "OUTBOX_AMQP_TENANT_IN_HEADER_ONLY")]
+    pub amqp_tenant_in_header_only: bool,
     /// Only check (passive declare) the exchange and alternate exchange, never declare them.
     #[arg(long, env = "OUTBOX_AMQP_NO_DECLARE")]
     pub amqp_no_declare: bool,
@@ -116,6 +122,7 @@ impl AmqpArgs {
             url: self.amqp_url.clone(),
             exchange: self.amqp_exchange.clone(),
             routing_key_template: self.amqp_routing_key.clone(),
+            tenant_in_header_only: self.amqp_tenant_in_header_only,
             declare: !self.amqp_no_declare,
             alternate_exchange: (!ae.is_empty()).then_some(ae),
             max_in_flight: self.amqp_max_in_flight,

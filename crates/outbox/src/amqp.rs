@@ -12,6 +12,14 @@
 //! `inventory.stock.*` (the seed's "stock events") is `inventory.stock.*.*`, and `inventory.#`
 //! still takes everything.
 //!
+//! A service whose published contract fixes the routing keys (the inventory seed: exactly
+//! `inventory.reservation.created`, bound as `inventory.reservation.*`) can opt out with
+//! [`AmqpConfig::tenant_in_header_only`]: the template may then omit `{tenant}`, and the tenant
+//! travels only in the `Outbox-Tenant-Id` header, which every message carries. Invariant 7 still
+//! holds in the message (header and envelope); a consumer takes one tenant through a headers
+//! exchange bound behind the topic exchange (`x-match: all`, `Outbox-Tenant-Id: acme`). It is an
+//! explicit setting, never implied, so a typo in a template cannot silently drop the tenant.
+//!
 //! **Message.** `message_id` = `eventId` (consumers de-duplicate on it: RabbitMQ has no
 //! de-duplication of its own), `correlation_id`, `type` = event type, `timestamp` (seconds, the
 //! row's creation), `content_type`, `app_id`, and the headers `Outbox-Event-Id`,
@@ -85,8 +93,12 @@ pub struct AmqpConfig {
     /// Topic exchange the events go to.
     pub exchange: String,
     /// Routing key per event: `{tenant}`, `{topic}`, `{event_type}`, `{aggregate_type}`; must
-    /// contain `{tenant}`.
+    /// contain `{tenant}` unless [`AmqpConfig::tenant_in_header_only`] is set.
     pub routing_key_template: String,
+    /// Allow a routing-key template without `{tenant}`: the tenant is then carried only by the
+    /// `Outbox-Tenant-Id` header (sent with every message), for contracts whose routing keys
+    /// are fixed. Off by default, so invariant 7 is only relaxed on purpose.
+    pub tenant_in_header_only: bool,
     /// Declare the exchange (and the alternate exchange); when false only check that they exist
     /// (passive declare), for brokers whose topology is owned by the operator.
     pub declare: bool,
@@ -113,6 +125,7 @@ impl Default for AmqpConfig {
             url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
             exchange: "outbox.events".into(),
             routing_key_template: "{topic}.{tenant}".into(),
+            tenant_in_header_only: false,
             declare: true,
             alternate_exchange: Some("outbox.events.unroutable".into()),
             max_in_flight: 2048,
@@ -152,9 +165,10 @@ impl AmqpPublisher {
     /// exchange, so that a topology error is reported at start-up. A broker that cannot be
     /// reached is not an error: the relay starts and the events wait in the outbox.
     pub async fn connect(cfg: AmqpConfig) -> Result<Self> {
-        if !cfg.routing_key_template.contains("{tenant}") {
+        if !cfg.tenant_in_header_only && !cfg.routing_key_template.contains("{tenant}") {
             return Err(OutboxError::Config(format!(
-                "routing key template {:?} must contain {{tenant}}: the tenant is part of every routing key",
+                "routing key template {:?} must contain {{tenant}}: the tenant is part of every routing key \
+                 (or allow a key without it explicitly, the tenant then travels only in the Outbox-Tenant-Id header)",
                 cfg.routing_key_template
             )));
         }
