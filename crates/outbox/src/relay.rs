@@ -48,6 +48,11 @@ pub struct RelayConfig {
     pub cleanup_pause: Duration,
     /// Longest pause while the broker is unreachable.
     pub broker_backoff_cap: Duration,
+    /// An aggregate idle this long, with nothing pending, held or dead, loses its sequence row
+    /// (`outbox_aggregate`), so that the table does not only grow; its next event starts a new
+    /// `seq_epoch` at seq 1. Compaction runs in the cleanup loop, in `cleanup_batch` batches.
+    /// `None` keeps every sequence row.
+    pub aggregate_horizon: Option<Duration>,
 }
 
 impl Default for RelayConfig {
@@ -64,6 +69,7 @@ impl Default for RelayConfig {
             cleanup_batch: 1000,
             cleanup_pause: Duration::from_millis(20),
             broker_backoff_cap: Duration::from_secs(5),
+            aggregate_horizon: Some(Duration::from_secs(7 * 24 * 3600)),
         }
     }
 }
@@ -190,20 +196,18 @@ impl Relay {
     pub async fn run(&self, stop: CancellationToken) -> Result<()> {
         let background = CancellationToken::new();
         let gauges = tokio::spawn(backlog_gauges(self.store.clone(), background.clone()));
-        let cleanup = self
-            .config
-            .retention
-            .filter(|r| !r.is_zero())
-            .map(|retention| {
-                tokio::spawn(cleanup_loop(
-                    self.store.clone(),
-                    retention,
-                    self.config.cleanup_interval,
-                    self.config.cleanup_batch,
-                    self.config.cleanup_pause,
-                    background.clone(),
-                ))
-            });
+        let retention = self.config.retention.filter(|r| !r.is_zero());
+        let cleanup = (retention.is_some() || self.config.aggregate_horizon.is_some()).then(|| {
+            tokio::spawn(cleanup_loop(
+                self.store.clone(),
+                retention,
+                self.config.aggregate_horizon,
+                self.config.cleanup_interval,
+                self.config.cleanup_batch,
+                self.config.cleanup_pause,
+                background.clone(),
+            ))
+        });
         tracing::info!(relay_id = %self.config.relay_id, broker = self.publisher.name(), "relay started");
         self.main_loop(&stop).await;
         background.cancel();
@@ -557,39 +561,68 @@ async fn backlog_gauges(store: Arc<dyn RelayStore>, stop: CancellationToken) {
     }
 }
 
-/// Deletes published rows past retention in bounded batches, pausing between batches so that a
-/// large pass never competes with producers for long.
+/// Deletes published rows past retention, then compacts idle aggregates' sequence rows, in
+/// bounded batches, pausing between batches so that a large pass never competes with producers
+/// for long.
 async fn cleanup_loop(
     store: Arc<dyn RelayStore>,
-    retention: Duration,
+    retention: Option<Duration>,
+    aggregate_horizon: Option<Duration>,
     every: Duration,
     batch: i64,
     pause: Duration,
     stop: CancellationToken,
 ) {
     loop {
-        loop {
-            if stop.is_cancelled() {
-                return;
-            }
-            match store.cleanup_batch(retention, batch).await {
-                Ok(n) => {
-                    metrics::counter!(m::CLEANED).increment(n);
-                    if n < batch as u64 {
-                        break;
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "retention pass failed");
-                    break;
-                }
-            }
-            tokio::time::sleep(pause).await;
+        if let Some(retention) = retention {
+            batches(&stop, batch, pause, "retention pass", m::CLEANED, || {
+                store.cleanup_batch(retention, batch)
+            })
+            .await;
+        }
+        if let Some(horizon) = aggregate_horizon {
+            batches(&stop, batch, pause, "aggregate compaction", m::AGGREGATES_COMPACTED, || {
+                store.compact_aggregates(horizon, batch)
+            })
+            .await;
         }
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
+    }
+}
+
+/// Runs `step` until it does less than a full `batch` (or fails, or `stop`), counting into
+/// `counter`.
+async fn batches<F, Fut>(
+    stop: &CancellationToken,
+    batch: i64,
+    pause: Duration,
+    what: &str,
+    counter: &'static str,
+    mut step: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<u64>>,
+{
+    loop {
+        if stop.is_cancelled() {
+            return;
+        }
+        match step().await {
+            Ok(n) => {
+                metrics::counter!(counter).increment(n);
+                if n < batch as u64 {
+                    return;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "{what} failed");
+                return;
+            }
+        }
+        tokio::time::sleep(pause).await;
     }
 }
 
@@ -605,6 +638,7 @@ mod tests {
             aggregate_type: "A".into(),
             aggregate_id: agg.into(),
             seq: id,
+            seq_epoch: 0,
             event_type: "E".into(),
             topic: "x".into(),
             payload: bytes::Bytes::new(),
