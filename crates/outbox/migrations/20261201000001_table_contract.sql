@@ -105,6 +105,36 @@ ALTER TABLE outbox_event ADD CONSTRAINT outbox_event_status_check
 CREATE INDEX outbox_event_holding ON outbox_event (tenant_id, aggregate_type, aggregate_id, id)
     WHERE status = 'held' OR (status = 'dead' AND blocks_aggregate);
 
+-- However a blocking dead letter goes away (purge, replay, a DELETE or UPDATE by hand), the rows
+-- it held flow again, in their order, unless another blocking dead letter is still ahead of them.
+-- The aggregate's sequence row is locked first, as producers take it: a producer that decided
+-- `held` under that lock has committed when the lock is granted, and the UPDATE (a new statement,
+-- a new snapshot) releases its row too; a producer after this commit sees no blocking dead letter.
+-- The WHEN clauses keep the relay's own deletes (published rows) free of any trigger call.
+CREATE FUNCTION outbox_event_release() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM 1 FROM outbox_aggregate a
+    WHERE a.tenant_id = OLD.tenant_id AND a.aggregate_type = OLD.aggregate_type
+      AND a.aggregate_id = OLD.aggregate_id
+    FOR UPDATE;
+    UPDATE outbox_event e SET status = 'pending'
+    WHERE e.status = 'held' AND e.tenant_id = OLD.tenant_id
+      AND e.aggregate_type = OLD.aggregate_type AND e.aggregate_id = OLD.aggregate_id
+      AND NOT EXISTS (
+          SELECT 1 FROM outbox_event b
+          WHERE b.status = 'dead' AND b.blocks_aggregate AND b.tenant_id = e.tenant_id
+            AND b.aggregate_type = e.aggregate_type AND b.aggregate_id = e.aggregate_id
+            AND b.id < e.id);
+    RETURN NULL;
+END $$;
+CREATE TRIGGER outbox_event_release_on_delete AFTER DELETE ON outbox_event
+    FOR EACH ROW WHEN (OLD.status = 'dead' AND OLD.blocks_aggregate)
+    EXECUTE FUNCTION outbox_event_release();
+CREATE TRIGGER outbox_event_release_on_update AFTER UPDATE ON outbox_event
+    FOR EACH ROW WHEN (OLD.status = 'dead' AND OLD.blocks_aggregate
+                       AND (NEW.status <> 'dead' OR NOT NEW.blocks_aggregate))
+    EXECUTE FUNCTION outbox_event_release();
+
 -- Dead letters default to blocking (the relay's default); their later pending rows become held.
 UPDATE outbox_event SET blocks_aggregate = true WHERE status = 'dead';
 UPDATE outbox_event e SET status = 'held'

@@ -270,52 +270,18 @@ async fn act(
         _ => "DELETE FROM outbox_event",
     };
     let mut tx = pool.begin().await?;
-    // The aggregates' sequence rows first, in key order (as producers take them): a producer that
-    // is inserting into one of them has decided `held` under that lock, so waiting for it here
-    // means its row is committed, and released below, before this commits; and a producer after
-    // this sees the dead letter gone.
-    let lock = format!(
-        "SELECT 1 FROM outbox_aggregate a
-         WHERE (a.tenant_id, a.aggregate_type, a.aggregate_id) IN (
-             SELECT tenant_id, aggregate_type, aggregate_id FROM outbox_event WHERE {DEAD_WHERE})
-         ORDER BY a.tenant_id, a.aggregate_type, a.aggregate_id FOR UPDATE OF a"
-    );
-    bind_filter(sqlx::query(&lock), filter)
-        .execute(&mut *tx)
-        .await?;
-    let sql = format!(
-        "{change} WHERE {DEAD_WHERE} RETURNING event_id, tenant_id, aggregate_type, aggregate_id"
-    );
+    // The rows these dead letters held are released by the table's trigger
+    // (`outbox_event_release`, migration `..._table_contract.sql`), which also covers a DELETE
+    // or UPDATE by hand.
+    let sql = format!("{change} WHERE {DEAD_WHERE} RETURNING event_id");
     let rows = bind_filter(sqlx::query(&sql), filter)
         .fetch_all(&mut *tx)
         .await?;
-    let mut ids = Vec::with_capacity(rows.len());
-    let (mut tenants, mut types, mut aggs) = (Vec::new(), Vec::new(), Vec::new());
-    for r in &rows {
-        use sqlx::Row;
-        ids.push(r.try_get::<Uuid, _>("event_id")?);
-        tenants.push(r.try_get::<String, _>("tenant_id")?);
-        types.push(r.try_get::<String, _>("aggregate_type")?);
-        aggs.push(r.try_get::<String, _>("aggregate_id")?);
-    }
+    let ids: Vec<Uuid> = rows
+        .iter()
+        .map(|r| sqlx::Row::try_get(r, "event_id"))
+        .collect::<std::result::Result<_, _>>()?;
     if !ids.is_empty() {
-        // Rows held behind these dead letters flow again, in their order, unless another
-        // blocking dead letter of the aggregate is still ahead of them.
-        sqlx::query(
-            "UPDATE outbox_event e SET status = 'pending'
-             FROM (SELECT DISTINCT * FROM unnest($1::text[], $2::text[], $3::text[])) AS k(t, ty, a)
-             WHERE e.status = 'held' AND e.tenant_id = k.t AND e.aggregate_type = k.ty AND e.aggregate_id = k.a
-               AND NOT EXISTS (
-                   SELECT 1 FROM outbox_event b
-                   WHERE b.status = 'dead' AND b.blocks_aggregate AND b.tenant_id = e.tenant_id
-                     AND b.aggregate_type = e.aggregate_type AND b.aggregate_id = e.aggregate_id
-                     AND b.id < e.id)",
-        )
-        .bind(&tenants)
-        .bind(&types)
-        .bind(&aggs)
-        .execute(&mut *tx)
-        .await?;
         sqlx::query(
             "INSERT INTO outbox_audit (action, actor, event_ids, detail) VALUES ($1, $2, $3, $4)",
         )

@@ -514,9 +514,10 @@ async fn dead_letter(
 }
 
 impl PgStore {
-    /// For a relay whose dead letters do not block: rows held behind dead letters (by a relay that
-    /// ran in the blocking mode, or inserted since by the trigger) become pending again. Two probes
-    /// of an index that is empty unless something is held.
+    /// For a relay whose dead letters do not block: dead letters left blocking by a relay that ran
+    /// in the blocking mode stop blocking, and held rows become pending (also one that a producer
+    /// inserted `held` while this ran, at the next claim). Probes of an index that is empty unless
+    /// something is held.
     async fn release_held(&self) -> Result<()> {
         sqlx::query(
             "WITH d AS (UPDATE outbox_event SET blocks_aggregate = false
