@@ -1,0 +1,106 @@
+//! Cost of one claim (`PgStore::claim`, batch 1000, all 64 partitions) with 0, 50,000 and 500,000
+//! events behind one dead letter, on top of a normal backlog of other aggregates (issue 10, point
+//! 4; goal: every claim within 1.5x of the unblocked one). Each case gets a fresh database in which
+//! the stuck aggregate's rows come first in id order, the worst case: a claim walking the pending
+//! index in id order meets all of them before any deliverable row of that tenant.
+//! `cargo run --release -p outbox-cli --example bench_claim -- [backlog] [claims]`
+//! (defaults 100000 and 60).
+
+use std::time::{Duration, Instant};
+
+use outbox::store::{RelayStore, Settlement};
+use outbox::PgStore;
+use testkit::TestDb;
+
+#[path = "support/mod.rs"]
+mod support;
+
+/// Median and 90th percentile claim time in ms, and the batch size seen.
+async fn case(behind: i64, backlog: i64, claims: usize) -> (f64, f64, usize) {
+    let db = TestDb::new().await;
+    let store = PgStore::new(db.pool.clone());
+    store
+        .lease_round("bench", Duration::from_secs(600))
+        .await
+        .unwrap();
+    // The stuck aggregate's first event, dead-lettered the way the relay does it.
+    sqlx::query(
+        "INSERT INTO outbox_event (event_id, tenant_id, aggregate_type, aggregate_id, event_type, topic, payload)
+         VALUES (gen_random_uuid(), 't0', 'ProductVariant', 'stuck', 'E', 'x.y', '\\x7b7d')",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let first = store.claim("bench", 10, true, &[]).await.unwrap();
+    store
+        .settle(
+            &[Settlement::Dead {
+                id: first[0].event_id,
+                error: "bench".into(),
+            }],
+            false,
+        )
+        .await
+        .unwrap();
+    let t = Instant::now();
+    sqlx::query(
+        "INSERT INTO outbox_event (event_id, tenant_id, aggregate_type, aggregate_id, event_type, topic, payload)
+         SELECT gen_random_uuid(), 't0', 'ProductVariant', 'stuck', 'E', 'x.y', '\\x7b7d'
+         FROM generate_series(1, $1) ORDER BY 1",
+    )
+    .bind(behind)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    println!(
+        "{behind} events behind the dead letter written in {:.1} s (not timed)",
+        t.elapsed().as_secs_f64()
+    );
+    support::write_backlog(&db, backlog).await;
+    sqlx::query("VACUUM ANALYZE outbox_event")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    support::quiet().await;
+    let mut times = Vec::with_capacity(claims);
+    let mut n = 0;
+    for _ in 0..claims {
+        let t = Instant::now();
+        let batch = store.claim("bench", 1000, true, &[]).await.unwrap();
+        times.push(t.elapsed().as_secs_f64() * 1000.0);
+        n = batch.len();
+        assert!(
+            batch.iter().all(|m| m.aggregate_id != "stuck"),
+            "nothing behind the dead letter is claimed"
+        );
+    }
+    let p50 = support::percentile(&mut times, 0.5);
+    let p90 = support::percentile(&mut times, 0.9);
+    (p50, p90, n)
+}
+
+#[tokio::main]
+async fn main() {
+    let mut args = std::env::args().skip(1);
+    let backlog: i64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(100_000);
+    let claims: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(60);
+    println!(
+        "machine: {} cores; normal backlog {backlog} events (10 tenants, 5000 aggregates); {claims} claims of 1000 per case",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    );
+    let mut base = None;
+    let mut lines = Vec::new();
+    for behind in [0i64, 50_000, 500_000] {
+        let (p50, p90, n) = case(behind, backlog, claims).await;
+        let b = *base.get_or_insert(p50);
+        lines.push(format!(
+            "claim with {behind:>6} behind a dead letter: p50 {p50:6.2} ms  p90 {p90:6.2} ms  ({n} rows)  ratio {:.2} (goal <= 1.5)",
+            p50 / b
+        ));
+    }
+    for l in lines {
+        println!("{l}");
+    }
+}
