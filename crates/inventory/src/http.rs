@@ -469,16 +469,20 @@ async fn ship(
 async fn healthz(State(s): State<AppState>) -> Response {
     // Not alive without its relay: the process is about to exit non-zero (crate::supervise).
     if s.relay.failed() {
-        return ApiError::Unavailable("the in-process relay stopped; events are not delivered".into())
-            .into_response();
+        return ApiError::Unavailable(
+            "the in-process relay stopped; events are not delivered".into(),
+        )
+        .into_response();
     }
     Json(json!({"status": "ok"})).into_response()
 }
 
 async fn readyz(State(s): State<AppState>) -> Response {
     if s.relay.failed() {
-        return ApiError::Unavailable("the in-process relay stopped; events are not delivered".into())
-            .into_response();
+        return ApiError::Unavailable(
+            "the in-process relay stopped; events are not delivered".into(),
+        )
+        .into_response();
     }
     match sqlx::query("SELECT 1").execute(&s.pool).await {
         Ok(_) => Json(json!({"status": "ready"})).into_response(),

@@ -88,7 +88,10 @@ mod tests {
         let handle: JoinHandle<Result<(), String>> =
             tokio::spawn(async { panic!("header value contains a newline") });
         let got = supervise_relay(handle, stop.clone(), state.clone()).await;
-        assert!(matches!(&got, Err(RelayEnded::Panicked(m)) if m.contains("newline")), "{got:?}");
+        assert!(
+            matches!(&got, Err(RelayEnded::Panicked(m)) if m.contains("newline")),
+            "{got:?}"
+        );
         assert!(stop.is_cancelled(), "the service is asked to stop");
         assert!(state.failed(), "health reports the failure");
     }

@@ -23,7 +23,8 @@ async fn case(behind: i64, backlog: i64, claims: usize) -> (f64, f64, usize) {
         .lease_round("bench", Duration::from_secs(600))
         .await
         .unwrap();
-    // The stuck aggregate's first event, dead-lettered the way the relay does it.
+    // The stuck aggregate's first event, then its tail, then (below) the relay dead-letters the
+    // first event the way it does after a failed publish, with the tail already queued behind it.
     sqlx::query(
         "INSERT INTO outbox_event (event_id, tenant_id, aggregate_type, aggregate_id, event_type, topic, payload)
          VALUES (gen_random_uuid(), 't0', 'ProductVariant', 'stuck', 'E', 'x.y', '\\x7b7d')",
@@ -31,29 +32,48 @@ async fn case(behind: i64, backlog: i64, claims: usize) -> (f64, f64, usize) {
     .execute(&db.pool)
     .await
     .unwrap();
-    let first = store.claim("bench", 10, true, &[]).await.unwrap();
+    let t = Instant::now();
+    // The tail is written with the insert trigger off and its columns filled as the trigger
+    // would: 500,000 upserts of one aggregate's sequence row run into the row versions that the
+    // other sessions of this shared server keep from being pruned, which takes many minutes and
+    // is not what is measured here.
+    let mut conn = db.pool.acquire().await.unwrap();
+    for sql in [
+        "ALTER TABLE outbox_event DISABLE TRIGGER outbox_event_assign",
+        "INSERT INTO outbox_event (id, event_id, tenant_id, aggregate_type, aggregate_id, event_type, topic,
+                                   payload, seq, seq_epoch, partition, status, next_attempt_at)
+         SELECT nextval('outbox_event_id_seq'), gen_random_uuid(), 't0', 'ProductVariant', 'stuck', 'E', 'x.y',
+                '\\x7b7d', 1 + g, a.seq_epoch, outbox_partition_of('t0', 'ProductVariant', 'stuck'),
+                'pending', '-infinity'
+         FROM generate_series(1, $1) g, outbox_aggregate a WHERE a.aggregate_id = 'stuck' ORDER BY g",
+        "ALTER TABLE outbox_event ENABLE TRIGGER outbox_event_assign",
+        "UPDATE outbox_aggregate SET last_seq = 1 + $1,
+                last_id = (SELECT max(id) FROM outbox_event WHERE aggregate_id = 'stuck')
+         WHERE aggregate_id = 'stuck'",
+    ] {
+        let q = sqlx::query(sql);
+        let q = if sql.contains("$1") { q.bind(behind) } else { q };
+        q.execute(&mut *conn).await.unwrap();
+    }
+    drop(conn);
+    let first: uuid::Uuid = sqlx::query_scalar(
+        "SELECT event_id FROM outbox_event WHERE aggregate_id = 'stuck' AND seq = 1",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
     store
         .settle(
             &[Settlement::Dead {
-                id: first[0].event_id,
+                id: first,
                 error: "bench".into(),
             }],
             false,
         )
         .await
         .unwrap();
-    let t = Instant::now();
-    sqlx::query(
-        "INSERT INTO outbox_event (event_id, tenant_id, aggregate_type, aggregate_id, event_type, topic, payload)
-         SELECT gen_random_uuid(), 't0', 'ProductVariant', 'stuck', 'E', 'x.y', '\\x7b7d'
-         FROM generate_series(1, $1) ORDER BY 1",
-    )
-    .bind(behind)
-    .execute(&db.pool)
-    .await
-    .unwrap();
     println!(
-        "{behind} events behind the dead letter written in {:.1} s (not timed)",
+        "{behind} events behind the dead letter written and held in {:.1} s (not timed)",
         t.elapsed().as_secs_f64()
     );
     support::write_backlog(&db, backlog).await;

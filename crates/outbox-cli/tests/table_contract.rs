@@ -75,7 +75,11 @@ async fn the_schema_refuses_at_insert_what_no_broker_can_carry() {
             "outbox_event_aggregate_id_no_control_chars",
         ),
         (
-            raw_insert("'v1'", ", headers", ", '{\"correlationId\": \"c\\r\\nX-Evil: 1\"}'"),
+            raw_insert(
+                "'v1'",
+                ", headers",
+                ", '{\"correlationId\": \"c\\r\\nX-Evil: 1\"}'",
+            ),
             "outbox_event_headers_are_strings_without_control_chars",
         ),
         (
@@ -317,10 +321,7 @@ async fn a_replayed_event_cannot_be_overtaken_by_the_next_one() {
     let db = TestDb::new().await;
     let outbox = Outbox::new("Test");
     let mut tx = db.pool.begin().await.unwrap();
-    let ids = outbox
-        .enqueue(&mut tx, &[event("x", 1)])
-        .await
-        .unwrap();
+    let ids = outbox.enqueue(&mut tx, &[event("x", 1)]).await.unwrap();
     tx.commit().await.unwrap();
     sqlx::query("UPDATE outbox_event SET status = 'dead', dead_at = now(), attempts = 3, last_error = 'no' WHERE event_id = $1")
         .bind(ids[0])
@@ -339,7 +340,9 @@ async fn a_replayed_event_cannot_be_overtaken_by_the_next_one() {
         ..Default::default()
     };
     assert_eq!(
-        outbox::ops::replay(&db.pool, &filter, "test").await.unwrap(),
+        outbox::ops::replay(&db.pool, &filter, "test")
+            .await
+            .unwrap(),
         vec![ids[0]]
     );
     let seqs: Vec<i64> = sqlx::query_scalar(DUE_IN_ORDER)
@@ -396,7 +399,12 @@ async fn rows_behind_a_dead_letter_are_held_and_released_in_order() {
     let first = outbox
         .enqueue(
             &mut tx,
-            &[poison.clone(), event("bad", 2), event("bad", 3), event("ok", 1)],
+            &[
+                poison.clone(),
+                event("bad", 2),
+                event("bad", 3),
+                event("ok", 1),
+            ],
         )
         .await
         .unwrap();
@@ -409,12 +417,13 @@ async fn rows_behind_a_dead_letter_are_held_and_released_in_order() {
         .await
     );
     let mut tx = db.pool.begin().await.unwrap();
-    let later = outbox
-        .enqueue(&mut tx, &[event("bad", 4)])
-        .await
-        .unwrap();
+    let later = outbox.enqueue(&mut tx, &[event("bad", 4)]).await.unwrap();
     tx.commit().await.unwrap();
-    assert_eq!(count(&db, "held").await, 3, "seq 2, 3 and the new 4 are held");
+    assert_eq!(
+        count(&db, "held").await,
+        3,
+        "seq 2, 3 and the new 4 are held"
+    );
     assert_eq!(count(&db, "pending").await, 0);
     let status = outbox::ops::status(&db.pool).await.unwrap();
     assert_eq!((status.counts.held, status.counts.dead), (3, 1));
@@ -440,7 +449,11 @@ async fn rows_behind_a_dead_letter_are_held_and_released_in_order() {
         .collect();
     assert_eq!(
         bad,
-        vec![first[1].to_string(), first[2].to_string(), later[0].to_string()]
+        vec![
+            first[1].to_string(),
+            first[2].to_string(),
+            later[0].to_string()
+        ]
     );
 
     // A relay whose dead letters do not block lets held rows (from a blocking relay) flow.
@@ -505,7 +518,10 @@ async fn idle_aggregates_are_compacted_and_come_back_in_a_new_epoch() {
         .unwrap();
     // A producer writing to `busy` right now: its aggregate must not be compacted under it.
     let mut busy = db.pool.begin().await.unwrap();
-    outbox.enqueue(&mut busy, &[event("busy", 2)]).await.unwrap();
+    outbox
+        .enqueue(&mut busy, &[event("busy", 2)])
+        .await
+        .unwrap();
 
     let week = Duration::from_secs(7 * 24 * 3600);
     let n = outbox::ops::compact_aggregates(&db.pool, week, 1, Duration::ZERO)
@@ -543,7 +559,11 @@ async fn idle_aggregates_are_compacted_and_come_back_in_a_new_epoch() {
         vec![(1, e1), (2, e1), (1, e2), (2, e2)],
         "seq restarts at 1"
     );
-    assert_eq!(e2, rows[2].get::<i64, _>("id"), "epoch = id of its first event");
+    assert_eq!(
+        e2,
+        rows[2].get::<i64, _>("id"),
+        "epoch = id of its first event"
+    );
     let busy_seq: i64 =
         sqlx::query_scalar("SELECT seq FROM outbox_event WHERE aggregate_id = 'busy'")
             .fetch_one(&db.pool)

@@ -581,9 +581,14 @@ async fn cleanup_loop(
             .await;
         }
         if let Some(horizon) = aggregate_horizon {
-            batches(&stop, batch, pause, "aggregate compaction", m::AGGREGATES_COMPACTED, || {
-                store.compact_aggregates(horizon, batch)
-            })
+            batches(
+                &stop,
+                batch,
+                pause,
+                "aggregate compaction",
+                m::AGGREGATES_COMPACTED,
+                || store.compact_aggregates(horizon, batch),
+            )
             .await;
         }
         tokio::select! {
