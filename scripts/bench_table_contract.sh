@@ -4,7 +4,7 @@
 #   scripts/bench_table_contract.sh [rows] [rounds]      (defaults 50000 and 3)
 # Prints, per schema, the best of `rounds`:
 #   - inserts/s of one multi-row INSERT of `rows` events, each of a new aggregate (the trigger's
-#     upsert inserts a row into outbox_aggregate per event), and of `rows` events over 500 existing
+#     upsert inserts a row into outbox_aggregate per event), and of `rows` events over 5000 existing
 #     aggregates;
 #   - moved rows/s of the published-row move (the relay's settlement, batches of 1000 event ids).
 set -euo pipefail
@@ -52,9 +52,9 @@ for schema in before after; do
     t=$(timed "$db" "$(insert_sql "'n' || g")"); [ "$t" -lt "$best_new" ] && best_new=$t
     run "$db" -c "VACUUM ANALYZE"
     t=$(timed "$db" "$(settle_sql "$extra")"); [ "$t" -lt "$best_settle" ] && best_settle=$t
-    run "$db" -c "$(insert_sql "'a' || (g % 500)")" >/dev/null   # the 500 aggregates exist now
+    run "$db" -c "$(insert_sql "'a' || (g % 5000)")" >/dev/null   # the 5000 aggregates exist now
     run "$db" -c "DELETE FROM outbox_event" -c "VACUUM ANALYZE" >/dev/null
-    t=$(timed "$db" "$(insert_sql "'a' || (g % 500)")"); [ "$t" -lt "$best_old" ] && best_old=$t
+    t=$(timed "$db" "$(insert_sql "'a' || (g % 5000)")"); [ "$t" -lt "$best_old" ] && best_old=$t
     run postgres -c "DROP DATABASE $db"
   done
   printf '%-6s  new aggregates: %7.0f inserts/s   existing aggregates: %7.0f inserts/s   settle (move): %7.0f rows/s\n' \

@@ -111,7 +111,8 @@ CREATE INDEX outbox_event_holding ON outbox_event (tenant_id, aggregate_type, ag
 -- `held` under that lock has committed when the lock is granted, and the UPDATE (a new statement,
 -- a new snapshot) releases its row too; a producer after this commit sees no blocking dead letter.
 -- The WHEN clauses keep the relay's own deletes (published rows) free of any trigger call.
-CREATE FUNCTION outbox_event_release() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE FUNCTION outbox_event_release() RETURNS trigger LANGUAGE plpgsql
+    SET enable_seqscan = off AS $$
 BEGIN
     PERFORM 1 FROM outbox_aggregate a
     WHERE a.tenant_id = OLD.tenant_id AND a.aggregate_type = OLD.aggregate_type
@@ -171,7 +172,13 @@ CREATE TRIGGER outbox_event_id_unused AFTER INSERT ON outbox_event
 
 -- ---------------------------------------------------------------------------------------------
 -- The insert trigger, replacing the first migration's.
-CREATE OR REPLACE FUNCTION outbox_event_assign() RETURNS trigger LANGUAGE plpgsql AS $$
+-- SET enable_seqscan = off: the trigger's plans are made once per session and kept, and an outbox
+-- is often empty when they are made (statistics say 0 rows): the "held?" probe was then planned
+-- as a sequential scan and re-run for every row of a large INSERT as the table grew (10,000 events
+-- in one statement took 6.3 s instead of 0.49 s). The probes must use their indexes whatever the
+-- statistics say.
+CREATE OR REPLACE FUNCTION outbox_event_assign() RETURNS trigger LANGUAGE plpgsql
+    SET enable_seqscan = off AS $$
 DECLARE
     first_id BIGINT := nextval('outbox_event_id_seq');
 BEGIN
