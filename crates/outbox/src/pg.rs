@@ -447,13 +447,16 @@ fn decode_row(r: &sqlx::postgres::PgRow) -> Result<std::result::Result<OutboundM
     }))
 }
 
+/// A claimed row that cannot be delivered: its event id and the reason.
+type Undeliverable = (Uuid, String);
+
 /// Splits claimed rows into the batch to publish and the rows to dead-letter at once (event id,
 /// reason). With `dead_blocks`, the later rows of a bad row's aggregate leave the batch too: they
 /// must not overtake it (the dead-lettering holds them).
 fn decode_rows(
     rows: &[sqlx::postgres::PgRow],
     dead_blocks: bool,
-) -> Result<(Vec<OutboundMessage>, Vec<(Uuid, String)>)> {
+) -> Result<(Vec<OutboundMessage>, Vec<Undeliverable>)> {
     let mut batch = Vec::with_capacity(rows.len());
     let mut bad = Vec::new();
     let mut stopped: HashSet<(String, String, String)> = HashSet::new();
