@@ -764,6 +764,13 @@ pub(crate) async fn ship(
     run_post(&s, &caller, &meta, &path, Value::Null, Command::Ship(id)).await
 }
 
+/// Why the health endpoints answer 503 once the in-process relay stopped (crate::supervise):
+/// the process is about to exit non-zero, and events committed now would not be delivered.
+fn relay_stopped() -> Response {
+    ApiError::Unavailable("the in-process relay stopped; events are not delivered".into())
+        .into_response()
+}
+
 #[utoipa::path(
     get,
     path = "/healthz",
@@ -771,14 +778,19 @@ pub(crate) async fn ship(
     summary = "Liveness",
     responses(
         (status = 200, description = "alive", body = Health),
-        (status = 400, description = "malformed request: JSON, id, query or header", body = Problem, content_type = "application/problem+json")
+        (status = 400, description = "malformed request: JSON, id, query or header", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "the in-process relay stopped; the service is about to exit", body = Problem, content_type = "application/problem+json")
     ),
     security(())
 )]
-pub(crate) async fn healthz() -> Json<Health> {
+pub(crate) async fn healthz(State(s): State<AppState>) -> Response {
+    if s.relay.failed() {
+        return relay_stopped();
+    }
     Json(Health {
         status: "ok".into(),
     })
+    .into_response()
 }
 
 #[utoipa::path(
@@ -789,11 +801,14 @@ pub(crate) async fn healthz() -> Json<Health> {
     responses(
         (status = 200, description = "ready", body = Health),
         (status = 400, description = "malformed request: JSON, id, query or header", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "the database is unavailable; the request had no effect, retry after Retry-After seconds", body = Problem, content_type = "application/problem+json")
+        (status = 503, description = "the database is unavailable (retry after Retry-After seconds), or the in-process relay stopped", body = Problem, content_type = "application/problem+json")
     ),
     security(())
 )]
 pub(crate) async fn readyz(State(s): State<AppState>) -> Response {
+    if s.relay.failed() {
+        return relay_stopped();
+    }
     match sqlx::query("SELECT 1").execute(&s.pool).await {
         Ok(_) => Json(Health {
             status: "ready".into(),

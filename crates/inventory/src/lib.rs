@@ -20,6 +20,7 @@ pub mod model;
 pub mod openapi;
 pub mod ops;
 pub mod stock;
+pub mod supervise;
 
 use std::sync::Arc;
 
@@ -49,6 +50,8 @@ pub struct AppState {
     pub outbox: Outbox,
     /// Token verification.
     pub jwt: Arc<auth::JwtKeys>,
+    /// Whether the in-process relay died (health endpoints answer 503 then).
+    pub relay: Arc<supervise::RelayState>,
 }
 
 impl AppState {
@@ -63,6 +66,7 @@ impl AppState {
             pool,
             outbox: Outbox::new(SOURCE_SERVICE),
             jwt: Arc::new(keys),
+            relay: Arc::default(),
         }
     }
 }

@@ -206,14 +206,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .acquire_timeout(Duration::from_secs(5))
             .connect_lazy(&args.database_url)?;
         let (r, b, s) = (args.relay.clone(), args.broker.clone(), stop.clone());
-        Some(tokio::spawn(async move {
-            let res = outbox_cli::relay_cmd::run(relay_pool, &r, &b, metrics_addr, s.clone()).await;
-            if let Err(e) = &res {
-                tracing::error!(error = %format!("{e:#}"), "the in-process relay stopped; shutting down");
-                s.cancel();
-            }
-            res
-        }))
+        let handle = tokio::spawn(async move {
+            outbox_cli::relay_cmd::run(relay_pool, &r, &b, metrics_addr, s).await
+        });
+        // An end by error or panic stops the service with a non-zero exit (crate::supervise).
+        Some(tokio::spawn(inventory::supervise::supervise_relay(
+            handle,
+            stop.clone(),
+            state.relay.clone(),
+        )))
     };
 
     let listener = tokio::net::TcpListener::bind(args.listen)
@@ -228,7 +229,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     stop.cancel();
     let _ = expiry.await;
     if let Some(r) = relay {
-        r.await.context("relay task")??;
+        r.await.context("relay supervisor")??;
     }
     tracing::info!("stopped");
     Ok(())

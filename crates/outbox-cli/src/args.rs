@@ -184,6 +184,11 @@ pub struct RelayArgs {
     /// stalled (`/healthz` answers 503, `outbox_relay_stalled` is 1).
     #[arg(long, env = "OUTBOX_STALL_TIMEOUT_SECS", default_value_t = 60)]
     pub stall_timeout_secs: u64,
+    /// Hours an aggregate with nothing pending, held or dead stays idle before its sequence row
+    /// (`outbox_aggregate`) is compacted away; its next event then starts a new `seq_epoch` at
+    /// seq 1. 0 turns compaction off.
+    #[arg(long, env = "OUTBOX_AGGREGATE_HORIZON_HOURS", default_value_t = 168.0)]
+    pub aggregate_horizon_hours: f64,
     /// Database connections of the relay.
     #[arg(long, env = "OUTBOX_DB_CONNECTIONS", default_value_t = 4)]
     pub db_connections: u32,
@@ -196,6 +201,9 @@ impl RelayArgs {
             anyhow::bail!(
                 "--retention-hours must be 0 or more (0 deletes published events at once)"
             );
+        }
+        if !(self.aggregate_horizon_hours >= 0.0 && self.aggregate_horizon_hours.is_finite()) {
+            anyhow::bail!("--aggregate-horizon-hours must be 0 (off) or more");
         }
         let defaults = RelayConfig::default();
         let config = RelayConfig {
@@ -217,6 +225,8 @@ impl RelayArgs {
             cleanup_batch: self.cleanup_batch,
             cleanup_pause: Duration::from_millis(self.cleanup_pause_ms),
             stall_timeout: Duration::from_secs(self.stall_timeout_secs),
+            aggregate_horizon: (self.aggregate_horizon_hours > 0.0)
+                .then(|| Duration::from_secs_f64(self.aggregate_horizon_hours * 3600.0)),
             ..defaults
         };
         config.validate()?;

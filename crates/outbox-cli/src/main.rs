@@ -79,6 +79,10 @@ enum Command {
         /// Milliseconds to pause between statements (keeps producers' latency).
         #[arg(long, env = "OUTBOX_CLEANUP_PAUSE_MS", default_value_t = 20)]
         pause_ms: u64,
+        /// Compact the sequence rows of aggregates idle this many hours with nothing pending, held
+        /// or dead (their next event starts a new `seq_epoch`); 0: do not compact.
+        #[arg(long, env = "OUTBOX_AGGREGATE_HORIZON_HOURS", default_value_t = 168.0)]
+        aggregate_horizon_hours: f64,
         /// Only count what would be deleted.
         #[arg(long)]
         dry_run: bool,
@@ -136,12 +140,14 @@ async fn main() -> anyhow::Result<()> {
             retention_hours,
             batch,
             pause_ms,
+            aggregate_horizon_hours,
             dry_run,
             json,
         } => {
             ops_cmd::cleanup(
                 &connect(&cli.database_url, 2).await?,
                 retention_hours,
+                aggregate_horizon_hours,
                 batch,
                 pause_ms,
                 dry_run,

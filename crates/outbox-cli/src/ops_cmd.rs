@@ -105,8 +105,8 @@ pub async fn status(pool: &PgPool, json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "events: {} pending, {} published (kept for retention), {} dead",
-        s.counts.pending, s.counts.published, s.counts.dead
+        "events: {} pending, {} published (kept for retention), {} dead, {} held behind a dead letter",
+        s.counts.pending, s.counts.published, s.counts.dead, s.counts.held
     );
     match s.oldest_pending_age_seconds {
         Some(a) => println!("oldest pending event: {a:.1} s old"),
@@ -314,6 +314,7 @@ fn confirm(question: &str) -> anyhow::Result<()> {
 pub async fn cleanup(
     pool: &PgPool,
     retention_hours: f64,
+    aggregate_horizon_hours: f64,
     batch: i64,
     pause_ms: u64,
     dry_run: bool,
@@ -321,6 +322,9 @@ pub async fn cleanup(
 ) -> anyhow::Result<()> {
     if !(retention_hours >= 0.0 && retention_hours.is_finite()) {
         bail!("--retention-hours must be 0 or more");
+    }
+    if !(aggregate_horizon_hours >= 0.0 && aggregate_horizon_hours.is_finite()) {
+        bail!("--aggregate-horizon-hours must be 0 (off) or more");
     }
     let n = ops::cleanup(
         pool,
@@ -330,12 +334,27 @@ pub async fn cleanup(
         dry_run,
     )
     .await?;
+    let aggregates = if dry_run || aggregate_horizon_hours == 0.0 {
+        0
+    } else {
+        ops::compact_aggregates(
+            pool,
+            Duration::from_secs_f64(aggregate_horizon_hours * 3600.0),
+            batch,
+            Duration::from_millis(pause_ms),
+        )
+        .await?
+    };
     if json {
-        println!("{}", serde_json::json!({ "dryRun": dry_run, "rows": n }));
+        println!(
+            "{}",
+            serde_json::json!({ "dryRun": dry_run, "rows": n, "aggregatesCompacted": aggregates })
+        );
     } else if dry_run {
         println!("{n} published event(s) older than {retention_hours} h would be deleted");
     } else {
         println!("deleted {n} published event(s) older than {retention_hours} h");
+        println!("compacted {aggregates} idle aggregate sequence row(s)");
     }
     Ok(())
 }

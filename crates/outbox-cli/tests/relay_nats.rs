@@ -304,8 +304,9 @@ async fn poison_event_is_dead_lettered_others_flow_and_its_aggregate_waits() {
         err.contains("payload"),
         "the dead letter keeps its error: {err}"
     );
+    // Held behind it (out of the claim's index: migration `..._table_contract.sql`).
     let waiting: String =
-        sqlx::query_scalar("SELECT aggregate_id FROM outbox_event WHERE status = 'pending'")
+        sqlx::query_scalar("SELECT aggregate_id FROM outbox_event WHERE status = 'held'")
             .fetch_one(&db.pool)
             .await
             .unwrap();

@@ -24,7 +24,7 @@
 //! de-duplication of its own), `correlation_id`, `type` = event type, `timestamp` (seconds, the
 //! row's creation), `content_type`, `app_id`, and the headers `Outbox-Event-Id`,
 //! `Outbox-Event-Type`, `Outbox-Tenant-Id`, `Outbox-Aggregate-Type`, `Outbox-Aggregate-Id`,
-//! `Outbox-Seq` (integer), `Outbox-Correlation-Id` and `traceparent` when the event has one: the
+//! `Outbox-Seq` and `Outbox-Seq-Epoch` (integers), `Outbox-Correlation-Id` and `traceparent` when the event has one: the
 //! same names as the NATS adapter, so consumers move between brokers unchanged.
 //!
 //! **Unroutable messages** are never lost silently. Messages are published `mandatory`. By default
@@ -261,6 +261,10 @@ impl AmqpPublisher {
             put("traceparent", tp);
         }
         h.insert("Outbox-Seq".into(), AMQPValue::LongLongInt(m.seq));
+        h.insert(
+            "Outbox-Seq-Epoch".into(),
+            AMQPValue::LongLongInt(m.seq_epoch),
+        );
         let mut p = BasicProperties::default()
             .with_message_id(m.event_id.to_string().into())
             .with_type(short(&m.event_type))

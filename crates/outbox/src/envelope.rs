@@ -92,8 +92,30 @@ impl NewEvent {
     pub fn validate(&self) -> Result<()> {
         check_token("tenantId", &self.tenant_id, 64)?;
         check_token("aggregateType", &self.aggregate_type, 64)?;
-        if self.aggregate_id.is_empty() || self.aggregate_id.len() > 200 {
+        let aggregate_chars = self.aggregate_id.chars().count();
+        if aggregate_chars == 0 || aggregate_chars > 200 {
             return Err(invalid("aggregateId must be 1 to 200 characters"));
+        }
+        // It travels as a broker header (`Outbox-Aggregate-Id`): a CR/LF would end the header
+        // line. The table refuses it too (CHECK outbox_event_aggregate_id_no_control_chars).
+        if self.aggregate_id.chars().any(char::is_control) {
+            return Err(invalid(format!(
+                "aggregateId {:?} must not contain control characters",
+                self.aggregate_id
+            )));
+        }
+        if let Some(c) = &self.correlation_id {
+            let n = c.chars().count();
+            if n == 0 || n > MAX_CORRELATION_ID {
+                return Err(invalid(format!(
+                    "correlationId must be 1 to {MAX_CORRELATION_ID} characters"
+                )));
+            }
+            if c.chars().any(char::is_control) {
+                return Err(invalid(format!(
+                    "correlationId {c:?} must not contain control characters"
+                )));
+            }
         }
         if self.event_type.is_empty()
             || self.event_type.len() > 128
@@ -143,6 +165,10 @@ impl NewEvent {
         }
     }
 }
+
+/// Longest correlation id accepted by [`NewEvent::validate`]. The table accepts header values up
+/// to 1024 characters; a correlation id is an identifier, and 200 keeps headers small.
+pub const MAX_CORRELATION_ID: usize = 200;
 
 fn invalid(msg: impl Into<String>) -> OutboxError {
     OutboxError::InvalidEvent(msg.into())
@@ -208,6 +234,24 @@ mod tests {
         let mut e = ev();
         e.topic = "inventory.*".into();
         assert!(e.validate().is_err());
+    }
+
+    #[test]
+    fn control_characters_and_long_correlation_ids_are_refused() {
+        let mut e = ev();
+        e.aggregate_id = "v\n1".into();
+        assert!(matches!(e.validate(), Err(OutboxError::InvalidEvent(m)) if m.contains("control")));
+        let mut e = ev();
+        e.aggregate_id = "v\u{7f}".into();
+        assert!(e.validate().is_err());
+        assert!(ev().correlation_id("c\r\nX-Evil: 1").validate().is_err());
+        assert!(ev().correlation_id("c".repeat(201)).validate().is_err());
+        assert!(ev().correlation_id("").validate().is_err());
+        assert!(ev().correlation_id("c".repeat(200)).validate().is_ok());
+        // Non-ASCII is fine: the limit is on characters, not bytes.
+        let mut e = ev();
+        e.aggregate_id = "é".repeat(200);
+        assert!(e.validate().is_ok());
     }
 
     #[test]

@@ -219,6 +219,7 @@ impl NatsPublisher {
         put("Outbox-Aggregate-Type", &m.aggregate_type)?;
         put("Outbox-Aggregate-Id", &m.aggregate_id)?;
         put("Outbox-Seq", &m.seq.to_string())?;
+        put("Outbox-Seq-Epoch", &m.seq_epoch.to_string())?;
         if let Some(c) = m.header("correlationId") {
             put("Outbox-Correlation-Id", c)?;
         }

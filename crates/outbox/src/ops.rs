@@ -17,6 +17,8 @@ pub struct StateCounts {
     pub published: i64,
     /// Dead letters.
     pub dead: i64,
+    /// Waiting behind a dead letter of their aggregate (delivered after its replay or purge).
+    pub held: i64,
 }
 
 /// Pending or dead events of one tenant or event type.
@@ -28,6 +30,8 @@ pub struct Breakdown {
     pub pending: i64,
     /// Dead letters.
     pub dead: i64,
+    /// Held behind a dead letter.
+    pub held: i64,
 }
 
 /// A relay with a recent heartbeat and the partitions (its share) it leases.
@@ -64,9 +68,9 @@ pub struct Status {
 
 /// Reads the outbox's state.
 pub async fn status(pool: &PgPool) -> Result<Status> {
-    let (pending, published, dead, age): (i64, i64, i64, Option<f64>) = sqlx::query_as(
+    let (pending, published, dead, held, age): (i64, i64, i64, i64, Option<f64>) = sqlx::query_as(
         "SELECT count(*) FILTER (WHERE status = 'pending'), (SELECT count(*) FROM outbox_published),
-                count(*) FILTER (WHERE status = 'dead'),
+                count(*) FILTER (WHERE status = 'dead'), count(*) FILTER (WHERE status = 'held'),
                 EXTRACT(EPOCH FROM now() - min(created_at) FILTER (WHERE status = 'pending'))::float8
          FROM outbox_event",
     )
@@ -75,8 +79,9 @@ pub async fn status(pool: &PgPool) -> Result<Status> {
     let breakdown = |col: &str| {
         format!(
             "SELECT {col} AS key, count(*) FILTER (WHERE status = 'pending') AS pending,
-                    count(*) FILTER (WHERE status = 'dead') AS dead
-             FROM outbox_event WHERE status IN ('pending', 'dead') GROUP BY {col} ORDER BY {col}"
+                    count(*) FILTER (WHERE status = 'dead') AS dead,
+                    count(*) FILTER (WHERE status = 'held') AS held
+             FROM outbox_event GROUP BY {col} ORDER BY {col}"
         )
     };
     let by_tenant = sqlx::query_as::<_, Breakdown>(&breakdown("tenant_id"))
@@ -104,6 +109,7 @@ pub async fn status(pool: &PgPool) -> Result<Status> {
             pending,
             published,
             dead,
+            held,
         },
         oldest_pending_age_seconds: age,
         by_tenant,
@@ -256,11 +262,17 @@ async fn act(
     actor: &str,
     action: &str,
 ) -> Result<Vec<Uuid>> {
+    // Replayed rows are due at once ('-infinity', as new rows): a due time in the future would let
+    // a later event of the aggregate overtake them (issue 10).
     let change = match action {
-        "replay" => "UPDATE outbox_event SET status = 'pending', attempts = 0, next_attempt_at = now(), dead_at = NULL",
+        "replay" => "UPDATE outbox_event SET status = 'pending', attempts = 0, next_attempt_at = '-infinity',
+                     dead_at = NULL, blocks_aggregate = false",
         _ => "DELETE FROM outbox_event",
     };
     let mut tx = pool.begin().await?;
+    // The rows these dead letters held are released by the table's trigger
+    // (`outbox_event_release`, migration `..._table_contract.sql`), which also covers a DELETE
+    // or UPDATE by hand.
     let sql = format!("{change} WHERE {DEAD_WHERE} RETURNING event_id");
     let rows = bind_filter(sqlx::query(&sql), filter)
         .fetch_all(&mut *tx)
@@ -279,12 +291,10 @@ async fn act(
         .bind(serde_json::json!({ "count": ids.len() }))
         .execute(&mut *tx)
         .await?;
-        if action == "replay" {
-            sqlx::query("SELECT pg_notify($1, '')")
-                .bind(crate::enqueue::NOTIFY_CHANNEL)
-                .execute(&mut *tx)
-                .await?;
-        }
+        sqlx::query("SELECT pg_notify($1, '')")
+            .bind(crate::enqueue::NOTIFY_CHANNEL)
+            .execute(&mut *tx)
+            .await?;
     }
     tx.commit().await?;
     Ok(ids)
@@ -342,6 +352,32 @@ pub async fn cleanup(
     let mut total = 0u64;
     loop {
         let n = crate::store::RelayStore::cleanup_batch(&store, retention, batch).await?;
+        total += n;
+        if n < batch as u64 {
+            return Ok(total);
+        }
+        tokio::time::sleep(pause).await;
+    }
+}
+
+/// One compaction pass over `outbox_aggregate`: removes, in batches of `batch` with `pause`
+/// between them, the sequence rows of aggregates idle for `horizon` with nothing pending, held or
+/// dead. Their next event starts a new `seq_epoch` at seq 1. Returns how many were removed.
+pub async fn compact_aggregates(
+    pool: &PgPool,
+    horizon: std::time::Duration,
+    batch: i64,
+    pause: std::time::Duration,
+) -> Result<u64> {
+    if batch < 1 {
+        return Err(OutboxError::Config(
+            "cleanup batch must be at least 1".into(),
+        ));
+    }
+    let store = crate::PgStore::new(pool.clone());
+    let mut total = 0u64;
+    loop {
+        let n = crate::store::RelayStore::compact_aggregates(&store, horizon, batch).await?;
         total += n;
         if n < batch as u64 {
             return Ok(total);

@@ -1,6 +1,8 @@
 //! PostgreSQL implementation of the relay's storage.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -21,12 +23,19 @@ pub const PARTITIONS: i64 = 64;
 #[derive(Debug, Clone)]
 pub struct PgStore {
     pool: PgPool,
+    /// The `dead_blocks` of the last claim. Why here: `settle` must know whether a dead letter
+    /// holds its aggregate (its later rows become `held`), the trait's `settle` does not carry the
+    /// relay's mode, and the claim that precedes every settlement does.
+    dead_blocks: Arc<AtomicBool>,
 }
 
 impl PgStore {
     /// Wraps an existing pool.
     pub fn new(pool: PgPool) -> Self {
-        Self { pool }
+        Self {
+            pool,
+            dead_blocks: Arc::new(AtomicBool::new(true)),
+        }
     }
 
     /// Opens a pool for a relay. `connect_lazy` lets a relay start while the database is down; its
@@ -36,7 +45,7 @@ impl PgStore {
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(5))
             .connect_lazy(url)?;
-        Ok(Self { pool })
+        Ok(Self::new(pool))
     }
 
     /// The underlying pool.
@@ -230,6 +239,16 @@ impl RelayStore for PgStore {
         // row, and 6,000 tenants used to yield 6,000 rows for a batch of 1,000; cutting the union
         // in id order keeps a prefix of every aggregate. Only partitions whose lease outlives
         // `lease_margin` are claimed from.
+        // "Waits for its retry" covers every earlier pending row that is not itself claimable:
+        // a row that never failed is due
+        // at once (the insert trigger sets `next_attempt_at` to '-infinity' and a CHECK keeps it
+        // so until a failure), and a failed row is in the small `outbox_event_blocking` index.
+        // Rows behind a blocking dead letter are `held`, out of the pending index, so the cost
+        // does not grow with them (docs/benchmarks.md, "claim behind a dead letter").
+        self.dead_blocks.store(dead_blocks, Ordering::Relaxed);
+        if !dead_blocks {
+            self.release_held().await?;
+        }
         let mut tx = self.read_tx().await?;
         let rows = sqlx::query(
             "WITH RECURSIVE t(tenant_id) AS (
@@ -242,8 +261,12 @@ impl RelayStore for PgStore {
              tenants AS (SELECT tenant_id FROM t WHERE tenant_id IS NOT NULL),
              n AS (SELECT count(*) AS k FROM tenants)
              SELECT c.* FROM tenants CROSS JOIN n CROSS JOIN LATERAL (
-                 SELECT e.id, e.event_id, e.tenant_id, e.aggregate_type, e.aggregate_id, e.seq, e.partition, e.event_type,
-                        e.topic, e.payload, e.headers, e.attempts, e.created_at
+                 SELECT e.id, e.event_id, e.tenant_id, e.aggregate_type, e.aggregate_id, e.seq, e.partition,
+                        e.event_type, e.topic, e.payload, e.headers, e.attempts, e.seq_epoch,
+                        -- A timestamp chrono cannot hold must not fail the claim: NULL, and
+                        -- the row is dead-lettered by decode_rows.
+                        CASE WHEN isfinite(e.created_at) AND e.created_at < '10000-01-01'
+                             THEN e.created_at END AS created_at
                  FROM outbox_event e
                  WHERE e.status = 'pending' AND e.tenant_id = tenants.tenant_id
                    AND e.next_attempt_at <= now()
@@ -270,7 +293,20 @@ impl RelayStore for PgStore {
         .fetch_all(&mut *tx)
         .await?;
         tx.commit().await?;
-        rows.into_iter().map(|r| row_to_message(&r)).collect()
+        let (batch, bad) = decode_rows(&rows, dead_blocks)?;
+        if !bad.is_empty() {
+            for (id, reason) in &bad {
+                tracing::error!(event_id = %id, reason = %reason, "row cannot be delivered; dead-lettered");
+            }
+            metrics::counter!(crate::telemetry::DEAD_LETTERED, "reason" => "undeliverable_row")
+                .increment(bad.len() as u64);
+            let (ids, errs): (Vec<Uuid>, Vec<String>) = bad.into_iter().unzip();
+            let errs: Vec<&str> = errs.iter().map(String::as_str).collect();
+            let mut conn = self.pool.acquire().await?;
+            // Claimed under the lease just checked: no fence needed.
+            dead_letter(&mut conn, &ids, &errs, dead_blocks, None).await?;
+        }
+        Ok(batch)
     }
 
     async fn settle(
@@ -317,9 +353,10 @@ impl RelayStore for PgStore {
                      DELETE FROM outbox_event
                      WHERE event_id = ANY($1) AND status = 'pending' AND EXISTS (SELECT 1 FROM nosync)
                      RETURNING id, event_id, tenant_id, aggregate_type, aggregate_id, event_type, topic,
-                               payload, headers, seq, partition, attempts, created_at)
+                               payload, headers, seq, partition, attempts, created_at, seq_epoch)
                  INSERT INTO outbox_published (id, event_id, tenant_id, aggregate_type, aggregate_id,
-                        event_type, topic, payload, headers, seq, partition, attempts, created_at)
+                        event_type, topic, payload, headers, seq, partition, attempts, created_at,
+                        seq_epoch)
                  SELECT * FROM moved"
             )
         };
@@ -358,19 +395,13 @@ impl RelayStore for PgStore {
             .await?;
         }
         if !dead_ids.is_empty() {
-            sqlx::query(&format!(
-                "UPDATE outbox_event e SET status = 'dead', dead_at = now(), attempts = e.attempts + 1,
-                        last_error = u.err
-                 FROM unnest($1::uuid[], $2::text[]) AS u(id, err)
-                 WHERE e.event_id = u.id AND e.status = 'pending' AND {}",
-                fence_sql(3)
-            ))
-            .bind(&dead_ids)
-            .bind(&dead_err)
-            .bind(&fence.relay_id)
-            .bind(&fence.partitions)
-            .bind(&fence.epochs)
-            .execute(&mut *tx)
+            dead_letter(
+                &mut tx,
+                &dead_ids,
+                &dead_err,
+                self.dead_blocks.load(Ordering::Relaxed),
+                Some(fence),
+            )
             .await?;
         }
         tx.commit().await?;
@@ -386,6 +417,37 @@ impl RelayStore for PgStore {
                  ORDER BY published_at LIMIT $2 FOR UPDATE SKIP LOCKED))",
         )
         .bind(millis(retention) as f64)
+        .bind(batch)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn compact_aggregates(&self, horizon: Duration, batch: i64) -> Result<u64> {
+        // An aggregate row may go when nothing of its aggregate is left in `outbox_event` and it
+        // has been idle for `horizon`. Its last event (`last_id`) is not pending (pending index),
+        // and nothing of it is failing, dead or held (the two small aggregate-keyed indexes): by
+        // per-aggregate order nothing earlier is pending either. SKIP LOCKED skips aggregates a
+        // producer is writing to; a producer that commits after our snapshot changed `last_at`,
+        // and FOR UPDATE re-checks the row's latest version. A producer that comes after the
+        // delete inserts a fresh row: the aggregate restarts at seq 1 in a new epoch.
+        let done = sqlx::query(
+            "DELETE FROM outbox_aggregate WHERE ctid = ANY(ARRAY(
+                 SELECT a.ctid FROM outbox_aggregate a
+                 WHERE a.last_at < now() - make_interval(secs => $1 / 1000.0)
+                   AND NOT EXISTS (SELECT 1 FROM outbox_event e
+                                   WHERE e.status = 'pending' AND e.tenant_id = a.tenant_id AND e.id = a.last_id)
+                   AND NOT EXISTS (SELECT 1 FROM outbox_event e
+                                   WHERE (e.status = 'dead' OR (e.status = 'pending' AND e.attempts > 0))
+                                     AND e.tenant_id = a.tenant_id AND e.aggregate_type = a.aggregate_type
+                                     AND e.aggregate_id = a.aggregate_id)
+                   AND NOT EXISTS (SELECT 1 FROM outbox_event e
+                                   WHERE (e.status = 'held' OR (e.status = 'dead' AND e.blocks_aggregate))
+                                     AND e.tenant_id = a.tenant_id AND e.aggregate_type = a.aggregate_type
+                                     AND e.aggregate_id = a.aggregate_id)
+                 LIMIT $2 FOR UPDATE SKIP LOCKED))",
+        )
+        .bind(millis(horizon) as f64)
         .bind(batch)
         .execute(&self.pool)
         .await?;
@@ -408,32 +470,150 @@ impl RelayStore for PgStore {
 }
 
 /// Maps a row of `outbox_event` (the claim's columns) to the message handed to the publisher.
+/// A row that breaks the table contract (see `docs/outbox-table.md`) is an
+/// [`OutboxError::InvalidEvent`] naming the broken rule; it never panics.
 pub fn row_to_message(r: &sqlx::postgres::PgRow) -> Result<OutboundMessage> {
-    let headers: serde_json::Value = r.try_get("headers")?;
-    let headers: BTreeMap<String, String> = headers
-        .as_object()
-        .map(|m| {
-            m.iter()
-                .filter_map(|(k, v)| v.as_str().map(|s| (k.clone(), s.to_string())))
-                .collect()
-        })
-        .unwrap_or_default();
+    decode_row(r)?.map_err(OutboxError::InvalidEvent)
+}
+
+/// Decodes one claimed row. The outer error is a database failure (the whole claim is retried);
+/// the inner one is this row's own problem, the reason it is dead-lettered.
+fn decode_row(r: &sqlx::postgres::PgRow) -> Result<std::result::Result<OutboundMessage, String>> {
+    let aggregate_id: String = r.try_get("aggregate_id")?;
+    if aggregate_id.chars().any(char::is_control) {
+        return Ok(Err(format!(
+            "aggregate_id {aggregate_id:?} contains a control character: no broker header can carry it"
+        )));
+    }
+    // The claim selects NULL for a timestamp chrono cannot represent ('infinity', year 262144+).
+    let Some(created_at) = r.try_get::<Option<DateTime<Utc>>, _>("created_at")? else {
+        return Ok(Err(
+            "created_at is infinite or out of range: the relay cannot decode it".into(),
+        ));
+    };
+    let raw: serde_json::Value = r.try_get("headers")?;
+    let mut headers = BTreeMap::new();
+    if let Some(m) = raw.as_object() {
+        for (k, v) in m {
+            // Only strings are forwarded (as before the contract forbade the others).
+            let Some(s) = v.as_str() else { continue };
+            if s.chars().any(char::is_control) || k.chars().any(char::is_control) {
+                return Ok(Err(format!(
+                    "header {k:?} contains a control character: no broker header can carry it"
+                )));
+            }
+            headers.insert(k.clone(), s.to_string());
+        }
+    }
     let payload: Vec<u8> = r.try_get("payload")?;
-    Ok(OutboundMessage {
+    Ok(Ok(OutboundMessage {
         id: r.try_get("id")?,
         event_id: r.try_get::<Uuid, _>("event_id")?,
         tenant_id: r.try_get("tenant_id")?,
         aggregate_type: r.try_get("aggregate_type")?,
-        aggregate_id: r.try_get("aggregate_id")?,
+        aggregate_id,
         seq: r.try_get("seq")?,
         partition: r.try_get("partition")?,
+        seq_epoch: r.try_get("seq_epoch")?,
         event_type: r.try_get("event_type")?,
         topic: r.try_get("topic")?,
         payload: Bytes::from(payload),
         headers,
         attempts: r.try_get("attempts")?,
-        created_at: r.try_get::<DateTime<Utc>, _>("created_at")?,
-    })
+        created_at,
+    }))
+}
+
+/// A claimed row that cannot be delivered: its event id and the reason.
+type Undeliverable = (Uuid, String);
+
+/// Splits claimed rows into the batch to publish and the rows to dead-letter at once (event id,
+/// reason). With `dead_blocks`, the later rows of a bad row's aggregate leave the batch too: they
+/// must not overtake it (the dead-lettering holds them).
+fn decode_rows(
+    rows: &[sqlx::postgres::PgRow],
+    dead_blocks: bool,
+) -> Result<(Vec<OutboundMessage>, Vec<Undeliverable>)> {
+    let mut batch = Vec::with_capacity(rows.len());
+    let mut bad = Vec::new();
+    let mut stopped: HashSet<(String, String, String)> = HashSet::new();
+    for r in rows {
+        let key = (
+            r.try_get::<String, _>("tenant_id")?,
+            r.try_get::<String, _>("aggregate_type")?,
+            r.try_get::<String, _>("aggregate_id")?,
+        );
+        if stopped.contains(&key) {
+            continue;
+        }
+        match decode_row(r)? {
+            Ok(m) => batch.push(m),
+            Err(reason) => {
+                bad.push((r.try_get::<Uuid, _>("event_id")?, reason));
+                if dead_blocks {
+                    stopped.insert(key);
+                }
+            }
+        }
+    }
+    Ok((batch, bad))
+}
+
+/// Dead-letters pending rows (by event id) with their errors. With `blocks`, the dead letters
+/// hold their aggregates: the later pending rows become `held`, out of the pending index, so that
+/// the claim does not walk them (however many arrive) until the dead letter is replayed or
+/// purged; new rows of the aggregate are inserted `held` by the trigger while it stays so.
+/// A created_at the relay cannot decode is replaced by now() so that listing the dead letter works
+/// (the rest of the row is kept as written). With `fence`, only rows of partitions the relay still
+/// holds under the epochs it claimed them in (see [`fence_sql`]).
+async fn dead_letter(
+    conn: &mut sqlx::PgConnection,
+    ids: &[Uuid],
+    errors: &[&str],
+    blocks: bool,
+    fence: Option<&Fence>,
+) -> Result<()> {
+    let fenced = match fence {
+        Some(_) => format!("AND {}", fence_sql(4)),
+        None => String::new(),
+    };
+    let q = format!(
+        "WITH d AS (
+             UPDATE outbox_event e SET status = 'dead', dead_at = now(), attempts = e.attempts + 1,
+                    last_error = u.err, blocks_aggregate = $3,
+                    created_at = CASE WHEN isfinite(e.created_at) AND e.created_at < '10000-01-01'
+                                      THEN e.created_at ELSE now() END
+             FROM unnest($1::uuid[], $2::text[]) AS u(id, err)
+             WHERE e.event_id = u.id AND e.status = 'pending' {fenced}
+             RETURNING e.tenant_id, e.aggregate_type, e.aggregate_id, e.id)
+         UPDATE outbox_event e SET status = 'held'
+         FROM d
+         WHERE $3 AND e.status = 'pending' AND e.tenant_id = d.tenant_id
+           AND e.aggregate_type = d.aggregate_type AND e.aggregate_id = d.aggregate_id AND e.id > d.id"
+    );
+    let mut query = sqlx::query(&q).bind(ids).bind(errors).bind(blocks);
+    if let Some(f) = fence {
+        query = query.bind(&f.relay_id).bind(&f.partitions).bind(&f.epochs);
+    }
+    query.execute(conn).await?;
+    Ok(())
+}
+
+impl PgStore {
+    /// For a relay whose dead letters do not block: dead letters left blocking by a relay that ran
+    /// in the blocking mode stop blocking, and held rows become pending (also one that a producer
+    /// inserted `held` while this ran, at the next claim). Probes of an index that is empty unless
+    /// something is held.
+    async fn release_held(&self) -> Result<()> {
+        sqlx::query(
+            "WITH d AS (UPDATE outbox_event SET blocks_aggregate = false
+                        WHERE status = 'dead' AND blocks_aggregate RETURNING 1)
+             UPDATE outbox_event SET status = 'pending' WHERE status = 'held'",
+        )
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
 }
 
 /// This machine's name, for `outbox status`.

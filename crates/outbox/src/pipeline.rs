@@ -153,6 +153,7 @@ mod tests {
             aggregate_id: agg.into(),
             seq: i,
             partition: 0,
+            seq_epoch: 0,
             event_type: "E".into(),
             topic: "x".into(),
             payload: bytes::Bytes::new(),

@@ -20,10 +20,15 @@ pub struct OutboundMessage {
     pub aggregate_type: String,
     /// Aggregate id.
     pub aggregate_id: String,
-    /// Position of the event in its aggregate (1, 2, ...), in commit order.
+    /// Position of the event in its aggregate (1, 2, ...), in commit order, within its epoch.
     pub seq: i64,
     /// Partition of the aggregate (the unit of relay ownership): settlements are fenced by it.
     pub partition: i16,
+    /// Sequence epoch of the aggregate (column `seq_epoch`): 0 for aggregates older than the
+    /// table-contract migration, else the row id of the first event of this incarnation of the
+    /// aggregate. When an idle aggregate's sequence row is compacted away, its next event starts a
+    /// new epoch at seq 1: consumers order by (`seq_epoch`, `seq`).
+    pub seq_epoch: i64,
     /// Event type.
     pub event_type: String,
     /// Routing key written by the producer.

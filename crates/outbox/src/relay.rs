@@ -51,6 +51,11 @@ pub struct RelayConfig {
     /// Work pending and nothing settled for this long: the relay reports itself stalled
     /// (`/healthz` 503, `outbox_relay_stalled` 1).
     pub stall_timeout: Duration,
+    /// An aggregate idle this long, with nothing pending, held or dead, loses its sequence row
+    /// (`outbox_aggregate`), so that the table does not only grow; its next event starts a new
+    /// `seq_epoch` at seq 1. Compaction runs in the cleanup loop, in `cleanup_batch` batches.
+    /// `None` keeps every sequence row.
+    pub aggregate_horizon: Option<Duration>,
 }
 
 impl Default for RelayConfig {
@@ -68,6 +73,7 @@ impl Default for RelayConfig {
             cleanup_pause: Duration::from_millis(20),
             broker_backoff_cap: Duration::from_secs(5),
             stall_timeout: Duration::from_secs(60),
+            aggregate_horizon: Some(Duration::from_secs(7 * 24 * 3600)),
         }
     }
 }
@@ -260,20 +266,18 @@ impl Relay {
             self.health.clone(),
             background.clone(),
         ));
-        let cleanup = self
-            .config
-            .retention
-            .filter(|r| !r.is_zero())
-            .map(|retention| {
-                tokio::spawn(cleanup_loop(
-                    self.store.clone(),
-                    retention,
-                    self.config.cleanup_interval,
-                    self.config.cleanup_batch,
-                    self.config.cleanup_pause,
-                    background.clone(),
-                ))
-            });
+        let retention = self.config.retention.filter(|r| !r.is_zero());
+        let cleanup = (retention.is_some() || self.config.aggregate_horizon.is_some()).then(|| {
+            tokio::spawn(cleanup_loop(
+                self.store.clone(),
+                retention,
+                self.config.aggregate_horizon,
+                self.config.cleanup_interval,
+                self.config.cleanup_batch,
+                self.config.cleanup_pause,
+                background.clone(),
+            ))
+        });
         tracing::info!(relay_id = %self.config.relay_id, broker = self.publisher.name(), "relay started");
         let outcome = self.main_loop(&stop).await;
         background.cancel();
@@ -710,39 +714,73 @@ async fn gauges(
     }
 }
 
-/// Deletes published rows past retention in bounded batches, pausing between batches so that a
-/// large pass never competes with producers for long.
+/// Deletes published rows past retention, then compacts idle aggregates' sequence rows, in
+/// bounded batches, pausing between batches so that a large pass never competes with producers
+/// for long.
 async fn cleanup_loop(
     store: Arc<dyn RelayStore>,
-    retention: Duration,
+    retention: Option<Duration>,
+    aggregate_horizon: Option<Duration>,
     every: Duration,
     batch: i64,
     pause: Duration,
     stop: CancellationToken,
 ) {
     loop {
-        loop {
-            if stop.is_cancelled() {
-                return;
-            }
-            match store.cleanup_batch(retention, batch).await {
-                Ok(n) => {
-                    metrics::counter!(m::CLEANED).increment(n);
-                    if n < batch as u64 {
-                        break;
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "retention pass failed");
-                    break;
-                }
-            }
-            tokio::time::sleep(pause).await;
+        if let Some(retention) = retention {
+            batches(&stop, batch, pause, "retention pass", m::CLEANED, || {
+                store.cleanup_batch(retention, batch)
+            })
+            .await;
+        }
+        if let Some(horizon) = aggregate_horizon {
+            batches(
+                &stop,
+                batch,
+                pause,
+                "aggregate compaction",
+                m::AGGREGATES_COMPACTED,
+                || store.compact_aggregates(horizon, batch),
+            )
+            .await;
         }
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
+    }
+}
+
+/// Runs `step` until it does less than a full `batch` (or fails, or `stop`), counting into
+/// `counter`.
+async fn batches<F, Fut>(
+    stop: &CancellationToken,
+    batch: i64,
+    pause: Duration,
+    what: &str,
+    counter: &'static str,
+    mut step: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<u64>>,
+{
+    loop {
+        if stop.is_cancelled() {
+            return;
+        }
+        match step().await {
+            Ok(n) => {
+                metrics::counter!(counter).increment(n);
+                if n < batch as u64 {
+                    return;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "{what} failed");
+                return;
+            }
+        }
+        tokio::time::sleep(pause).await;
     }
 }
 
@@ -759,6 +797,7 @@ mod tests {
             aggregate_id: agg.into(),
             seq: id,
             partition: 0,
+            seq_epoch: 0,
             event_type: "E".into(),
             topic: "x".into(),
             payload: bytes::Bytes::new(),

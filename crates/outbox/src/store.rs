@@ -91,6 +91,15 @@ pub trait RelayStore: Send + Sync + 'static {
     /// Deletes up to `batch` published rows older than `retention`; returns how many.
     async fn cleanup_batch(&self, retention: Duration, batch: i64) -> Result<u64>;
 
+    /// Removes up to `batch` rows of `outbox_aggregate` whose aggregates have nothing pending,
+    /// held or dead and whose last event is older than `horizon`; returns how many. An aggregate
+    /// that writes again afterwards restarts at seq 1 in a new `seq_epoch`. The default does
+    /// nothing (a store whose sequence table does not grow).
+    async fn compact_aggregates(&self, horizon: Duration, batch: i64) -> Result<u64> {
+        let _ = (horizon, batch);
+        Ok(0)
+    }
+
     /// Pending rows and the age of the oldest, for metrics.
     async fn backlog(&self) -> Result<(i64, Option<Duration>)>;
 }

@@ -13,6 +13,8 @@ pub const DEAD_LETTERED: &str = "outbox_events_dead_lettered_total";
 pub const FAILED: &str = "outbox_publish_failures_total";
 /// Counter: published rows removed by retention.
 pub const CLEANED: &str = "outbox_events_cleaned_total";
+/// Counter: idle aggregates whose sequence row was compacted away (`outbox_aggregate`).
+pub const AGGREGATES_COMPACTED: &str = "outbox_aggregates_compacted_total";
 /// Gauge: pending events.
 pub const PENDING: &str = "outbox_pending_events";
 /// Gauge: age in seconds of the oldest pending event.
@@ -42,6 +44,7 @@ pub const ALL: &[&str] = &[
     DEAD_LETTERED,
     FAILED,
     CLEANED,
+    AGGREGATES_COMPACTED,
     PENDING,
     OLDEST_PENDING_AGE,
     PARTITIONS_OWNED,
@@ -69,6 +72,10 @@ pub fn describe() {
     describe_counter!(DEAD_LETTERED, "Events moved to the dead letters");
     describe_counter!(FAILED, "Failed publishes, by kind and reason");
     describe_counter!(CLEANED, "Published events removed by retention");
+    describe_counter!(
+        AGGREGATES_COMPACTED,
+        "Sequence rows of idle aggregates removed (their next event starts a new seq_epoch)"
+    );
     describe_gauge!(PENDING, "Events waiting for delivery");
     describe_gauge!(
         OLDEST_PENDING_AGE,

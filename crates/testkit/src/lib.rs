@@ -210,9 +210,10 @@ pub async fn mark_published(pool: &sqlx::PgPool, filter: &str, at: &str) -> u64 
         "WITH moved AS (
              DELETE FROM outbox_event WHERE status = 'pending' AND ({filter})
              RETURNING id, event_id, tenant_id, aggregate_type, aggregate_id, event_type, topic,
-                       payload, headers, seq, partition, attempts, created_at)
+                       payload, headers, seq, partition, attempts, created_at, seq_epoch)
          INSERT INTO outbox_published (id, event_id, tenant_id, aggregate_type, aggregate_id,
-                event_type, topic, payload, headers, seq, partition, attempts, created_at, published_at)
+                event_type, topic, payload, headers, seq, partition, attempts, created_at, seq_epoch,
+                published_at)
          SELECT *, {at} FROM moved"
     ))
     .execute(pool)

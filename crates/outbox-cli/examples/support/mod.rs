@@ -177,7 +177,7 @@ pub fn percentile(v: &mut [f64], p: f64) -> f64 {
 pub async fn backlog_messages(db: &TestDb) -> Vec<outbox::OutboundMessage> {
     sqlx::query(
         "SELECT id, event_id, tenant_id, aggregate_type, aggregate_id, seq, partition, event_type, topic, payload,
-                headers, attempts, created_at FROM outbox_event ORDER BY id",
+                headers, attempts, created_at, seq_epoch FROM outbox_event ORDER BY id",
     )
     .fetch_all(&db.pool)
     .await

@@ -1,0 +1,583 @@
+//! Issue 10: the table contract (docs/outbox-table.md) cannot be broken by a writer, and a stuck
+//! aggregate costs nothing to the rest. Each test failed before the fix it covers. Real
+//! PostgreSQL (own database per test) and, where a relay runs, real NATS JetStream.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use outbox::store::RelayStore;
+use outbox::{NewEvent, Outbox, OutboxError, PgStore};
+use serde_json::json;
+use sqlx::Row;
+use testkit::{eventually, TestDb, TestStream};
+use uuid::Uuid;
+
+fn event(agg: &str, n: i64) -> NewEvent {
+    NewEvent::new(
+        "acme",
+        "V",
+        agg,
+        "StockLevelChangedEvent",
+        "inventory.stock.changed",
+        json!({ "n": n }),
+    )
+}
+
+/// A raw INSERT as a writer in another language would send it; `extra` columns and values are
+/// appended (SQL literals).
+fn raw_insert(agg_sql: &str, extra_cols: &str, extra_vals: &str) -> String {
+    format!(
+        "INSERT INTO outbox_event (event_id, tenant_id, aggregate_type, aggregate_id, event_type, topic,
+                                   payload{extra_cols})
+         VALUES (gen_random_uuid(), 'acme', 'V', {agg_sql}, 'E', 'x.y', '\\x7b7d'{extra_vals})"
+    )
+}
+
+async fn sql_error(db: &TestDb, sql: &str) -> sqlx::postgres::PgDatabaseError {
+    match sqlx::query(sql).execute(&db.pool).await {
+        Ok(_) => panic!("accepted, but must be refused: {sql}"),
+        Err(sqlx::Error::Database(e)) => *e.downcast::<sqlx::postgres::PgDatabaseError>(),
+        Err(e) => panic!("unexpected error {e}"),
+    }
+}
+
+async fn lease_all(store: &PgStore, relay: &str) {
+    let state = store
+        .lease_round(relay, relay, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(state.owned.len(), 64);
+}
+
+/// Sequence numbers of aggregate `agg` in a claim by `relay`.
+async fn claimed_seqs(store: &PgStore, relay: &str, agg: &str) -> Vec<i64> {
+    store
+        .claim(relay, 100, true, &[], Duration::ZERO)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|m| m.aggregate_id == agg)
+        .map(|m| m.seq)
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Poison rows
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_schema_refuses_at_insert_what_no_broker_can_carry() {
+    let db = TestDb::new().await;
+    let cases = [
+        (
+            raw_insert("E'v\\n1'", "", ""),
+            "outbox_event_aggregate_id_no_control_chars",
+        ),
+        (
+            raw_insert(
+                "'v1'",
+                ", headers",
+                ", '{\"correlationId\": \"c\\r\\nX-Evil: 1\"}'",
+            ),
+            "outbox_event_headers_are_strings_without_control_chars",
+        ),
+        (
+            raw_insert("'v1'", ", headers", ", '{\"traceparent\": 42}'"),
+            "outbox_event_headers_are_strings_without_control_chars",
+        ),
+        (
+            raw_insert("'v1'", ", headers", ", '{\"contentType\": {\"a\": \"b\"}}'"),
+            "outbox_event_headers_are_strings_without_control_chars",
+        ),
+    ];
+    for (sql, constraint) in cases {
+        let e = sql_error(&db, &sql).await;
+        assert_eq!(e.code(), "23514", "check_violation for {sql}");
+        assert_eq!(e.constraint(), Some(constraint), "{}", e.message());
+    }
+    // What the writer says about timestamps is not taken: the trigger sets them.
+    sqlx::query(&raw_insert(
+        "'v1'",
+        ", created_at, next_attempt_at",
+        ", 'infinity', now() + interval '1 hour'",
+    ))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let (created_ok, due): (bool, bool) = sqlx::query_as(
+        "SELECT created_at BETWEEN now() - interval '1 minute' AND now() + interval '1 minute',
+                next_attempt_at <= now() FROM outbox_event",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(created_ok, "created_at is the insert time, not 'infinity'");
+    assert!(due, "a new row is due at once, whatever the writer gave");
+    // And a later UPDATE cannot plant an undecodable timestamp either.
+    let e = sql_error(&db, "UPDATE outbox_event SET created_at = 'infinity'").await;
+    assert_eq!(e.constraint(), Some("outbox_event_created_at_decodable"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enqueue_refuses_control_characters_with_a_typed_error_before_writing() {
+    let db = TestDb::new().await;
+    let outbox = Outbox::new("Test");
+    let bad = [
+        event("v\n1", 1),
+        event("v1", 1).correlation_id("c\r\nX-Evil: 1"),
+        event("v1", 1).correlation_id("c".repeat(201)),
+    ];
+    for b in bad {
+        let mut tx = db.pool.begin().await.unwrap();
+        let got = outbox.enqueue(&mut tx, &[event("ok", 1), b.clone()]).await;
+        assert!(
+            matches!(got, Err(OutboxError::InvalidEvent(_))),
+            "{b:?} must be refused before any write: {got:?}"
+        );
+        tx.commit().await.unwrap();
+    }
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox_event")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 0, "nothing of a refused call is written");
+}
+
+/// Rows that bypassed the constraints (dropped here, as on a database where someone did): the relay
+/// must not crash on them, must dead-letter each with its reason at once, and the healthy
+/// aggregate behind them flows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_the_relay_cannot_carry_are_dead_lettered_at_once_and_the_others_flow() {
+    let db = TestDb::new().await;
+    let stream = TestStream::new();
+    for c in [
+        "outbox_event_created_at_decodable",
+        "outbox_event_aggregate_id_no_control_chars",
+        "outbox_event_headers_are_strings_without_control_chars",
+    ] {
+        sqlx::query(&format!(
+            "ALTER TABLE outbox_event DROP CONSTRAINT IF EXISTS {c}"
+        ))
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    }
+    let outbox = Outbox::new("Test");
+    let mut tx = db.pool.begin().await.unwrap();
+    let ids = outbox
+        .enqueue(
+            &mut tx,
+            &[event("inf", 1), event("inf", 2), event("far", 1)],
+        )
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    sqlx::query("UPDATE outbox_event SET created_at = 'infinity' WHERE event_id = $1")
+        .bind(ids[0])
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE outbox_event SET created_at = '262145-01-01' WHERE event_id = $1")
+        .bind(ids[2])
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    sqlx::query(&raw_insert("E'new\\nline'", "", ""))
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    sqlx::query(&raw_insert(
+        "'crlf'",
+        ", headers",
+        ", '{\"traceparent\": \"00-x\\r\\nX-Evil: 1\"}'",
+    ))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    // The healthy aggregate comes after every bad row, in id order.
+    let mut tx = db.pool.begin().await.unwrap();
+    let good = outbox
+        .enqueue(&mut tx, &[event("good", 1), event("good", 2)])
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+
+    let relay = start_relay(&db, stream.nats_config(), test_config()).await;
+    let delivered = eventually(Duration::from_secs(20), || async {
+        count(&db, "published").await == 2 && count(&db, "dead").await == 4
+    })
+    .await;
+    relay.shutdown().await;
+    assert!(
+        delivered,
+        "the relay survived: 4 dead letters, the healthy aggregate delivered"
+    );
+    let dead: Vec<(String, i32, String)> = sqlx::query_as(
+        "SELECT aggregate_id, attempts, last_error FROM outbox_event WHERE status = 'dead' ORDER BY id",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    for (agg, attempts, err) in &dead {
+        assert_eq!(*attempts, 1, "{agg}: dead-lettered at once");
+        let why = if agg.contains('\n') || agg == "crlf" {
+            "control character"
+        } else {
+            "created_at"
+        };
+        assert!(err.contains(why), "{agg}: reason {err:?}");
+    }
+    // The later event of the dead-lettered aggregate waits behind it (dead letters block).
+    let inf2: String = sqlx::query_scalar("SELECT status FROM outbox_event WHERE event_id = $1")
+        .bind(ids[1])
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_ne!(inf2, "dead");
+    let got: Vec<String> = seen(&stream)
+        .await
+        .into_iter()
+        .map(|m| m.event_id)
+        .collect();
+    assert_eq!(got, vec![good[0].to_string(), good[1].to_string()]);
+    // Operators can list them (the undecodable timestamps were replaced when dead-lettered).
+    let list = outbox::ops::dead_letters(&db.pool, &Default::default())
+        .await
+        .unwrap();
+    assert_eq!(list.len(), 4);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Order
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_given_due_time_cannot_let_a_later_event_overtake() {
+    let db = TestDb::new().await;
+    sqlx::query(&raw_insert(
+        "'x'",
+        ", next_attempt_at",
+        ", now() + interval '1 hour'",
+    ))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query(&raw_insert("'x'", "", ""))
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let store = PgStore::new(db.pool.clone());
+    lease_all(&store, "r1").await;
+    assert_eq!(claimed_seqs(&store, "r1", "x").await, vec![1, 2]);
+}
+
+/// The claim's rule, as `PgStore::claim` applies it, run in a transaction of our own so that its
+/// `now()` can be placed between the writers' transaction starts.
+const DUE_IN_ORDER: &str = "SELECT e.seq FROM outbox_event e
+    WHERE e.status = 'pending' AND e.next_attempt_at <= now()
+      AND NOT EXISTS (
+          SELECT 1 FROM outbox_event b
+          WHERE (b.status = 'dead' OR (b.status = 'pending' AND b.attempts > 0))
+            AND b.tenant_id = e.tenant_id AND b.aggregate_type = e.aggregate_type
+            AND b.aggregate_id = e.aggregate_id AND b.id < e.id
+            AND ((b.status = 'pending' AND b.next_attempt_at > now()) OR b.status = 'dead'))
+    ORDER BY e.id";
+
+/// B starts, then the claim C, then A; A writes seq 1 and commits, B writes seq 2 and commits;
+/// C then claims. With `next_attempt_at DEFAULT now()`, seq 1 was due only from A's start (after
+/// C's now()) and seq 2 from B's (before): C returned seq 2 alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_that_started_earlier_cannot_overtake_through_transaction_start_times() {
+    let db = TestDb::new().await;
+    let mut b = db.pool.begin().await.unwrap();
+    sqlx::query("SELECT now()").execute(&mut *b).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let mut c = db.pool.begin().await.unwrap();
+    sqlx::query("SELECT now()").execute(&mut *c).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let mut a = db.pool.begin().await.unwrap();
+    sqlx::query(&raw_insert("'x'", "", ""))
+        .execute(&mut *a)
+        .await
+        .unwrap();
+    a.commit().await.unwrap();
+    sqlx::query(&raw_insert("'x'", "", ""))
+        .execute(&mut *b)
+        .await
+        .unwrap();
+    b.commit().await.unwrap();
+    let seqs: Vec<i64> = sqlx::query_scalar(DUE_IN_ORDER)
+        .fetch_all(&mut *c)
+        .await
+        .unwrap();
+    c.commit().await.unwrap();
+    assert_eq!(seqs, vec![1, 2], "seq 2 never without seq 1");
+}
+
+/// The same race through a replay: a dead letter replayed after a claim's transaction started
+/// must not be overtaken by its aggregate's next event in that claim.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_event_cannot_be_overtaken_by_the_next_one() {
+    let db = TestDb::new().await;
+    let outbox = Outbox::new("Test");
+    let mut tx = db.pool.begin().await.unwrap();
+    let ids = outbox.enqueue(&mut tx, &[event("x", 1)]).await.unwrap();
+    tx.commit().await.unwrap();
+    sqlx::query("UPDATE outbox_event SET status = 'dead', dead_at = now(), attempts = 3, last_error = 'no' WHERE event_id = $1")
+        .bind(ids[0])
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let mut tx = db.pool.begin().await.unwrap();
+    outbox.enqueue(&mut tx, &[event("x", 2)]).await.unwrap();
+    tx.commit().await.unwrap();
+
+    let mut c = db.pool.begin().await.unwrap();
+    sqlx::query("SELECT now()").execute(&mut *c).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let filter = outbox::ops::DeadLetterFilter {
+        event_id: Some(ids[0]),
+        ..Default::default()
+    };
+    assert_eq!(
+        outbox::ops::replay(&db.pool, &filter, "test")
+            .await
+            .unwrap(),
+        vec![ids[0]]
+    );
+    let seqs: Vec<i64> = sqlx::query_scalar(DUE_IN_ORDER)
+        .fetch_all(&mut *c)
+        .await
+        .unwrap();
+    c.commit().await.unwrap();
+    assert_eq!(seqs, vec![1, 2]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Event ids
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_published_event_id_cannot_be_used_again() {
+    let db = TestDb::new().await;
+    let id = Uuid::now_v7();
+    let insert = format!(
+        "INSERT INTO outbox_event (event_id, tenant_id, aggregate_type, aggregate_id, event_type, topic, payload)
+         VALUES ('{id}', 'acme', 'V', 'x', 'E', 'x.y', '\\x7b7d'), (gen_random_uuid(), 'acme', 'V', 'y', 'E', 'x.y', '\\x7b7d')"
+    );
+    sqlx::query(&insert).execute(&db.pool).await.unwrap();
+    testkit::mark_published(&db.pool, "true", "now()").await;
+    let e = sql_error(&db, &insert).await;
+    assert_eq!(e.code(), "23505", "unique_violation: {}", e.message());
+    assert!(e.message().contains("already used"), "{}", e.message());
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox_event")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 0, "the whole statement is refused");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. Held rows
+
+/// Rows behind a blocking dead letter leave the pending index (`held`), new ones are inserted
+/// held, `outbox status` counts them, a purge releases them in order, and a relay whose dead
+/// letters do not block delivers held rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_behind_a_dead_letter_are_held_and_released_in_order() {
+    let db = TestDb::new().await;
+    let stream = TestStream::new();
+    let outbox = Outbox::new("Test");
+    let poison = NewEvent::new(
+        "acme",
+        "V",
+        "bad",
+        "Huge",
+        "x.y",
+        json!({ "blob": "x".repeat(1_100_000) }),
+    );
+    let mut tx = db.pool.begin().await.unwrap();
+    let first = outbox
+        .enqueue(
+            &mut tx,
+            &[
+                poison.clone(),
+                event("bad", 2),
+                event("bad", 3),
+                event("ok", 1),
+            ],
+        )
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let relay = start_relay(&db, stream.nats_config(), test_config()).await;
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            count(&db, "dead").await == 1 && count(&db, "published").await == 1
+        })
+        .await
+    );
+    let mut tx = db.pool.begin().await.unwrap();
+    let later = outbox.enqueue(&mut tx, &[event("bad", 4)]).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(
+        count(&db, "held").await,
+        3,
+        "seq 2, 3 and the new 4 are held"
+    );
+    assert_eq!(count(&db, "pending").await, 0);
+    let status = outbox::ops::status(&db.pool).await.unwrap();
+    assert_eq!((status.counts.held, status.counts.dead), (3, 1));
+
+    let filter = outbox::ops::DeadLetterFilter {
+        event_id: Some(first[0]),
+        ..Default::default()
+    };
+    outbox::ops::purge(&db.pool, &filter, "test").await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            count(&db, "published").await == 4
+        })
+        .await,
+        "released in order after the purge"
+    );
+    relay.shutdown().await;
+    let bad: Vec<String> = seen(&stream)
+        .await
+        .into_iter()
+        .filter(|m| m.aggregate == "acme/bad")
+        .map(|m| m.event_id)
+        .collect();
+    assert_eq!(
+        bad,
+        vec![
+            first[1].to_string(),
+            first[2].to_string(),
+            later[0].to_string()
+        ]
+    );
+
+    // A relay whose dead letters do not block lets held rows (from a blocking relay) flow.
+    let mut tx = db.pool.begin().await.unwrap();
+    let again = outbox
+        .enqueue(&mut tx, &[poison, event("bad", 6)])
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let relay = start_relay(&db, stream.nats_config(), test_config()).await;
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            count(&db, "dead").await == 1 && count(&db, "held").await == 1
+        })
+        .await
+    );
+    relay.shutdown().await;
+    let mut cfg = test_config();
+    cfg.dead_letters_block = false;
+    let relay = start_relay(&db, stream.nats_config(), cfg).await;
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            count(&db, "published").await == 5 && count(&db, "held").await == 0
+        })
+        .await
+    );
+    relay.shutdown().await;
+    let last = seen(&stream).await.last().unwrap().event_id.clone();
+    assert_eq!(last, again[1].to_string());
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. Aggregate compaction
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_aggregates_are_compacted_and_come_back_in_a_new_epoch() {
+    let db = TestDb::new().await;
+    let outbox = Outbox::new("Test");
+    let mut tx = db.pool.begin().await.unwrap();
+    outbox
+        .enqueue(
+            &mut tx,
+            &[
+                event("idle", 1),
+                event("idle", 2),
+                event("pending", 1),
+                event("dead", 1),
+                event("busy", 1),
+            ],
+        )
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    testkit::mark_published(&db.pool, "aggregate_id IN ('idle', 'busy')", "now()").await;
+    sqlx::query("UPDATE outbox_event SET status = 'dead', dead_at = now(), attempts = 1 WHERE aggregate_id = 'dead'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE outbox_aggregate SET last_at = now() - interval '8 days'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    // A producer writing to `busy` right now: its aggregate must not be compacted under it.
+    let mut busy = db.pool.begin().await.unwrap();
+    outbox
+        .enqueue(&mut busy, &[event("busy", 2)])
+        .await
+        .unwrap();
+
+    let week = Duration::from_secs(7 * 24 * 3600);
+    let n = outbox::ops::compact_aggregates(&db.pool, week, 1, Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(n, 1, "only the idle aggregate with nothing pending or dead");
+    busy.commit().await.unwrap();
+    let left: Vec<String> =
+        sqlx::query_scalar("SELECT aggregate_id FROM outbox_aggregate ORDER BY 1")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(left, vec!["busy", "dead", "pending"]);
+
+    let mut tx = db.pool.begin().await.unwrap();
+    let back = outbox
+        .enqueue(&mut tx, &[event("idle", 3), event("idle", 4)])
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let rows = sqlx::query(
+        "SELECT event_id, seq, seq_epoch, id FROM outbox_event_all WHERE aggregate_id = 'idle' ORDER BY id",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    let got: Vec<(i64, i64)> = rows
+        .iter()
+        .map(|r| (r.get::<i64, _>("seq"), r.get::<i64, _>("seq_epoch")))
+        .collect();
+    let (e1, e2) = (got[0].1, got[2].1);
+    assert!(e2 > e1, "a new epoch, later than the first: {got:?}");
+    assert_eq!(
+        got,
+        vec![(1, e1), (2, e1), (1, e2), (2, e2)],
+        "seq restarts at 1"
+    );
+    assert_eq!(
+        e2,
+        rows[2].get::<i64, _>("id"),
+        "epoch = id of its first event"
+    );
+    let busy_seq: i64 =
+        sqlx::query_scalar("SELECT seq FROM outbox_event WHERE aggregate_id = 'busy'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(busy_seq, 2, "the busy aggregate kept its sequence");
+
+    // The relay hands the epoch to the publisher.
+    let store = PgStore::new(db.pool.clone());
+    lease_all(&store, "r1").await;
+    let batch = store
+        .claim("r1", 100, true, &[], Duration::ZERO)
+        .await
+        .unwrap();
+    let m = batch.iter().find(|m| m.event_id == back[0]).unwrap();
+    assert_eq!((m.seq, m.seq_epoch), (1, e2));
+}
