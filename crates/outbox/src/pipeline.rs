@@ -145,22 +145,7 @@ mod tests {
     use std::time::Duration;
 
     fn msg(i: i64, agg: &str) -> OutboundMessage {
-        OutboundMessage {
-            id: i,
-            event_id: uuid::Uuid::now_v7(),
-            tenant_id: "t".into(),
-            aggregate_type: "A".into(),
-            aggregate_id: agg.into(),
-            seq: i,
-            partition: 0,
-            seq_epoch: 0,
-            event_type: "E".into(),
-            topic: "x".into(),
-            payload: bytes::Bytes::new(),
-            headers: Default::default(),
-            attempts: 0,
-            created_at: chrono::Utc::now(),
-        }
+        crate::publisher::test_message(i, agg, 0)
     }
 
     fn far() -> Instant {

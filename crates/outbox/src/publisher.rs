@@ -131,3 +131,24 @@ pub trait Publisher: Send + Sync + 'static {
     /// Whether the broker connection is up right now (health endpoints, metrics).
     fn is_connected(&self) -> bool;
 }
+
+/// An event of aggregate `agg` at row `id` (seq = id) with `attempts` failures, for unit tests.
+#[cfg(test)]
+pub(crate) fn test_message(id: i64, agg: &str, attempts: i32) -> OutboundMessage {
+    OutboundMessage {
+        id,
+        event_id: Uuid::now_v7(),
+        tenant_id: "t".into(),
+        aggregate_type: "A".into(),
+        aggregate_id: agg.into(),
+        seq: id,
+        partition: 0,
+        seq_epoch: 0,
+        event_type: "E".into(),
+        topic: "x".into(),
+        payload: Bytes::new(),
+        headers: Default::default(),
+        attempts,
+        created_at: Utc::now(),
+    }
+}

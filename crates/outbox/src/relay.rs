@@ -789,22 +789,7 @@ mod tests {
     use super::*;
 
     fn msg(id: i64, agg: &str, attempts: i32) -> OutboundMessage {
-        OutboundMessage {
-            id,
-            event_id: uuid::Uuid::now_v7(),
-            tenant_id: "t".into(),
-            aggregate_type: "A".into(),
-            aggregate_id: agg.into(),
-            seq: id,
-            partition: 0,
-            seq_epoch: 0,
-            event_type: "E".into(),
-            topic: "x".into(),
-            payload: bytes::Bytes::new(),
-            headers: Default::default(),
-            attempts,
-            created_at: Utc::now(),
-        }
+        crate::publisher::test_message(id, agg, attempts)
     }
 
     fn fail(kind: FailureKind) -> Result<Delivery, PublishFailure> {
