@@ -13,8 +13,8 @@ use std::time::Duration;
 use axum::http::StatusCode;
 use common::*;
 use lapin::options::{
-    BasicGetOptions, ExchangeBindOptions, ExchangeDeclareOptions, ExchangeDeleteOptions,
-    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+    BasicGetOptions, ExchangeBindOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
@@ -23,10 +23,7 @@ use testkit::eventually;
 use testkit::relay::free_port;
 use uuid::Uuid;
 
-fn amqp_url() -> String {
-    std::env::var("TEST_AMQP_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
-}
+use testkit::rabbit::amqp_url;
 
 /// The seed's six routing keys.
 const SEED_KEYS: [&str; 6] = [
@@ -198,39 +195,12 @@ impl Topology {
 
 impl Drop for Topology {
     fn drop(&mut self) {
-        let (queues, exchanges, exchange) = (
+        let exchanges = self.exchanges.iter().chain([&self.exchange]);
+        testkit::rabbit::delete_names(
+            &amqp_url(),
             self.queues.clone(),
-            self.exchanges.clone(),
-            self.exchange.clone(),
+            exchanges.cloned().collect(),
         );
-        let _ = std::thread::spawn(move || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap()
-                .block_on(async move {
-                    let Ok(c) =
-                        Connection::connect(&amqp_url(), ConnectionProperties::default()).await
-                    else {
-                        return;
-                    };
-                    let Ok(ch) = c.create_channel().await else {
-                        return;
-                    };
-                    for q in queues {
-                        let _ = ch
-                            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-                            .await;
-                    }
-                    for e in exchanges.into_iter().chain([exchange]) {
-                        let _ = ch
-                            .exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default())
-                            .await;
-                    }
-                    let _ = c.close(200, "test done".into()).await;
-                })
-        })
-        .join();
     }
 }
 

@@ -10,8 +10,7 @@ use std::time::Duration;
 
 use common::{attempts_spent, count, insert_backlog};
 use lapin::options::{
-    BasicGetOptions, BasicRejectOptions, ExchangeDeleteOptions, QueueDeclareOptions,
-    QueueDeleteOptions,
+    BasicGetOptions, BasicRejectOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
@@ -22,10 +21,7 @@ use testkit::{eventually, TestDb};
 
 const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
-fn amqp_url() -> String {
-    std::env::var("TEST_AMQP_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
-}
+use testkit::rabbit::amqp_url;
 
 /// A test's own exchange and the queue that collects everything published to it; both (and the
 /// alternate exchange, dead-letter exchange and queues the test made) are deleted on drop.
@@ -124,39 +120,12 @@ impl Rabbit {
 
 impl Drop for Rabbit {
     fn drop(&mut self) {
-        let (queues, exchanges, exchange) = (
+        let exchanges = self.extra_exchanges.iter().chain([&self.exchange]);
+        testkit::rabbit::delete_names(
+            &amqp_url(),
             self.extra_queues.clone(),
-            self.extra_exchanges.clone(),
-            self.exchange.clone(),
+            exchanges.cloned().collect(),
         );
-        let _ = std::thread::spawn(move || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap()
-                .block_on(async move {
-                    let Ok(c) =
-                        Connection::connect(&amqp_url(), ConnectionProperties::default()).await
-                    else {
-                        return;
-                    };
-                    let Ok(ch) = c.create_channel().await else {
-                        return;
-                    };
-                    for q in queues {
-                        let _ = ch
-                            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-                            .await;
-                    }
-                    for e in exchanges.into_iter().chain([exchange]) {
-                        let _ = ch
-                            .exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default())
-                            .await;
-                    }
-                    let _ = c.close(200, "test done".into()).await;
-                })
-        })
-        .join();
     }
 }
 

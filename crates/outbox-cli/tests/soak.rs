@@ -43,8 +43,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, ExchangeDeleteOptions, QueueBindOptions,
-    QueueDeclareOptions, QueueDeleteOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Connection, ConnectionProperties};
@@ -368,42 +367,7 @@ struct SharedRabbitNames {
 
 impl Drop for SharedRabbitNames {
     fn drop(&mut self) {
-        let (url, exchanges, queues) = (
-            self.url.clone(),
-            self.exchanges.clone(),
-            self.queues.clone(),
-        );
-        let _ = std::thread::spawn(move || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("clean-up runtime")
-                .block_on(async move {
-                    let Ok(Ok(c)) = tokio::time::timeout(
-                        Duration::from_secs(5),
-                        Connection::connect(&url, ConnectionProperties::default()),
-                    )
-                    .await
-                    else {
-                        return;
-                    };
-                    let Ok(ch) = c.create_channel().await else {
-                        return;
-                    };
-                    for q in queues {
-                        let _ = ch
-                            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-                            .await;
-                    }
-                    for e in exchanges {
-                        let _ = ch
-                            .exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default())
-                            .await;
-                    }
-                    let _ = c.close(200, "soak done".into()).await;
-                })
-        })
-        .join();
+        testkit::rabbit::delete_names(&self.url, self.queues.clone(), self.exchanges.clone());
     }
 }
 

@@ -5,6 +5,7 @@
 pub mod faults;
 pub mod nats_server;
 pub mod proxy;
+pub mod rabbit;
 pub mod rabbit_node;
 pub mod relay;
 
