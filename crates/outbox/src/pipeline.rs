@@ -30,6 +30,10 @@ use tokio::time::Instant;
 
 use crate::publisher::{Delivery, FailureKind, OutboundMessage, PublishFailure};
 
+/// The failure reason of messages not sent because the relay's lease ran out: not a broker
+/// failure, so the relay renews its lease instead of backing off from the broker.
+pub const LEASE_RAN_OUT: &str = "lease";
+
 /// The broker's answer for one sent message, awaited while other messages are sent.
 pub type AckFuture = BoxFuture<'static, Result<Delivery, PublishFailure>>;
 
@@ -78,7 +82,7 @@ where
                 ready.push_front(i);
                 stopped = Some(PublishFailure::new(
                     FailureKind::Unavailable,
-                    "lease",
+                    LEASE_RAN_OUT,
                     "not sent: the relay's partition lease ran out before it could be sent",
                 ));
                 break;
@@ -274,6 +278,9 @@ mod tests {
         .await;
         assert!(out[0].is_ok() && out[2].is_ok());
         let e = out[1].as_ref().unwrap_err();
-        assert_eq!((e.kind, e.reason), (FailureKind::Unavailable, "lease"));
+        assert_eq!(
+            (e.kind, e.reason),
+            (FailureKind::Unavailable, LEASE_RAN_OUT)
+        );
     }
 }

@@ -466,7 +466,7 @@ impl Relay {
                 prefetched = None;
             }
             if decided.unavailable && decided.settlements.is_empty() {
-                if decided.first_reason == "lease" {
+                if decided.first_reason == crate::pipeline::LEASE_RAN_OUT {
                     continue;
                 }
                 broker_failures += 1;
@@ -477,8 +477,9 @@ impl Relay {
                 continue;
             }
             broker_failures = 0;
-            self.health
-                .set_broker(!decided.unavailable || decided.first_reason == "lease");
+            self.health.set_broker(
+                !decided.unavailable || decided.first_reason == crate::pipeline::LEASE_RAN_OUT,
+            );
             // Settlements are written in batch order: the previous one first.
             finish(&mut background).await;
             let clean = !decided.unavailable
