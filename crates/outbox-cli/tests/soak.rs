@@ -51,8 +51,9 @@ use outbox::{NewEvent, Outbox};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
-use testkit::faults::{soak_duration, soak_seed, FaultProxy, FaultTally};
+use testkit::faults::{soak_duration, soak_seed, FaultTally};
 use testkit::nats_server::PrivateNats;
+use testkit::proxy::Proxy;
 use testkit::rabbit_node::RabbitNode;
 use testkit::TestDb;
 use uuid::Uuid;
@@ -206,7 +207,7 @@ impl Broker {
     }
 
     /// The relay's broker flags and environment, reaching the broker through `proxy`.
-    fn relay_args(&self, proxy: &FaultProxy) -> (Vec<String>, (&'static str, String)) {
+    fn relay_args(&self, proxy: &Proxy) -> (Vec<String>, (&'static str, String)) {
         match self {
             Broker::Nats { stream, prefix, .. } => (
                 [
@@ -243,7 +244,7 @@ impl Broker {
 
     /// Restarts the broker (or, on the shared RabbitMQ, cuts `proxy` for 8 s instead); returns
     /// the fault's name for the tally.
-    async fn restart(&mut self, proxy: &FaultProxy, down: Duration, seed: u64) -> &'static str {
+    async fn restart(&mut self, proxy: &Proxy, down: Duration, seed: u64) -> &'static str {
         match self {
             Broker::Nats { server, .. } => {
                 server.stop().await;
@@ -759,7 +760,7 @@ async fn pending(pool: &sqlx::PgPool, status: &str) -> i64 {
 
 /// Waits (at most 2 s) until the relay sends a few hundred bytes to the broker: a batch is on
 /// its way, so a fault now lands inside it.
-async fn inside_batch(p: &FaultProxy) -> bool {
+async fn inside_batch(p: &Proxy) -> bool {
     p.wait_for_traffic(200, Duration::from_secs(2)).await
 }
 
@@ -802,8 +803,8 @@ async fn soak(kind: BrokerKind, seed: u64, secs: Duration) {
     let mut rng = StdRng::seed_from_u64(seed);
     let db = TestDb::new().await;
     let mut broker = Broker::start(kind, seed).await;
-    let pg_proxy = FaultProxy::start(&host_port(&testkit::pg_server_url())).await;
-    let broker_proxy = FaultProxy::start(&broker.upstream()).await;
+    let pg_proxy = Proxy::start(&host_port(&testkit::pg_server_url())).await;
+    let broker_proxy = Proxy::start(&broker.upstream()).await;
     let batch: i64 = rng.random_range(50..=200);
     let relay_db_url = format!("postgres://root@{}/{}", pg_proxy.addr, db.name());
     let relay_db_url = match testkit::pg_server_url().split_once("://") {

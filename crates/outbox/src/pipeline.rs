@@ -19,7 +19,8 @@
 //! sent is reported `Unavailable` too, no attempt is spent). A `Retryable` or `Permanent` outcome
 //! stops only its aggregate: its later events are reported as held back and are not sent. Nothing
 //! is sent at or after `deadline` (the end of the relay's lease): a relay that stalled past its
-//! lease must not publish what another relay may already have published after it.
+//! lease must not publish what another relay may already have published after it; what was not
+//! sent is reported `LeaseExpired`.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -29,10 +30,6 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::time::Instant;
 
 use crate::publisher::{Delivery, FailureKind, OutboundMessage, PublishFailure};
-
-/// The failure reason of messages not sent because the relay's lease ran out: not a broker
-/// failure, so the relay renews its lease instead of backing off from the broker.
-pub const LEASE_RAN_OUT: &str = "lease";
 
 /// The broker's answer for one sent message, awaited while other messages are sent.
 pub type AckFuture = BoxFuture<'static, Result<Delivery, PublishFailure>>;
@@ -81,8 +78,8 @@ where
             if Instant::now() >= deadline {
                 ready.push_front(i);
                 stopped = Some(PublishFailure::new(
-                    FailureKind::Unavailable,
-                    LEASE_RAN_OUT,
+                    FailureKind::LeaseExpired,
+                    "lease",
                     "not sent: the relay's partition lease ran out before it could be sent",
                 ));
                 break;
@@ -278,9 +275,6 @@ mod tests {
         .await;
         assert!(out[0].is_ok() && out[2].is_ok());
         let e = out[1].as_ref().unwrap_err();
-        assert_eq!(
-            (e.kind, e.reason),
-            (FailureKind::Unavailable, LEASE_RAN_OUT)
-        );
+        assert_eq!((e.kind, e.reason), (FailureKind::LeaseExpired, "lease"));
     }
 }

@@ -85,6 +85,9 @@ pub enum FailureKind {
     Retryable,
     /// Retrying cannot help (too large, no stream for the subject): dead-lettered at once.
     Permanent,
+    /// Not sent because the relay's partition lease ran out first: neither the broker's fault nor
+    /// the event's. No attempt is spent; the relay renews its lease before claiming again.
+    LeaseExpired,
 }
 
 /// A message the broker did not acknowledge.
@@ -120,7 +123,7 @@ pub trait Publisher: Send + Sync + 'static {
 
     /// Publishes `batch`. Messages of one aggregate appear in the batch in commit order and must
     /// reach the broker in that order. Nothing may be *sent* at or after `deadline` (the end of
-    /// the relay's partition lease): what is not sent by then is reported `Unavailable`.
+    /// the relay's partition lease): what is not sent by then is reported `LeaseExpired`.
     /// Returns exactly `batch.len()` outcomes.
     async fn publish(
         &self,

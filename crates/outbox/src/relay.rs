@@ -1,9 +1,10 @@
 //! The relay engine: lease partitions, claim, publish, settle, retry, dead-letter, clean up.
 //!
 //! One loop per relay process, strictly sequential (claim → publish → settle), so that nothing is
-//! ever in flight while leases are rebalanced. Throughput comes from large batches with every
-//! acknowledgement of a batch in flight at once, not from overlapping batches; overlapping them
-//! would let two batches of one aggregate race. See `docs/architecture.md`.
+//! ever in flight while leases are rebalanced. Throughput comes from large batches whose
+//! aggregates are pipelined (one unacknowledged event per aggregate, many aggregates at once:
+//! [`crate::pipeline`]), not from overlapping batches; overlapping them would let two batches of
+//! one aggregate race. See `docs/architecture.md`.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -456,7 +457,7 @@ impl Relay {
                 "batch published"
             );
             let decided = decide(&batch, outcomes, &cfg.retry, self.publisher.name());
-            let lease_ran_out = Instant::now() >= lease_deadline;
+            let lease_ran_out = decided.lease_expired || Instant::now() >= lease_deadline;
             if lease_ran_out {
                 // Renew (or lose) the lease before anything else is claimed.
                 tracing::warn!(
@@ -466,9 +467,6 @@ impl Relay {
                 prefetched = None;
             }
             if decided.unavailable && decided.settlements.is_empty() {
-                if decided.first_reason == crate::pipeline::LEASE_RAN_OUT {
-                    continue;
-                }
                 broker_failures += 1;
                 self.health.set_broker(false);
                 let wait = backoff(broker_failures, cfg.broker_backoff_cap.min(tick));
@@ -477,12 +475,11 @@ impl Relay {
                 continue;
             }
             broker_failures = 0;
-            self.health.set_broker(
-                !decided.unavailable || decided.first_reason == crate::pipeline::LEASE_RAN_OUT,
-            );
+            self.health.set_broker(!decided.unavailable);
             // Settlements are written in batch order: the previous one first.
             finish(&mut background).await;
             let clean = !decided.unavailable
+                && !decided.lease_expired
                 && decided
                     .settlements
                     .iter()
@@ -606,8 +603,9 @@ fn backoff(failures: u32, cap: Duration) -> Duration {
 pub(crate) struct Decided {
     pub settlements: Vec<Settlement>,
     pub unavailable: bool,
+    /// Some events were not sent because the lease ran out: renew it before the next claim.
+    pub lease_expired: bool,
     pub first_error: String,
-    pub first_reason: &'static str,
 }
 
 /// Turns publish outcomes into settlements. Per aggregate, only the acknowledged prefix is marked
@@ -646,16 +644,17 @@ pub(crate) fn decide(
                 stopped.insert(key);
                 if out.first_error.is_empty() {
                     out.first_error = f.message.clone();
-                    out.first_reason = f.reason;
                 }
                 let kind = match f.kind {
                     FailureKind::Unavailable => "unavailable",
+                    FailureKind::LeaseExpired => "lease_expired",
                     FailureKind::Retryable => "retryable",
                     FailureKind::Permanent => "permanent",
                 };
                 metrics::counter!(m::FAILED, "kind" => kind, "reason" => f.reason).increment(1);
                 match f.kind {
                     FailureKind::Unavailable => out.unavailable = true,
+                    FailureKind::LeaseExpired => out.lease_expired = true,
                     FailureKind::Permanent => {
                         metrics::counter!(m::DEAD_LETTERED, "reason" => f.reason).increment(1);
                         tracing::error!(event_id = %msg.event_id, reason = f.reason, error = %f.message, "event dead-lettered");
