@@ -1318,21 +1318,29 @@ async fn a_connection_terminated_mid_request_is_503_with_retry_after_and_no_effe
             "SELECT pid FROM pg_stat_activity WHERE datname = current_database()
                AND wait_event_type = 'Lock' AND pid <> pg_backend_pid() LIMIT 1",
         )
-        .fetch_optional(&mut *blocker)
+        // Not inside `blocker`'s transaction: pg_stat_activity is read once per transaction and
+        // then kept, so polling it there would never see the request arrive at the lock.
+        .fetch_optional(&app.db.pool)
         .await
         .unwrap();
         if let Some(pid) = pid {
             sqlx::query("SELECT pg_terminate_backend($1)")
                 .bind(pid)
-                .execute(&mut *blocker)
+                .execute(&app.db.pool)
                 .await
                 .unwrap();
             killed = true;
             break;
         }
+        if req.is_finished() {
+            break;
+        }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    assert!(killed, "the request waited on the row lock");
+    if !killed {
+        let answer = req.await.unwrap();
+        panic!("the request did not wait on the row lock; it answered {answer:?}");
+    }
     blocker.rollback().await.unwrap();
     let (s, h, p) = req.await.unwrap();
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{p}");
