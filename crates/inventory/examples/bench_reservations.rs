@@ -5,6 +5,11 @@
 //! (defaults 10000 and 32). Each phase gets a fresh database (so that neither phase inherits the
 //! other's rows) and a warm-up of 500 reservations; reservations are of one unit of one of 64
 //! variants with ample stock, so every one succeeds and writes one `InventoryReservedEvent`.
+//!
+//! It also prints a raw baseline measured in the same run: the same row writes per transaction
+//! (`BEGIN`, one lock read, one write statement, `COMMIT`, as the service does them) from a plain
+//! Rust loop with no HTTP, same database server, same concurrency. The statements each command
+//! sends are counted by `tests/statements.rs`.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -37,8 +42,7 @@ async fn run_phase(with_relay: bool, requests: usize, concurrency: usize) -> Pha
     let db = TestDb::new().await;
     inventory::migrate(&db.pool).await.expect("migrations");
     // The service's own pool, as `inventory serve` would size it.
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(16)
+    let pool = inventory::pool_options(16)
         .connect(&db.url)
         .await
         .expect("pool");
@@ -147,6 +151,98 @@ async fn run_phase(with_relay: bool, requests: usize, concurrency: usize) -> Pha
     }
 }
 
+/// The database's share: `requests` transactions writing the rows a reservation writes (the
+/// reservation, its line, the variant, a ledger entry, an outbox event and its aggregate row),
+/// each `BEGIN`, lock read, one write statement, `COMMIT`, from `concurrency` tasks over a pool
+/// of the service's size: no HTTP, no JSON, no token, no relay wake-ups. Returns transactions/s.
+async fn raw_baseline(requests: usize, concurrency: usize) -> f64 {
+    let db = TestDb::new().await;
+    inventory::migrate(&db.pool).await.expect("migrations");
+    let pool = inventory::pool_options(16)
+        .connect(&db.url)
+        .await
+        .expect("pool");
+    let mut variants = Vec::new();
+    for _ in 0..VARIANTS {
+        let id = Uuid::now_v7();
+        sqlx::query(
+            "INSERT INTO inv_variant (tenant_id, id, quantity, low_stock_threshold, status)
+             VALUES ('bench', $1, 1000000000, 10, 'IN_STOCK')",
+        )
+        .bind(id)
+        .execute(&pool)
+        .await
+        .unwrap();
+        variants.push(id);
+    }
+    let variants = Arc::new(variants);
+    let payload = Arc::new(vec![b'x'; 420]);
+    let run = |n: usize| {
+        let next = Arc::new(AtomicUsize::new(0));
+        let workers: Vec<_> = (0..concurrency)
+            .map(|_| {
+                let (pool, next, variants, payload) =
+                    (pool.clone(), next.clone(), variants.clone(), payload.clone());
+                tokio::spawn(async move {
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= n {
+                            return;
+                        }
+                        let v = variants[i % variants.len()];
+                        let mut tx = pool.begin().await.unwrap();
+                        let (q, r): (i64, i64) = sqlx::query_as(
+                            "SELECT quantity, reserved FROM inv_variant
+                             WHERE tenant_id = 'bench' AND id = $1 FOR NO KEY UPDATE",
+                        )
+                        .bind(v)
+                        .fetch_one(&mut *tx)
+                        .await
+                        .unwrap();
+                        sqlx::query(
+                            "WITH r AS (INSERT INTO inv_reservation (tenant_id, id, order_id, status, expires_at, created_by)
+                                        VALUES ('bench', $2, $3, 'ACTIVE', now() + interval '1 hour', 'u') RETURNING 1),
+                                  l AS (INSERT INTO inv_reservation_line (tenant_id, reservation_id, line_no, variant_id, quantity)
+                                        VALUES ('bench', $2, 1, $1, 1) RETURNING 1),
+                                  v AS (UPDATE inv_variant SET reserved = $5 + 1, updated_at = now()
+                                        WHERE tenant_id = 'bench' AND id = $1 RETURNING 1),
+                                  g AS (INSERT INTO inv_ledger (tenant_id, variant_id, actor, movement, quantity_before,
+                                        quantity_after, reserved_before, reserved_after, correlation_id)
+                                        VALUES ('bench', $1, 'u', 'RESERVE', $4, $4, $5, $5 + 1, 'c') RETURNING 1),
+                                  e AS (INSERT INTO outbox_event (event_id, tenant_id, aggregate_type, aggregate_id,
+                                        event_type, topic, payload, headers)
+                                        VALUES ($3, 'bench', 'ProductVariant', $1::text, 'InventoryReservedEvent',
+                                                'inventory.reservation.created', $6, '{}') RETURNING 1)
+                             SELECT 1",
+                        )
+                        .bind(v)
+                        .bind(Uuid::now_v7())
+                        .bind(Uuid::now_v7())
+                        .bind(q)
+                        .bind(r)
+                        .bind(payload.as_slice())
+                        .execute(&mut *tx)
+                        .await
+                        .unwrap();
+                        tx.commit().await.unwrap();
+                    }
+                })
+            })
+            .collect();
+        async move {
+            for w in workers {
+                w.await.unwrap();
+            }
+        }
+    };
+    run(WARMUP).await;
+    let started = Instant::now();
+    run(requests).await;
+    let rate = requests as f64 / started.elapsed().as_secs_f64();
+    pool.close().await;
+    rate
+}
+
 /// `n` reservations over `concurrency` keep-alive HTTP/1.1 connections; returns the latencies.
 async fn drive(
     addr: std::net::SocketAddr,
@@ -216,6 +312,10 @@ async fn main() {
     println!(
         "machine: {cores} cores; {requests} reservations over HTTP, {concurrency} connections, {VARIANTS} variants"
     );
+    let raw = raw_baseline(requests, concurrency).await;
+    println!(
+        "raw baseline (same row writes, BEGIN + lock + 1 write + COMMIT, no HTTP): {raw:8.0} transactions/s"
+    );
     let without = run_phase(false, requests, concurrency).await;
     println!(
         "no relay (events written, not delivered): {:8.0} reservations/s  p50 {:.2} ms  p99 {:.2} ms",
@@ -230,7 +330,8 @@ async fn main() {
         with.drain_after_load.unwrap_or_default().as_secs_f64() * 1000.0
     );
     println!(
-        "ratio relay / no relay: {:.2} (goal >= 0.90)",
-        with.rate / without.rate
+        "ratio relay / no relay: {:.2} (goal >= 0.90); service with relay / raw baseline: {:.2}",
+        with.rate / without.rate,
+        with.rate / raw
     );
 }

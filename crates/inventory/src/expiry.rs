@@ -6,8 +6,7 @@
 
 use std::time::Duration;
 
-use outbox::Outbox;
-use sqlx::PgPool;
+use crate::AppState;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -15,13 +14,17 @@ use crate::error::ApiResult;
 
 /// Releases every reservation expired by now, in transactions of at most `batch`; returns how
 /// many were released. The correlation id of its events is one per call.
-pub async fn sweep(pool: &PgPool, outbox: &Outbox, batch: i64) -> ApiResult<usize> {
+pub async fn sweep(state: &AppState, batch: i64) -> ApiResult<usize> {
     let correlation = Uuid::now_v7().to_string();
     let mut total = 0;
     loop {
-        let mut tx = pool.begin().await?;
-        let n = crate::ops::sweep_expired(&mut tx, outbox, batch.max(1), &correlation).await?;
+        let mut tx = state.pool.begin().await?;
+        let n =
+            crate::ops::sweep_expired(&mut tx, &state.outbox, batch.max(1), &correlation).await?;
         tx.commit().await?;
+        if n > 0 {
+            state.notifier.committed();
+        }
         total += n;
         if (n as i64) < batch.max(1) {
             return Ok(total);
@@ -33,8 +36,7 @@ pub async fn sweep(pool: &PgPool, outbox: &Outbox, batch: i64) -> ApiResult<usiz
 /// `idempotency_ttl` on the same schedule. Failures (database down) are logged and retried at the
 /// next tick: expiry is late, never lost.
 pub async fn run(
-    pool: PgPool,
-    outbox: Outbox,
+    state: AppState,
     interval: Duration,
     batch: i64,
     idempotency_ttl: Duration,
@@ -47,12 +49,12 @@ pub async fn run(
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        match sweep(&pool, &outbox, batch).await {
+        match sweep(&state, batch).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(released = n, "released expired reservations"),
             Err(e) => tracing::warn!(error = %e, "expiry sweep failed; retrying at the next tick"),
         }
-        match crate::idempotency::purge_expired(&pool, idempotency_ttl, 1000).await {
+        match crate::idempotency::purge_expired(&state.pool, idempotency_ttl, 1000).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(deleted = n, "removed expired idempotency keys"),
             Err(e) => {

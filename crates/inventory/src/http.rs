@@ -278,6 +278,7 @@ async fn run_post(
         idempotency::store(&mut tx, &caller.tenant, key, status, &body).await?;
     }
     tx.commit().await?;
+    state.notifier.committed();
     Ok(respond(status, body))
 }
 
@@ -351,6 +352,7 @@ pub(crate) async fn put_variant(
     let mut tx = s.pool.begin().await?;
     let Outcome { status, body } = ops::upsert_variant(&mut tx, &s.outbox, &ctx, id, b).await?;
     tx.commit().await?;
+    s.notifier.committed();
     Ok(respond(status, body))
 }
 

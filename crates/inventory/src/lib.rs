@@ -24,6 +24,7 @@ pub mod supervise;
 
 use std::sync::Arc;
 
+use outbox::wake::CommitNotifier;
 use outbox::Outbox;
 use sqlx::PgPool;
 
@@ -41,13 +42,21 @@ pub const SEED_EXCHANGE: &str = "inventory.events";
 /// `Outbox-Tenant-Id` header (see the README).
 pub const SEED_ROUTING_KEY: &str = "{topic}";
 
+/// The longest a relay waits to hear of a commit (besides one round trip): commits within it
+/// share one wake-up notification.
+pub const WAKE_WINDOW: std::time::Duration = std::time::Duration::from_millis(5);
+
 /// What every request handler shares.
 #[derive(Debug, Clone)]
 pub struct AppState {
     /// The service's database (inventory schema and outbox tables).
     pub pool: PgPool,
-    /// The enqueue side of the outbox.
+    /// The enqueue side of the outbox. It does not notify the relays inside the transaction
+    /// (that would flush concurrent commits one at a time): handlers call
+    /// [`AppState::notifier`] after they commit.
     pub outbox: Outbox,
+    /// Wakes the relays after commits, at most once per [`WAKE_WINDOW`].
+    pub notifier: CommitNotifier,
     /// Token verification.
     pub jwt: Arc<auth::JwtKeys>,
     /// Whether the in-process relay died (health endpoints answer 503 then).
@@ -61,10 +70,12 @@ impl AppState {
     }
 
     /// State over `pool`, verifying tokens with `keys` (which may also check `iss` and `aud`).
+    /// Starts the relays' wake-up task, so it must be called within a Tokio runtime.
     pub fn with_keys(pool: PgPool, keys: auth::JwtKeys) -> Self {
         Self {
+            notifier: CommitNotifier::spawn(pool.clone(), WAKE_WINDOW),
             pool,
-            outbox: Outbox::new(SOURCE_SERVICE),
+            outbox: Outbox::new(SOURCE_SERVICE).with_notify(false),
             jwt: Arc::new(keys),
             relay: Arc::default(),
         }
@@ -84,3 +95,29 @@ pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
     outbox::schema::migrator().run(pool).await?;
     migrator().run(pool).await
 }
+
+/// The API's connection pool settings: `max` connections, a 5 s wait for one.
+///
+/// A connection is checked (a round trip) before it is handed out only when it sat idle for more
+/// than [`CHECK_IDLE_AFTER`]: sqlx's default checks every checkout, which costs each request one
+/// round trip more than its commands need. A connection in steady use that the server closed (a
+/// restart, a failover) fails its next statement instead; sqlx then drops it, and the request
+/// answers 503 with `Retry-After` having changed nothing (see `error.rs`).
+pub fn pool_options(max: u32) -> sqlx::postgres::PgPoolOptions {
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(max)
+        .acquire_timeout(std::time::Duration::from_secs(5))
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for > CHECK_IDLE_AFTER {
+                    use sqlx::Connection;
+                    conn.ping().await?;
+                }
+                Ok(true)
+            })
+        })
+}
+
+/// How long a pooled connection may sit idle before it is checked when handed out.
+pub const CHECK_IDLE_AFTER: std::time::Duration = std::time::Duration::from_secs(1);

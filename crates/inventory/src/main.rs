@@ -170,9 +170,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if !args.no_relay {
         args.relay.config()?;
     }
-    let pool = PgPoolOptions::new()
-        .max_connections(args.db_pool.max(2))
-        .acquire_timeout(Duration::from_secs(5))
+    let pool = inventory::pool_options(args.db_pool.max(2))
         .connect(&args.database_url)
         .await
         .with_context(|| {
@@ -188,8 +186,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let stop = outbox_cli::relay_cmd::shutdown_signal();
 
     let expiry = tokio::spawn(inventory::expiry::run(
-        pool.clone(),
-        state.outbox.clone(),
+        state.clone(),
         Duration::from_secs(args.expiry_interval_secs.max(1)),
         args.expiry_batch.max(1),
         Duration::from_secs_f64(args.idempotency_ttl_hours * 3600.0),

@@ -16,7 +16,7 @@ use uuid::Uuid;
 
 use crate::error::{problem, ApiError, ApiResult};
 use crate::model::*;
-use crate::stock::{self, topics, Cause, Locked, Movement, Reference, Work};
+use crate::stock::{self, topics, Cause, Extra, Locked, Movement, Reference, Work};
 
 /// Everything an operation needs to know about its request.
 #[derive(Debug, Clone)]
@@ -265,32 +265,37 @@ async fn create_receipt(
         )));
     }
     let id = Uuid::now_v7();
-    sqlx::query(
-        "INSERT INTO inv_receipt (tenant_id, id, reference, status, created_by) VALUES ($1, $2, $3, 'DRAFT', $4)",
+    let wh: Vec<Uuid> = c.lines.iter().map(|l| l.warehouse_id).collect();
+    let qs: Vec<i64> = c.lines.iter().map(|l| l.quantity).collect();
+    // The receipt and its lines in one statement; the answer is what was written.
+    let created_at: DateTime<Utc> = sqlx::query_scalar(
+        "WITH receipt_inserted AS (
+           INSERT INTO inv_receipt (tenant_id, id, reference, status, created_by)
+           VALUES ($1, $2, $3, 'DRAFT', $4) RETURNING 1),
+         lines_inserted AS (
+           INSERT INTO inv_receipt_line (tenant_id, receipt_id, line_no, warehouse_id, variant_id, quantity)
+           SELECT $1, $2, u.ord::int, u.w, u.v, u.q
+           FROM unnest($5::uuid[], $6::uuid[], $7::int8[]) WITH ORDINALITY AS u(w, v, q, ord)
+           RETURNING 1)
+         SELECT now()",
     )
     .bind(&ctx.tenant)
     .bind(id)
     .bind(&c.reference)
     .bind(&ctx.cause.actor)
-    .execute(&mut *conn)
-    .await?;
-    let wh: Vec<Uuid> = c.lines.iter().map(|l| l.warehouse_id).collect();
-    let qs: Vec<i64> = c.lines.iter().map(|l| l.quantity).collect();
-    sqlx::query(
-        "INSERT INTO inv_receipt_line (tenant_id, receipt_id, line_no, warehouse_id, variant_id, quantity)
-         SELECT $1, $2, u.ord::int, u.w, u.v, u.q
-         FROM unnest($3::uuid[], $4::uuid[], $5::int8[]) WITH ORDINALITY AS u(w, v, q, ord)",
-    )
-    .bind(&ctx.tenant)
-    .bind(id)
     .bind(&wh)
     .bind(&ids)
     .bind(&qs)
-    .execute(&mut *conn)
+    .fetch_one(&mut *conn)
     .await?;
-    let view = get_receipt(conn, &ctx.tenant, id)
-        .await?
-        .ok_or_else(|| ApiError::Internal("receipt vanished after insert".into()))?;
+    let view = ReceiptView {
+        id,
+        reference: c.reference,
+        status: "DRAFT".into(),
+        lines: c.lines,
+        created_at,
+        validated_at: None,
+    };
     ok(StatusCode::CREATED, view)
 }
 
@@ -300,32 +305,55 @@ pub async fn get_receipt(
     tenant: &str,
     id: Uuid,
 ) -> ApiResult<Option<ReceiptView>> {
-    type R = (Option<String>, String, DateTime<Utc>, Option<DateTime<Utc>>);
-    let r: Option<R> = sqlx::query_as(
-        "SELECT reference, status, created_at, validated_at FROM inv_receipt WHERE tenant_id = $1 AND id = $2",
-    )
+    read_receipt(conn, tenant, id, false).await
+}
+
+/// A receipt with its lines in one statement, the receipt row locked (`FOR UPDATE`) if `lock`.
+async fn read_receipt(
+    conn: &mut PgConnection,
+    tenant: &str,
+    id: Uuid,
+    lock: bool,
+) -> ApiResult<Option<ReceiptView>> {
+    type R = (
+        Option<String>,
+        String,
+        DateTime<Utc>,
+        Option<DateTime<Utc>>,
+        Vec<Uuid>,
+        Vec<Uuid>,
+        Vec<i64>,
+    );
+    let lines = |col: &str| {
+        format!(
+            "ARRAY(SELECT l.{col} FROM inv_receipt_line l
+                   WHERE l.tenant_id = r.tenant_id AND l.receipt_id = r.id ORDER BY l.line_no)"
+        )
+    };
+    let r: Option<R> = sqlx::query_as(&format!(
+        "SELECT r.reference, r.status, r.created_at, r.validated_at, {}, {}, {}
+         FROM inv_receipt r WHERE r.tenant_id = $1 AND r.id = $2 {}",
+        lines("warehouse_id"),
+        lines("variant_id"),
+        lines("quantity"),
+        if lock { "FOR UPDATE OF r" } else { "" }
+    ))
     .bind(tenant)
     .bind(id)
     .fetch_optional(&mut *conn)
     .await?;
-    let Some((reference, status, created_at, validated_at)) = r else {
+    let Some((reference, status, created_at, validated_at, w, v, q)) = r else {
         return Ok(None);
     };
-    let lines: Vec<(Uuid, Uuid, i64)> = sqlx::query_as(
-        "SELECT warehouse_id, variant_id, quantity FROM inv_receipt_line
-         WHERE tenant_id = $1 AND receipt_id = $2 ORDER BY line_no",
-    )
-    .bind(tenant)
-    .bind(id)
-    .fetch_all(&mut *conn)
-    .await?;
     Ok(Some(ReceiptView {
         id,
         reference,
         status,
-        lines: lines
+        lines: w
             .into_iter()
-            .map(|(w, v, q)| ReceiptLine {
+            .zip(v)
+            .zip(q)
+            .map(|((w, v), q)| ReceiptLine {
                 warehouse_id: w,
                 product_variant_id: v,
                 quantity: q,
@@ -344,25 +372,14 @@ async fn validate_receipt(
     ctx: &Ctx,
     id: Uuid,
 ) -> ApiResult<Outcome> {
-    let status: Option<String> = sqlx::query_scalar(
-        "SELECT status FROM inv_receipt WHERE tenant_id = $1 AND id = $2 FOR UPDATE",
-    )
-    .bind(&ctx.tenant)
-    .bind(id)
-    .fetch_optional(&mut *conn)
-    .await?;
-    match status.as_deref() {
-        None => return Err(not_found("receipt", id)),
-        Some("DRAFT") => {}
-        Some(_) => {
-            return Err(ApiError::Conflict(format!(
-                "receipt {id} is already validated; its stock was added once"
-            )))
-        }
-    }
-    let view = get_receipt(conn, &ctx.tenant, id)
+    let mut view = read_receipt(conn, &ctx.tenant, id, true)
         .await?
         .ok_or_else(|| not_found("receipt", id))?;
+    if view.status != "DRAFT" {
+        return Err(ApiError::Conflict(format!(
+            "receipt {id} is already validated; its stock was added once"
+        )));
+    }
     let ids: Vec<Uuid> = view.lines.iter().map(|l| l.product_variant_id).collect();
     let mut locked = stock::lock(conn, &ctx.tenant, &ids).await?;
     let mut work = Work::new(ctx.cause.clone());
@@ -384,19 +401,27 @@ async fn validate_receipt(
             },
         )?;
     }
-    sqlx::query(
-        "UPDATE inv_receipt SET status = 'VALIDATED', validated_by = $3, validated_at = now()
-         WHERE tenant_id = $1 AND id = $2",
-    )
-    .bind(&ctx.tenant)
-    .bind(id)
-    .bind(&ctx.cause.actor)
-    .execute(&mut *conn)
-    .await?;
-    work.flush(conn, outbox, locked.values()).await?;
-    let view = get_receipt(conn, &ctx.tenant, id)
-        .await?
-        .ok_or_else(|| not_found("receipt", id))?;
+    let p = stock::EXTRA_FIRST_PARAM;
+    let extra = Extra::new(
+        format!(
+            "receipt_validated AS (
+               UPDATE inv_receipt SET status = 'VALIDATED', validated_by = ${a}, validated_at = now()
+               WHERE tenant_id = ${t} AND id = ${r}
+               RETURNING 1)",
+            t = p,
+            r = p + 1,
+            a = p + 2,
+        ),
+        {
+            let (tenant, actor) = (ctx.tenant.clone(), ctx.cause.actor.clone());
+            move |q| q.bind(tenant).bind(id).bind(actor)
+        },
+    );
+    let now = work
+        .flush_with(conn, outbox, locked.values(), extra)
+        .await?;
+    view.status = "VALIDATED".into();
+    view.validated_at = Some(now);
     ok(StatusCode::OK, view)
 }
 
@@ -481,29 +506,6 @@ async fn reserve(
         });
     }
     let id = Uuid::now_v7();
-    let expires_at = Utc::now() + Duration::seconds(ttl);
-    sqlx::query(
-        "INSERT INTO inv_reservation (tenant_id, id, order_id, status, expires_at, created_by)
-         VALUES ($1, $2, $3, 'ACTIVE', $4, $5)",
-    )
-    .bind(&ctx.tenant)
-    .bind(id)
-    .bind(c.order_id)
-    .bind(expires_at)
-    .bind(&ctx.cause.actor)
-    .execute(&mut *conn)
-    .await?;
-    let qs: Vec<i64> = c.lines.iter().map(|l| l.quantity).collect();
-    sqlx::query(
-        "INSERT INTO inv_reservation_line (tenant_id, reservation_id, line_no, variant_id, quantity)
-         SELECT $1, $2, u.ord::int, u.v, u.q FROM unnest($3::uuid[], $4::int8[]) WITH ORDINALITY AS u(v, q, ord)",
-    )
-    .bind(&ctx.tenant)
-    .bind(id)
-    .bind(&ids)
-    .bind(&qs)
-    .execute(&mut *conn)
-    .await?;
     for l in &c.lines {
         let v = locked
             .get_mut(&(ctx.tenant.clone(), l.product_variant_id))
@@ -522,14 +524,68 @@ async fn reserve(
             },
         )?;
     }
-    work.flush(conn, outbox, locked.values()).await?;
-    let view = get_reservation(conn, &ctx.tenant, id)
-        .await?
-        .ok_or_else(|| ApiError::Internal("reservation vanished after insert".into()))?;
+    // The reservation and its lines go in the statement that writes the stock, the ledger and
+    // the events: lock, write, commit are the transaction's only round trips.
+    let p = stock::EXTRA_FIRST_PARAM;
+    let extra = Extra::new(
+        format!(
+            "reservation_inserted AS (
+               INSERT INTO inv_reservation (tenant_id, id, order_id, status, expires_at, created_by)
+               VALUES (${t}, ${r}, ${o}, 'ACTIVE', now() + ${ttl}::int8 * interval '1 second', ${a})
+               RETURNING 1),
+             lines_inserted AS (
+               INSERT INTO inv_reservation_line (tenant_id, reservation_id, line_no, variant_id, quantity)
+               SELECT ${t}, ${r}, u.ord::int, u.v, u.q
+               FROM unnest(${v}::uuid[], ${q}::int8[]) WITH ORDINALITY AS u(v, q, ord)
+               RETURNING 1)",
+            t = p,
+            r = p + 1,
+            o = p + 2,
+            ttl = p + 3,
+            a = p + 4,
+            v = p + 5,
+            q = p + 6,
+        ),
+        {
+            let (tenant, order, actor) = (ctx.tenant.clone(), c.order_id, ctx.cause.actor.clone());
+            let qs: Vec<i64> = c.lines.iter().map(|l| l.quantity).collect();
+            move |query| {
+                query
+                    .bind(tenant)
+                    .bind(id)
+                    .bind(order)
+                    .bind(ttl)
+                    .bind(actor)
+                    .bind(ids)
+                    .bind(qs)
+            }
+        },
+    );
+    let created_at = work
+        .flush_with(conn, outbox, locked.values(), extra)
+        .await?;
+    // The answer is what was written, not read back: `created_at` is the transaction's `now()`,
+    // which is also what the row's `DEFAULT now()` and `expires_at` were computed from.
+    let view = ReservationView {
+        id,
+        order_id: c.order_id,
+        status: "ACTIVE".into(),
+        lines: c
+            .lines
+            .iter()
+            .map(|l| ReservationLine {
+                product_variant_id: l.product_variant_id,
+                quantity: l.quantity,
+            })
+            .collect(),
+        expires_at: created_at + Duration::seconds(ttl),
+        created_at,
+        closed_at: None,
+    };
     ok(StatusCode::CREATED, view)
 }
 
-/// Reads a reservation with its lines.
+/// Reads a reservation with its lines, in one statement.
 pub async fn get_reservation(
     conn: &mut PgConnection,
     tenant: &str,
@@ -541,50 +597,44 @@ pub async fn get_reservation(
         DateTime<Utc>,
         DateTime<Utc>,
         Option<DateTime<Utc>>,
+        Vec<Uuid>,
+        Vec<i64>,
     );
     let r: Option<R> = sqlx::query_as(
-        "SELECT order_id, status, expires_at, created_at, closed_at FROM inv_reservation
-         WHERE tenant_id = $1 AND id = $2",
+        "SELECT r.order_id, r.status, r.expires_at, r.created_at, r.closed_at,
+                ARRAY(SELECT l.variant_id FROM inv_reservation_line l
+                      WHERE l.tenant_id = r.tenant_id AND l.reservation_id = r.id ORDER BY l.line_no),
+                ARRAY(SELECT l.quantity FROM inv_reservation_line l
+                      WHERE l.tenant_id = r.tenant_id AND l.reservation_id = r.id ORDER BY l.line_no)
+         FROM inv_reservation r WHERE r.tenant_id = $1 AND r.id = $2",
     )
     .bind(tenant)
     .bind(id)
     .fetch_optional(&mut *conn)
     .await?;
-    let Some((order_id, status, expires_at, created_at, closed_at)) = r else {
+    let Some((order_id, status, expires_at, created_at, closed_at, v, q)) = r else {
         return Ok(None);
     };
-    let lines = reservation_lines(conn, tenant, id).await?;
     Ok(Some(ReservationView {
         id,
         order_id,
         status,
-        lines,
+        lines: reservation_lines(v, q),
         expires_at,
         created_at,
         closed_at,
     }))
 }
 
-async fn reservation_lines(
-    conn: &mut PgConnection,
-    tenant: &str,
-    id: Uuid,
-) -> ApiResult<Vec<ReservationLine>> {
-    let lines: Vec<(Uuid, i64)> = sqlx::query_as(
-        "SELECT variant_id, quantity FROM inv_reservation_line
-         WHERE tenant_id = $1 AND reservation_id = $2 ORDER BY line_no",
-    )
-    .bind(tenant)
-    .bind(id)
-    .fetch_all(&mut *conn)
-    .await?;
-    Ok(lines
+fn reservation_lines(variants: Vec<Uuid>, quantities: Vec<i64>) -> Vec<ReservationLine> {
+    variants
         .into_iter()
+        .zip(quantities)
         .map(|(v, q)| ReservationLine {
             product_variant_id: v,
             quantity: q,
         })
-        .collect())
+        .collect()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -602,15 +652,31 @@ async fn close_reservation(
     id: Uuid,
     how: Close,
 ) -> ApiResult<Outcome> {
-    let r: Option<(Uuid, String, DateTime<Utc>)> = sqlx::query_as(
-        "SELECT order_id, status, expires_at FROM inv_reservation
-         WHERE tenant_id = $1 AND id = $2 FOR UPDATE",
+    // The reservation row and its lines in one statement: the row is locked before the
+    // variants, like the expiry sweep does.
+    type R = (
+        Uuid,
+        String,
+        DateTime<Utc>,
+        DateTime<Utc>,
+        Vec<Uuid>,
+        Vec<i64>,
+    );
+    let r: Option<R> = sqlx::query_as(
+        "SELECT r.order_id, r.status, r.expires_at, r.created_at,
+                ARRAY(SELECT l.variant_id FROM inv_reservation_line l
+                      WHERE l.tenant_id = r.tenant_id AND l.reservation_id = r.id ORDER BY l.line_no),
+                ARRAY(SELECT l.quantity FROM inv_reservation_line l
+                      WHERE l.tenant_id = r.tenant_id AND l.reservation_id = r.id ORDER BY l.line_no)
+         FROM inv_reservation r
+         WHERE r.tenant_id = $1 AND r.id = $2 FOR UPDATE OF r",
     )
     .bind(&ctx.tenant)
     .bind(id)
     .fetch_optional(&mut *conn)
     .await?;
-    let (order_id, status, expires_at) = r.ok_or_else(|| not_found("reservation", id))?;
+    let (order_id, status, expires_at, created_at, variant_ids, quantities) =
+        r.ok_or_else(|| not_found("reservation", id))?;
     if status != "ACTIVE" {
         return Err(ApiError::Conflict(format!(
             "reservation {id} is {status}, not ACTIVE"
@@ -621,9 +687,8 @@ async fn close_reservation(
             "reservation {id} expired at {expires_at}; its stock is being released"
         )));
     }
-    let lines = reservation_lines(conn, &ctx.tenant, id).await?;
-    let ids: Vec<Uuid> = lines.iter().map(|l| l.product_variant_id).collect();
-    let mut locked = stock::lock(conn, &ctx.tenant, &ids).await?;
+    let mut locked = stock::lock(conn, &ctx.tenant, &variant_ids).await?;
+    let lines = reservation_lines(variant_ids, quantities);
     let mut work = Work::new(ctx.cause.clone());
     for l in &lines {
         let v = locked
@@ -656,18 +721,34 @@ async fn close_reservation(
         Close::Cancel => "RELEASED",
         Close::Ship => "SHIPPED",
     };
-    sqlx::query(
-        "UPDATE inv_reservation SET status = $3, closed_at = now() WHERE tenant_id = $1 AND id = $2",
-    )
-    .bind(&ctx.tenant)
-    .bind(id)
-    .bind(new_status)
-    .execute(&mut *conn)
-    .await?;
-    work.flush(conn, outbox, locked.values()).await?;
-    let view = get_reservation(conn, &ctx.tenant, id)
-        .await?
-        .ok_or_else(|| not_found("reservation", id))?;
+    let p = stock::EXTRA_FIRST_PARAM;
+    let extra = Extra::new(
+        format!(
+            "reservation_closed AS (
+               UPDATE inv_reservation SET status = ${s}, closed_at = now()
+               WHERE tenant_id = ${t} AND id = ${r}
+               RETURNING 1)",
+            t = p,
+            r = p + 1,
+            s = p + 2,
+        ),
+        {
+            let tenant = ctx.tenant.clone();
+            move |q| q.bind(tenant).bind(id).bind(new_status)
+        },
+    );
+    let closed_at = work
+        .flush_with(conn, outbox, locked.values(), extra)
+        .await?;
+    let view = ReservationView {
+        id,
+        order_id,
+        status: new_status.into(),
+        lines,
+        expires_at,
+        created_at,
+        closed_at: Some(closed_at),
+    };
     ok(StatusCode::OK, view)
 }
 
@@ -733,15 +814,23 @@ pub async fn sweep_expired(
             )?;
         }
     }
-    sqlx::query(
-        "UPDATE inv_reservation r SET status = 'EXPIRED', closed_at = now()
-         FROM unnest($1::text[], $2::uuid[]) AS u(t, id) WHERE r.tenant_id = u.t AND r.id = u.id",
-    )
-    .bind(&tenants)
-    .bind(&rids)
-    .execute(&mut *conn)
-    .await?;
-    work.flush(conn, outbox, locked.values()).await?;
+    let p = stock::EXTRA_FIRST_PARAM;
+    let extra = Extra::new(
+        format!(
+            "reservations_expired AS (
+               UPDATE inv_reservation r SET status = 'EXPIRED', closed_at = now()
+               FROM unnest(${t}::text[], ${r}::uuid[]) AS u(t, id) WHERE r.tenant_id = u.t AND r.id = u.id
+               RETURNING 1)",
+            t = p,
+            r = p + 1,
+        ),
+        {
+            let tenants: Vec<String> = tenants.iter().map(|t| t.to_string()).collect();
+            move |q| q.bind(tenants).bind(rids)
+        },
+    );
+    work.flush_with(conn, outbox, locked.values(), extra)
+        .await?;
     Ok(due.len())
 }
 

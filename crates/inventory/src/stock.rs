@@ -12,9 +12,9 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use outbox::{NewEvent, Outbox};
+use outbox::{NewEvent, Outbox, PreparedEvents};
 use serde_json::{json, Map, Value};
-use sqlx::PgConnection;
+use sqlx::{PgConnection, Row as _};
 use uuid::Uuid;
 
 use crate::error::{ApiError, ApiResult};
@@ -509,78 +509,134 @@ impl Work {
         v.updated_at = Utc::now();
     }
 
-    /// Writes the changed variants, the ledger entries and the events in `conn`'s transaction.
+    /// Writes the changed variants, the ledger entries and the events in `conn`'s transaction, in
+    /// one statement; returns the transaction's timestamp (`now()`, what `DEFAULT now()` columns
+    /// of the same transaction hold).
     pub async fn flush<'a>(
         self,
         conn: &mut PgConnection,
         outbox: &Outbox,
         variants: impl IntoIterator<Item = &'a Variant>,
-    ) -> ApiResult<()> {
+    ) -> ApiResult<DateTime<Utc>> {
+        self.flush_with(conn, outbox, variants, Extra::none()).await
+    }
+
+    /// [`Work::flush`], with the command's own rows written by the same statement: `extra`'s
+    /// common table expressions. One round trip for everything a command writes.
+    pub async fn flush_with<'a>(
+        self,
+        conn: &mut PgConnection,
+        outbox: &Outbox,
+        variants: impl IntoIterator<Item = &'a Variant>,
+        extra: Extra,
+    ) -> ApiResult<DateTime<Utc>> {
         let dirty: Vec<&Variant> = variants.into_iter().filter(|v| v.dirty).collect();
-        if !dirty.is_empty() {
-            let tenants: Vec<&str> = dirty.iter().map(|v| v.tenant_id.as_str()).collect();
-            let ids: Vec<Uuid> = dirty.iter().map(|v| v.id).collect();
-            let q: Vec<i64> = dirty.iter().map(|v| v.quantity).collect();
-            let r: Vec<i64> = dirty.iter().map(|v| v.reserved).collect();
-            let t: Vec<i64> = dirty.iter().map(|v| v.low_stock_threshold).collect();
-            let d: Vec<bool> = dirty.iter().map(|v| v.discontinued).collect();
-            let s: Vec<&str> = dirty.iter().map(|v| v.status().as_str()).collect();
-            sqlx::query(
-                "UPDATE inv_variant v SET quantity = u.q, reserved = u.r, low_stock_threshold = u.t,
-                        discontinued = u.d, status = u.s, updated_at = now()
-                 FROM unnest($1::text[], $2::uuid[], $3::int8[], $4::int8[], $5::int8[], $6::bool[], $7::text[])
-                      AS u(tenant_id, id, q, r, t, d, s)
-                 WHERE v.tenant_id = u.tenant_id AND v.id = u.id",
-            )
-            .bind(&tenants)
-            .bind(&ids)
-            .bind(&q)
-            .bind(&r)
-            .bind(&t)
-            .bind(&d)
-            .bind(&s)
-            .execute(&mut *conn)
-            .await?;
-        }
-        if !self.ledger.is_empty() {
-            let l = &self.ledger;
-            let tenants: Vec<&str> = l.iter().map(|e| e.tenant_id.as_str()).collect();
-            let vids: Vec<Uuid> = l.iter().map(|e| e.variant_id).collect();
-            let mv: Vec<&str> = l.iter().map(|e| e.movement).collect();
-            let reason: Vec<Option<&str>> = l.iter().map(|e| e.reason.as_deref()).collect();
-            let qb: Vec<i64> = l.iter().map(|e| e.q_before).collect();
-            let qa: Vec<i64> = l.iter().map(|e| e.q_after).collect();
-            let rb: Vec<i64> = l.iter().map(|e| e.r_before).collect();
-            let ra: Vec<i64> = l.iter().map(|e| e.r_after).collect();
-            let rk: Vec<&str> = l.iter().map(|e| e.reference.kind).collect();
-            let rid: Vec<Option<Uuid>> = l.iter().map(|e| e.reference.id).collect();
-            sqlx::query(
-                "INSERT INTO inv_ledger (tenant_id, variant_id, actor, movement, reason, quantity_before,
-                        quantity_after, reserved_before, reserved_after, correlation_id, reference_type, reference_id)
-                 SELECT u.tenant_id, u.variant_id, $11, u.movement, u.reason, u.qb, u.qa, u.rb, u.ra, $12, u.rk, u.rid
-                 FROM unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::int8[], $6::int8[], $7::int8[],
-                             $8::int8[], $9::text[], $10::uuid[])
-                      WITH ORDINALITY AS u(tenant_id, variant_id, movement, reason, qb, qa, rb, ra, rk, rid, ord)
-                 ORDER BY u.ord",
-            )
-            .bind(&tenants)
-            .bind(&vids)
-            .bind(&mv)
-            .bind(&reason)
-            .bind(&qb)
-            .bind(&qa)
-            .bind(&rb)
-            .bind(&ra)
-            .bind(&rk)
-            .bind(&rid)
-            .bind(&self.cause.actor)
-            .bind(&self.cause.correlation_id)
-            .execute(&mut *conn)
-            .await?;
-        }
         // One enqueue per transaction: the outbox takes its per-aggregate locks in one sorted
-        // pass, after all variant locks, so producers cannot deadlock on them.
-        outbox.enqueue(&mut *conn, &self.events).await?;
-        Ok(())
+        // pass, after all variant locks (taken by `lock_keys` before this statement), so
+        // producers cannot deadlock on them.
+        let events = outbox.prepare(&self.events)?;
+        let sql = format!(
+            "WITH {FLUSH_CTES}, {events_cte}{sep}{extra_ctes} SELECT now(), {notify}",
+            events_cte = events.insert_cte(FLUSH_PARAMS + 1),
+            sep = if extra.ctes.is_empty() { "" } else { ", " },
+            extra_ctes = extra.ctes,
+            notify = events.notify_sql(),
+        );
+        let l = &self.ledger;
+        let q = sqlx::query(&sql)
+            .bind(
+                dirty
+                    .iter()
+                    .map(|v| v.tenant_id.clone())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(dirty.iter().map(|v| v.id).collect::<Vec<_>>())
+            .bind(dirty.iter().map(|v| v.quantity).collect::<Vec<_>>())
+            .bind(dirty.iter().map(|v| v.reserved).collect::<Vec<_>>())
+            .bind(
+                dirty
+                    .iter()
+                    .map(|v| v.low_stock_threshold)
+                    .collect::<Vec<_>>(),
+            )
+            .bind(dirty.iter().map(|v| v.discontinued).collect::<Vec<_>>())
+            .bind(
+                dirty
+                    .iter()
+                    .map(|v| v.status().as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(l.iter().map(|e| e.tenant_id.clone()).collect::<Vec<_>>())
+            .bind(l.iter().map(|e| e.variant_id).collect::<Vec<_>>())
+            .bind(l.iter().map(|e| e.movement).collect::<Vec<_>>())
+            .bind(l.iter().map(|e| e.reason.clone()).collect::<Vec<_>>())
+            .bind(l.iter().map(|e| e.q_before).collect::<Vec<_>>())
+            .bind(l.iter().map(|e| e.q_after).collect::<Vec<_>>())
+            .bind(l.iter().map(|e| e.r_before).collect::<Vec<_>>())
+            .bind(l.iter().map(|e| e.r_after).collect::<Vec<_>>())
+            .bind(l.iter().map(|e| e.reference.kind).collect::<Vec<_>>())
+            .bind(l.iter().map(|e| e.reference.id).collect::<Vec<_>>())
+            .bind(self.cause.actor.clone())
+            .bind(self.cause.correlation_id.clone());
+        let q = (extra.bind)(events.bind(q));
+        let now: DateTime<Utc> = q.fetch_one(&mut *conn).await?.try_get(0)?;
+        Ok(now)
+    }
+}
+
+/// Parameters `$1..$19` of [`FLUSH_CTES`]; the events' follow, then a command's [`Extra`].
+const FLUSH_PARAMS: usize = 19;
+
+/// The first parameter number of an [`Extra`]'s common table expressions.
+pub const EXTRA_FIRST_PARAM: usize = FLUSH_PARAMS + PreparedEvents::PARAMS + 1;
+
+/// The changed variants (`$1..$7`) and the ledger entries (`$8..$19`), as data-modifying common
+/// table expressions: PostgreSQL runs them whether or not the statement reads them. Empty arrays
+/// write nothing. The ledger keeps the order of its entries (its id is drawn row by row).
+const FLUSH_CTES: &str = "
+    variants_updated AS (
+        UPDATE inv_variant v SET quantity = u.q, reserved = u.r, low_stock_threshold = u.t,
+               discontinued = u.d, status = u.s, updated_at = now()
+        FROM unnest($1::text[], $2::uuid[], $3::int8[], $4::int8[], $5::int8[], $6::bool[], $7::text[])
+             AS u(tenant_id, id, q, r, t, d, s)
+        WHERE v.tenant_id = u.tenant_id AND v.id = u.id
+        RETURNING 1),
+    ledger_inserted AS (
+        INSERT INTO inv_ledger (tenant_id, variant_id, actor, movement, reason, quantity_before,
+               quantity_after, reserved_before, reserved_after, correlation_id, reference_type, reference_id)
+        SELECT u.tenant_id, u.variant_id, $18, u.movement, u.reason, u.qb, u.qa, u.rb, u.ra, $19, u.rk, u.rid
+        FROM unnest($8::text[], $9::uuid[], $10::text[], $11::text[], $12::int8[], $13::int8[], $14::int8[],
+                    $15::int8[], $16::text[], $17::uuid[])
+             WITH ORDINALITY AS u(tenant_id, variant_id, movement, reason, qb, qa, rb, ra, rk, rid, ord)
+        ORDER BY u.ord
+        RETURNING 1)";
+
+/// The query type a command's [`Extra`] binds its parameters to.
+pub type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
+
+/// A command's own rows (a reservation, its lines, a status change), written by the statement
+/// that writes its stock changes and events: common table expressions numbering their
+/// parameters from [`EXTRA_FIRST_PARAM`], and the function that binds them (owned values).
+pub struct Extra {
+    ctes: String,
+    bind: Box<dyn for<'q> FnOnce(PgQuery<'q>) -> PgQuery<'q> + Send>,
+}
+
+impl Extra {
+    /// Nothing else to write.
+    pub fn none() -> Self {
+        Self::new(String::new(), |q| q)
+    }
+
+    /// `ctes` (`name AS (INSERT ...), ...`, parameters from [`EXTRA_FIRST_PARAM`]) and `bind`,
+    /// which binds them in order.
+    pub fn new(
+        ctes: String,
+        bind: impl for<'q> FnOnce(PgQuery<'q>) -> PgQuery<'q> + Send + 'static,
+    ) -> Self {
+        Self {
+            ctes,
+            bind: Box::new(bind),
+        }
     }
 }

@@ -694,20 +694,13 @@ async fn expired_reservations_are_released_by_the_sweep() {
         .await;
     assert_eq!(s, StatusCode::CREATED);
     assert_eq!(
-        inventory::expiry::sweep(&app.db.pool, &app.state.outbox, 10)
-            .await
-            .unwrap(),
+        inventory::expiry::sweep(&app.state, 10).await.unwrap(),
         0,
         "nothing is due yet"
     );
     tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
     let before = app.events().await.len();
-    assert_eq!(
-        inventory::expiry::sweep(&app.db.pool, &app.state.outbox, 10)
-            .await
-            .unwrap(),
-        1
-    );
+    assert_eq!(inventory::expiry::sweep(&app.state, 10).await.unwrap(), 1);
     let ev = &app.events().await[before..];
     assert_eq!(ev.len(), 1, "{:?}", summary(ev));
     let d = &ev[0].data;
@@ -774,12 +767,7 @@ async fn expired_reservations_are_released_by_the_sweep() {
         }
     }
     tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
-    assert_eq!(
-        inventory::expiry::sweep(&app.db.pool, &app.state.outbox, 10)
-            .await
-            .unwrap(),
-        25
-    );
+    assert_eq!(inventory::expiry::sweep(&app.state, 10).await.unwrap(), 25);
     let (_, var) = app.get(&t, &format!("/variants/{v}")).await;
     assert_eq!(var["reserved"], 1);
 }
@@ -1316,8 +1304,12 @@ async fn a_connection_terminated_mid_request_is_503_with_retry_after_and_no_effe
     for _ in 0..100 {
         let pid: Option<i32> = sqlx::query_scalar(
             "SELECT pid FROM pg_stat_activity WHERE datname = current_database()
-               AND wait_event_type = 'Lock' AND pid <> pg_backend_pid() LIMIT 1",
+               AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()
+               AND query LIKE '%FOR NO KEY UPDATE%' LIMIT 1",
         )
+        // The request's lock read, not any backend waiting on a lock: the relays' wake-up
+        // notification waits on PostgreSQL's cluster-wide notification lock when other
+        // databases notify at the same moment.
         // Not inside `blocker`'s transaction: pg_stat_activity is read once per transaction and
         // then kept, so polling it there would never see the request arrive at the lock.
         .fetch_optional(&app.db.pool)
@@ -1804,4 +1796,29 @@ async fn the_openapi_document_declares_every_answer_of_every_route() {
     assert!(
         doc["components"]["schemas"]["VariantView"]["properties"]["lowStockThreshold"].is_object()
     );
+}
+
+/// The API's pool skips sqlx's check before every checkout (a round trip per request) and checks
+/// only connections idle for a while: one the server closed while idle is still replaced before
+/// a request gets it.
+#[tokio::test]
+async fn an_idle_connection_the_server_closed_is_replaced_before_a_request_gets_it() {
+    let db = testkit::TestDb::new().await;
+    let pool = inventory::pool_options(1).connect(&db.url).await.unwrap();
+    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    sqlx::query("SELECT pg_terminate_backend($1)")
+        .bind(pid)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    tokio::time::sleep(inventory::CHECK_IDLE_AFTER + std::time::Duration::from_millis(300)).await;
+    let fresh: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&pool)
+        .await
+        .expect("the closed connection was checked and replaced");
+    assert_ne!(fresh, pid);
+    pool.close().await;
 }

@@ -26,7 +26,7 @@ pub mod store;
 pub mod telemetry;
 pub mod wake;
 
-pub use enqueue::Outbox;
+pub use enqueue::{Outbox, PreparedEvents};
 pub use envelope::{Envelope, NewEvent};
 pub use error::OutboxError;
 pub use pg::PgStore;

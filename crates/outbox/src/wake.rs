@@ -52,3 +52,48 @@ async fn sleep_or_stop(stop: &CancellationToken, d: Duration) -> bool {
         _ = tokio::time::sleep(d) => false,
     }
 }
+
+/// Wakes the relays after producers' commits, from outside their transactions, at most once per
+/// window: the alternative to the commit-time `pg_notify` of [`crate::Outbox::enqueue`] for
+/// services with many concurrent writers.
+///
+/// Why: a transaction that notifies holds PostgreSQL's notification lock from its commit until
+/// its commit record is flushed, so concurrent notifying commits are flushed one at a time
+/// instead of together (`docs/benchmarks.md`, "notify on/off"). Here producers build their
+/// [`crate::Outbox`] with `with_notify(false)` and call [`CommitNotifier::committed`] after each
+/// commit that wrote events; one background task sends `pg_notify` on its own connection, at once
+/// for the first commit and then at most once per window, always once more after the last
+/// commit signalled. Every signalled commit is followed by a notification sent after it, so a
+/// relay woken by it sees the commit's events. A failed notification is logged and dropped: the
+/// relays' polling finds the events.
+#[derive(Debug, Clone)]
+pub struct CommitNotifier {
+    signal: tokio::sync::mpsc::Sender<()>,
+}
+
+impl CommitNotifier {
+    /// Starts the notifying task on `pool` (it ends when the last clone of the notifier is
+    /// dropped). Must be called within a Tokio runtime.
+    pub fn spawn(pool: PgPool, window: Duration) -> Self {
+        // Capacity one: a signal that finds one pending is already covered by it.
+        let (signal, mut pending) = tokio::sync::mpsc::channel::<()>(1);
+        tokio::spawn(async move {
+            while pending.recv().await.is_some() {
+                if let Err(e) = sqlx::query("SELECT pg_notify($1, '')")
+                    .bind(NOTIFY_CHANNEL)
+                    .execute(&pool)
+                    .await
+                {
+                    tracing::debug!(error = %e, "wake-up notification failed; relays will poll");
+                }
+                tokio::time::sleep(window).await;
+            }
+        });
+        Self { signal }
+    }
+
+    /// Signals that a transaction which wrote events has committed. Never waits.
+    pub fn committed(&self) {
+        let _ = self.signal.try_send(());
+    }
+}
