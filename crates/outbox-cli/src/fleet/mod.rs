@@ -127,8 +127,9 @@ pub async fn run(
                     .enable_all()
                     .build()
                     .expect("a Tokio runtime for the relay thread");
-                // Every log line of this database's relay names it.
-                let span = tracing::info_span!("relay", database = %db.name);
+                // Every log line of this database's relay names it; at error level so that no
+                // RUST_LOG filter hides the span while showing its events.
+                let span = tracing::error_span!("relay", database = %db.name);
                 rt.block_on(
                     supervise(db, state, relay, broker, migrate, stop).instrument(span),
                 );
