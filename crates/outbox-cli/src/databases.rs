@@ -195,7 +195,10 @@ mod tests {
         let names: Vec<_> = all.iter().map(|d| d.name.as_str()).collect();
         assert_eq!(names, ["a", "b", "c"]);
         assert!(!is_single_unnamed(&all));
-        assert_eq!(select(all.clone(), Some("c")).unwrap()[0].url, "postgres://h/c");
+        assert_eq!(
+            select(all.clone(), Some("c")).unwrap()[0].url,
+            "postgres://h/c"
+        );
         assert!(select(all, Some("z")).is_err());
         let dflt = resolve(&[], None).unwrap();
         assert_eq!(dflt[0].url, DEFAULT_URL);

@@ -134,7 +134,8 @@ async fn main() -> anyhow::Result<()> {
                 };
             if !databases::is_single_unnamed(&databases) {
                 let stop = outbox_cli::relay_cmd::shutdown_signal();
-                return outbox_cli::fleet::run(databases, &relay, &broker, addr, migrate, stop).await;
+                return outbox_cli::fleet::run(databases, &relay, &broker, addr, migrate, stop)
+                    .await;
             }
             let pool = PgPoolOptions::new()
                 .max_connections(relay.db_connections.max(2))

@@ -147,7 +147,11 @@ async fn deploy_files_use_only_what_the_relay_offers() {
         .lines()
         .find_map(|l| l.strip_prefix("OUTBOX_METRICS_ADDR="))
         .expect("relay.env sets the metrics address");
-    assert_eq!(port_of(addr), default_port, "relay.env keeps the default port");
+    assert_eq!(
+        port_of(addr),
+        default_port,
+        "relay.env keeps the default port"
+    );
     let dbs = outbox_cli::databases::parse_file(&deploy("systemd/databases.example"))
         .expect("databases.example parses");
     assert!(dbs.len() >= 2 && dbs.iter().all(|d| d.named));
@@ -190,7 +194,10 @@ async fn deploy_files_use_only_what_the_relay_offers() {
         .find(|p| p["name"].as_str() == Some("metrics"))
         .and_then(|p| p["containerPort"].as_i64())
         .expect("a port named metrics") as u16;
-    assert_eq!(metrics_port, default_port, "the container port is the binary's default");
+    assert_eq!(
+        metrics_port, default_port,
+        "the container port is the binary's default"
+    );
     let listen = config_data
         .get(&Yaml::String("OUTBOX_METRICS_ADDR".into()))
         .and_then(|v| v.as_str())
@@ -199,7 +206,9 @@ async fn deploy_files_use_only_what_the_relay_offers() {
     assert_eq!(port_of(listen), metrics_port);
     for (probe, want) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
         let get = &container[probe]["httpGet"];
-        let path = get["path"].as_str().unwrap_or_else(|| panic!("{probe} path"));
+        let path = get["path"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{probe} path"));
         assert_eq!(path, want, "{probe}");
         let port = match &get["port"] {
             Yaml::String(s) => {
@@ -214,28 +223,36 @@ async fn deploy_files_use_only_what_the_relay_offers() {
     let ann = &deployment["spec"]["template"]["metadata"]["annotations"];
     assert_eq!(ann["prometheus.io/scrape"].as_str(), Some("true"));
     assert_eq!(
-        ann["prometheus.io/port"].as_str().map(|p| p.parse::<u16>().unwrap()),
+        ann["prometheus.io/port"]
+            .as_str()
+            .map(|p| p.parse::<u16>().unwrap()),
         Some(default_port)
     );
     served.paths.insert(
         "prometheus.io/path".into(),
-        ann["prometheus.io/path"].as_str().expect("scrape path").into(),
+        ann["prometheus.io/path"]
+            .as_str()
+            .expect("scrape path")
+            .into(),
     );
     assert!(
         container["resources"]["requests"]["cpu"].as_str().is_some()
-            && container["resources"]["requests"]["memory"].as_str().is_some(),
+            && container["resources"]["requests"]["memory"]
+                .as_str()
+                .is_some(),
         "resource requests"
     );
     let replicas = deployment["spec"]["replicas"].as_i64().unwrap();
     assert!(replicas >= 2, "several replicas share the leases");
     let pdb = of_kind("PodDisruptionBudget")[0];
     assert_eq!(
-        pdb["spec"]["selector"]["matchLabels"],
-        deployment["spec"]["selector"]["matchLabels"],
+        pdb["spec"]["selector"]["matchLabels"], deployment["spec"]["selector"]["matchLabels"],
         "the budget covers the relay pods"
     );
     let secret = of_kind("Secret")[0];
-    let listed = secret["stringData"]["databases"].as_str().expect("databases");
+    let listed = secret["stringData"]["databases"]
+        .as_str()
+        .expect("databases");
     for line in listed.lines().filter(|l| !l.trim().is_empty()) {
         outbox_cli::databases::parse_one(line, "relay-secret.yaml").expect("NAME=URL");
     }

@@ -106,7 +106,11 @@ async fn three_databases_one_cut_mid_drain_the_others_flow_and_nothing_is_lost()
     let seed = soak_seed();
     eprintln!("many_databases seed={seed} (SOAK_SEED={seed} replays it)");
     let mut rng = StdRng::seed_from_u64(seed);
-    let (a, b, c) = (TestDb::new().await, TestDb::new().await, TestDb::new().await);
+    let (a, b, c) = (
+        TestDb::new().await,
+        TestDb::new().await,
+        TestDb::new().await,
+    );
     let proxy = Proxy::start("127.0.0.1:5432").await;
     let c_via_proxy = format!("postgres://root@{}/{}", proxy.addr, c.name());
     let stream = TestStream::new();
@@ -255,7 +259,11 @@ async fn three_databases_one_cut_mid_drain_the_others_flow_and_nothing_is_lost()
     for (name, t) in [("alpha", totals[0]), ("beta", totals[1])] {
         let published = metric(&m, "outbox_events_published_total", name).unwrap_or(0.0);
         assert!(published >= t as f64, "{name}: {published} < {t}: {m}");
-        assert_eq!(metric(&m, "outbox_pending_events", name).is_some(), true, "{m}");
+        assert_eq!(
+            metric(&m, "outbox_pending_events", name).is_some(),
+            true,
+            "{m}"
+        );
     }
 
     // `outbox status` shows each database by name, gamma as unreachable, and fails for it.

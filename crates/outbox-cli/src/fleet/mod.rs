@@ -130,9 +130,7 @@ pub async fn run(
                 // Every log line of this database's relay names it; at error level so that no
                 // RUST_LOG filter hides the span while showing its events.
                 let span = tracing::error_span!("relay", database = %db.name);
-                rt.block_on(
-                    supervise(db, state, relay, broker, migrate, stop).instrument(span),
-                );
+                rt.block_on(supervise(db, state, relay, broker, migrate, stop).instrument(span));
             })
             .context("starting a relay thread")?;
         threads.push(thread);

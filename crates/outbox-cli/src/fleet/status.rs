@@ -25,7 +25,10 @@ pub async fn status_all(databases: &[Database], json: bool) -> anyhow::Result<()
             Err(e) => {
                 failed.push(d.name.clone());
                 if json {
-                    out.insert(d.name.clone(), serde_json::json!({ "error": format!("{e:#}") }));
+                    out.insert(
+                        d.name.clone(),
+                        serde_json::json!({ "error": format!("{e:#}") }),
+                    );
                 } else {
                     section(i, &d.name);
                     println!("unreachable: {e:#}");
@@ -40,7 +43,10 @@ pub async fn status_all(databases: &[Database], json: bool) -> anyhow::Result<()
                 }
                 Err(e) => {
                     failed.push(d.name.clone());
-                    out.insert(d.name.clone(), serde_json::json!({ "error": e.to_string() }));
+                    out.insert(
+                        d.name.clone(),
+                        serde_json::json!({ "error": e.to_string() }),
+                    );
                 }
             }
         } else {
