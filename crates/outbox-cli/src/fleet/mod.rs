@@ -97,6 +97,11 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     // Mistakes in flags or URLs are refused now, not retried forever by one thread.
     relay.config()?;
+    // One relay id for the process, in every database (the default one is random per call).
+    let mut relay = relay.clone();
+    relay
+        .relay_id
+        .get_or_insert_with(outbox::relay::default_relay_id);
     for d in &databases {
         PgConnectOptions::from_str(&d.url).with_context(|| {
             format!(
