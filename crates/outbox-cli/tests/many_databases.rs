@@ -259,10 +259,9 @@ async fn three_databases_one_cut_mid_drain_the_others_flow_and_nothing_is_lost()
     for (name, t) in [("alpha", totals[0]), ("beta", totals[1])] {
         let published = metric(&m, "outbox_events_published_total", name).unwrap_or(0.0);
         assert!(published >= t as f64, "{name}: {published} < {t}: {m}");
-        assert_eq!(
+        assert!(
             metric(&m, "outbox_pending_events", name).is_some(),
-            true,
-            "{m}"
+            "{name} has its own pending gauge: {m}"
         );
     }
 
