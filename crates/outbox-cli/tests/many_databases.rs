@@ -329,3 +329,69 @@ async fn three_databases_one_cut_mid_drain_the_others_flow_and_nothing_is_lost()
         "stops cleanly on SIGTERM"
     );
 }
+
+/// Fair time sharing: while one database drains a large backlog, events committed to another are
+/// delivered at once, not after the backlog (each database has its own loop on its own thread,
+/// and takes at most one batch per turn).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_database_does_not_hold_up_a_quiet_one() {
+    let (busy, quiet) = (TestDb::new().await, TestDb::new().await);
+    let stream = TestStream::new();
+    let (subjects, template) = (
+        format!("{}.>", stream.prefix),
+        format!("{}.{{tenant}}.{{topic}}", stream.prefix),
+    );
+    let backlog_size = 40_000;
+    backlog(&busy, "busy", backlog_size, 500).await;
+    let urls = [format!("busy={}", busy.url), format!("quiet={}", quiet.url)];
+    let _relay = RelayProcess(
+        outbox_cmd(&[
+            "relay",
+            "--database-url",
+            &urls[0],
+            "--database-url",
+            &urls[1],
+            "--nats-stream",
+            &stream.name,
+            "--nats-stream-subjects",
+            &subjects,
+            "--nats-subject",
+            &template,
+            "--lease-ms",
+            "1500",
+            "--poll-interval-ms",
+            "100",
+            "--metrics-addr",
+            "",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start outbox relay"),
+    );
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            count(&busy, "published").await > 0
+        })
+        .await,
+        "the busy database starts draining"
+    );
+    let committed = Instant::now();
+    backlog(&quiet, "quiet", 20, 5).await;
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            count(&quiet, "published").await == 20
+        })
+        .await,
+        "the quiet database's events are delivered"
+    );
+    let waited = committed.elapsed();
+    let busy_left = count(&busy, "pending").await;
+    eprintln!(
+        "quiet database delivered in {waited:?}; the busy one still had {busy_left} of {backlog_size} pending"
+    );
+    assert!(
+        busy_left > 0,
+        "the quiet database was served while the busy one still drained (it had {busy_left} left after {waited:?})"
+    );
+}
