@@ -110,10 +110,17 @@ pub async fn run(
             )
         })?;
     }
-    let recorder = match metrics_addr {
-        Some(_) => Some(metrics_label::install()?),
+    // The port is taken before any relay starts, so that a taken port fails the start cleanly.
+    let listener = match metrics_addr {
+        Some(addr) => {
+            let sock = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+                format!("cannot listen on {addr} for metrics (is the port taken?)")
+            })?;
+            Some((addr, sock, metrics_label::install()?))
+        }
         None => None,
     };
+    let recorder = listener.as_ref().map(|(_, _, r)| r.clone());
     let states: Vec<Arc<DatabaseState>> = databases
         .iter()
         .map(|d| Arc::new(DatabaseState::new(&d.name)))
@@ -141,12 +148,9 @@ pub async fn run(
         threads.push(thread);
     }
     tracing::info!(databases = states.len(), "relay serving several databases");
-    let server = match (metrics_addr, recorder) {
-        (Some(addr), Some(rec)) => {
+    let server = match listener {
+        Some((addr, sock, rec)) => {
             let app = http::router(rec.handle(), states.clone());
-            let sock = tokio::net::TcpListener::bind(addr).await.with_context(|| {
-                format!("cannot listen on {addr} for metrics (is the port taken?)")
-            })?;
             tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
             let s = stop.clone();
             Some(tokio::spawn(async move {
@@ -155,7 +159,7 @@ pub async fn run(
                     .await
             }))
         }
-        _ => None,
+        None => None,
     };
     for t in threads {
         // Joining blocks: do it off the runtime that serves HTTP.
