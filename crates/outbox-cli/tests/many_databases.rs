@@ -4,6 +4,8 @@
 //! aggregates each). The other two must drain fully and in order while the third is away, the
 //! third must drain once it is back, nothing may be lost, and metrics, health and `outbox status`
 //! must show each database by its name. `SOAK_SEED` replays a run's schedule.
+//! Also: a second PostgreSQL server (run by the test) crashed and restarted mid-drain, and a busy
+//! database beside a quiet one (fair time sharing).
 
 mod common;
 
@@ -394,4 +396,132 @@ async fn a_busy_database_does_not_hold_up_a_quiet_one() {
         busy_left > 0,
         "the quiet database was served while the busy one still drained (it had {busy_left} left after {waited:?})"
     );
+}
+
+/// A database *server* that crashes (`pg_ctl stop -m immediate`, a second PostgreSQL the test
+/// runs) at a seeded moment while its outbox drains, and comes back after crash recovery: the
+/// other database drains meanwhile, the crashed one drains after, and settlements lost in the
+/// crash (they are written with `synchronous_commit = off`) only cause re-publishes the stream
+/// drops: each event once, in order, none lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_server_that_crashes_mid_drain_holds_up_only_its_own_outbox() {
+    let seed = soak_seed();
+    eprintln!("many_databases crash seed={seed} (SOAK_SEED={seed} replays it)");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let cluster = tokio::task::spawn_blocking(testkit::pg_cluster::PgCluster::start)
+        .await
+        .expect("a private PostgreSQL");
+    let admin = sqlx::PgPool::connect(&cluster.url("postgres"))
+        .await
+        .unwrap();
+    sqlx::query("CREATE DATABASE crashing")
+        .execute(&admin)
+        .await
+        .unwrap();
+    admin.close().await;
+    let crashing_url = cluster.url("crashing");
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&crashing_url)
+        .await
+        .unwrap();
+    outbox::schema::migrate(&pool).await.unwrap();
+    let steady = TestDb::new().await;
+    let stream = TestStream::new();
+    let (subjects, template) = (
+        format!("{}.>", stream.prefix),
+        format!("{}.{{tenant}}.{{topic}}", stream.prefix),
+    );
+    let per_db = 4000;
+    backlog(&steady, "s", per_db, 80).await;
+    sqlx::query(
+        "INSERT INTO outbox_event (event_id, tenant_id, aggregate_type, aggregate_id, event_type, topic, payload)
+         SELECT gen_random_uuid(), 'c' || (g % 3), 'V', 'a' || (g % 80), 'Bulk', 'bulk.created',
+                convert_to(json_build_object('g', g)::text, 'UTF8')
+         FROM generate_series(1, $1) AS g ORDER BY g",
+    )
+    .bind(per_db)
+    .execute(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+    let urls = [
+        format!("steady={}", steady.url),
+        format!("crashing={crashing_url}"),
+    ];
+    let mut relay = RelayProcess(
+        outbox_cmd(&[
+            "relay",
+            "--database-url",
+            &urls[0],
+            "--database-url",
+            &urls[1],
+            "--nats-stream",
+            &stream.name,
+            "--nats-stream-subjects",
+            &subjects,
+            "--nats-subject",
+            &template,
+            "--lease-ms",
+            "1500",
+            "--poll-interval-ms",
+            "100",
+            "--batch-size",
+            "200",
+            "--metrics-addr",
+            "",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start outbox relay"),
+    );
+    // Counted on the shared server only while the private one runs.
+    let crashing_published = || {
+        let url = crashing_url.clone();
+        async move {
+            let Ok(p) = sqlx::PgPool::connect(&url).await else {
+                return -1;
+            };
+            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox_published")
+                .fetch_one(&p)
+                .await
+                .unwrap_or(-1);
+            p.close().await;
+            n
+        }
+    };
+    let crash_after = rng.random_range(200..3000);
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            crashing_published().await >= crash_after
+        })
+        .await,
+        "seed={seed}: the private server's outbox drains before the crash"
+    );
+    let c = &cluster;
+    tokio::task::block_in_place(|| c.crash());
+    eprintln!("seed={seed}: server crashed after >= {crash_after} published");
+    let down_until = Instant::now() + Duration::from_millis(rng.random_range(2000..4000));
+    assert!(
+        eventually(Duration::from_secs(40), || async {
+            count(&steady, "published").await == per_db
+        })
+        .await,
+        "seed={seed}: the other database drains while the server is down"
+    );
+    tokio::time::sleep(down_until.saturating_duration_since(Instant::now())).await;
+    tokio::task::block_in_place(|| c.start_again());
+    assert!(
+        eventually(Duration::from_secs(40), || async {
+            crashing_published().await == per_db
+        })
+        .await,
+        "seed={seed}: the crashed server's outbox drains once it is back: {}",
+        crashing_published().await
+    );
+    let seen = seen(&stream).await;
+    let distinct = assert_once_and_in_order(&seen);
+    assert_eq!(distinct as i64, 2 * per_db, "seed={seed}: none lost");
+    assert_eq!(relay.sigterm_and_wait().code(), Some(0));
 }
