@@ -115,7 +115,11 @@ async fn main() -> anyhow::Result<()> {
                 outbox::schema::migrate(&pool)
                     .await
                     .with_context(|| format!("migrating database {}", d.name))?;
-                println!("outbox schema of {} is up to date", d.name);
+                if databases::is_single_unnamed(&databases) {
+                    println!("outbox schema is up to date");
+                } else {
+                    println!("outbox schema of {} is up to date", d.name);
+                }
             }
         }
         Command::Relay {
