@@ -19,7 +19,15 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
     if let Some(h) = HANDLE.get() {
         return Ok(h.clone());
     }
-    let handle = PrometheusBuilder::new()
+    let handle = prometheus_builder()?.install_recorder()?;
+    outbox::telemetry::describe();
+    let _ = HANDLE.set(handle.clone());
+    Ok(HANDLE.get().cloned().unwrap_or(handle))
+}
+
+/// The exporter with the relay's histogram buckets (also used for the several-databases relay).
+pub fn prometheus_builder() -> anyhow::Result<PrometheusBuilder> {
+    Ok(PrometheusBuilder::new()
         .set_buckets_for_metric(
             Matcher::Suffix("_seconds".into()),
             &[
@@ -32,11 +40,7 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
             &[
                 1.0, 5.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0,
             ],
-        )?
-        .install_recorder()?;
-    outbox::telemetry::describe();
-    let _ = HANDLE.set(handle.clone());
-    Ok(HANDLE.get().cloned().unwrap_or(handle))
+        )?)
 }
 
 /// What the endpoints read.

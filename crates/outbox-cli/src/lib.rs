@@ -3,6 +3,8 @@
 
 pub mod args;
 pub mod broker;
+pub mod databases;
+pub mod fleet;
 pub mod http;
 pub mod logging;
 pub mod ops_cmd;

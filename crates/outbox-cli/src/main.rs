@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use outbox_cli::args::{BrokerArgs, RelayArgs};
+use outbox_cli::databases::{self, Database};
 use outbox_cli::logging::{self, LogFormat};
 use outbox_cli::ops_cmd::{self, DeadLetterCmd};
 use sqlx::postgres::PgPoolOptions;
@@ -16,14 +17,18 @@ use sqlx::postgres::PgPoolOptions;
     about = "Transactional outbox relay and operator commands"
 )]
 struct Cli {
-    /// PostgreSQL database holding the outbox table.
-    #[arg(
-        long,
-        env = "DATABASE_URL",
-        global = true,
-        default_value = "postgres://root@127.0.0.1:5432/root"
-    )]
-    database_url: String,
+    /// PostgreSQL database holding the outbox table, as a URL or NAME=URL; repeat it for several
+    /// databases (the relay serves each with its own relay engine; NAME labels metrics, health
+    /// and status). Default postgres://root@127.0.0.1:5432/root when neither this nor
+    /// --databases-file gives one.
+    #[arg(long, env = "DATABASE_URL", global = true)]
+    database_url: Vec<String>,
+    /// File listing outbox databases, one NAME=URL per line (# comments), added to --database-url.
+    #[arg(long, env = "OUTBOX_DATABASES_FILE", global = true)]
+    databases_file: Option<std::path::PathBuf>,
+    /// Work on this one database of the list only (by name).
+    #[arg(long, env = "OUTBOX_DATABASE", global = true)]
+    database: Option<String>,
     /// Log format.
     #[arg(
         long,
@@ -96,12 +101,26 @@ enum Command {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     logging::init(cli.log_format);
+    let databases = databases::select(
+        databases::resolve(&cli.database_url, cli.databases_file.as_deref())?,
+        cli.database.as_deref(),
+    )?;
     match cli.command {
         Command::RabbitmqTopology(args) => outbox_cli::topology_cmd::run(&args).await?,
         Command::Migrate => {
-            let pool = connect(&cli.database_url, 2).await?;
-            outbox::schema::migrate(&pool).await?;
-            println!("outbox schema is up to date");
+            for d in &databases {
+                let pool = connect(&d.url, 2)
+                    .await
+                    .with_context(|| format!("database {}", d.name))?;
+                outbox::schema::migrate(&pool)
+                    .await
+                    .with_context(|| format!("migrating database {}", d.name))?;
+                if databases::is_single_unnamed(&databases) {
+                    println!("outbox schema is up to date");
+                } else {
+                    println!("outbox schema of {} is up to date", d.name);
+                }
+            }
         }
         Command::Relay {
             relay,
@@ -117,10 +136,15 @@ async fn main() -> anyhow::Result<()> {
                         format!("--metrics-addr {metrics_addr:?} is not host:port")
                     })?)
                 };
+            if !databases::is_single_unnamed(&databases) {
+                let stop = outbox_cli::relay_cmd::shutdown_signal();
+                return outbox_cli::fleet::run(databases, &relay, &broker, addr, migrate, stop)
+                    .await;
+            }
             let pool = PgPoolOptions::new()
                 .max_connections(relay.db_connections.max(2))
                 .acquire_timeout(std::time::Duration::from_secs(5))
-                .connect_lazy(&cli.database_url)
+                .connect_lazy(&databases[0].url)
                 .context("DATABASE_URL is not a valid PostgreSQL URL")?;
             if migrate {
                 outbox::schema::migrate(&pool)
@@ -131,10 +155,14 @@ async fn main() -> anyhow::Result<()> {
             outbox_cli::relay_cmd::run(pool, &relay, &broker, addr, stop).await?;
         }
         Command::Status { json } => {
-            ops_cmd::status(&connect(&cli.database_url, 2).await?, json).await?
+            if databases::is_single_unnamed(&databases) {
+                ops_cmd::status(&connect(&databases[0].url, 2).await?, json).await?
+            } else {
+                outbox_cli::fleet::status::status_all(&databases, json).await?
+            }
         }
         Command::DeadLetters { action } => {
-            ops_cmd::dead_letters(&connect(&cli.database_url, 2).await?, action).await?
+            ops_cmd::dead_letters(&connect(one(&databases)?, 2).await?, action).await?
         }
         Command::Cleanup {
             retention_hours,
@@ -145,7 +173,7 @@ async fn main() -> anyhow::Result<()> {
             json,
         } => {
             ops_cmd::cleanup(
-                &connect(&cli.database_url, 2).await?,
+                &connect(one(&databases)?, 2).await?,
                 retention_hours,
                 aggregate_horizon_hours,
                 batch,
@@ -157,6 +185,17 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The URL of the one database a command that changes data works on.
+fn one(databases: &[Database]) -> anyhow::Result<&str> {
+    match databases {
+        [d] => Ok(&d.url),
+        _ => anyhow::bail!(
+            "this command works on one database at a time: pick one with --database NAME (names: {})",
+            databases.iter().map(|d| d.name.as_str()).collect::<Vec<_>>().join(", ")
+        ),
+    }
 }
 
 async fn connect(url: &str, n: u32) -> anyhow::Result<sqlx::PgPool> {

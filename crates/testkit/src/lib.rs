@@ -4,6 +4,7 @@
 
 pub mod faults;
 pub mod nats_server;
+pub mod pg_cluster;
 pub mod proxy;
 pub mod rabbit;
 pub mod rabbit_node;
