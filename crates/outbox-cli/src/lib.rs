@@ -4,5 +4,6 @@
 
 pub use outbox_runtime::{args, broker, http, logging, relay_cmd};
 
+pub mod consumer_cmd;
 pub mod ops_cmd;
 pub mod topology_cmd;

@@ -68,6 +68,12 @@ enum Command {
         #[command(subcommand)]
         action: DeadLetterCmd,
     },
+    /// List, replay or purge events a consumer runtime parked (DATABASE_URL: the consumer's
+    /// database).
+    ConsumerDeadLetters {
+        #[command(subcommand)]
+        action: outbox_cli::consumer_cmd::ConsumerDeadLetterCmd,
+    },
     /// Run one retention pass: delete published events older than the retention.
     Cleanup {
         /// Keep published events this many hours.
@@ -135,6 +141,9 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::DeadLetters { action } => {
             ops_cmd::dead_letters(&connect(&cli.database_url, 2).await?, action).await?
+        }
+        Command::ConsumerDeadLetters { action } => {
+            outbox_cli::consumer_cmd::run(&connect(&cli.database_url, 2).await?, action).await?
         }
         Command::Cleanup {
             retention_hours,

@@ -9,8 +9,9 @@
 //! (`nats` for JetStream, `rabbitmq` for RabbitMQ). The folders show the architecture:
 //! [`storage`] (the store trait, its PostgreSQL implementation, the migrations), [`publishers`]
 //! (the publisher trait and one module per broker), [`relay`] (the engine, its retry policy and
-//! wake-ups). See `docs/architecture.md` for the invariants and how each is kept.
+//! wake-ups), [`consumers`] (the inbox runtime that applies events exactly once, in order). See `docs/architecture.md` for the invariants and how each is kept.
 
+pub mod consumers;
 pub mod enqueue;
 pub mod envelope;
 pub mod error;
