@@ -77,37 +77,52 @@ impl ConsumerArgs {
     }
 }
 
-/// Connects the selected broker and runs `consumer` until `stop` is cancelled.
+/// Connects the selected broker (retrying every 2 s until it answers: the relay creates the
+/// JetStream stream, and a consumer may start first) and runs `consumer` until `stop` is
+/// cancelled.
 pub async fn run<H: Handler>(
     consumer: &Consumer<H>,
     args: &ConsumerArgs,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
-    match args.broker {
-        BrokerKind::Nats => {
-            let source = NatsSource::connect(NatsSourceConfig {
-                url: args.nats_url.clone(),
-                stream: args.nats_stream.clone(),
-                durable: args.consumer_name.clone(),
-                filter_subject: args.nats_filter_subject.clone(),
-                ack_wait: Duration::from_secs(args.ack_wait_secs.max(1)),
-                max_ack_pending: i64::from(args.prefetch),
-            })
-            .await
-            .context("connecting the JetStream consumer")?;
-            consumer.run(source, stop).await?;
+    loop {
+        let attempt = async {
+            match args.broker {
+                BrokerKind::Nats => {
+                    let source = NatsSource::connect(NatsSourceConfig {
+                        url: args.nats_url.clone(),
+                        stream: args.nats_stream.clone(),
+                        durable: args.consumer_name.clone(),
+                        filter_subject: args.nats_filter_subject.clone(),
+                        ack_wait: Duration::from_secs(args.ack_wait_secs.max(1)),
+                        max_ack_pending: i64::from(args.prefetch),
+                    })
+                    .await
+                    .context("connecting the JetStream consumer")?;
+                    consumer.run(source, stop.clone()).await?;
+                }
+                BrokerKind::Rabbitmq => {
+                    let source = AmqpSource::connect(AmqpSourceConfig {
+                        url: args.amqp_url.clone(),
+                        queue: args.amqp_queue.clone(),
+                        prefetch: args.prefetch,
+                        consumer_tag: args.consumer_name.clone(),
+                    })
+                    .await
+                    .context("connecting the RabbitMQ consumer")?;
+                    consumer.run(source, stop.clone()).await?;
+                }
+            }
+            anyhow::Ok(())
+        };
+        match attempt.await {
+            Ok(()) if stop.is_cancelled() => return Ok(()),
+            Ok(()) => tracing::warn!("the broker ended the subscription; reconnecting in 2 s"),
+            Err(e) => tracing::warn!(error = format!("{e:#}"), "consumer not running; retrying in 2 s"),
         }
-        BrokerKind::Rabbitmq => {
-            let source = AmqpSource::connect(AmqpSourceConfig {
-                url: args.amqp_url.clone(),
-                queue: args.amqp_queue.clone(),
-                prefetch: args.prefetch,
-                consumer_tag: args.consumer_name.clone(),
-            })
-            .await
-            .context("connecting the RabbitMQ consumer")?;
-            consumer.run(source, stop).await?;
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
         }
     }
-    Ok(())
 }

@@ -384,7 +384,9 @@ async fn apply<H: Handler>(
         drop(tx);
         return Ok(Outcome::HandlerFailed(err.to_string()));
     }
-    inbox::clear_failures(&mut tx, c, e.event_id).await?;
+    // The failure count of an event that now succeeded is not deleted here (a statement per
+    // event for a rare case): it can never be read again, since the event is applied, and the
+    // inbox retention deletes it.
     if let Some(id) = parked {
         delete_parked(&mut tx, id).await?;
     }
