@@ -112,7 +112,10 @@ async fn main() {
         let raw_secs = t.elapsed().as_secs_f64();
         let raw_wal = (wal(&db.pool).await - w0) as f64 / n as f64;
         assert_eq!(effects(&db.pool).await, n);
-        sqlx::query("TRUNCATE effect").execute(&db.pool).await.unwrap();
+        sqlx::query("TRUNCATE effect")
+            .execute(&db.pool)
+            .await
+            .unwrap();
 
         // The inbox consumer.
         let w0 = wal(&db.pool).await;

@@ -118,7 +118,10 @@ pub async fn run<H: Handler>(
         match attempt.await {
             Ok(()) if stop.is_cancelled() => return Ok(()),
             Ok(()) => tracing::warn!("the broker ended the subscription; reconnecting in 2 s"),
-            Err(e) => tracing::warn!(error = format!("{e:#}"), "consumer not running; retrying in 2 s"),
+            Err(e) => tracing::warn!(
+                error = format!("{e:#}"),
+                "consumer not running; retrying in 2 s"
+            ),
         }
         tokio::select! {
             _ = stop.cancelled() => return Ok(()),
