@@ -64,6 +64,12 @@ async fn main() {
         .execute(&db.pool)
         .await
         .unwrap();
+        // Both consumers get a connection per worker (the test database's pool has only 8).
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(conc as u32 + 4)
+            .connect(&db.url)
+            .await
+            .unwrap();
         let s = TestStream::new();
         let client = async_nats::connect(testkit::nats_url()).await.unwrap();
         let js = jetstream::new(client);
@@ -108,7 +114,7 @@ async fn main() {
         // Hand-written: one insert per message (autocommit), then the ack.
         let w0 = wal(&db.pool).await;
         let t = Instant::now();
-        raw(&db.pool, &js, &s.name, conc, n).await;
+        raw(&pool, &js, &s.name, conc, n).await;
         let raw_secs = t.elapsed().as_secs_f64();
         let raw_wal = (wal(&db.pool).await - w0) as f64 / n as f64;
         assert_eq!(effects(&db.pool).await, n);
@@ -122,7 +128,7 @@ async fn main() {
         let t = Instant::now();
         let mut cfg = ConsumerConfig::new("bench");
         cfg.concurrency = conc;
-        let consumer = Consumer::new(db.pool.clone(), Row, cfg).unwrap();
+        let consumer = Consumer::new(pool.clone(), Row, cfg).unwrap();
         let source = NatsSource::connect(NatsSourceConfig {
             url: testkit::nats_url(),
             stream: s.name.clone(),

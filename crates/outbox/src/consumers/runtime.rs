@@ -1,18 +1,18 @@
-//! The consumer loop: reads a [`EventSource`], routes each message to the worker of its aggregate
+//! The consumer loop: reads a [`EventSource`], queues each message in the lane of its aggregate
 //! (one event of an aggregate at a time, aggregates in parallel up to `concurrency`), runs the
 //! handler in a transaction with the inbox record, acknowledges after the commit, retries and
 //! parks; a replayer applies parked events an operator asked for.
 
 use std::collections::hash_map::DefaultHasher;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use sqlx::{PgConnection, PgPool};
-use tokio::sync::mpsc;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -182,13 +182,12 @@ impl<H: Handler> Consumer<H> {
     pub async fn run<S: EventSource>(&self, mut source: S, stop: CancellationToken) -> Result<()> {
         let cfg = &self.inner.cfg;
         let name = cfg.name.clone();
-        let mut senders = Vec::with_capacity(cfg.concurrency);
-        let mut workers = Vec::with_capacity(cfg.concurrency);
-        for _ in 0..cfg.concurrency {
-            let (tx, rx) = mpsc::channel::<Received>(16);
-            senders.push(tx);
-            workers.push(tokio::spawn(worker(self.inner.clone(), rx)));
-        }
+        let permits = Arc::new(Semaphore::new(cfg.concurrency));
+        // Aggregates being handled, with the messages that arrived for them meanwhile: one task
+        // per busy aggregate drains its lane in arrival order, so an aggregate is handled one
+        // event at a time while up to `concurrency` aggregates run at once.
+        let lanes: Lanes = Arc::default();
+        let gaps: Gaps = Arc::default();
         let replay_stop = stop.child_token();
         let replayer = tokio::spawn(replayer(self.inner.clone(), replay_stop.clone()));
         let mut lag_at = Instant::now();
@@ -207,10 +206,35 @@ impl<H: Handler> Consumer<H> {
                 Err(_) => continue,
                 Ok(Ok(Some(r))) => {
                     self.inner.health.touch();
-                    let key = route(&r.event, senders.len());
-                    if senders[key].send(r).await.is_err() {
-                        break Err(OutboxError::Config("a consumer worker stopped".into()));
+                    let key = lane_of(&r.event);
+                    {
+                        let mut l = lanes.lock().expect("lanes lock");
+                        if let Some(queue) = l.get_mut(&key) {
+                            queue.push_back(r);
+                            continue;
+                        }
+                        l.insert(key, VecDeque::new());
                     }
+                    let Ok(permit) = permits.clone().acquire_owned().await else {
+                        break Err(OutboxError::Config("the consumer's permits closed".into()));
+                    };
+                    let (inner, lanes, gaps) = (self.inner.clone(), lanes.clone(), gaps.clone());
+                    tokio::spawn(async move {
+                        let mut current = r;
+                        loop {
+                            settle(&inner, current, &gaps).await;
+                            inner.health.touch();
+                            let mut l = lanes.lock().expect("lanes lock");
+                            match l.get_mut(&key).and_then(VecDeque::pop_front) {
+                                Some(n) => current = n,
+                                None => {
+                                    l.remove(&key);
+                                    break;
+                                }
+                            }
+                        }
+                        drop(permit);
+                    });
                 }
                 Ok(Ok(None)) => break Ok(()),
                 Ok(Err(e)) => {
@@ -219,10 +243,8 @@ impl<H: Handler> Consumer<H> {
                 }
             }
         };
-        drop(senders);
-        for w in workers {
-            let _ = w.await;
-        }
+        // Every lane finishes what it holds (handled, committed, acknowledged).
+        let _ = permits.acquire_many(cfg.concurrency as u32).await;
         replay_stop.cancel();
         let _ = replayer.await;
         tracing::info!(consumer = %name, "consumer stopped");
@@ -230,27 +252,23 @@ impl<H: Handler> Consumer<H> {
     }
 }
 
-/// The worker of an event: its aggregate's (so one aggregate is handled in order by one worker),
-/// else its id's.
-fn route(e: &InboundEvent, n: usize) -> usize {
+type Lanes = Arc<Mutex<HashMap<u64, VecDeque<Received>>>>;
+/// When each event now waiting for its predecessor was first seen so (restarts begin the clock
+/// again).
+type Gaps = Arc<Mutex<HashMap<Uuid, Instant>>>;
+
+/// The lane of an event: its aggregate's (so one aggregate is handled in order, by one task at a
+/// time), else its id's.
+fn lane_of(e: &InboundEvent) -> u64 {
     let mut h = DefaultHasher::new();
     match &e.aggregate {
         Some(a) => a.hash(&mut h),
         None => e.event_id.hash(&mut h),
     }
-    (h.finish() % n as u64) as usize
+    h.finish()
 }
 
-async fn worker<H: Handler>(inner: Arc<Inner<H>>, mut rx: mpsc::Receiver<Received>) {
-    // When each event now held for a gap was first seen so (restarts begin the clock again).
-    let mut gaps: HashMap<Uuid, Instant> = HashMap::new();
-    while let Some(r) = rx.recv().await {
-        settle(&inner, r, &mut gaps).await;
-        inner.health.touch();
-    }
-}
-
-async fn settle<H: Handler>(inner: &Inner<H>, r: Received, gaps: &mut HashMap<Uuid, Instant>) {
+async fn settle<H: Handler>(inner: &Inner<H>, r: Received, gaps: &Gaps) {
     let cfg = &inner.cfg;
     let c = cfg.name.clone();
     let Received {
@@ -265,7 +283,7 @@ async fn settle<H: Handler>(inner: &Inner<H>, r: Received, gaps: &mut HashMap<Uu
     }
     match apply(inner, &event, None).await {
         Ok(Outcome::Applied) => {
-            gaps.remove(&event.event_id);
+            gaps.lock().expect("gaps lock").remove(&event.event_id);
             metrics::counter!(m::HANDLED, "consumer" => c).increment(1);
             if let Some(h) = &cfg.after_commit {
                 h(&event);
@@ -273,18 +291,22 @@ async fn settle<H: Handler>(inner: &Inner<H>, r: Received, gaps: &mut HashMap<Uu
             ack(acker).await;
         }
         Ok(Outcome::Duplicate) => {
-            gaps.remove(&event.event_id);
+            gaps.lock().expect("gaps lock").remove(&event.event_id);
             metrics::counter!(m::DUPLICATES, "consumer" => c).increment(1);
             ack(acker).await;
         }
         Ok(Outcome::Blocked) => {
-            gaps.remove(&event.event_id);
+            gaps.lock().expect("gaps lock").remove(&event.event_id);
             park_then_ack(inner, &event, "held", None, acker).await;
         }
         Ok(Outcome::Gap) => {
-            let since = *gaps.entry(event.event_id).or_insert_with(Instant::now);
+            let since = *gaps
+                .lock()
+                .expect("gaps lock")
+                .entry(event.event_id)
+                .or_insert_with(Instant::now);
             if since.elapsed() >= cfg.gap_timeout {
-                gaps.remove(&event.event_id);
+                gaps.lock().expect("gaps lock").remove(&event.event_id);
                 tracing::error!(consumer = %c, event_id = %event.event_id, aggregate = ?event.aggregate,
                     position = ?event.position, "the event before this one never arrived; parking it");
                 park_then_ack(
