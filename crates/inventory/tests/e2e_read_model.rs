@@ -1,7 +1,8 @@
 //! End to end with the consumer runtime: a random inventory workload across tenants, the relay
 //! and the read-model consumer each killed (their runtime dropped mid-work, like a crash) and
 //! restarted during it; at the end the read model equals the inventory's `GET /variants` for
-//! every variant, and every variant saw exactly as many events applied as were published.
+//! every variant, and every variant saw exactly as many events applied as were published. Both
+//! brokers.
 
 mod common;
 
@@ -10,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use axum::http::{Method, StatusCode};
 use common::*;
+use outbox::consumers::amqp::{AmqpSource, AmqpSourceConfig};
 use outbox::consumers::nats::{NatsSource, NatsSourceConfig};
 use outbox::consumers::{Consumer, ConsumerConfig};
 use outbox::RelayConfig;
@@ -147,7 +149,14 @@ impl Drop for Killable {
     }
 }
 
-fn relay(db_url: String, stream: outbox::nats::NatsConfig) -> Killable {
+/// Where the events go and come from.
+#[derive(Clone)]
+enum Broker {
+    Nats(outbox::nats::NatsConfig),
+    Rabbit(outbox::amqp::AmqpConfig, String),
+}
+
+fn relay(db_url: String, broker: Broker) -> Killable {
     Killable::spawn(async move {
         let pool = sqlx::postgres::PgPoolOptions::new()
             .max_connections(4)
@@ -160,12 +169,34 @@ fn relay(db_url: String, stream: outbox::nats::NatsConfig) -> Killable {
             lease: Duration::from_millis(1500),
             ..Default::default()
         };
-        let r = testkit::relay::start_relay_on(pool, stream, config).await;
-        let _ = r.task.await;
+        match broker {
+            Broker::Nats(nats) => {
+                let r = testkit::relay::start_relay_on(pool, nats, config).await;
+                let _ = r.task.await;
+            }
+            Broker::Rabbit(cfg, _) => {
+                let publisher = outbox::amqp::AmqpPublisher::connect(cfg)
+                    .await
+                    .expect("publisher");
+                let relay = outbox::Relay::new(
+                    Arc::new(outbox::PgStore::new(pool.clone())),
+                    Arc::new(publisher),
+                    config,
+                )
+                .expect("relay");
+                let stop = tokio_util::sync::CancellationToken::new();
+                tokio::spawn(outbox::wake::listen(
+                    pool,
+                    relay.waker(),
+                    stop.child_token(),
+                ));
+                let _ = relay.run(stop).await;
+            }
+        }
     })
 }
 
-fn consumer(db_url: String, stream: String, name: String) -> Killable {
+fn consumer(db_url: String, broker: Broker, name: String) -> Killable {
     Killable::spawn(async move {
         let pool = sqlx::postgres::PgPoolOptions::new()
             .max_connections(8)
@@ -176,29 +207,91 @@ fn consumer(db_url: String, stream: String, name: String) -> Killable {
         cfg.concurrency = 4;
         cfg.gap_retry = Duration::from_millis(50);
         let c = Consumer::new(pool, read_model::apply::ReadModel, cfg).expect("consumer");
-        // The relay creates the stream: wait for it.
-        let source = loop {
-            match NatsSource::connect(NatsSourceConfig {
-                url: testkit::nats_url(),
-                stream: stream.clone(),
-                durable: name.clone(),
-                ack_wait: Duration::from_secs(2),
-                ..Default::default()
-            })
-            .await
-            {
-                Ok(s) => break s,
-                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        let stop = tokio_util::sync::CancellationToken::new();
+        match broker {
+            Broker::Nats(nats) => {
+                // The relay creates the stream: wait for it.
+                let source = loop {
+                    match NatsSource::connect(NatsSourceConfig {
+                        url: testkit::nats_url(),
+                        stream: nats.stream.clone(),
+                        durable: name.clone(),
+                        ack_wait: Duration::from_secs(2),
+                        ..Default::default()
+                    })
+                    .await
+                    {
+                        Ok(s) => break s,
+                        Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                    }
+                };
+                let _ = c.run(source, stop).await;
             }
-        };
-        let _ = c
-            .run(source, tokio_util::sync::CancellationToken::new())
-            .await;
+            Broker::Rabbit(cfg, queue) => {
+                let source = AmqpSource::connect(AmqpSourceConfig {
+                    url: cfg.url.clone(),
+                    queue,
+                    prefetch: 100,
+                    consumer_tag: name.clone(),
+                })
+                .await
+                .expect("source");
+                let _ = c.run(source, stop).await;
+            }
+        }
     })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_model_equals_inventory_after_a_random_workload_with_relay_and_consumer_killed() {
+    let stream = TestStream::new();
+    read_model_equals_inventory(Broker::Nats(stream.nats_config())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_model_equals_inventory_on_rabbitmq_with_relay_and_consumer_killed() {
+    let exchange = testkit::unique("rm.events");
+    let cfg = outbox::amqp::AmqpConfig {
+        url: testkit::rabbit::amqp_url(),
+        exchange: exchange.clone(),
+        alternate_exchange: Some(format!("{exchange}.unroutable")),
+        ..Default::default()
+    };
+    let queue = format!("{exchange}.read-model");
+    outbox::amqp::declare_consumer_queue(
+        &cfg,
+        &queue,
+        &["#".to_string()],
+        &format!("{queue}.dlx"),
+        &format!("{queue}.dlq"),
+    )
+    .await
+    .expect("declare the read model's queue");
+    let _cleanup = Names(
+        vec![
+            queue.clone(),
+            format!("{queue}.dlq"),
+            format!("{exchange}.unroutable"),
+        ],
+        vec![
+            exchange.clone(),
+            format!("{queue}.dlx"),
+            format!("{exchange}.unroutable"),
+        ],
+    );
+    read_model_equals_inventory(Broker::Rabbit(cfg, queue)).await;
+}
+
+/// Deletes the test's queues and exchanges.
+struct Names(Vec<String>, Vec<String>);
+
+impl Drop for Names {
+    fn drop(&mut self) {
+        testkit::rabbit::delete_names(&testkit::rabbit::amqp_url(), self.0.clone(), self.1.clone());
+    }
+}
+
+async fn read_model_equals_inventory(broker: Broker) {
     let t0 = Instant::now();
     let seed: u64 = rand::rng().random();
     eprintln!("seed {seed}");
@@ -207,7 +300,6 @@ async fn read_model_equals_inventory_after_a_random_workload_with_relay_and_cons
     read_model::migrate(&rm.pool)
         .await
         .expect("read model migrations");
-    let stream = TestStream::new();
     let tokens: Vec<(String, String)> = ["acme", "globex", "initech"]
         .iter()
         .map(|t| (t.to_string(), app.token(t)))
@@ -219,8 +311,8 @@ async fn read_model_equals_inventory_after_a_random_workload_with_relay_and_cons
         }
     }
     let name = testkit::unique("rm");
-    let mut r = relay(app.db.url.clone(), stream.nats_config());
-    let mut c = consumer(rm.url.clone(), stream.name.clone(), name.clone());
+    let mut r = relay(app.db.url.clone(), broker.clone());
+    let mut c = consumer(rm.url.clone(), broker.clone(), name.clone());
     let variants = Arc::new(variants);
     let tokens = Arc::new(tokens);
     let mut workers = Vec::new();
@@ -242,12 +334,12 @@ async fn read_model_equals_inventory_after_a_random_workload_with_relay_and_cons
             eprintln!("killing the consumer");
             c.kill();
             tokio::time::sleep(Duration::from_millis(300)).await;
-            c = consumer(rm.url.clone(), stream.name.clone(), name.clone());
+            c = consumer(rm.url.clone(), broker.clone(), name.clone());
         } else {
             eprintln!("killing the relay");
             r.kill();
             tokio::time::sleep(Duration::from_millis(300)).await;
-            r = relay(app.db.url.clone(), stream.nats_config());
+            r = relay(app.db.url.clone(), broker.clone());
         }
     }
     for w in workers {
