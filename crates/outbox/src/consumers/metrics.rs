@@ -14,3 +14,6 @@ pub const PARKED: &str = "outbox_consumer_parked_total";
 pub const REPLAYED: &str = "outbox_consumer_replayed_total";
 /// Gauge: messages waiting at the broker for this consumer.
 pub const LAG: &str = "outbox_consumer_lag";
+
+/// Every consumer metric name above (alert rules may use these and `crate::telemetry::ALL`).
+pub const ALL: &[&str] = &[HANDLED, DUPLICATES, RETRIES, PARKED, REPLAYED, LAG];
