@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use async_trait::async_trait;
+use futures::FutureExt;
 use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
@@ -675,4 +676,62 @@ impl Drop for QueueGuard {
     fn drop(&mut self) {
         testkit::rabbit::delete_names(&self.0, vec![self.1.clone()], vec![]);
     }
+}
+
+#[tokio::test]
+async fn the_event_id_set_is_bounded_by_its_retention() {
+    let t0 = Instant::now();
+    let db = TestDb::new().await;
+    effect_table(&db.pool).await;
+    let s = TestStream::new();
+    let js = stream_for(&s).await;
+    let name = testkit::unique("retention");
+    let foreign: Vec<Ev> = (0..5)
+        .map(|_| Ev {
+            id: Uuid::now_v7(),
+            agg: None,
+            seq: None,
+        })
+        .collect();
+    for e in &foreign {
+        publish(&js, &s, e).await;
+    }
+    let c = start(&db, &s, Recorder::default(), config(&name)).await;
+    wait_drained(&s, &name, Duration::from_secs(10)).await;
+    c.shutdown().await;
+    let seen = |pool: PgPool, name: String| async move {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM outbox_consumer_seen WHERE consumer = $1",
+        )
+        .bind(name)
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+    };
+    assert_eq!(
+        seen(db.pool.clone(), name.clone()).await,
+        5,
+        "one id per event without a sequence"
+    );
+    // Two of them age past a one-hour retention; the consumer's retention pass removes only those.
+    sqlx::query(
+        "UPDATE outbox_consumer_seen SET seen_at = now() - interval '2 hours'
+          WHERE event_id = ANY($1)",
+    )
+    .bind(vec![foreign[0].id, foreign[1].id])
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let mut cfg = config(&name);
+    cfg.seen_retention = Duration::from_secs(3600);
+    let c = start(&db, &s, Recorder::default(), cfg).await;
+    let (pool, n) = (db.pool.clone(), name.clone());
+    assert!(
+        testkit::eventually(Duration::from_secs(10), || seen(pool.clone(), n.clone())
+            .map(|c| c == 3))
+        .await,
+        "the retention pass deletes the two old ids"
+    );
+    c.shutdown().await;
+    eprintln!("took {:?}", t0.elapsed());
 }

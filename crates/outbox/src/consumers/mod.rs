@@ -6,8 +6,8 @@
 //!   after that commit. A redelivery or a duplicate (same `eventId`, or an `Outbox-Seq` at or below
 //!   the aggregate's applied position) is acknowledged without running the handler.
 //! - Order: events of one aggregate (`Outbox-Tenant-Id`, `-Aggregate-Type`, `-Aggregate-Id`) are
-//!   handled one at a time in (`Outbox-Seq-Epoch`, `Outbox-Seq`) order by the worker their
-//!   aggregate hashes to; aggregates run in parallel up to `concurrency`. An event that arrives
+//!   handled one at a time in (`Outbox-Seq-Epoch`, `Outbox-Seq`) order in their aggregate's lane;
+//!   aggregates run in parallel up to `concurrency`. An event that arrives
 //!   before its predecessor is applied is sent back (retried after `gap_retry`) and parked with
 //!   reason `gap` after `gap_timeout` (metric `outbox_consumer_parked_total{reason="gap"}`: alert on it).
 //! - Failures: a handler error rolls the transaction back and the event is retried with an
@@ -17,7 +17,8 @@
 //!   (reason `held`) as they arrive. `outbox consumer-dead-letters replay` asks the running
 //!   consumer to apply them again, in order ([`dead_letters`]).
 //! - Bounded growth: one position row per aggregate; event ids only for events without a sequence,
-//!   deleted after `seen_retention` (default 7 days).
+//!   deleted after `seen_retention` (default 7 days) in batches of 1,000, every 10 minutes, by the
+//!   running consumer.
 //! - Events without `Outbox-Seq` (producers other than this library) are de-duplicated by `eventId`
 //!   only, within `seen_retention`, and are **not** ordered: they are handled in arrival order per
 //!   worker, and a retried one may be overtaken by later ones.
