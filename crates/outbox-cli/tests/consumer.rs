@@ -735,3 +735,117 @@ async fn the_event_id_set_is_bounded_by_its_retention() {
     c.shutdown().await;
     eprintln!("took {:?}", t0.elapsed());
 }
+
+#[tokio::test]
+async fn a_gap_that_never_fills_is_parked_and_applied_once_its_predecessor_arrives() {
+    let t0 = Instant::now();
+    let db = TestDb::new().await;
+    effect_table(&db.pool).await;
+    let s = TestStream::new();
+    let js = stream_for(&s).await;
+    let name = testkit::unique("gap");
+    let mut cfg = config(&name);
+    cfg.gap_timeout = Duration::from_millis(400);
+    let c = start(&db, &s, Recorder::default(), cfg).await;
+    let g: Vec<Ev> = (1..=3).map(|i| Ev::seq("g", i)).collect();
+    // Seq 1 is "lost": 2 waits for it, is parked as a gap, and 3 parks behind it.
+    publish(&js, &s, &g[1]).await;
+    publish(&js, &s, &g[2]).await;
+    let (pool, n) = (db.pool.clone(), name.clone());
+    assert!(
+        testkit::eventually(Duration::from_secs(10), || {
+            let (pool, n) = (pool.clone(), n.clone());
+            async move {
+                let p = parked(&pool, &n).await;
+                // 3 parks behind 2 ("held") or, if its own wait ran out first, as a gap too.
+                p.len() == 2 && p[0] == (2, "gap".into()) && p[1].0 == 3
+            }
+        })
+        .await,
+        "parked: {:?}",
+        parked(&db.pool, &name).await
+    );
+    assert!(effects(&db.pool).await.is_empty());
+    // The missing event turns up (a late redelivery): it applies, and the parked ones follow.
+    publish(&js, &s, &g[0]).await;
+    let pool = db.pool.clone();
+    assert!(
+        testkit::eventually(Duration::from_secs(10), || {
+            let pool = pool.clone();
+            async move { effects(&pool).await.len() == 3 }
+        })
+        .await,
+        "{:?}",
+        effects(&db.pool).await
+    );
+    c.shutdown().await;
+    assert!(parked(&db.pool, &name).await.is_empty());
+    assert_exactly_once_in_order(&effects(&db.pool).await, &g, "gap filled late");
+    eprintln!("took {:?}", t0.elapsed());
+}
+
+#[tokio::test]
+async fn purging_a_parked_event_skips_it_and_its_aggregate_moves_on() {
+    let t0 = Instant::now();
+    let db = TestDb::new().await;
+    effect_table(&db.pool).await;
+    let s = TestStream::new();
+    let js = stream_for(&s).await;
+    let name = testkit::unique("purge");
+    let h = Recorder {
+        fail: Arc::new(AtomicBool::new(true)),
+        fail_agg: "p".into(),
+    };
+    let c = start(&db, &s, h.clone(), config(&name)).await;
+    let p: Vec<Ev> = (1..=3).map(|i| Ev::seq("p", i)).collect();
+    publish(&js, &s, &p[0]).await;
+    publish(&js, &s, &p[1]).await;
+    let (pool, n) = (db.pool.clone(), name.clone());
+    assert!(
+        testkit::eventually(Duration::from_secs(10), || {
+            let (pool, n) = (pool.clone(), n.clone());
+            async move { parked(&pool, &n).await.len() == 2 }
+        })
+        .await
+    );
+    h.fail.store(false, Ordering::SeqCst);
+    let id = p[0].id.to_string();
+    let out = outbox_cli(
+        &db,
+        &[
+            "consumer-dead-letters",
+            "purge",
+            "--consumer",
+            &name,
+            "--id",
+            &id,
+            "--yes",
+        ],
+    );
+    assert!(out.contains("purged 1"), "{out}");
+    publish(&js, &s, &p[2]).await;
+    let pool = db.pool.clone();
+    assert!(
+        testkit::eventually(Duration::from_secs(10), || {
+            let pool = pool.clone();
+            async move { effects(&pool).await.len() == 2 }
+        })
+        .await,
+        "{:?}",
+        effects(&db.pool).await
+    );
+    c.shutdown().await;
+    let got: Vec<Option<i64>> = effects(&db.pool).await.iter().map(|r| r.2).collect();
+    assert_eq!(
+        got,
+        vec![Some(2), Some(3)],
+        "seq 1 skipped, 2 and 3 applied in order"
+    );
+    let audited: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM outbox_audit WHERE action = 'consumer_purge'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(audited, 1);
+    eprintln!("took {:?}", t0.elapsed());
+}

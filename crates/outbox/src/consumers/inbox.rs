@@ -18,7 +18,8 @@ pub(crate) enum Verdict {
     Duplicate,
     /// An earlier event of the aggregate is not applied yet.
     Gap,
-    /// An earlier event of the aggregate is parked: park this one behind it.
+    /// An earlier event of the aggregate is parked: park this one behind it (a *later* parked
+    /// event does not block an earlier one, which waits for its own predecessor as a gap).
     Blocked,
 }
 
@@ -82,13 +83,14 @@ pub(crate) async fn claim(
                   WHERE consumer = $1 AND tenant_id = $2 AND aggregate_type = $3 AND aggregate_id = $4) AS seq,
                 EXISTS (SELECT 1 FROM outbox_consumer_dead_letter
                   WHERE consumer = $1 AND tenant_id = $2 AND aggregate_type = $3 AND aggregate_id = $4
-                    AND event_id <> $5) AS blocked",
+                    AND (seq_epoch, seq) < ($5, $6)) AS blocked",
     )
     .bind(consumer)
     .bind(&agg.tenant_id)
     .bind(&agg.aggregate_type)
     .bind(&agg.aggregate_id)
-    .bind(e.event_id)
+    .bind(pos.epoch)
+    .bind(pos.seq)
     .fetch_one(&mut *tx)
     .await?;
     let applied = match (
