@@ -1,5 +1,5 @@
 //! `GET /tenants/{tenant}/variants` and `GET /tenants/{tenant}/variants/{id}`: the read model;
-//! `/healthz`, `/metrics`.
+//! `/healthz` (503 when messages wait and nothing was handled for a minute), `/metrics`.
 
 use std::sync::Arc;
 
@@ -103,10 +103,19 @@ fn unavailable(e: sqlx::Error) -> axum::response::Response {
 }
 
 async fn healthz(State(s): State<ReadState>) -> impl IntoResponse {
-    Json(serde_json::json!({
-        "status": "ok",
+    // Messages waiting and nothing handled for a minute: the consumer is stuck.
+    let stalled = s.health.stalled(std::time::Duration::from_secs(60));
+    let body = Json(serde_json::json!({
+        "status": if stalled { "stalled" } else { "ok" },
         "secondsSinceProgress": s.health.since_progress().as_secs_f64(),
-    }))
+        "lag": s.health.lag(),
+    }));
+    let code = if stalled {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    };
+    (code, body)
 }
 
 async fn metrics(State(s): State<ReadState>) -> impl IntoResponse {

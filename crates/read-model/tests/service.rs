@@ -115,6 +115,7 @@ async fn applies_serves_and_stops_cleanly_on_sigterm() {
     .await;
     let body = get(&addr, &path).await;
     let metrics = get(&addr, "/metrics").await.unwrap_or_default();
+    let health = get(&addr, "/healthz").await.unwrap_or_default();
     let _ = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();
@@ -130,6 +131,10 @@ async fn applies_serves_and_stops_cleanly_on_sigterm() {
         metrics.contains("outbox_consumer_events_handled_total")
             && metrics.contains("outbox_consumer_retries_total"),
         "consumer metrics served (a gap retry happened): {metrics}"
+    );
+    assert!(
+        health.starts_with("HTTP/1.0 200") && health.contains(r#""status":"ok""#),
+        "{health}"
     );
     assert!(status.success(), "exit 0 on SIGTERM, got {status:?}");
     eprintln!("took {:?}", t0.elapsed());

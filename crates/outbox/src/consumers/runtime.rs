@@ -114,6 +114,8 @@ impl ConsumerConfig {
 #[derive(Debug, Default)]
 pub struct ConsumerHealth {
     last_progress_ms: AtomicU64,
+    /// Last lag the broker reported, plus one (0: never reported).
+    lag_plus_one: AtomicU64,
 }
 
 impl ConsumerHealth {
@@ -122,10 +124,26 @@ impl ConsumerHealth {
         self.last_progress_ms.store(now, Ordering::Relaxed);
     }
 
-    /// Milliseconds since the consumer last received or settled a message (or started).
+    fn set_lag(&self, lag: u64) {
+        self.lag_plus_one
+            .store(lag.saturating_add(1), Ordering::Relaxed);
+    }
+
+    /// Time since the consumer last received or settled a message (or started).
     pub fn since_progress(&self) -> Duration {
         let now = chrono::Utc::now().timestamp_millis().max(0) as u64;
         Duration::from_millis(now.saturating_sub(self.last_progress_ms.load(Ordering::Relaxed)))
+    }
+
+    /// Messages waiting at the broker, as last sampled (every 2 s), if the broker said.
+    pub fn lag(&self) -> Option<u64> {
+        self.lag_plus_one.load(Ordering::Relaxed).checked_sub(1)
+    }
+
+    /// Whether messages are waiting and nothing moved for `timeout`: the consumer is stuck (or
+    /// its database or broker is away).
+    pub fn stalled(&self, timeout: Duration) -> bool {
+        self.lag().is_some_and(|l| l > 0) && self.since_progress() > timeout
     }
 }
 
@@ -196,6 +214,7 @@ impl<H: Handler> Consumer<H> {
                 lag_at = Instant::now();
                 if let Some(lag) = source.lag().await {
                     metrics::gauge!(m::LAG, "consumer" => name.clone()).set(lag as f64);
+                    self.inner.health.set_lag(lag);
                 }
             }
             let next = tokio::select! {
@@ -489,4 +508,32 @@ async fn replay_pass<H: Handler>(inner: &Inner<H>) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stalled_only_with_messages_waiting() {
+        let h = ConsumerHealth::default();
+        h.touch();
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(!h.stalled(Duration::ZERO), "lag never reported");
+        h.set_lag(0);
+        assert!(!h.stalled(Duration::ZERO), "nothing waiting");
+        h.set_lag(3);
+        assert!(h.stalled(Duration::ZERO));
+        assert!(!h.stalled(Duration::from_secs(60)));
+        assert_eq!(h.lag(), Some(3));
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        let mut c = ConsumerConfig::new("x");
+        c.retry_base = Duration::from_millis(100);
+        c.retry_max = Duration::from_millis(1000);
+        let d: Vec<u128> = (1..=6).map(|a| c.backoff(a).as_millis()).collect();
+        assert_eq!(d, vec![100, 200, 400, 800, 1000, 1000]);
+    }
 }
