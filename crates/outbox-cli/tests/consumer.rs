@@ -38,6 +38,9 @@ impl Handler for Recorder {
         if self.fail.load(Ordering::SeqCst) && agg.as_deref() == Some(self.fail_agg.as_str()) {
             return Err("injected failure".into());
         }
+        if agg.as_deref() == Some("panics") {
+            panic!("injected panic");
+        }
         sqlx::query("INSERT INTO effect (event_id, aggregate_id, seq) VALUES ($1, $2, $3)")
             .bind(e.event_id)
             .bind(agg)
@@ -327,6 +330,8 @@ async fn a_failing_aggregate_is_parked_while_others_flow_and_replay_applies_it_i
     let c = start(&db, &s, h.clone(), config(&name)).await;
     let mut xs = Vec::new();
     let mut ys = Vec::new();
+    // A handler that panics is a failing handler: parked like the others, its lane released.
+    publish(&js, &s, &Ev::seq("panics", 1)).await;
     for i in 1..=5 {
         if i <= 3 {
             xs.push(Ev::seq("x", i));
@@ -340,13 +345,20 @@ async fn a_failing_aggregate_is_parked_while_others_flow_and_replay_applies_it_i
     assert!(
         testkit::eventually(Duration::from_secs(15), || {
             let (pool, n) = (pool.clone(), n.clone());
-            async move { parked(&pool, &n).await.len() == 3 }
+            async move { parked(&pool, &n).await.len() == 4 }
         })
         .await,
-        "x's three events parked: {:?}",
+        "x's three events and the panicking one parked: {:?}",
         parked(&db.pool, &name).await
     );
     wait_drained(&s, &name, Duration::from_secs(10)).await;
+    let panicked: String = sqlx::query_scalar(
+        "DELETE FROM outbox_consumer_dead_letter WHERE aggregate_id = 'panics' RETURNING last_error",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(panicked.contains("injected panic"), "{panicked}");
     assert_eq!(
         parked(&db.pool, &name).await,
         vec![

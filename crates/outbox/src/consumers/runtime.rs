@@ -10,7 +10,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use std::panic::AssertUnwindSafe;
+
 use async_trait::async_trait;
+use futures::FutureExt;
 use sqlx::{PgConnection, PgPool};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -421,9 +424,26 @@ async fn apply<H: Handler>(
         Verdict::Blocked => return Ok(Outcome::Blocked),
         Verdict::Apply => {}
     }
-    if let Err(err) = inner.handler.handle(&mut tx, e).await {
+    // A panicking handler is a failing handler: without this its lane would never be released
+    // and its aggregate would stop without a word.
+    let handled = AssertUnwindSafe(inner.handler.handle(&mut tx, e))
+        .catch_unwind()
+        .await;
+    let failure = match handled {
+        Ok(Ok(())) => None,
+        Ok(Err(err)) => Some(err.to_string()),
+        Err(panic) => Some(format!(
+            "the handler panicked: {}",
+            panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default()
+        )),
+    };
+    if let Some(err) = failure {
         drop(tx);
-        return Ok(Outcome::HandlerFailed(err.to_string()));
+        return Ok(Outcome::HandlerFailed(err));
     }
     // The failure count of an event that now succeeded is not deleted here (a statement per
     // event for a rare case): it can never be read again, since the event is applied, and the
