@@ -3,7 +3,9 @@
 # inventory service with its relay in-process against DATABASE_URL (default: the local `root`
 # database), publishing to the local NATS. It applies the migrations itself, serves the API on
 # 127.0.0.1:8080 and the relay's /metrics, /healthz, /readyz on 127.0.0.1:9188, and prints a
-# bearer token for the tenant `demo`. Extra arguments go to `inventory serve`.
+# bearer token for the tenant `demo`. Beside it runs the read-model service (the consumer runtime's
+# example: the inventory's events into a read model, `GET 127.0.0.1:8090/tenants/demo/variants`),
+# stopped when the inventory service stops. Extra arguments go to `inventory serve`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/ensure-services.sh
@@ -14,8 +16,12 @@ if [ -z "${INVENTORY_JWT_SECRET:-}" ]; then
   export INVENTORY_JWT_SECRET
   echo "run: INVENTORY_JWT_SECRET is not set; using a random secret for this run" >&2
 fi
-cargo build --release --locked -p inventory -p outbox-cli
+cargo build --release --locked -p inventory -p outbox-cli -p read-model
 token=$(target/release/inventory token --tenant demo --sub demo-user --ttl-secs 86400)
 echo "run: a bearer token for tenant 'demo' (24 h):" >&2
 echo "$token"
-exec target/release/inventory serve "$@"
+target/release/read-model &
+read_model=$!
+trap 'kill "$read_model" 2>/dev/null || true' EXIT
+echo "run: read model on http://127.0.0.1:8090/tenants/demo/variants (pid $read_model)" >&2
+target/release/inventory serve "$@"

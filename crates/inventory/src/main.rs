@@ -7,8 +7,8 @@ use anyhow::Context;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use inventory::auth::{self, JwtKeys, TokenRules};
 use inventory::AppState;
-use outbox_cli::args::{BrokerArgs, RelayArgs};
-use outbox_cli::logging::{self, LogFormat};
+use outbox_runtime::args::{BrokerArgs, RelayArgs};
+use outbox_runtime::logging::{self, LogFormat};
 use sqlx::postgres::PgPoolOptions;
 
 #[derive(Debug, Parser)]
@@ -183,7 +183,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         pool.clone(),
         JwtKeys::with_rules(secret.as_bytes(), args.token_rules.rules()),
     );
-    let stop = outbox_cli::relay_cmd::shutdown_signal();
+    let stop = outbox_runtime::relay_cmd::shutdown_signal();
 
     let expiry = tokio::spawn(inventory::expiry::run(
         state.clone(),
@@ -204,7 +204,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .connect_lazy(&args.database_url)?;
         let (r, b, s) = (args.relay.clone(), args.broker.clone(), stop.clone());
         let handle = tokio::spawn(async move {
-            outbox_cli::relay_cmd::run(relay_pool, &r, &b, metrics_addr, s).await
+            outbox_runtime::relay_cmd::run(relay_pool, &r, &b, metrics_addr, s).await
         });
         // An end by error or panic stops the service with a non-zero exit (crate::supervise).
         Some(tokio::spawn(inventory::supervise::supervise_relay(

@@ -1,12 +1,11 @@
-//! The `outbox` binary's pieces, shared with services that run the relay in-process: relay and
-//! broker flags, the metrics/health HTTP endpoints, logging set-up, and the operator commands.
+//! The `outbox` binary's operator commands. The pieces it shares with services (flags, broker
+//! selection, metrics/health, logging, the relay runner) live in `outbox-runtime`; they are
+//! re-exported here under their former paths.
 
-pub mod args;
-pub mod broker;
+pub use outbox_runtime::{args, broker, http, logging, relay_cmd};
+
+pub mod consumer_cmd;
 pub mod databases;
 pub mod fleet;
-pub mod http;
-pub mod logging;
 pub mod ops_cmd;
-pub mod relay_cmd;
 pub mod topology_cmd;

@@ -73,6 +73,12 @@ enum Command {
         #[command(subcommand)]
         action: DeadLetterCmd,
     },
+    /// List, replay or purge events a consumer runtime parked (DATABASE_URL: the consumer's
+    /// database).
+    ConsumerDeadLetters {
+        #[command(subcommand)]
+        action: outbox_cli::consumer_cmd::ConsumerDeadLetterCmd,
+    },
     /// Run one retention pass: delete published events older than the retention.
     Cleanup {
         /// Keep published events this many hours.
@@ -163,6 +169,9 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::DeadLetters { action } => {
             ops_cmd::dead_letters(&connect(one(&databases)?, 2).await?, action).await?
+        }
+        Command::ConsumerDeadLetters { action } => {
+            outbox_cli::consumer_cmd::run(&connect(&cli.database_url, 2).await?, action).await?
         }
         Command::Cleanup {
             retention_hours,

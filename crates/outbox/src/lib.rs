@@ -6,25 +6,30 @@
 //! per aggregate.
 //!
 //! The crate knows nothing of any particular broker: adapters live behind cargo features
-//! (`nats` for JetStream). See `docs/architecture.md` for the invariants and how each is kept.
+//! (`nats` for JetStream, `rabbitmq` for RabbitMQ). The folders show the architecture:
+//! [`storage`] (the store trait, its PostgreSQL implementation, the migrations), [`publishers`]
+//! (the publisher trait and one module per broker), [`relay`] (the engine, its retry policy and
+//! wake-ups), [`consumers`] (the inbox runtime that applies events exactly once, in order). See `docs/architecture.md` for the invariants and how each is kept.
 
-#[cfg(feature = "rabbitmq")]
-pub mod amqp;
+pub mod consumers;
 pub mod enqueue;
 pub mod envelope;
 pub mod error;
-#[cfg(feature = "nats")]
-pub mod nats;
 pub mod ops;
-pub mod pg;
-pub mod pipeline;
-pub mod publisher;
+pub mod publishers;
 pub mod relay;
-pub mod retry;
-pub mod schema;
-pub mod store;
+pub mod storage;
 pub mod telemetry;
-pub mod wake;
+
+// The modules' historical flat paths (`outbox::pg`, `outbox::nats`, ...) stay valid so that code
+// written against them needs no change.
+#[cfg(feature = "rabbitmq")]
+pub use publishers::amqp;
+#[cfg(feature = "nats")]
+pub use publishers::nats;
+pub use publishers::{pipeline, publisher};
+pub use relay::{retry, wake};
+pub use storage::{pg, schema, store};
 
 pub use enqueue::{Outbox, PreparedEvents};
 pub use envelope::{Envelope, NewEvent};

@@ -1,0 +1,863 @@
+//! The consumer runtime against the real brokers: duplicates applied once, out-of-order arrival
+//! applied in seq order, a failing aggregate retried, parked and replayed from the CLI while the
+//! others flow, and consumers killed between handler and commit / commit and ack applying every
+//! event exactly once (effects counted, not messages).
+
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use async_trait::async_trait;
+use futures::FutureExt;
+use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use outbox::consumers::amqp::{AmqpSource, AmqpSourceConfig};
+use outbox::consumers::nats::{NatsSource, NatsSourceConfig};
+use outbox::consumers::{Consumer, ConsumerConfig, Handler, HandlerError, InboundEvent};
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use sqlx::{PgConnection, PgPool};
+use testkit::{TestDb, TestStream};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// Writes one effect row per handled event; fails while `fail` is set for aggregate `fail_agg`.
+#[derive(Clone, Default)]
+struct Recorder {
+    fail: Arc<AtomicBool>,
+    fail_agg: String,
+}
+
+#[async_trait]
+impl Handler for Recorder {
+    async fn handle(&self, tx: &mut PgConnection, e: &InboundEvent) -> Result<(), HandlerError> {
+        let agg = e.aggregate.as_ref().map(|a| a.aggregate_id.clone());
+        if self.fail.load(Ordering::SeqCst) && agg.as_deref() == Some(self.fail_agg.as_str()) {
+            return Err("injected failure".into());
+        }
+        if agg.as_deref() == Some("panics") {
+            panic!("injected panic");
+        }
+        sqlx::query("INSERT INTO effect (event_id, aggregate_id, seq) VALUES ($1, $2, $3)")
+            .bind(e.event_id)
+            .bind(agg)
+            .bind(e.position.map(|p| p.seq))
+            .execute(&mut *tx)
+            .await?;
+        Ok(())
+    }
+}
+
+async fn effect_table(pool: &PgPool) {
+    sqlx::query(
+        "CREATE TABLE effect (n BIGSERIAL PRIMARY KEY, event_id UUID NOT NULL, aggregate_id TEXT, seq BIGINT)",
+    )
+    .execute(pool)
+    .await
+    .expect("effect table");
+}
+
+/// One test event as the relay would send it.
+#[derive(Clone, Debug)]
+struct Ev {
+    id: Uuid,
+    agg: Option<String>,
+    seq: Option<i64>,
+}
+
+impl Ev {
+    fn seq(agg: &str, seq: i64) -> Self {
+        Self {
+            id: Uuid::now_v7(),
+            agg: Some(agg.into()),
+            seq: Some(seq),
+        }
+    }
+}
+
+async fn stream_for(s: &TestStream) -> jetstream::Context {
+    let js = jetstream::new(
+        async_nats::connect(testkit::nats_url())
+            .await
+            .expect("NATS"),
+    );
+    js.create_stream(jetstream::stream::Config {
+        name: s.name.clone(),
+        subjects: vec![format!("{}.>", s.prefix)],
+        ..Default::default()
+    })
+    .await
+    .expect("create stream");
+    js
+}
+
+/// Publishes `e` as a new broker message (its own `Nats-Msg-Id`, so copies are not dropped by
+/// the stream: a second message with the same `eventId`).
+async fn publish(js: &jetstream::Context, s: &TestStream, e: &Ev) {
+    let mut h = async_nats::HeaderMap::new();
+    h.insert("Nats-Msg-Id", Uuid::new_v4().to_string().as_str());
+    h.insert("Outbox-Event-Id", e.id.to_string().as_str());
+    h.insert("Outbox-Event-Type", "test.happened");
+    if let (Some(agg), Some(seq)) = (&e.agg, e.seq) {
+        h.insert("Outbox-Tenant-Id", "t1");
+        h.insert("Outbox-Aggregate-Type", "item");
+        h.insert("Outbox-Aggregate-Id", agg.as_str());
+        h.insert("Outbox-Seq", seq.to_string().as_str());
+        h.insert("Outbox-Seq-Epoch", "0");
+    }
+    let body = format!(r#"{{"eventId":"{}"}}"#, e.id);
+    js.publish_with_headers(format!("{}.t1.test", s.prefix), h, body.into())
+        .await
+        .expect("publish")
+        .await
+        .expect("stored");
+}
+
+fn config(name: &str) -> ConsumerConfig {
+    let mut c = ConsumerConfig::new(name);
+    c.concurrency = 4;
+    c.max_attempts = 3;
+    c.retry_base = Duration::from_millis(30);
+    c.retry_max = Duration::from_millis(200);
+    c.gap_retry = Duration::from_millis(30);
+    c.replay_poll = Duration::from_millis(100);
+    c
+}
+
+fn source_config(s: &TestStream, durable: &str) -> NatsSourceConfig {
+    NatsSourceConfig {
+        url: testkit::nats_url(),
+        stream: s.name.clone(),
+        durable: durable.into(),
+        ack_wait: Duration::from_secs(3),
+        ..Default::default()
+    }
+}
+
+struct Running {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<outbox::error::Result<()>>,
+}
+
+impl Running {
+    async fn shutdown(self) {
+        self.stop.cancel();
+        let r = tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect("consumer stops within 10 s on shutdown");
+        r.expect("task").expect("consumer ends cleanly");
+    }
+}
+
+async fn start(db: &TestDb, s: &TestStream, h: Recorder, cfg: ConsumerConfig) -> Running {
+    let source = NatsSource::connect(source_config(s, &cfg.name))
+        .await
+        .expect("source");
+    let consumer = Consumer::new(db.pool.clone(), h, cfg).expect("consumer");
+    let stop = CancellationToken::new();
+    let st = stop.clone();
+    let task = tokio::spawn(async move { consumer.run(source, st).await });
+    Running { stop, task }
+}
+
+/// Whether the durable consumer has nothing pending and nothing unacknowledged.
+async fn drained(s: &TestStream, durable: &str) -> bool {
+    let js = jetstream::new(
+        async_nats::connect(testkit::nats_url())
+            .await
+            .expect("NATS"),
+    );
+    let Ok(stream) = js.get_stream(&s.name).await else {
+        return false;
+    };
+    let Ok(mut c) = stream
+        .get_consumer::<jetstream::consumer::pull::Config>(durable)
+        .await
+    else {
+        return false;
+    };
+    match c.info().await {
+        Ok(i) => i.num_pending == 0 && i.num_ack_pending == 0,
+        Err(_) => false,
+    }
+}
+
+/// Effect rows: (event id, aggregate, seq) in the order they were written.
+async fn effects(pool: &PgPool) -> Vec<(Uuid, Option<String>, Option<i64>)> {
+    sqlx::query_as("SELECT event_id, aggregate_id, seq FROM effect ORDER BY n")
+        .fetch_all(pool)
+        .await
+        .expect("effects")
+}
+
+/// Each event exactly once, and each aggregate's effects in seq order 1..n.
+fn assert_exactly_once_in_order(
+    rows: &[(Uuid, Option<String>, Option<i64>)],
+    expected: &[Ev],
+    context: &str,
+) {
+    let mut ids: Vec<Uuid> = rows.iter().map(|r| r.0).collect();
+    ids.sort();
+    let mut want: Vec<Uuid> = expected.iter().map(|e| e.id).collect();
+    want.sort();
+    want.dedup();
+    assert_eq!(ids, want, "{context}: every event applied exactly once");
+    let mut per: std::collections::BTreeMap<String, Vec<i64>> = Default::default();
+    for (_, agg, seq) in rows {
+        if let (Some(a), Some(s)) = (agg, seq) {
+            per.entry(a.clone()).or_default().push(*s);
+        }
+    }
+    for (agg, seqs) in per {
+        let sorted: Vec<i64> = (1..=seqs.len() as i64).collect();
+        assert_eq!(
+            seqs, sorted,
+            "{context}: aggregate {agg} applied in seq order"
+        );
+    }
+}
+
+async fn wait_drained(s: &TestStream, durable: &str, within: Duration) {
+    assert!(
+        testkit::eventually(within, || drained(s, durable)).await,
+        "the consumer did not drain its stream within {within:?}"
+    );
+}
+
+#[tokio::test]
+async fn the_same_event_published_twice_has_one_effect() {
+    let t0 = Instant::now();
+    let db = TestDb::new().await;
+    effect_table(&db.pool).await;
+    let s = TestStream::new();
+    let js = stream_for(&s).await;
+    let a1 = Ev::seq("a", 1);
+    let a2 = Ev::seq("a", 2);
+    // A producer that is not this library: no aggregate, no Outbox-Seq.
+    let foreign = Ev {
+        id: Uuid::now_v7(),
+        agg: None,
+        seq: None,
+    };
+    for e in [&a1, &foreign, &a1, &a2, &foreign, &a2, &a1] {
+        publish(&js, &s, e).await;
+    }
+    let name = testkit::unique("dup");
+    let c = start(&db, &s, Recorder::default(), config(&name)).await;
+    wait_drained(&s, &name, Duration::from_secs(15)).await;
+    // A redelivery after the first consumer is gone, to a second consumer process.
+    publish(&js, &s, &a2).await;
+    publish(&js, &s, &foreign).await;
+    wait_drained(&s, &name, Duration::from_secs(15)).await;
+    c.shutdown().await;
+    assert_exactly_once_in_order(&effects(&db.pool).await, &[a1, a2, foreign], "duplicates");
+    eprintln!("took {:?}", t0.elapsed());
+}
+
+#[tokio::test]
+async fn events_arriving_out_of_order_are_applied_in_seq_order() {
+    let t0 = Instant::now();
+    let seed: u64 = rand::rng().random();
+    eprintln!("seed {seed}");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let db = TestDb::new().await;
+    effect_table(&db.pool).await;
+    let s = TestStream::new();
+    let js = stream_for(&s).await;
+    let mut all = Vec::new();
+    for agg in ["a", "b", "c"] {
+        for seq in 1..=8 {
+            all.push(Ev::seq(agg, seq));
+        }
+    }
+    let mut shuffled = all.clone();
+    shuffled.shuffle(&mut rng);
+    let name = testkit::unique("order");
+    let c = start(&db, &s, Recorder::default(), config(&name)).await;
+    for e in &shuffled {
+        publish(&js, &s, e).await;
+    }
+    wait_drained(&s, &name, Duration::from_secs(20)).await;
+    c.shutdown().await;
+    assert_exactly_once_in_order(
+        &effects(&db.pool).await,
+        &all,
+        &format!("out of order (seed {seed})"),
+    );
+    eprintln!("took {:?}", t0.elapsed());
+}
+
+async fn parked(pool: &PgPool, name: &str) -> Vec<(i64, String)> {
+    sqlx::query_as(
+        "SELECT seq, reason FROM outbox_consumer_dead_letter WHERE consumer = $1 ORDER BY seq",
+    )
+    .bind(name)
+    .fetch_all(pool)
+    .await
+    .expect("parked")
+}
+
+fn outbox_cli(db: &TestDb, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_outbox"))
+        .args(args)
+        .env("DATABASE_URL", &db.url)
+        .env("USER", "consumer-test")
+        .output()
+        .expect("outbox runs");
+    assert!(
+        out.status.success(),
+        "outbox {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test]
+async fn a_failing_aggregate_is_parked_while_others_flow_and_replay_applies_it_in_order() {
+    let t0 = Instant::now();
+    let db = TestDb::new().await;
+    effect_table(&db.pool).await;
+    let s = TestStream::new();
+    let js = stream_for(&s).await;
+    let name = testkit::unique("park");
+    let h = Recorder {
+        fail: Arc::new(AtomicBool::new(true)),
+        fail_agg: "x".into(),
+    };
+    let c = start(&db, &s, h.clone(), config(&name)).await;
+    let mut xs = Vec::new();
+    let mut ys = Vec::new();
+    // A handler that panics is a failing handler: parked like the others, its lane released.
+    publish(&js, &s, &Ev::seq("panics", 1)).await;
+    for i in 1..=5 {
+        if i <= 3 {
+            xs.push(Ev::seq("x", i));
+            publish(&js, &s, xs.last().unwrap()).await;
+        }
+        ys.push(Ev::seq("y", i));
+        publish(&js, &s, ys.last().unwrap()).await;
+    }
+    let pool = db.pool.clone();
+    let n = name.clone();
+    assert!(
+        testkit::eventually(Duration::from_secs(15), || {
+            let (pool, n) = (pool.clone(), n.clone());
+            async move { parked(&pool, &n).await.len() == 4 }
+        })
+        .await,
+        "x's three events and the panicking one parked: {:?}",
+        parked(&db.pool, &name).await
+    );
+    wait_drained(&s, &name, Duration::from_secs(10)).await;
+    let panicked: String = sqlx::query_scalar(
+        "DELETE FROM outbox_consumer_dead_letter WHERE aggregate_id = 'panics' RETURNING last_error",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(panicked.contains("injected panic"), "{panicked}");
+    assert_eq!(
+        parked(&db.pool, &name).await,
+        vec![
+            (1, "handler".into()),
+            (2, "held".into()),
+            (3, "held".into())
+        ]
+    );
+    // The other aggregate flowed; nothing of x was applied.
+    assert_exactly_once_in_order(&effects(&db.pool).await, &ys, "y while x is parked");
+    // A later event of x parks behind the others.
+    xs.push(Ev::seq("x", 4));
+    publish(&js, &s, &xs[3]).await;
+    wait_drained(&s, &name, Duration::from_secs(10)).await;
+    assert_eq!(parked(&db.pool, &name).await.len(), 4);
+    let listed = outbox_cli(&db, &["consumer-dead-letters", "list", "--consumer", &name]);
+    assert!(
+        listed.contains("reason=handler") && listed.contains("injected failure"),
+        "{listed}"
+    );
+
+    // The handler is fixed; the operator replays the first one: it and those behind it apply, in order.
+    h.fail.store(false, Ordering::SeqCst);
+    let out = outbox_cli(
+        &db,
+        &[
+            "consumer-dead-letters",
+            "replay",
+            "--consumer",
+            &name,
+            "--reason",
+            "handler",
+        ],
+    );
+    assert!(out.contains("replay requested for 1"), "{out}");
+    let pool = db.pool.clone();
+    assert!(
+        testkit::eventually(Duration::from_secs(10), || {
+            let pool = pool.clone();
+            async move { effects(&pool).await.len() == 9 }
+        })
+        .await,
+        "replay applied x: {:?}",
+        effects(&db.pool).await
+    );
+    assert!(parked(&db.pool, &name).await.is_empty());
+    // x flows live again after the replay.
+    xs.push(Ev::seq("x", 5));
+    publish(&js, &s, &xs[4]).await;
+    wait_drained(&s, &name, Duration::from_secs(10)).await;
+    c.shutdown().await;
+    let all: Vec<Ev> = xs.iter().chain(ys.iter()).cloned().collect();
+    assert_exactly_once_in_order(&effects(&db.pool).await, &all, "after replay");
+    let audited: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM outbox_audit WHERE action = 'consumer_replay' AND actor = 'consumer-test'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(audited, 1, "the replay is audited");
+    eprintln!("took {:?}", t0.elapsed());
+}
+
+/// Run only as a child of the crash test: consumes with a crash hook, dies at the chosen point.
+#[tokio::test]
+#[ignore = "child process of consumers_killed_mid_event_apply_every_event_exactly_once"]
+async fn consumer_child_process() {
+    let env =
+        |k: &str| std::env::var(k).unwrap_or_else(|_| panic!("{k} is set by the parent test"));
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(8)
+        .connect(&env("CHILD_DB"))
+        .await
+        .expect("db");
+    let name = env("CHILD_CONSUMER");
+    let mut cfg = config(&name);
+    let crash = env("CHILD_CRASH");
+    if let Some((at, n)) = crash.split_once(':') {
+        let n: usize = n.parse().expect("crash count");
+        let count = Arc::new(AtomicUsize::new(0));
+        let hook: outbox::consumers::runtime::Hook = Arc::new(move |_e| {
+            if count.fetch_add(1, Ordering::SeqCst) + 1 == n {
+                // Dies on the spot, like SIGKILL: no destructor, no close frame, no ack.
+                std::process::abort();
+            }
+        });
+        match at {
+            "before_commit" => cfg.before_commit = Some(hook),
+            "after_commit" => cfg.after_commit = Some(hook),
+            other => panic!("unknown crash point {other}"),
+        }
+    }
+    let consumer = Consumer::new(pool, Recorder::default(), cfg).expect("consumer");
+    if let Ok(queue) = std::env::var("CHILD_QUEUE") {
+        let source = AmqpSource::connect(AmqpSourceConfig {
+            url: testkit::rabbit::amqp_url(),
+            queue,
+            prefetch: 50,
+            consumer_tag: name.clone(),
+        })
+        .await
+        .expect("source");
+        consumer
+            .run(source, CancellationToken::new())
+            .await
+            .expect("runs");
+    } else {
+        let source = NatsSource::connect(NatsSourceConfig {
+            url: testkit::nats_url(),
+            stream: env("CHILD_STREAM"),
+            durable: name.clone(),
+            ack_wait: Duration::from_secs(2),
+            ..Default::default()
+        })
+        .await
+        .expect("source");
+        consumer
+            .run(source, CancellationToken::new())
+            .await
+            .expect("runs");
+    }
+}
+
+#[tokio::test]
+async fn consumers_killed_mid_event_apply_every_event_exactly_once() {
+    let t0 = Instant::now();
+    let seed: u64 = rand::rng().random();
+    eprintln!("seed {seed}");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let db = TestDb::new().await;
+    effect_table(&db.pool).await;
+    let s = TestStream::new();
+    let js = stream_for(&s).await;
+    let mut all = Vec::new();
+    for seq in 1..=10 {
+        for agg in ["h1", "h2", "h3"] {
+            all.push(Ev::seq(agg, seq));
+        }
+    }
+    for e in &all {
+        publish(&js, &s, e).await;
+    }
+    let name = testkit::unique("crash");
+    let spawn = |crash: String| {
+        Command::new(std::env::current_exe().expect("test binary"))
+            .args([
+                "consumer_child_process",
+                "--exact",
+                "--ignored",
+                "--nocapture",
+            ])
+            .env("CHILD_DB", &db.url)
+            .env("CHILD_STREAM", &s.name)
+            .env("CHILD_CONSUMER", &name)
+            .env("CHILD_CRASH", crash)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn the child consumer")
+    };
+    for at in [
+        "before_commit",
+        "after_commit",
+        "before_commit",
+        "after_commit",
+    ] {
+        let n = rng.random_range(1..=6);
+        eprintln!("crash {at} at event {n}");
+        let mut child = spawn(format!("{at}:{n}"));
+        let status = tokio::task::spawn_blocking(move || child.wait())
+            .await
+            .unwrap()
+            .expect("child exits");
+        assert!(!status.success(), "the child died at its crash point");
+    }
+    let mut last = spawn("none".into());
+    let done = testkit::eventually(Duration::from_secs(20), || drained(&s, &name)).await;
+    let _ = last.kill();
+    let _ = last.wait();
+    assert!(done, "the last consumer drained the stream");
+    assert_exactly_once_in_order(
+        &effects(&db.pool).await,
+        &all,
+        &format!("crashes (seed {seed})"),
+    );
+    eprintln!("took {:?}", t0.elapsed());
+}
+
+/// Queue depth and unacknowledged count are both zero.
+async fn queue_drained(url: &str, queue: &str) -> bool {
+    let Ok(conn) = Connection::connect(url, ConnectionProperties::default()).await else {
+        return false;
+    };
+    let Ok(ch) = conn.create_channel().await else {
+        return false;
+    };
+    let depth = ch
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map(|q| q.message_count());
+    let _ = conn.close(200, "depth read".into()).await;
+    matches!(depth, Ok(0))
+}
+
+#[tokio::test]
+async fn rabbitmq_duplicates_disorder_and_killed_consumers_apply_every_event_exactly_once_in_order()
+{
+    let t0 = Instant::now();
+    let seed: u64 = rand::rng().random();
+    eprintln!("seed {seed}");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let db = TestDb::new().await;
+    effect_table(&db.pool).await;
+    let url = testkit::rabbit::amqp_url();
+    let queue = testkit::unique("consumer_q");
+    let _cleanup = QueueGuard(url.clone(), queue.clone());
+    let conn = Connection::connect(&url, ConnectionProperties::default())
+        .await
+        .expect("RabbitMQ");
+    let ch = conn.create_channel().await.expect("channel");
+    ch.queue_declare(
+        queue.as_str().into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("queue");
+    let mut all = Vec::new();
+    for agg in ["r1", "r2", "r3"] {
+        for seq in 1..=10 {
+            all.push(Ev::seq(agg, seq));
+        }
+    }
+    // Out of order, plus copies of some events (other messages, same eventId).
+    let mut sent = all.clone();
+    sent.shuffle(&mut rng);
+    for _ in 0..6 {
+        let i = rng.random_range(0..all.len());
+        sent.push(all[i].clone());
+    }
+    for e in &sent {
+        let mut h = FieldTable::default();
+        for (k, v) in [
+            ("Outbox-Event-Id", e.id.to_string()),
+            ("Outbox-Tenant-Id", "t1".into()),
+            ("Outbox-Aggregate-Type", "item".into()),
+            ("Outbox-Aggregate-Id", e.agg.clone().unwrap()),
+        ] {
+            h.insert(k.into(), AMQPValue::LongString(v.into()));
+        }
+        h.insert("Outbox-Seq".into(), AMQPValue::LongLongInt(e.seq.unwrap()));
+        h.insert("Outbox-Seq-Epoch".into(), AMQPValue::LongLongInt(0));
+        ch.basic_publish(
+            "".into(),
+            queue.as_str().into(),
+            BasicPublishOptions::default(),
+            format!(r#"{{"eventId":"{}"}}"#, e.id).as_bytes(),
+            BasicProperties::default()
+                .with_message_id(Uuid::new_v4().to_string().into())
+                .with_headers(h),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("published");
+    }
+    let _ = conn.close(200, "published".into()).await;
+    let name = testkit::unique("rcrash");
+    let spawn = |crash: String| {
+        Command::new(std::env::current_exe().expect("test binary"))
+            .args([
+                "consumer_child_process",
+                "--exact",
+                "--ignored",
+                "--nocapture",
+            ])
+            .env("CHILD_DB", &db.url)
+            .env("CHILD_QUEUE", &queue)
+            .env("CHILD_CONSUMER", &name)
+            .env("CHILD_CRASH", crash)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn the child consumer")
+    };
+    for at in ["before_commit", "after_commit", "after_commit"] {
+        let n = rng.random_range(1..=6);
+        eprintln!("crash {at} at event {n}");
+        let mut child = spawn(format!("{at}:{n}"));
+        let status = tokio::task::spawn_blocking(move || child.wait())
+            .await
+            .unwrap()
+            .expect("child exits");
+        assert!(!status.success(), "the child died at its crash point");
+    }
+    let mut last = spawn("none".into());
+    let done = testkit::eventually(Duration::from_secs(20), || queue_drained(&url, &queue)).await;
+    // Requeued (gap) messages may be in flight: let the consumer settle them.
+    let pool = db.pool.clone();
+    let settled = testkit::eventually(Duration::from_secs(20), || {
+        let pool = pool.clone();
+        async move { effects(&pool).await.len() >= 30 }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _ = last.kill();
+    let _ = last.wait();
+    assert!(done && settled, "the last consumer drained the queue");
+    assert_exactly_once_in_order(
+        &effects(&db.pool).await,
+        &all,
+        &format!("rabbitmq crashes (seed {seed})"),
+    );
+    eprintln!("took {:?}", t0.elapsed());
+}
+
+struct QueueGuard(String, String);
+
+impl Drop for QueueGuard {
+    fn drop(&mut self) {
+        testkit::rabbit::delete_names(&self.0, vec![self.1.clone()], vec![]);
+    }
+}
+
+#[tokio::test]
+async fn the_event_id_set_is_bounded_by_its_retention() {
+    let t0 = Instant::now();
+    let db = TestDb::new().await;
+    effect_table(&db.pool).await;
+    let s = TestStream::new();
+    let js = stream_for(&s).await;
+    let name = testkit::unique("retention");
+    let foreign: Vec<Ev> = (0..5)
+        .map(|_| Ev {
+            id: Uuid::now_v7(),
+            agg: None,
+            seq: None,
+        })
+        .collect();
+    for e in &foreign {
+        publish(&js, &s, e).await;
+    }
+    let c = start(&db, &s, Recorder::default(), config(&name)).await;
+    wait_drained(&s, &name, Duration::from_secs(10)).await;
+    c.shutdown().await;
+    let seen = |pool: PgPool, name: String| async move {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM outbox_consumer_seen WHERE consumer = $1",
+        )
+        .bind(name)
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+    };
+    assert_eq!(
+        seen(db.pool.clone(), name.clone()).await,
+        5,
+        "one id per event without a sequence"
+    );
+    // Two of them age past a one-hour retention; the consumer's retention pass removes only those.
+    sqlx::query(
+        "UPDATE outbox_consumer_seen SET seen_at = now() - interval '2 hours'
+          WHERE event_id = ANY($1)",
+    )
+    .bind(vec![foreign[0].id, foreign[1].id])
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let mut cfg = config(&name);
+    cfg.seen_retention = Duration::from_secs(3600);
+    let c = start(&db, &s, Recorder::default(), cfg).await;
+    let (pool, n) = (db.pool.clone(), name.clone());
+    assert!(
+        testkit::eventually(Duration::from_secs(10), || seen(pool.clone(), n.clone())
+            .map(|c| c == 3))
+        .await,
+        "the retention pass deletes the two old ids"
+    );
+    c.shutdown().await;
+    eprintln!("took {:?}", t0.elapsed());
+}
+
+#[tokio::test]
+async fn a_gap_that_never_fills_is_parked_and_applied_once_its_predecessor_arrives() {
+    let t0 = Instant::now();
+    let db = TestDb::new().await;
+    effect_table(&db.pool).await;
+    let s = TestStream::new();
+    let js = stream_for(&s).await;
+    let name = testkit::unique("gap");
+    let mut cfg = config(&name);
+    cfg.gap_timeout = Duration::from_millis(400);
+    let c = start(&db, &s, Recorder::default(), cfg).await;
+    let g: Vec<Ev> = (1..=3).map(|i| Ev::seq("g", i)).collect();
+    // Seq 1 is "lost": 2 waits for it, is parked as a gap, and 3 parks behind it.
+    publish(&js, &s, &g[1]).await;
+    publish(&js, &s, &g[2]).await;
+    let (pool, n) = (db.pool.clone(), name.clone());
+    assert!(
+        testkit::eventually(Duration::from_secs(10), || {
+            let (pool, n) = (pool.clone(), n.clone());
+            async move {
+                let p = parked(&pool, &n).await;
+                // 3 parks behind 2 ("held") or, if its own wait ran out first, as a gap too.
+                p.len() == 2 && p[0] == (2, "gap".into()) && p[1].0 == 3
+            }
+        })
+        .await,
+        "parked: {:?}",
+        parked(&db.pool, &name).await
+    );
+    assert!(effects(&db.pool).await.is_empty());
+    // The missing event turns up (a late redelivery): it applies, and the parked ones follow.
+    publish(&js, &s, &g[0]).await;
+    let pool = db.pool.clone();
+    assert!(
+        testkit::eventually(Duration::from_secs(10), || {
+            let pool = pool.clone();
+            async move { effects(&pool).await.len() == 3 }
+        })
+        .await,
+        "{:?}",
+        effects(&db.pool).await
+    );
+    c.shutdown().await;
+    assert!(parked(&db.pool, &name).await.is_empty());
+    assert_exactly_once_in_order(&effects(&db.pool).await, &g, "gap filled late");
+    eprintln!("took {:?}", t0.elapsed());
+}
+
+#[tokio::test]
+async fn purging_a_parked_event_skips_it_and_its_aggregate_moves_on() {
+    let t0 = Instant::now();
+    let db = TestDb::new().await;
+    effect_table(&db.pool).await;
+    let s = TestStream::new();
+    let js = stream_for(&s).await;
+    let name = testkit::unique("purge");
+    let h = Recorder {
+        fail: Arc::new(AtomicBool::new(true)),
+        fail_agg: "p".into(),
+    };
+    let c = start(&db, &s, h.clone(), config(&name)).await;
+    let p: Vec<Ev> = (1..=3).map(|i| Ev::seq("p", i)).collect();
+    publish(&js, &s, &p[0]).await;
+    publish(&js, &s, &p[1]).await;
+    let (pool, n) = (db.pool.clone(), name.clone());
+    assert!(
+        testkit::eventually(Duration::from_secs(10), || {
+            let (pool, n) = (pool.clone(), n.clone());
+            async move { parked(&pool, &n).await.len() == 2 }
+        })
+        .await
+    );
+    h.fail.store(false, Ordering::SeqCst);
+    let id = p[0].id.to_string();
+    let out = outbox_cli(
+        &db,
+        &[
+            "consumer-dead-letters",
+            "purge",
+            "--consumer",
+            &name,
+            "--id",
+            &id,
+            "--yes",
+        ],
+    );
+    assert!(out.contains("purged 1"), "{out}");
+    publish(&js, &s, &p[2]).await;
+    let pool = db.pool.clone();
+    assert!(
+        testkit::eventually(Duration::from_secs(10), || {
+            let pool = pool.clone();
+            async move { effects(&pool).await.len() == 2 }
+        })
+        .await,
+        "{:?}",
+        effects(&db.pool).await
+    );
+    c.shutdown().await;
+    let got: Vec<Option<i64>> = effects(&db.pool).await.iter().map(|r| r.2).collect();
+    assert_eq!(
+        got,
+        vec![Some(2), Some(3)],
+        "seq 1 skipped, 2 and 3 applied in order"
+    );
+    let audited: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM outbox_audit WHERE action = 'consumer_purge'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(audited, 1);
+    eprintln!("took {:?}", t0.elapsed());
+}

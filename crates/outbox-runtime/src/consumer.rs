@@ -1,0 +1,131 @@
+//! Settings of a consumer service (flags and environment) and running its consumer until
+//! SIGTERM: what every binary built on the consumer runtime shares.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use outbox::consumers::amqp::{AmqpSource, AmqpSourceConfig};
+use outbox::consumers::nats::{NatsSource, NatsSourceConfig};
+use outbox::consumers::{Consumer, ConsumerConfig, Handler};
+use tokio_util::sync::CancellationToken;
+
+use crate::args::BrokerKind;
+
+/// A consumer's flags: where it reads, and how it retries and parks.
+#[derive(Debug, Clone, Args)]
+pub struct ConsumerArgs {
+    /// Consumer name: its inbox, parked events and metrics are kept under it (and it is the
+    /// JetStream durable name).
+    #[arg(long, env = "OUTBOX_CONSUMER_NAME", default_value = "read-model")]
+    pub consumer_name: String,
+    /// Broker to read from.
+    #[arg(long, env = "OUTBOX_BROKER", value_enum, default_value = "nats")]
+    pub broker: BrokerKind,
+    /// NATS server URL.
+    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+    /// JetStream stream the relay publishes to.
+    #[arg(long, env = "OUTBOX_NATS_STREAM", default_value = "OUTBOX")]
+    pub nats_stream: String,
+    /// Only subjects matching this filter (empty: the whole stream).
+    #[arg(long, env = "OUTBOX_CONSUMER_NATS_FILTER", default_value = "")]
+    pub nats_filter_subject: String,
+    /// Seconds JetStream waits for an acknowledgement before redelivering.
+    #[arg(long, env = "OUTBOX_CONSUMER_ACK_WAIT_SECS", default_value_t = 30)]
+    pub ack_wait_secs: u64,
+    /// RabbitMQ URL.
+    #[arg(
+        long,
+        env = "OUTBOX_AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
+    pub amqp_url: String,
+    /// RabbitMQ queue to consume (declare it with `outbox rabbitmq-topology`).
+    #[arg(long, env = "OUTBOX_CONSUMER_AMQP_QUEUE", default_value = "read-model")]
+    pub amqp_queue: String,
+    /// Unacknowledged messages RabbitMQ sends ahead (also bounds JetStream's ack-pending).
+    #[arg(long, env = "OUTBOX_CONSUMER_PREFETCH", default_value_t = 256)]
+    pub prefetch: u16,
+    /// Aggregates handled at once.
+    #[arg(long, env = "OUTBOX_CONSUMER_CONCURRENCY", default_value_t = 16)]
+    pub concurrency: usize,
+    /// Handler failures before an event is parked.
+    #[arg(long, env = "OUTBOX_CONSUMER_MAX_ATTEMPTS", default_value_t = 5)]
+    pub max_attempts: i32,
+    /// Seconds an event may wait for its predecessor before it is parked (reason `gap`).
+    #[arg(long, env = "OUTBOX_CONSUMER_GAP_TIMEOUT_SECS", default_value_t = 300)]
+    pub gap_timeout_secs: u64,
+    /// Hours event ids of events without a sequence are kept for de-duplication.
+    #[arg(
+        long,
+        env = "OUTBOX_CONSUMER_SEEN_RETENTION_HOURS",
+        default_value_t = 168
+    )]
+    pub seen_retention_hours: u64,
+}
+
+impl ConsumerArgs {
+    /// The runtime's settings.
+    pub fn config(&self) -> ConsumerConfig {
+        let mut c = ConsumerConfig::new(&self.consumer_name);
+        c.concurrency = self.concurrency.max(1);
+        c.max_attempts = self.max_attempts.max(1);
+        c.gap_timeout = Duration::from_secs(self.gap_timeout_secs);
+        c.seen_retention = Duration::from_secs(self.seen_retention_hours * 3600);
+        c
+    }
+}
+
+/// Connects the selected broker (retrying every 2 s until it answers: the relay creates the
+/// JetStream stream, and a consumer may start first) and runs `consumer` until `stop` is
+/// cancelled.
+pub async fn run<H: Handler>(
+    consumer: &Consumer<H>,
+    args: &ConsumerArgs,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    loop {
+        let attempt = async {
+            match args.broker {
+                BrokerKind::Nats => {
+                    let source = NatsSource::connect(NatsSourceConfig {
+                        url: args.nats_url.clone(),
+                        stream: args.nats_stream.clone(),
+                        durable: args.consumer_name.clone(),
+                        filter_subject: args.nats_filter_subject.clone(),
+                        ack_wait: Duration::from_secs(args.ack_wait_secs.max(1)),
+                        max_ack_pending: i64::from(args.prefetch),
+                    })
+                    .await
+                    .context("connecting the JetStream consumer")?;
+                    consumer.run(source, stop.clone()).await?;
+                }
+                BrokerKind::Rabbitmq => {
+                    let source = AmqpSource::connect(AmqpSourceConfig {
+                        url: args.amqp_url.clone(),
+                        queue: args.amqp_queue.clone(),
+                        prefetch: args.prefetch,
+                        consumer_tag: args.consumer_name.clone(),
+                    })
+                    .await
+                    .context("connecting the RabbitMQ consumer")?;
+                    consumer.run(source, stop.clone()).await?;
+                }
+            }
+            anyhow::Ok(())
+        };
+        match attempt.await {
+            Ok(()) if stop.is_cancelled() => return Ok(()),
+            Ok(()) => tracing::warn!("the broker ended the subscription; reconnecting in 2 s"),
+            Err(e) => tracing::warn!(
+                error = format!("{e:#}"),
+                "consumer not running; retrying in 2 s"
+            ),
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+        }
+    }
+}

@@ -1,0 +1,559 @@
+//! The consumer loop: reads a [`EventSource`], queues each message in the lane of its aggregate
+//! (one event of an aggregate at a time, aggregates in parallel up to `concurrency`), runs the
+//! handler in a transaction with the inbox record, acknowledges after the commit, retries and
+//! parks; a replayer applies parked events an operator asked for.
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{HashMap, VecDeque};
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use std::panic::AssertUnwindSafe;
+
+use async_trait::async_trait;
+use futures::FutureExt;
+use sqlx::{PgConnection, PgPool};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::dead_letters;
+use super::event::InboundEvent;
+use super::inbox::{self, Verdict};
+use super::metrics as m;
+use super::source::{Acknowledger, EventSource, Received};
+use crate::error::{OutboxError, Result};
+
+/// What a handler may fail with; the message is kept as the event's last error.
+pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The application's code for one event. It runs inside the transaction that also records the
+/// event in the inbox: write the effects through `tx` and they commit (or roll back) together.
+/// It must not commit `tx` itself, and should have no effects outside the database (those would
+/// be repeated when the transaction rolls back and the event is retried).
+#[async_trait]
+pub trait Handler: Send + Sync + 'static {
+    /// Applies `event`.
+    async fn handle(
+        &self,
+        tx: &mut PgConnection,
+        event: &InboundEvent,
+    ) -> std::result::Result<(), HandlerError>;
+}
+
+/// A test hook run between a step of the runtime and the next (to crash a consumer there).
+pub type Hook = Arc<dyn Fn(&InboundEvent) + Send + Sync>;
+
+/// How a consumer behaves.
+#[derive(Clone)]
+pub struct ConsumerConfig {
+    /// The consumer's name: the inbox, the parked events and the metrics are kept under it. Two
+    /// processes with the same name share one inbox (and must read the same subscription).
+    pub name: String,
+    /// Aggregates handled at once (each by one worker, in order).
+    pub concurrency: usize,
+    /// Handler failures before the event is parked.
+    pub max_attempts: i32,
+    /// Delay before the first redelivery of a failed event; doubled per attempt.
+    pub retry_base: Duration,
+    /// Longest delay between redeliveries of a failed event.
+    pub retry_max: Duration,
+    /// Delay before an event that arrived ahead of its predecessor is delivered again.
+    pub gap_retry: Duration,
+    /// How long an event may wait for its predecessor before it is parked (reason `gap`).
+    pub gap_timeout: Duration,
+    /// How long event ids of events without a sequence are remembered for de-duplication.
+    pub seen_retention: Duration,
+    /// How often the replayer looks for parked events to apply.
+    pub replay_poll: Duration,
+    /// Crash-test hook run after the commit, before the acknowledgement.
+    #[doc(hidden)]
+    pub after_commit: Option<Hook>,
+    /// Crash-test hook run after the handler, before the commit.
+    #[doc(hidden)]
+    pub before_commit: Option<Hook>,
+}
+
+impl std::fmt::Debug for ConsumerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConsumerConfig")
+            .field("name", &self.name)
+            .field("concurrency", &self.concurrency)
+            .field("max_attempts", &self.max_attempts)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ConsumerConfig {
+    /// Defaults for consumer `name`: 16 aggregates at once, 5 attempts from 500 ms to 30 s, gaps
+    /// retried every second and parked after 5 minutes, event ids kept 7 days.
+    pub fn new(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            concurrency: 16,
+            max_attempts: 5,
+            retry_base: Duration::from_millis(500),
+            retry_max: Duration::from_secs(30),
+            gap_retry: Duration::from_secs(1),
+            gap_timeout: Duration::from_secs(300),
+            seen_retention: Duration::from_secs(7 * 24 * 3600),
+            replay_poll: Duration::from_secs(1),
+            after_commit: None,
+            before_commit: None,
+        }
+    }
+
+    fn backoff(&self, attempts: i32) -> Duration {
+        let exp = attempts.saturating_sub(1).clamp(0, 20) as u32;
+        self.retry_base
+            .saturating_mul(2u32.saturating_pow(exp))
+            .min(self.retry_max)
+    }
+}
+
+/// Liveness of a running consumer, for health endpoints.
+#[derive(Debug, Default)]
+pub struct ConsumerHealth {
+    last_progress_ms: AtomicU64,
+    /// Last lag the broker reported, plus one (0: never reported).
+    lag_plus_one: AtomicU64,
+}
+
+impl ConsumerHealth {
+    fn touch(&self) {
+        let now = chrono::Utc::now().timestamp_millis().max(0) as u64;
+        self.last_progress_ms.store(now, Ordering::Relaxed);
+    }
+
+    fn set_lag(&self, lag: u64) {
+        self.lag_plus_one
+            .store(lag.saturating_add(1), Ordering::Relaxed);
+    }
+
+    /// Time since the consumer last received or settled a message (or started).
+    pub fn since_progress(&self) -> Duration {
+        let now = chrono::Utc::now().timestamp_millis().max(0) as u64;
+        Duration::from_millis(now.saturating_sub(self.last_progress_ms.load(Ordering::Relaxed)))
+    }
+
+    /// Messages waiting at the broker, as last sampled (every 2 s), if the broker said.
+    pub fn lag(&self) -> Option<u64> {
+        self.lag_plus_one.load(Ordering::Relaxed).checked_sub(1)
+    }
+
+    /// Whether messages are waiting and nothing moved for `timeout`: the consumer is stuck (or
+    /// its database or broker is away).
+    pub fn stalled(&self, timeout: Duration) -> bool {
+        self.lag().is_some_and(|l| l > 0) && self.since_progress() > timeout
+    }
+}
+
+/// A consumer: a handler, its database and its settings.
+pub struct Consumer<H: Handler> {
+    inner: Arc<Inner<H>>,
+}
+
+struct Inner<H> {
+    pool: PgPool,
+    handler: H,
+    cfg: ConsumerConfig,
+    health: Arc<ConsumerHealth>,
+}
+
+enum Outcome {
+    Applied,
+    Duplicate,
+    Gap,
+    Blocked,
+    HandlerFailed(String),
+}
+
+impl<H: Handler> Consumer<H> {
+    /// A consumer of `handler` whose inbox lives in `pool` (migrated with
+    /// [`crate::schema::migrate`]).
+    pub fn new(pool: PgPool, handler: H, cfg: ConsumerConfig) -> Result<Self> {
+        if cfg.name.is_empty() || cfg.concurrency == 0 || cfg.max_attempts < 1 {
+            return Err(OutboxError::Config(
+                "a consumer needs a name, a concurrency of at least 1 and at least 1 attempt"
+                    .into(),
+            ));
+        }
+        let health = Arc::new(ConsumerHealth::default());
+        health.touch();
+        Ok(Self {
+            inner: Arc::new(Inner {
+                pool,
+                handler,
+                cfg,
+                health,
+            }),
+        })
+    }
+
+    /// Its health handle.
+    pub fn health(&self) -> Arc<ConsumerHealth> {
+        self.inner.health.clone()
+    }
+
+    /// Consumes `source` until `stop` is cancelled or the source ends. On stop it reads nothing
+    /// more, lets every message already received finish (handled, committed, acknowledged) and
+    /// returns; what was not acknowledged is redelivered by the broker to the next consumer.
+    pub async fn run<S: EventSource>(&self, mut source: S, stop: CancellationToken) -> Result<()> {
+        let cfg = &self.inner.cfg;
+        let name = cfg.name.clone();
+        let permits = Arc::new(Semaphore::new(cfg.concurrency));
+        // Aggregates being handled, with the messages that arrived for them meanwhile: one task
+        // per busy aggregate drains its lane in arrival order, so an aggregate is handled one
+        // event at a time while up to `concurrency` aggregates run at once.
+        let lanes: Lanes = Arc::default();
+        let gaps: Gaps = Arc::default();
+        let replay_stop = stop.child_token();
+        let replayer = tokio::spawn(replayer(self.inner.clone(), replay_stop.clone()));
+        let mut lag_at = Instant::now();
+        let outcome = loop {
+            if lag_at.elapsed() >= Duration::from_secs(2) {
+                lag_at = Instant::now();
+                if let Some(lag) = source.lag().await {
+                    metrics::gauge!(m::LAG, "consumer" => name.clone()).set(lag as f64);
+                    self.inner.health.set_lag(lag);
+                }
+            }
+            let next = tokio::select! {
+                _ = stop.cancelled() => break Ok(()),
+                n = tokio::time::timeout(Duration::from_secs(1), source.next()) => n,
+            };
+            match next {
+                Err(_) => continue,
+                Ok(Ok(Some(r))) => {
+                    self.inner.health.touch();
+                    let key = lane_of(&r.event);
+                    {
+                        let mut l = lanes.lock().expect("lanes lock");
+                        if let Some(queue) = l.get_mut(&key) {
+                            queue.push_back(r);
+                            continue;
+                        }
+                        l.insert(key, VecDeque::new());
+                    }
+                    let Ok(permit) = permits.clone().acquire_owned().await else {
+                        break Err(OutboxError::Config("the consumer's permits closed".into()));
+                    };
+                    let (inner, lanes, gaps) = (self.inner.clone(), lanes.clone(), gaps.clone());
+                    tokio::spawn(async move {
+                        let mut current = r;
+                        loop {
+                            settle(&inner, current, &gaps).await;
+                            inner.health.touch();
+                            let mut l = lanes.lock().expect("lanes lock");
+                            match l.get_mut(&key).and_then(VecDeque::pop_front) {
+                                Some(n) => current = n,
+                                None => {
+                                    l.remove(&key);
+                                    break;
+                                }
+                            }
+                        }
+                        drop(permit);
+                    });
+                }
+                Ok(Ok(None)) => break Ok(()),
+                Ok(Err(e)) => {
+                    tracing::warn!(consumer = %name, error = %e, "reading from the broker failed; retrying in 1 s");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        };
+        // Every lane finishes what it holds (handled, committed, acknowledged).
+        let _ = permits.acquire_many(cfg.concurrency as u32).await;
+        replay_stop.cancel();
+        let _ = replayer.await;
+        tracing::info!(consumer = %name, "consumer stopped");
+        outcome
+    }
+}
+
+type Lanes = Arc<Mutex<HashMap<u64, VecDeque<Received>>>>;
+/// When each event now waiting for its predecessor was first seen so (restarts begin the clock
+/// again).
+type Gaps = Arc<Mutex<HashMap<Uuid, Instant>>>;
+
+/// The lane of an event: its aggregate's (so one aggregate is handled in order, by one task at a
+/// time), else its id's.
+fn lane_of(e: &InboundEvent) -> u64 {
+    let mut h = DefaultHasher::new();
+    match &e.aggregate {
+        Some(a) => a.hash(&mut h),
+        None => e.event_id.hash(&mut h),
+    }
+    h.finish()
+}
+
+async fn settle<H: Handler>(inner: &Inner<H>, r: Received, gaps: &Gaps) {
+    let cfg = &inner.cfg;
+    let c = cfg.name.clone();
+    let Received {
+        event,
+        unreadable,
+        acker,
+    } = r;
+    if let Some(why) = unreadable {
+        tracing::warn!(consumer = %c, reason = %why.0, "parking a message that is not an event");
+        park_then_ack(inner, &event, "unreadable", Some(&why.0), acker).await;
+        return;
+    }
+    match apply(inner, &event, None).await {
+        Ok(Outcome::Applied) => {
+            gaps.lock().expect("gaps lock").remove(&event.event_id);
+            metrics::counter!(m::HANDLED, "consumer" => c).increment(1);
+            if let Some(h) = &cfg.after_commit {
+                h(&event);
+            }
+            ack(acker).await;
+        }
+        Ok(Outcome::Duplicate) => {
+            gaps.lock().expect("gaps lock").remove(&event.event_id);
+            metrics::counter!(m::DUPLICATES, "consumer" => c).increment(1);
+            ack(acker).await;
+        }
+        Ok(Outcome::Blocked) => {
+            gaps.lock().expect("gaps lock").remove(&event.event_id);
+            park_then_ack(inner, &event, "held", None, acker).await;
+        }
+        Ok(Outcome::Gap) => {
+            let since = *gaps
+                .lock()
+                .expect("gaps lock")
+                .entry(event.event_id)
+                .or_insert_with(Instant::now);
+            if since.elapsed() >= cfg.gap_timeout {
+                gaps.lock().expect("gaps lock").remove(&event.event_id);
+                tracing::error!(consumer = %c, event_id = %event.event_id, aggregate = ?event.aggregate,
+                    position = ?event.position, "the event before this one never arrived; parking it");
+                park_then_ack(
+                    inner,
+                    &event,
+                    "gap",
+                    Some("its predecessor never arrived"),
+                    acker,
+                )
+                .await;
+            } else {
+                metrics::counter!(m::RETRIES, "consumer" => c, "reason" => "gap").increment(1);
+                retry(acker, cfg.gap_retry).await;
+            }
+        }
+        Ok(Outcome::HandlerFailed(err)) => {
+            match inbox::record_failure(&inner.pool, &c, event.event_id, &err).await {
+                Ok(n) if n >= cfg.max_attempts => {
+                    tracing::error!(consumer = %c, event_id = %event.event_id, attempts = n, error = %err,
+                        "handler keeps failing; parking the event");
+                    park_then_ack(inner, &event, "handler", Some(&err), acker).await;
+                }
+                Ok(n) => {
+                    tracing::warn!(consumer = %c, event_id = %event.event_id, attempts = n, error = %err,
+                        "handler failed; the event will be delivered again");
+                    metrics::counter!(m::RETRIES, "consumer" => c, "reason" => "handler")
+                        .increment(1);
+                    retry(acker, cfg.backoff(n)).await;
+                }
+                Err(e) => database_down(&c, e, acker).await,
+            }
+        }
+        Err(e) => database_down(&c, e, acker).await,
+    }
+}
+
+async fn database_down(consumer: &str, e: OutboxError, acker: Box<dyn Acknowledger>) {
+    // Not the event's fault: no attempt is spent.
+    tracing::warn!(consumer, error = %e, "inbox database unavailable; the event will be delivered again");
+    metrics::counter!(m::RETRIES, "consumer" => consumer.to_string(), "reason" => "database")
+        .increment(1);
+    retry(acker, Duration::from_secs(1)).await;
+}
+
+async fn park_then_ack<H: Handler>(
+    inner: &Inner<H>,
+    e: &InboundEvent,
+    reason: &'static str,
+    error: Option<&str>,
+    acker: Box<dyn Acknowledger>,
+) {
+    match inbox::park(&inner.pool, &inner.cfg.name, e, reason, error).await {
+        Ok(()) => {
+            metrics::counter!(m::PARKED, "consumer" => inner.cfg.name.clone(), "reason" => reason)
+                .increment(1);
+            ack(acker).await;
+        }
+        Err(err) => database_down(&inner.cfg.name, err, acker).await,
+    }
+}
+
+async fn ack(acker: Box<dyn Acknowledger>) {
+    // A lost acknowledgement only means a redelivery, which the inbox drops as a duplicate.
+    if let Err(e) = acker.ack().await {
+        tracing::warn!(error = %e, "acknowledgement failed; the broker will redeliver (a duplicate)");
+    }
+}
+
+async fn retry(acker: Box<dyn Acknowledger>, delay: Duration) {
+    if let Err(e) = acker.retry_after(delay).await {
+        tracing::warn!(error = %e, "asking for a redelivery failed; the broker redelivers after its ack wait");
+    }
+}
+
+/// Runs the handler for `e` in one transaction with its inbox record; `parked`: the dead-letter
+/// row being replayed, deleted in the same transaction.
+async fn apply<H: Handler>(
+    inner: &Inner<H>,
+    e: &InboundEvent,
+    parked: Option<i64>,
+) -> Result<Outcome> {
+    let c = &inner.cfg.name;
+    let mut tx = inner.pool.begin().await?;
+    match inbox::claim(&mut tx, c, e, parked.is_some()).await? {
+        Verdict::Duplicate => {
+            if let Some(id) = parked {
+                delete_parked(&mut tx, id).await?;
+                tx.commit().await?;
+            }
+            return Ok(Outcome::Duplicate);
+        }
+        Verdict::Gap => return Ok(Outcome::Gap),
+        Verdict::Blocked => return Ok(Outcome::Blocked),
+        Verdict::Apply => {}
+    }
+    // A panicking handler is a failing handler: without this its lane would never be released
+    // and its aggregate would stop without a word.
+    let handled = AssertUnwindSafe(inner.handler.handle(&mut tx, e))
+        .catch_unwind()
+        .await;
+    let failure = match handled {
+        Ok(Ok(())) => None,
+        Ok(Err(err)) => Some(err.to_string()),
+        Err(panic) => Some(format!(
+            "the handler panicked: {}",
+            panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default()
+        )),
+    };
+    if let Some(err) = failure {
+        drop(tx);
+        return Ok(Outcome::HandlerFailed(err));
+    }
+    // The failure count of an event that now succeeded is not deleted here (a statement per
+    // event for a rare case): it can never be read again, since the event is applied, and the
+    // inbox retention deletes it.
+    if let Some(id) = parked {
+        delete_parked(&mut tx, id).await?;
+    }
+    if let Some(h) = &inner.cfg.before_commit {
+        h(e);
+    }
+    tx.commit().await?;
+    Ok(Outcome::Applied)
+}
+
+async fn delete_parked(tx: &mut PgConnection, id: i64) -> Result<()> {
+    sqlx::query("DELETE FROM outbox_consumer_dead_letter WHERE id = $1")
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
+
+/// Applies parked events that were asked for (and those parked behind them), and waiting ones
+/// whose predecessor has arrived since; also runs the inbox's retention.
+async fn replayer<H: Handler>(inner: Arc<Inner<H>>, stop: CancellationToken) {
+    let mut cleaned = Instant::now() - Duration::from_secs(3600);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(inner.cfg.replay_poll) => {}
+        }
+        if cleaned.elapsed() >= Duration::from_secs(600) {
+            cleaned = Instant::now();
+            match inbox::cleanup(&inner.pool, &inner.cfg.name, inner.cfg.seen_retention).await {
+                Ok(n) if n > 0 => {
+                    tracing::info!(consumer = %inner.cfg.name, rows = n, "inbox retention")
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "inbox retention failed; next pass in 10 min"),
+            }
+        }
+        if let Err(e) = replay_pass(&inner).await {
+            tracing::warn!(consumer = %inner.cfg.name, error = %e, "replaying parked events failed; retrying");
+        }
+    }
+}
+
+async fn replay_pass<H: Handler>(inner: &Inner<H>) -> Result<()> {
+    let c = &inner.cfg.name;
+    for first in dead_letters::replay_candidates(&inner.pool, c).await? {
+        let rows = match &first.event.aggregate {
+            Some(a) => dead_letters::of_aggregate(&inner.pool, c, a).await?,
+            None => vec![first],
+        };
+        for row in rows {
+            match apply(inner, &row.event, Some(row.id)).await? {
+                Outcome::Applied => {
+                    metrics::counter!(m::HANDLED, "consumer" => c.clone()).increment(1);
+                    metrics::counter!(m::REPLAYED, "consumer" => c.clone()).increment(1);
+                    tracing::info!(consumer = %c, event_id = %row.event.event_id, "replayed a parked event");
+                }
+                Outcome::Duplicate => {
+                    metrics::counter!(m::DUPLICATES, "consumer" => c.clone()).increment(1);
+                }
+                Outcome::Gap | Outcome::Blocked => {
+                    if row.requested {
+                        dead_letters::replay_failed(
+                            &inner.pool,
+                            row.id,
+                            "replay: an earlier event of its aggregate is not applied yet",
+                            false,
+                        )
+                        .await?;
+                    }
+                    break;
+                }
+                Outcome::HandlerFailed(err) => {
+                    dead_letters::replay_failed(&inner.pool, row.id, &err, true).await?;
+                    break;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stalled_only_with_messages_waiting() {
+        let h = ConsumerHealth::default();
+        h.touch();
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(!h.stalled(Duration::ZERO), "lag never reported");
+        h.set_lag(0);
+        assert!(!h.stalled(Duration::ZERO), "nothing waiting");
+        h.set_lag(3);
+        assert!(h.stalled(Duration::ZERO));
+        assert!(!h.stalled(Duration::from_secs(60)));
+        assert_eq!(h.lag(), Some(3));
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        let mut c = ConsumerConfig::new("x");
+        c.retry_base = Duration::from_millis(100);
+        c.retry_max = Duration::from_millis(1000);
+        let d: Vec<u128> = (1..=6).map(|a| c.backoff(a).as_millis()).collect();
+        assert_eq!(d, vec![100, 200, 400, 800, 1000, 1000]);
+    }
+}

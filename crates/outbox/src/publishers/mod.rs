@@ -1,0 +1,10 @@
+//! How events leave: the [`publisher::Publisher`] trait the relay engine talks to, the
+//! per-aggregate [`pipeline`] the adapters share, and one module per broker behind its cargo
+//! feature (`nats` for JetStream, `rabbitmq` for RabbitMQ).
+
+#[cfg(feature = "rabbitmq")]
+pub mod amqp;
+#[cfg(feature = "nats")]
+pub mod nats;
+pub mod pipeline;
+pub mod publisher;
