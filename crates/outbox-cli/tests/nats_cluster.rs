@@ -34,7 +34,12 @@ const BACKLOG: i64 = 6000;
 type Ledger = Vec<(Uuid, String)>;
 
 /// Transactions of 1-6 events, mostly on the hot aggregates, a tenth rolled back, until `stop`.
-async fn writer(pool: sqlx::PgPool, seed: u64, idx: u64, stop: tokio_util::sync::CancellationToken) -> Ledger {
+async fn writer(
+    pool: sqlx::PgPool,
+    seed: u64,
+    idx: u64,
+    stop: tokio_util::sync::CancellationToken,
+) -> Ledger {
     let mut rng = StdRng::seed_from_u64(seed ^ (idx + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
     let outbox = Outbox::new("cluster-test");
     let mut ledger = Vec::new();
@@ -72,7 +77,10 @@ async fn writer(pool: sqlx::PgPool, seed: u64, idx: u64, stop: tokio_util::sync:
             tx.rollback().await.expect("rollback");
         } else {
             tx.commit().await.expect("commit");
-            ledger.extend(ids.into_iter().zip(aggs.iter().map(|(t, a)| format!("{t}/{a}"))));
+            ledger.extend(
+                ids.into_iter()
+                    .zip(aggs.iter().map(|(t, a)| format!("{t}/{a}"))),
+            );
         }
         tokio::time::sleep(Duration::from_millis(rng.random_range(2..=15))).await;
     }
@@ -93,6 +101,23 @@ async fn wait_published(db: &TestDb, from: i64, n: i64, within: Duration) -> boo
     testkit::eventually(within, || async { published(db).await >= from + n }).await
 }
 
+/// `outbox_events_duplicate_total` from the relay's `/metrics` (plain HTTP/1.0 on loopback).
+async fn duplicates_reported(port: u16) -> f64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+        return f64::NAN;
+    };
+    let _ = s
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .await;
+    let mut body = String::new();
+    let _ = s.read_to_string(&mut body).await;
+    body.lines()
+        .filter(|l| l.starts_with("outbox_events_duplicate_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn r3_stream_through_leader_kill_and_lost_quorum_loses_nothing_and_spends_no_attempt() {
     let seed = soak_seed();
@@ -104,6 +129,8 @@ async fn r3_stream_through_leader_kill_and_lost_quorum_loses_nothing_and_spends_
     let stream = TestStream::new();
     common::insert_backlog(&db, BACKLOG, 40).await;
     let batch = rng.random_range(50..=200).to_string();
+    let metrics_port = common::free_port();
+    let metrics_addr = format!("127.0.0.1:{metrics_port}");
     let mut relay = RelayProcess::spawn_via(
         &db,
         &stream,
@@ -117,6 +144,8 @@ async fn r3_stream_through_leader_kill_and_lost_quorum_loses_nothing_and_spends_
             &batch,
             "--retry-cap-ms",
             "1000",
+            "--metrics-addr",
+            &metrics_addr,
         ],
     );
     let stop_writers = tokio_util::sync::CancellationToken::new();
@@ -139,7 +168,10 @@ async fn r3_stream_through_leader_kill_and_lost_quorum_loses_nothing_and_spends_
         .unwrap()
         .config
         .num_replicas;
-    assert_eq!(replicas, 3, "seed={seed}: the relay must create an R3 stream");
+    assert_eq!(
+        replicas, 3,
+        "seed={seed}: the relay must create an R3 stream"
+    );
 
     // 1. Kill the stream leader with a batch in flight: at a seeded point of the backlog.
     let at = rng.random_range(BACKLOG / 10..BACKLOG / 2);
@@ -212,12 +244,26 @@ async fn r3_stream_through_leader_kill_and_lost_quorum_loses_nothing_and_spends_
         ledgers.push(w.await.expect("writer"));
     }
     let drained = testkit::eventually(Duration::from_secs(60), || async {
-        scalar(&db, "SELECT count(*) FROM outbox_event WHERE status <> 'published'").await == 0
+        scalar(
+            &db,
+            "SELECT count(*) FROM outbox_event WHERE status <> 'published'",
+        )
+        .await
+            == 0
     })
     .await;
-    let dead = scalar(&db, "SELECT count(*) FROM outbox_event WHERE status = 'dead'").await;
+    let dead = scalar(
+        &db,
+        "SELECT count(*) FROM outbox_event WHERE status = 'dead'",
+    )
+    .await;
     assert_eq!(dead, 0, "seed={seed}: an outage dead-lettered events");
-    assert!(drained, "seed={seed}: the relay did not drain the outbox after the faults");
+    assert!(
+        drained,
+        "seed={seed}: the relay did not drain the outbox after the faults"
+    );
+    // Re-publishes after lost acknowledgements, which the stream dropped by `Nats-Msg-Id`.
+    let duplicates = duplicates_reported(metrics_port).await;
     relay.sigterm_and_wait();
     let attempts = scalar(
         &db,
@@ -225,7 +271,10 @@ async fn r3_stream_through_leader_kill_and_lost_quorum_loses_nothing_and_spends_
               + (SELECT coalesce(sum(attempts), 0) FROM outbox_published)",
     )
     .await;
-    assert_eq!(attempts, 0, "seed={seed}: elections / lost quorum spent attempts");
+    assert_eq!(
+        attempts, 0,
+        "seed={seed}: elections / lost quorum spent attempts"
+    );
 
     // What was committed: the backlog (one statement, committed before the relay started) and
     // every writer's committed transactions.
@@ -255,8 +304,15 @@ async fn r3_stream_through_leader_kill_and_lost_quorum_loses_nothing_and_spends_
         let h = m.headers.clone();
         let get = |k: &str| h.get(k).map(|v| v.to_string()).unwrap_or_default();
         let id = get("Nats-Msg-Id");
-        assert_eq!(id, get("Outbox-Event-Id"), "seed={seed}: Nats-Msg-Id is the eventId");
-        assert!(seen.insert(id.clone()), "seed={seed}: event {id} twice in the stream");
+        assert_eq!(
+            id,
+            get("Outbox-Event-Id"),
+            "seed={seed}: Nats-Msg-Id is the eventId"
+        );
+        assert!(
+            seen.insert(id.clone()),
+            "seed={seed}: event {id} twice in the stream"
+        );
         let agg = format!("{}/{}", get("Outbox-Tenant-Id"), get("Outbox-Aggregate-Id"));
         match committed.get(&id) {
             Some(a) if *a == agg => {}
@@ -264,19 +320,26 @@ async fn r3_stream_through_leader_kill_and_lost_quorum_loses_nothing_and_spends_
         }
         let seq: i64 = get("Outbox-Seq").parse().unwrap_or(-1);
         let n = next.entry(agg.clone()).or_insert(1);
-        assert_eq!(seq, *n, "seed={seed}: aggregate {agg} out of order in the stream");
+        assert_eq!(
+            seq, *n,
+            "seed={seed}: aggregate {agg} out of order in the stream"
+        );
         *n += 1;
     }
     let lost = committed.keys().filter(|id| !seen.contains(*id)).count();
     let writes: usize = ledgers.iter().map(Vec::len).sum();
     eprintln!(
-        "seed={seed}: {} backlog + {writes} written events, {} in the stream, lost {lost}, phantom {phantom}, {:.1} s",
+        "seed={seed}: {} backlog + {writes} written events, {} in the stream, lost {lost}, phantom {phantom}, \
+         {duplicates} re-publishes dropped by the stream as duplicates, {:.1} s",
         BACKLOG,
         msgs.len(),
         t0.elapsed().as_secs_f64()
     );
     assert_eq!(phantom, 0, "seed={seed}: messages nobody committed");
-    assert_eq!(lost, 0, "seed={seed}: committed events missing from the stream");
+    assert_eq!(
+        lost, 0,
+        "seed={seed}: committed events missing from the stream"
+    );
     assert_eq!(msgs.len(), committed.len());
 }
 

@@ -10,6 +10,8 @@
 
 #[cfg(feature = "rabbitmq")]
 pub mod amqp;
+#[cfg(feature = "rabbitmq")]
+pub mod amqp_topology;
 pub mod enqueue;
 pub mod envelope;
 pub mod error;

@@ -92,6 +92,14 @@ impl NatsCluster {
         &self.nodes[i].name
     }
 
+    /// Process ids of the running nodes (benchmarks read their CPU time).
+    pub fn pids(&self) -> Vec<u32> {
+        self.nodes
+            .iter()
+            .filter_map(|n| n.child.as_ref().map(Child::id))
+            .collect()
+    }
+
     /// Whether node `i`'s process is running.
     pub fn is_running(&mut self, i: usize) -> bool {
         matches!(
@@ -287,11 +295,7 @@ impl NatsCluster {
     /// The last lines of node `i`'s log, for failure messages.
     pub fn log_tail(&self, i: usize) -> String {
         let log = std::fs::read_to_string(self.nodes[i].dir.join("server.log")).unwrap_or_default();
-        log.lines()
-            .rev()
-            .take(10)
-            .collect::<Vec<_>>()
-            .join(" | ")
+        log.lines().rev().take(10).collect::<Vec<_>>().join(" | ")
     }
 }
 
