@@ -30,7 +30,9 @@ async fn main() {
     let mut cluster = NatsCluster::start().await;
     println!("3-node JetStream cluster (nats-server 2.9, loopback), R3 streams; backlog {backlog}");
     let db = TestDb::new().await;
+    let w0 = wal(&db).await;
     write_backlog(&db, backlog).await;
+    let wal_insert = wal(&db).await - w0;
     let msgs = support::backlog_messages(&db).await;
     let js = cluster.jetstream().await;
     let js = jetstream::ContextBuilder::new()
@@ -99,7 +101,9 @@ async fn main() {
     .unwrap();
     let mut info = js.get_stream(&stream.name).await.unwrap();
     let c0 = cpu::Sample::take(&cluster.pids());
+    let nodes0 = cpu::snapshot(&cluster.pids());
     let pg0 = cpu::snapshot(&cpu::backends(&db).await);
+    let w0 = wal(&db).await;
     let t = Instant::now();
     let stop = CancellationToken::new();
     let s = stop.clone();
@@ -114,6 +118,13 @@ async fn main() {
     let relay_cpu = cpu::Sample::take(&cluster.pids()).since(&c0);
     // Backends the relay opened during the drain are still connected: its pool keeps them.
     let pg_cpu = cpu::backend_delta(&pg0, &cpu::backends(&db).await);
+    let wal_drain = wal(&db).await - w0;
+    let mut per_node: Vec<f64> = cluster
+        .pids()
+        .iter()
+        .map(|p| cpu::seconds(*p) - nodes0.get(p).copied().unwrap_or(0.0))
+        .collect();
+    per_node.sort_by(|a, b| b.total_cmp(a));
     stop.cancel();
     task.await.unwrap().unwrap();
     let drained = backlog as f64 / secs;
@@ -136,4 +147,26 @@ async fn main() {
         per(relay_cpu.me),
         per(pg_cpu)
     );
+    println!(
+        "   per nats-server, busiest first: {}",
+        per_node
+            .iter()
+            .map(|s| format!("{:.1} us", per(*s)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!(
+        "WAL per event (whole PostgreSQL server, other sessions included: an upper bound): \
+         backlog insert {:.0} B, drain (claim + settle) {:.0} B",
+        wal_insert / backlog as f64,
+        wal_drain / backlog as f64
+    );
+}
+
+/// The server's WAL position in bytes.
+async fn wal(db: &TestDb) -> f64 {
+    sqlx::query_scalar::<_, f64>("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::float8")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
 }
