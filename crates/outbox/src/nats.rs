@@ -2,6 +2,9 @@
 //!
 //! `Nats-Msg-Id` is the `eventId`, so the stream drops re-publishes inside its duplicate window;
 //! the window is checked against the relay's re-publish horizon before anything is published.
+//! On a cluster the adapter takes every server's URL (comma-separated) and can create or check an
+//! R3 stream ([`NatsConfig::replicas`]); leader elections and lost quorum reach it as "no
+//! responders", time-outs or the cluster error codes listed in `BROKER_WIDE`, all outages.
 //! Built without async-nats' `server_2_10` features: Debian ships nats-server 2.9, which would
 //! reject the 2.10-only stream fields.
 
@@ -312,6 +315,12 @@ const BROKER_WIDE: &[ErrorCode] = &[
     ErrorCode::CLUSTER_NOT_AVAILABLE,
     ErrorCode::CLUSTER_NOT_LEADER,
     ErrorCode::CLUSTER_NO_PEERS,
+    // A cluster still forming or re-assigning the stream after a node loss (issue 13): never
+    // seen on a publish in the cluster test, where elections answered "no responders" or not at
+    // all, but they concern the cluster, not the message.
+    ErrorCode::CLUSTER_INCOMPLETE,
+    ErrorCode::CLUSTER_NOT_ACTIVE,
+    ErrorCode::CLUSTER_NOT_ASSIGNED,
     ErrorCode::RAFT_GENERAL,
     ErrorCode::JETSTREAM_NOT_ENABLED,
     ErrorCode::JETSTREAM_NOT_ENABLED_FOR_ACCOUNT,
@@ -476,7 +485,16 @@ impl Publisher for NatsPublisher {
 
 #[cfg(test)]
 mod tests {
-    use super::subject_matches;
+    use super::{server_urls, subject_matches};
+
+    #[test]
+    fn several_server_urls_are_split_and_checked() {
+        let urls = server_urls("nats://a:4222, nats://b:4223,,nats://c:4224").unwrap();
+        assert_eq!(urls.len(), 3);
+        assert!(server_urls("").is_err());
+        let e = server_urls("nats://a:4222,nats://b:notaport").unwrap_err().to_string();
+        assert!(e.contains("nats://b:notaport") && e.contains("separated by commas"), "{e}");
+    }
 
     #[test]
     fn subjects_match_like_nats() {
