@@ -492,8 +492,13 @@ mod tests {
         let urls = server_urls("nats://a:4222, nats://b:4223,,nats://c:4224").unwrap();
         assert_eq!(urls.len(), 3);
         assert!(server_urls("").is_err());
-        let e = server_urls("nats://a:4222,nats://b:notaport").unwrap_err().to_string();
-        assert!(e.contains("nats://b:notaport") && e.contains("separated by commas"), "{e}");
+        let e = server_urls("nats://a:4222,nats://b:notaport")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("nats://b:notaport") && e.contains("separated by commas"),
+            "{e}"
+        );
     }
 
     #[test]
