@@ -115,7 +115,9 @@ async fn duplicates_reported(port: u16) -> f64 {
     body.lines()
         .filter(|l| l.starts_with("outbox_events_duplicate_total"))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+        // An empty f64 sum is -0.0: no counter yet means none.
+        .sum::<f64>()
+        + 0.0
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
