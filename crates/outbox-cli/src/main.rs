@@ -171,7 +171,7 @@ async fn main() -> anyhow::Result<()> {
             ops_cmd::dead_letters(&connect(one(&databases)?, 2).await?, action).await?
         }
         Command::ConsumerDeadLetters { action } => {
-            outbox_cli::consumer_cmd::run(&connect(&cli.database_url, 2).await?, action).await?
+            outbox_cli::consumer_cmd::run(&connect(one(&databases)?, 2).await?, action).await?
         }
         Command::Cleanup {
             retention_hours,

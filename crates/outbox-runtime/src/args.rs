@@ -20,7 +20,8 @@ pub struct BrokerArgs {
     /// Broker to publish to.
     #[arg(long, env = "OUTBOX_BROKER", value_enum, default_value = "nats")]
     pub broker: BrokerKind,
-    /// NATS server URL.
+    /// NATS server URL; for a cluster, several separated by commas (the relay fails over
+    /// between them and to the members the servers announce).
     #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
     pub nats_url: String,
     /// JetStream stream the events go to.
@@ -44,6 +45,11 @@ pub struct BrokerArgs {
     /// Duplicate window (seconds) of a stream the relay creates; must cover the retry horizon.
     #[arg(long, env = "OUTBOX_NATS_DUPLICATE_WINDOW_SECS", default_value_t = 120)]
     pub nats_duplicate_window_secs: u64,
+    /// Replicas of the stream (3 for an R3 stream on a cluster): the relay creates the stream
+    /// with this many and refuses to start against an existing stream with another number.
+    /// Unset: a created stream has 1 and an existing one is taken as it is.
+    #[arg(long, env = "OUTBOX_NATS_STREAM_REPLICAS", value_parser = clap::value_parser!(u16).range(1..=5))]
+    pub nats_stream_replicas: Option<u16>,
     /// Only check the stream, never create it.
     #[arg(long, env = "OUTBOX_NATS_NO_CREATE_STREAM")]
     pub nats_no_create_stream: bool,

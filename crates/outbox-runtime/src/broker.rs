@@ -23,6 +23,7 @@ pub async fn connect(
                 subjects: args.nats_stream_subjects.clone(),
                 subject_template: args.nats_subject.clone(),
                 duplicate_window: Duration::from_secs(args.nats_duplicate_window_secs),
+                replicas: args.nats_stream_replicas.map(usize::from),
                 create_stream: !args.nats_no_create_stream,
                 ack_timeout: Duration::from_secs(args.nats_ack_timeout_secs.max(1)),
                 ..Default::default()

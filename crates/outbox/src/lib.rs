@@ -24,7 +24,7 @@ pub mod telemetry;
 // The modules' historical flat paths (`outbox::pg`, `outbox::nats`, ...) stay valid so that code
 // written against them needs no change.
 #[cfg(feature = "rabbitmq")]
-pub use publishers::amqp;
+pub use publishers::{amqp, amqp_topology};
 #[cfg(feature = "nats")]
 pub use publishers::nats;
 pub use publishers::{pipeline, publisher};

@@ -3,6 +3,7 @@
 //! nothing behind.
 
 pub mod faults;
+pub mod nats_cluster;
 pub mod nats_server;
 pub mod pg_cluster;
 pub mod proxy;

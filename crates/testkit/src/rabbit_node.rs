@@ -98,6 +98,15 @@ impl RabbitNode {
         self.spawn(within).await
     }
 
+    /// Kills the node with SIGKILL (a crash: nothing flushed beyond what it had synced) and starts
+    /// it again on the same ports and data directory, waiting at most `within` for it.
+    pub async fn crash_and_restart(&mut self, within: Duration) -> Result<(), String> {
+        if let Some(mut child) = self.child.take() {
+            kill_group(&mut child);
+        }
+        self.spawn(within).await
+    }
+
     /// Runs `rabbitmqctl -n <node> <args>` against this node, at most `within`.
     pub async fn ctl_run(&self, args: &[&str], within: Duration) -> Result<(), String> {
         let mut c = self

@@ -186,3 +186,77 @@ pub async fn backlog_messages(db: &TestDb) -> Vec<outbox::OutboundMessage> {
     .map(|r| outbox::pg::row_to_message(r).unwrap())
     .collect()
 }
+
+/// CPU time of processes, read from `/proc/<pid>/stat` (Linux), for per-event CPU figures.
+pub mod cpu {
+    /// Clock ticks per second of `/proc/<pid>/stat` (USER_HZ: 100 on Linux).
+    const TICKS: f64 = 100.0;
+
+    /// User + system CPU seconds of `pid`, 0 when it is gone.
+    pub fn seconds(pid: u32) -> f64 {
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            return 0.0;
+        };
+        // The command name is in parentheses and may hold spaces: fields count from after it.
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            return 0.0;
+        };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let get = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+        (get(11) + get(12)) / TICKS
+    }
+
+    /// CPU seconds of this process and of a set of other processes.
+    #[derive(Debug, Clone, Copy, Default)]
+    pub struct Sample {
+        /// This process.
+        pub me: f64,
+        /// The other processes, summed.
+        pub children: f64,
+    }
+
+    impl Sample {
+        /// CPU seconds now of this process and of `pids`.
+        pub fn take(pids: &[u32]) -> Self {
+            Self {
+                me: seconds(std::process::id()),
+                children: pids.iter().map(|&p| seconds(p)).sum(),
+            }
+        }
+
+        /// CPU seconds spent between `earlier` and this sample.
+        pub fn since(&self, earlier: &Self) -> Self {
+            Self {
+                me: self.me - earlier.me,
+                children: self.children - earlier.children,
+            }
+        }
+    }
+
+    /// PIDs of the PostgreSQL backends connected to `db` now.
+    pub async fn backends(db: &testkit::TestDb) -> Vec<u32> {
+        sqlx::query_scalar::<_, i32>("SELECT pid FROM pg_stat_activity WHERE datname = $1")
+            .bind(db.name())
+            .fetch_all(&db.pool)
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .map(|p| p as u32)
+            .collect()
+    }
+
+    /// CPU seconds of the backends of `db` at two moments: `start` holds the CPU seconds of the
+    /// backends that existed then; backends opened later started from 0.
+    pub fn backend_delta(start: &std::collections::HashMap<u32, f64>, end_pids: &[u32]) -> f64 {
+        end_pids
+            .iter()
+            .map(|p| seconds(*p) - start.get(p).copied().unwrap_or(0.0))
+            .sum()
+    }
+
+    /// CPU seconds now of each of `pids`.
+    pub fn snapshot(pids: &[u32]) -> std::collections::HashMap<u32, f64> {
+        pids.iter().map(|&p| (p, seconds(p))).collect()
+    }
+}

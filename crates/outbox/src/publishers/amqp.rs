@@ -332,7 +332,7 @@ enum Open {
 }
 
 /// Why a declaration failed.
-enum Declare {
+pub(crate) enum Declare {
     /// The connection broke.
     Broken(String),
     /// The broker refused (exists with other settings, absent in passive mode, access refused).
@@ -360,7 +360,10 @@ fn refused_or_broken(e: lapin::Error, what: String) -> Declare {
 /// alternate exchange with the queue that keeps unroutable messages. Shared by the relay and the
 /// `rabbitmq-topology` command, so both declare the exchange with the same arguments (RabbitMQ
 /// refuses a re-declaration with different ones).
-async fn declare_exchange(ch: &Channel, cfg: &AmqpConfig) -> std::result::Result<(), Declare> {
+pub(crate) async fn declare_exchange(
+    ch: &Channel,
+    cfg: &AmqpConfig,
+) -> std::result::Result<(), Declare> {
     let opts = ExchangeDeclareOptions {
         passive: !cfg.declare,
         durable: true,
@@ -428,10 +431,12 @@ async fn declare_exchange(ch: &Channel, cfg: &AmqpConfig) -> std::result::Result
     })
 }
 
-/// Consumer-side topology for one subscriber (the seed's dead-letter queues): a durable queue
-/// bound to the events exchange by each of `bindings`, whose rejected or expired messages go to
-/// the fanout exchange `dead_letter_exchange` and from there to the durable queue
-/// `dead_letter_queue`. Declares the events exchange as the relay does. Idempotent.
+/// Consumer-side topology for one subscriber (the seed's dead-letter queues) with **classic**
+/// queues: a durable queue bound to the events exchange by each of `bindings`, whose rejected or
+/// expired messages go to the fanout exchange `dead_letter_exchange` and from there to the
+/// durable queue `dead_letter_queue`. Declares the events exchange as the relay does. Idempotent.
+/// [`crate::amqp_topology::declare`] declares quorum queues (what `outbox rabbitmq-topology`
+/// does by default).
 pub async fn declare_consumer_queue(
     cfg: &AmqpConfig,
     queue: &str,
@@ -439,83 +444,15 @@ pub async fn declare_consumer_queue(
     dead_letter_exchange: &str,
     dead_letter_queue: &str,
 ) -> Result<()> {
-    if bindings.is_empty() {
-        return Err(OutboxError::Config(
-            "give at least one binding pattern".into(),
-        ));
-    }
-    let conn = tokio::time::timeout(
-        cfg.connect_timeout,
-        Connection::connect(&cfg.url, ConnectionProperties::default()),
-    )
-    .await
-    .map_err(|_| OutboxError::Broker("connecting to RabbitMQ timed out".into()))?
-    .map_err(|e| OutboxError::Broker(format!("cannot connect to RabbitMQ: {e}")))?;
-    let result = async {
-        let err = |what: String| move |e: lapin::Error| OutboxError::Broker(format!("{what}: {e}"));
-        let ch = conn
-            .create_channel()
-            .await
-            .map_err(err("opening a channel".into()))?;
-        declare_exchange(&ch, cfg).await.map_err(|e| match e {
-            Declare::Broken(m) => OutboxError::Broker(m),
-            Declare::Refused(m) => OutboxError::Config(m),
-        })?;
-        let durable = QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        };
-        ch.exchange_declare(
-            dead_letter_exchange.into(),
-            ExchangeKind::Fanout,
-            ExchangeDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .map_err(err(format!(
-            "dead-letter exchange {dead_letter_exchange:?}"
-        )))?;
-        ch.queue_declare(dead_letter_queue.into(), durable, FieldTable::default())
-            .await
-            .map_err(err(format!("dead-letter queue {dead_letter_queue:?}")))?;
-        ch.queue_bind(
-            dead_letter_queue.into(),
-            dead_letter_exchange.into(),
-            "".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(err(format!("binding {dead_letter_queue:?}")))?;
-        let mut args = FieldTable::default();
-        args.insert(
-            "x-dead-letter-exchange".into(),
-            AMQPValue::LongString(dead_letter_exchange.into()),
-        );
-        ch.queue_declare(queue.into(), durable, args)
-            .await
-            .map_err(err(format!(
-                "queue {queue:?} (an existing queue with other arguments must be deleted first)"
-            )))?;
-        for b in bindings {
-            ch.queue_bind(
-                queue.into(),
-                cfg.exchange.as_str().into(),
-                b.as_str().into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(err(format!("binding {queue:?} to {b:?}")))?;
-        }
-        Ok(())
-    }
-    .await;
-    let _ = conn.close(200, "done".into()).await;
-    result
+    let q = crate::amqp_topology::ConsumerQueue {
+        queue: queue.into(),
+        bindings: bindings.to_vec(),
+        dead_letter_exchange: dead_letter_exchange.into(),
+        dead_letter_queue: dead_letter_queue.into(),
+        queue_type: crate::amqp_topology::QueueType::Classic,
+        delivery_limit: None,
+    };
+    crate::amqp_topology::declare(cfg, &q).await
 }
 
 #[async_trait]

@@ -4,6 +4,8 @@
 
 #[cfg(feature = "rabbitmq")]
 pub mod amqp;
+#[cfg(feature = "rabbitmq")]
+pub mod amqp_topology;
 #[cfg(feature = "nats")]
 pub mod nats;
 pub mod pipeline;

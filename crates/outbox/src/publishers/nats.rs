@@ -2,6 +2,9 @@
 //!
 //! `Nats-Msg-Id` is the `eventId`, so the stream drops re-publishes inside its duplicate window;
 //! the window is checked against the relay's re-publish horizon before anything is published.
+//! On a cluster the adapter takes every server's URL (comma-separated) and can create or check an
+//! R3 stream ([`NatsConfig::replicas`]); leader elections and lost quorum reach it as "no
+//! responders", time-outs or the cluster error codes listed in `BROKER_WIDE`, all outages.
 //! Built without async-nats' `server_2_10` features: Debian ships nats-server 2.9, which would
 //! reject the 2.10-only stream fields.
 
@@ -23,7 +26,8 @@ use crate::publisher::{Delivery, FailureKind, OutboundMessage, PublishFailure, P
 /// Settings of the JetStream adapter.
 #[derive(Debug, Clone)]
 pub struct NatsConfig {
-    /// Server URL(s), comma-separated.
+    /// Server URL(s), comma-separated: the client starts with any one that answers and fails
+    /// over to the others (and to the cluster members the servers announce).
     pub url: String,
     /// Stream name.
     pub stream: String,
@@ -33,6 +37,10 @@ pub struct NatsConfig {
     pub subject_template: String,
     /// Duplicate window of a stream the adapter creates.
     pub duplicate_window: Duration,
+    /// Replicas of the stream: a stream the adapter creates gets this many (default 1), and an
+    /// existing stream with another number is refused at start-up. `None` accepts any existing
+    /// stream and creates R1.
+    pub replicas: Option<usize>,
     /// Create the stream when it does not exist (otherwise only check it).
     pub create_stream: bool,
     /// How long to wait for one acknowledgement.
@@ -50,6 +58,7 @@ impl Default for NatsConfig {
             subjects: vec!["outbox.>".into()],
             subject_template: "outbox.{tenant}.{topic}".into(),
             duplicate_window: Duration::from_secs(120),
+            replicas: None,
             create_stream: true,
             ack_timeout: Duration::from_secs(5),
             max_in_flight: 1024,
@@ -89,6 +98,7 @@ impl NatsPublisher {
                 "max in-flight acknowledgements must be at least 1".into(),
             ));
         }
+        let urls = server_urls(&cfg.url)?;
         let client = async_nats::ConnectOptions::new()
             .name("outbox-relay")
             .retry_on_initial_connect()
@@ -96,7 +106,7 @@ impl NatsPublisher {
             .reconnect_delay_callback(|attempts| {
                 Duration::from_millis((100 * attempts as u64).min(2000))
             })
-            .connect(cfg.url.as_str())
+            .connect(urls)
             .await
             .map_err(|e| OutboxError::Broker(format!("cannot use NATS URL {:?}: {e}", cfg.url)))?;
         let js = jetstream::ContextBuilder::new()
@@ -120,7 +130,14 @@ impl NatsPublisher {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         if me.client.connection_state() == State::Connected {
-            me.ensure_stream().await?;
+            match me.ensure_stream().await {
+                // A cluster electing its leaders, or a stream whose quorum is down, answers late
+                // or not at all: the relay starts and the events wait, as when NATS is down.
+                Err(OutboxError::Broker(e)) => {
+                    tracing::warn!(error = %e, "JetStream stream not usable yet; events wait in the outbox until it is")
+                }
+                other => other?,
+            }
         } else {
             tracing::warn!(url = %me.cfg.url, "NATS not reachable yet; events wait in the outbox until it is");
         }
@@ -151,12 +168,15 @@ impl NatsPublisher {
                     subjects: self.cfg.subjects.clone(),
                     duplicate_window: self.cfg.duplicate_window,
                     storage: stream::StorageType::File,
+                    num_replicas: self.cfg.replicas.unwrap_or(1),
                     ..Default::default()
                 };
-                let mut s = self.js.create_stream(config).await.map_err(|e| {
-                    OutboxError::Broker(format!("cannot create stream {}: {e}", self.cfg.stream))
-                })?;
-                tracing::info!(stream = %self.cfg.stream, "created JetStream stream");
+                let mut s = self
+                    .js
+                    .create_stream(config)
+                    .await
+                    .map_err(|e| create_error(&self.cfg, e))?;
+                tracing::info!(stream = %self.cfg.stream, replicas = self.cfg.replicas.unwrap_or(1), "created JetStream stream");
                 s.info()
                     .await
                     .map_err(|e| OutboxError::Broker(e.to_string()))?
@@ -175,6 +195,16 @@ impl NatsPublisher {
                 )))
             }
         };
+        if let Some(want) = self.cfg.replicas {
+            let have = info.config.num_replicas.max(1);
+            if have != want {
+                return Err(OutboxError::Config(format!(
+                    "stream {} has {have} replica(s) but the relay is configured for {want}: change the \
+                     stream (nats stream edit {} --replicas {want}) or the relay's stream replicas setting",
+                    self.cfg.stream, self.cfg.stream
+                )));
+            }
+        }
         let window = info.config.duplicate_window;
         if window < self.horizon {
             return Err(OutboxError::Config(format!(
@@ -285,6 +315,12 @@ const BROKER_WIDE: &[ErrorCode] = &[
     ErrorCode::CLUSTER_NOT_AVAILABLE,
     ErrorCode::CLUSTER_NOT_LEADER,
     ErrorCode::CLUSTER_NO_PEERS,
+    // A cluster still forming or re-assigning the stream after a node loss (issue 13): never
+    // seen on a publish in the cluster test, where elections answered "no responders" or not at
+    // all, but they concern the cluster, not the message.
+    ErrorCode::CLUSTER_INCOMPLETE,
+    ErrorCode::CLUSTER_NOT_ACTIVE,
+    ErrorCode::CLUSTER_NOT_ASSIGNED,
     ErrorCode::RAFT_GENERAL,
     ErrorCode::JETSTREAM_NOT_ENABLED,
     ErrorCode::JETSTREAM_NOT_ENABLED_FOR_ACCOUNT,
@@ -332,6 +368,55 @@ fn subject_matches(filter: &str, subject: &str) -> bool {
         }
     }
     s.next().is_none()
+}
+
+/// The comma-separated server URLs of `url`, each checked, so that a typo is reported at start-up
+/// instead of as an endless reconnect.
+fn server_urls(url: &str) -> Result<Vec<async_nats::ServerAddr>> {
+    let urls = url
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(|u| {
+            u.parse::<async_nats::ServerAddr>().map_err(|e| {
+                OutboxError::Config(format!(
+                    "NATS URL {u:?} is not valid ({e}): give nats://host:port, several separated by commas"
+                ))
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    if urls.is_empty() {
+        return Err(OutboxError::Config(
+            "no NATS URL given: give nats://host:port, several separated by commas".into(),
+        ));
+    }
+    Ok(urls)
+}
+
+/// Why a stream could not be created: a request the servers can never grant (more replicas than
+/// servers, subjects another stream holds) is a configuration error that stops the start; a
+/// cluster that cannot answer now is an outage.
+fn create_error(cfg: &NatsConfig, e: jetstream::context::CreateStreamError) -> OutboxError {
+    let code = match e.kind() {
+        jetstream::context::CreateStreamErrorKind::JetStream(j) => Some(j.error_code()),
+        _ => None,
+    };
+    match code {
+        Some(ErrorCode::STREAM_REPLICAS_NOT_SUPPORTED) | Some(ErrorCode::INSUFFICIENT_RESOURCES) => {
+            OutboxError::Config(format!(
+                "cannot create stream {} with {} replica(s): {e}; a stream needs as many JetStream \
+                 servers in the cluster as replicas: lower the stream replicas setting or add servers",
+                cfg.stream,
+                cfg.replicas.unwrap_or(1)
+            ))
+        }
+        Some(ErrorCode::STREAM_SUBJECT_OVERLAP) => OutboxError::Config(format!(
+            "cannot create stream {}: its subjects {:?} overlap another stream's: {e}; choose other \
+             subjects or point the relay at that stream",
+            cfg.stream, cfg.subjects
+        )),
+        _ => OutboxError::Broker(format!("cannot create stream {}: {e}", cfg.stream)),
+    }
 }
 
 fn is_not_found(e: &jetstream::context::GetStreamError) -> bool {
@@ -400,7 +485,25 @@ impl Publisher for NatsPublisher {
 
 #[cfg(test)]
 mod tests {
-    use super::subject_matches;
+    use super::{server_urls, subject_matches};
+
+    #[test]
+    fn several_server_urls_are_split_and_checked() {
+        let urls = server_urls("nats://a:4222, nats://b:4223,,nats://c:4224").unwrap();
+        assert_eq!(urls.len(), 3);
+        assert!(server_urls("").is_err());
+        // Why the split: async-nats parses a `&str` as one URL, so a list used to be refused.
+        assert!("nats://a:4222,nats://b:4223"
+            .parse::<async_nats::ServerAddr>()
+            .is_err());
+        let e = server_urls("nats://a:4222,nats://b:notaport")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("nats://b:notaport") && e.contains("separated by commas"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn subjects_match_like_nats() {
