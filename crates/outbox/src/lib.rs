@@ -23,10 +23,10 @@ pub mod telemetry;
 
 // The modules' historical flat paths (`outbox::pg`, `outbox::nats`, ...) stay valid so that code
 // written against them needs no change.
-#[cfg(feature = "rabbitmq")]
-pub use publishers::{amqp, amqp_topology};
 #[cfg(feature = "nats")]
 pub use publishers::nats;
+#[cfg(feature = "rabbitmq")]
+pub use publishers::{amqp, amqp_topology};
 pub use publishers::{pipeline, publisher};
 pub use relay::{retry, wake};
 pub use storage::{pg, schema, store};
