@@ -22,19 +22,27 @@ struct CountStatements;
 
 impl<S: tracing::Subscriber> Layer<S> for CountStatements {
     fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
-        if event.metadata().target() == "sqlx::query" {
-            STATEMENTS.fetch_add(1, Ordering::Relaxed);
-            if std::env::var("SHOW_SQL").is_ok() {
-                struct V;
-                impl tracing::field::Visit for V {
-                    fn record_debug(&mut self, f: &tracing::field::Field, v: &dyn std::fmt::Debug) {
-                        if f.name() == "summary" {
-                            eprintln!("SQL {v:?}");
-                        }
-                    }
+        if event.metadata().target() != "sqlx::query" {
+            return;
+        }
+        struct Summary(String);
+        impl tracing::field::Visit for Summary {
+            fn record_debug(&mut self, f: &tracing::field::Field, v: &dyn std::fmt::Debug) {
+                if f.name() == "summary" {
+                    self.0 = format!("{v:?}");
                 }
-                event.record(&mut V);
             }
+        }
+        let mut summary = Summary(String::new());
+        event.record(&mut summary);
+        // The relays' wake-up runs on its own connection after a commit, outside the command's
+        // transaction (wake::CommitNotifier), whenever its task gets to it: not the command's.
+        if summary.0.contains("pg_notify") {
+            return;
+        }
+        STATEMENTS.fetch_add(1, Ordering::Relaxed);
+        if std::env::var("SHOW_SQL").is_ok() {
+            eprintln!("SQL {}", summary.0);
         }
     }
 }
