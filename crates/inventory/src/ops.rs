@@ -701,10 +701,10 @@ async fn close_reservation(
                 reservation_id: id,
                 reason: "ORDER_CANCELLED",
             },
-            Close::Ship => Movement::Quantity {
-                change_type: ChangeType::Sale,
-                dq: -l.quantity,
-                dr: -l.quantity,
+            Close::Ship => Movement::Ship {
+                qty: l.quantity,
+                order_id,
+                reservation_id: id,
             },
         };
         work.apply(

@@ -245,6 +245,18 @@ pub enum Movement {
         /// The reservation.
         reservation_id: Uuid,
     },
+    /// A reservation's stock leaves: the reservation is released
+    /// (`InventoryReleasedEvent`, `ORDER_COMPLETED_ADJUSTMENT`) and its units are sold
+    /// (`StockLevelChangedEvent`, `SALE`), in that order, so that a consumer following the
+    /// events sees `reserved` fall as well as `quantity`.
+    Ship {
+        /// Units.
+        qty: i64,
+        /// The order.
+        order_id: Uuid,
+        /// The reservation.
+        reservation_id: Uuid,
+    },
     /// Reserved stock given back.
     Release {
         /// Units.
@@ -358,6 +370,7 @@ impl Work {
     ) -> ApiResult<()> {
         let (dq, dr) = match m {
             Movement::Quantity { dq, dr, .. } => (*dq, *dr),
+            Movement::Ship { qty, .. } => (-*qty, -*qty),
             Movement::Reserve { qty, .. } => (0, *qty),
             Movement::Release { qty, .. } => (0, -*qty),
         };
@@ -389,6 +402,7 @@ impl Work {
         let tenant = v.tenant_id.clone();
         let movement = match m {
             Movement::Quantity { change_type, .. } => change_type.as_str(),
+            Movement::Ship { .. } => ChangeType::Sale.as_str(),
             Movement::Reserve { .. } => "RESERVE",
             Movement::Release { .. } => "RELEASE",
         };
@@ -407,11 +421,23 @@ impl Work {
             r_after: r1,
             reference,
         });
+        if let Movement::Ship {
+            qty,
+            order_id,
+            reservation_id,
+        } = m
+        {
+            // Available after the release alone: the units are still on hand at that point.
+            let data = self.with_user(json!({
+                "quantityReleased": qty,
+                "availableQuantityAfterRelease": q0 - r1,
+                "orderId": order_id,
+                "reservationId": reservation_id,
+                "reasonForRelease": "ORDER_COMPLETED_ADJUSTMENT",
+            }));
+            self.event(&tenant, v.id, topics::RELEASED, data);
+        }
         if dq != 0 {
-            let ct = match m {
-                Movement::Quantity { change_type, .. } => change_type.as_str(),
-                _ => unreachable!("only quantity movements change the quantity"),
-            };
             self.event(
                 &tenant,
                 v.id,
@@ -420,7 +446,7 @@ impl Work {
                     "newQuantity": q1,
                     "oldQuantity": q0,
                     "quantityChanged": dq,
-                    "changeType": ct,
+                    "changeType": movement,
                 }),
             );
         }
@@ -453,7 +479,7 @@ impl Work {
                 }));
                 self.event(&tenant, v.id, topics::RELEASED, data);
             }
-            Movement::Quantity { .. } => {}
+            Movement::Quantity { .. } | Movement::Ship { .. } => {}
         }
         self.status_changed(v, old_status);
         Ok(())

@@ -176,6 +176,21 @@ async fn every_operation_commits_its_events_with_the_seed_payloads() {
     assert_eq!(last.data["oldQuantity"], 3);
     assert_eq!(last.data["newQuantity"], 1);
     assert_eq!(last.data["quantityChanged"], -2);
+    // Before the SALE, the reservation is released as completed, reporting the stock still on
+    // hand at that point: a consumer sees `reserved` fall (3 - 1 = 2 released) and then the sale.
+    let shipped: Vec<&Event> = ev
+        .iter()
+        .filter(|e| e.data["reservationId"] == rid2.as_str() || e.data["changeType"] == "SALE")
+        .collect();
+    let n = shipped.len();
+    assert_eq!(shipped[n - 2].event_type, "InventoryReleasedEvent");
+    assert_eq!(
+        shipped[n - 2].data["reasonForRelease"],
+        "ORDER_COMPLETED_ADJUSTMENT"
+    );
+    assert_eq!(shipped[n - 2].data["quantityReleased"], 2);
+    assert_eq!(shipped[n - 2].data["availableQuantityAfterRelease"], 3);
+    assert_eq!(shipped[n - 1].data["changeType"], "SALE");
     // Shipping a shipped reservation is a conflict.
     let (s, p) = app
         .post_empty(&t, &format!("/reservations/{rid2}/ship"))

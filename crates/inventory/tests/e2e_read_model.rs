@@ -96,11 +96,13 @@ async fn random_op(
         }
         7 | 8 if !active.is_empty() => {
             let (ti, rid) = active.swap_remove(rng.random_range(0..active.len()));
-            // No "ship": a shipment's StockLevelChangedEvent (SALE) does not say that reserved
-            // stock left with it, so no consumer can rebuild `reserved` from the events
-            // (README limits). Cancelling releases with InventoryReleasedEvent.
-            let what = "cancel";
-            let _ = rng.random_bool(0.5);
+            // A shipment releases the reservation (ORDER_COMPLETED_ADJUSTMENT) before its SALE,
+            // so the read model follows `reserved` through both.
+            let what = if rng.random_bool(0.5) {
+                "ship"
+            } else {
+                "cancel"
+            };
             let (s, r) = app
                 .post_empty(&tokens[ti].1, &format!("/reservations/{rid}/{what}"))
                 .await;
