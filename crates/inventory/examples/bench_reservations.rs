@@ -96,20 +96,7 @@ async fn run_phase(with_relay: bool, requests: usize, concurrency: usize) -> Pha
     let token = JwtKeys::new(SECRET)
         .mint("bench", "bench-user", 3600)
         .unwrap();
-    let mut variants = Vec::new();
-    for _ in 0..VARIANTS {
-        let id = Uuid::now_v7();
-        sqlx::query(
-            "INSERT INTO inv_variant (tenant_id, id, quantity, low_stock_threshold, status)
-             VALUES ('bench', $1, 1000000000, 10, 'IN_STOCK')",
-        )
-        .bind(id)
-        .execute(&pool)
-        .await
-        .unwrap();
-        variants.push(id);
-    }
-    let variants = Arc::new(variants);
+    let variants = Arc::new(stocked_variants(&pool).await);
 
     // Warm-up, then the measured run.
     drive(addr, &token, &variants, WARMUP, concurrency).await;
@@ -162,20 +149,7 @@ async fn raw_baseline(requests: usize, concurrency: usize) -> f64 {
         .connect(&db.url)
         .await
         .expect("pool");
-    let mut variants = Vec::new();
-    for _ in 0..VARIANTS {
-        let id = Uuid::now_v7();
-        sqlx::query(
-            "INSERT INTO inv_variant (tenant_id, id, quantity, low_stock_threshold, status)
-             VALUES ('bench', $1, 1000000000, 10, 'IN_STOCK')",
-        )
-        .bind(id)
-        .execute(&pool)
-        .await
-        .unwrap();
-        variants.push(id);
-    }
-    let variants = Arc::new(variants);
+    let variants = Arc::new(stocked_variants(&pool).await);
     let payload = Arc::new(vec![b'x'; 420]);
     let run = |n: usize| {
         let next = Arc::new(AtomicUsize::new(0));
@@ -241,6 +215,24 @@ async fn raw_baseline(requests: usize, concurrency: usize) -> f64 {
     let rate = requests as f64 / started.elapsed().as_secs_f64();
     pool.close().await;
     rate
+}
+
+/// The benchmark's variants of tenant `bench`, each with ample stock so every reservation succeeds.
+async fn stocked_variants(pool: &sqlx::PgPool) -> Vec<Uuid> {
+    let mut variants = Vec::new();
+    for _ in 0..VARIANTS {
+        let id = Uuid::now_v7();
+        sqlx::query(
+            "INSERT INTO inv_variant (tenant_id, id, quantity, low_stock_threshold, status)
+             VALUES ('bench', $1, 1000000000, 10, 'IN_STOCK')",
+        )
+        .bind(id)
+        .execute(pool)
+        .await
+        .unwrap();
+        variants.push(id);
+    }
+    variants
 }
 
 /// `n` reservations over `concurrency` keep-alive HTTP/1.1 connections; returns the latencies.
