@@ -180,11 +180,27 @@ pub async fn read_stream(stream: &str) -> Vec<async_nats::jetstream::message::St
         if state.messages == 0 {
             break;
         }
-        if let Ok(m) = s.get_raw_message(seq).await {
-            out.push(m);
-        }
+        out.push(stream_message(&s, seq).await);
     }
     out
+}
+
+/// The stream's message `seq`, read again while the server fails to answer (a time-out on a
+/// loaded machine, a leader being elected): a failed read must not look like a missing event.
+/// Panics, naming the sequence, after 30 s of failures.
+pub async fn stream_message(
+    s: &jetstream::stream::Stream,
+    seq: u64,
+) -> jetstream::message::StreamMessage {
+    let mut last = None;
+    for _ in 0..300 {
+        match s.get_raw_message(seq).await {
+            Ok(m) => return m,
+            Err(e) => last = Some(e),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("stream message {seq} could not be read for 30 s: {last:?}")
 }
 
 /// Polls `f` until it returns true or `timeout` passes; returns the last answer.

@@ -209,10 +209,11 @@ impl NatsCluster {
                 return Vec::new();
             }
             let s = &s;
+            // A failed read is retried, never skipped (`crate::stream_message`): after the nodes
+            // come back a leader may still be being elected.
             futures::stream::iter(state.first_sequence..=state.last_sequence)
-                .map(|seq| async move { s.get_raw_message(seq).await.ok() })
+                .map(|seq| crate::stream_message(s, seq))
                 .buffered(64)
-                .filter_map(|m| async move { m })
                 .collect::<Vec<_>>()
                 .await
         })

@@ -189,9 +189,8 @@ impl PrivateNats {
             // hundreds of thousands of messages, and one get at a time is bound by round trips.
             let s = &s;
             futures::stream::iter(state.first_sequence..=state.last_sequence)
-                .map(|seq| async move { s.get_raw_message(seq).await.ok() })
+                .map(|seq| crate::stream_message(s, seq))
                 .buffered(64)
-                .filter_map(|m| async move { m })
                 .collect::<Vec<_>>()
                 .await
         })
