@@ -174,7 +174,6 @@ async fn adjust(
         &Movement::Quantity {
             change_type: a.change_type,
             dq: q,
-            dr: 0,
         },
         a.reason,
         Reference {
@@ -392,7 +391,6 @@ async fn validate_receipt(
             &Movement::Quantity {
                 change_type: ChangeType::Purchase,
                 dq: l.quantity,
-                dr: 0,
             },
             None,
             Reference {
@@ -643,8 +641,8 @@ enum Close {
     Ship,
 }
 
-/// Cancels (releases, `ORDER_CANCELLED`) or ships (reserved stock leaves: `SALE`) an active
-/// reservation. The reservation row is locked before its variants, like the expiry sweep does.
+/// Cancels (releases, `ORDER_CANCELLED`) or ships (released as `ORDER_COMPLETED_ADJUSTMENT`,
+/// then the stock leaves: `SALE`) an active reservation. The reservation row is locked before its variants, like the expiry sweep does.
 async fn close_reservation(
     conn: &mut PgConnection,
     outbox: &Outbox,

@@ -4,8 +4,8 @@
 //! Every change follows the same steps: lock the variant rows it touches (`FOR NO KEY UPDATE`, sorted by
 //! tenant and id, so that two transactions touching the same variants always wait in the same
 //! order and cannot deadlock), apply the movements in memory (each checked: no negative stock, no
-//! over-reservation, no absurd quantity), then [`Work::flush`] writes the rows, the ledger and the
-//! events in the same transaction. Because a variant's row lock is held from the read to the
+//! over-reservation, no absurd quantity), then [`Work::flush`] writes the rows, the ledger, the
+//! command's own rows ([`Extra`]) and the events in one statement of the same transaction. Because a variant's row lock is held from the read to the
 //! commit, the `oldQuantity` of one `StockLevelChangedEvent` is the `newQuantity` of the previous
 //! one, and the outbox delivers them in that (commit) order.
 
@@ -226,15 +226,13 @@ pub fn check_threshold(t: i64) -> ApiResult<()> {
 /// A kind of ledger movement with what it needs.
 #[derive(Debug, Clone)]
 pub enum Movement {
-    /// Change of the physical quantity (`dq`), possibly together with the reserved stock (a
-    /// shipment takes both down).
+    /// Change of the physical quantity alone (an adjustment, a receipt); a shipment, which also
+    /// takes reserved stock, is [`Movement::Ship`].
     Quantity {
         /// Why.
         change_type: ChangeType,
         /// Signed change of `quantity`.
         dq: i64,
-        /// Signed change of `reserved`.
-        dr: i64,
     },
     /// Stock set aside for an order.
     Reserve {
@@ -369,7 +367,7 @@ impl Work {
         reference: Reference,
     ) -> ApiResult<()> {
         let (dq, dr) = match m {
-            Movement::Quantity { dq, dr, .. } => (*dq, *dr),
+            Movement::Quantity { dq, .. } => (*dq, 0),
             Movement::Ship { qty, .. } => (-*qty, -*qty),
             Movement::Reserve { qty, .. } => (0, *qty),
             Movement::Release { qty, .. } => (0, -*qty),

@@ -26,7 +26,8 @@ impl Outbox {
         }
     }
 
-    /// Turns the commit-time `NOTIFY` on or off. Off, relays find new events by polling only;
+    /// Turns the commit-time `NOTIFY` on or off. Off, relays find new events by polling, or
+    /// sooner when the producer signals a [`crate::wake::CommitNotifier`] after its commits;
     /// see `docs/benchmarks.md` for what the notification costs concurrent producers.
     pub fn with_notify(mut self, notify: bool) -> Self {
         self.notify = notify;

@@ -261,7 +261,11 @@ impl<H: Handler> Consumer<H> {
                 Ok(Ok(None)) => break Ok(()),
                 Ok(Err(e)) => {
                     tracing::warn!(consumer = %name, error = %e, "reading from the broker failed; retrying in 1 s");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    // Cancellable: SIGTERM during a broker outage must not wait out the delay.
+                    tokio::select! {
+                        _ = stop.cancelled() => {}
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
                 }
             }
         };
