@@ -46,7 +46,14 @@ async fn run_phase(with_relay: bool, requests: usize, concurrency: usize) -> Pha
         .connect(&db.url)
         .await
         .expect("pool");
-    let state = AppState::new(pool.clone(), SECRET);
+    let mut state = AppState::new(pool.clone(), SECRET);
+    if let Some(ms) = std::env::var("BENCH_WAKE_WINDOW_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        state.notifier =
+            outbox::wake::CommitNotifier::spawn(pool.clone(), Duration::from_millis(ms));
+    }
     let stream = TestStream::new();
     let stop = CancellationToken::new();
     let mut relay_task = None;

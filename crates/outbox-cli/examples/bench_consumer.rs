@@ -4,8 +4,9 @@
 //! parallelism (one worker per aggregate hash, `concurrency` workers). Also the inbox's cost per
 //! event in WAL bytes, for few and for many aggregates (goal: ratio >= 0.7).
 //!
-//! `cargo run --release -p outbox-cli --example bench_consumer -- [events] [concurrency]`
-//! (defaults 10000 events, 16 workers; the figures in docs/benchmarks.md: 3000).
+//! `cargo run --release -p outbox-cli --example bench_consumer -- [events] [concurrency] [batch]`
+//! (defaults 10000 events, 16 workers, batches of 32). The inbox consumer runs twice, with
+//! batches of 1 (one transaction per event) and of `batch`.
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
@@ -55,7 +56,8 @@ async fn main() {
     let args: Vec<String> = std::env::args().collect();
     let n: i64 = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(10_000);
     let conc: usize = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(16);
-    println!("events {n}, concurrency {conc}");
+    let batch: usize = args.get(3).and_then(|a| a.parse().ok()).unwrap_or(32);
+    println!("events {n}, concurrency {conc}, batch {batch}");
     for aggregates in [10i64, 1000] {
         let db = TestDb::new().await;
         sqlx::query(
@@ -123,42 +125,70 @@ async fn main() {
             .await
             .unwrap();
 
-        // The inbox consumer.
-        let w0 = wal(&db.pool).await;
-        let t = Instant::now();
-        let mut cfg = ConsumerConfig::new("bench");
-        cfg.concurrency = conc;
-        let consumer = Consumer::new(pool.clone(), Row, cfg).unwrap();
-        let source = NatsSource::connect(NatsSourceConfig {
-            url: testkit::nats_url(),
-            stream: s.name.clone(),
-            durable: "bench".into(),
-            max_ack_pending: 4096,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-        let stop = CancellationToken::new();
-        let st = stop.clone();
-        let task = tokio::spawn(async move { consumer.run(source, st).await });
-        while effects(&db.pool).await < n {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let inbox_secs = t.elapsed().as_secs_f64();
-        let inbox_wal = (wal(&db.pool).await - w0) as f64 / n as f64;
-        stop.cancel();
-        let _ = task.await;
-        let raw_rate = n as f64 / raw_secs;
-        let inbox_rate = n as f64 / inbox_secs;
-        println!(
-            "aggregates {aggregates:>5}: hand-written {raw_rate:>7.0} ev/s ({raw_wal:.0} WAL B/ev)  inbox {inbox_rate:>7.0} ev/s ({inbox_wal:.0} WAL B/ev)  ratio {:.2} (goal >= 0.7)  inbox extra WAL {:.0} B/ev",
-            inbox_rate / raw_rate,
-            inbox_wal - raw_wal
+        // The inbox consumer: one transaction per event (batch 1, as before batches), then
+        // batches of up to `batch`.
+        let mut line = format!(
+            "aggregates {aggregates:>5}: hand-written {:>6.0} ev/s ({raw_wal:.0} WAL B/ev)",
+            n as f64 / raw_secs
         );
+        for b in [1, batch] {
+            let (secs, inbox_wal) = inbox(&pool, &db.pool, &s.name, conc, b, n).await;
+            line += &format!(
+                "  inbox batch {b:>2} {:>6.0} ev/s ratio {:.2} (+{:.0} WAL B/ev)",
+                n as f64 / secs,
+                raw_secs / secs,
+                inbox_wal - raw_wal
+            );
+            sqlx::query("TRUNCATE effect")
+                .execute(&db.pool)
+                .await
+                .unwrap();
+        }
+        println!("{line}");
     }
+    println!("goal: inbox / hand-written >= 0.7");
     println!(
-        "statements per event: hand-written 1 (INSERT, autocommit); inbox 4 (BEGIN, position upsert, the handler's INSERT, COMMIT)"
+        "statements per event: hand-written 1 (INSERT, autocommit); inbox batch 1: 4 (BEGIN, position upsert, the handler's INSERT, COMMIT); batch b: 2 + 2/b"
     );
+}
+
+/// Runs the inbox consumer with batches of up to `batch` until it has applied all `n` events;
+/// returns the seconds it took and the WAL bytes per event.
+async fn inbox(
+    pool: &PgPool,
+    db: &PgPool,
+    stream: &str,
+    conc: usize,
+    batch: usize,
+    n: i64,
+) -> (f64, f64) {
+    let w0 = wal(db).await;
+    let t = Instant::now();
+    let name = format!("bench-{batch}");
+    let mut cfg = ConsumerConfig::new(&name);
+    cfg.concurrency = conc;
+    cfg.batch_size = batch;
+    let consumer = Consumer::new(pool.clone(), Row, cfg).unwrap();
+    let source = NatsSource::connect(NatsSourceConfig {
+        url: testkit::nats_url(),
+        stream: stream.into(),
+        durable: name,
+        max_ack_pending: 4096,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let stop = CancellationToken::new();
+    let st = stop.clone();
+    let task = tokio::spawn(async move { consumer.run(source, st).await });
+    while effects(db).await < n {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let per_event = (wal(db).await - w0) as f64 / n as f64;
+    stop.cancel();
+    let _ = task.await;
+    (secs, per_event)
 }
 
 /// The hand-written consumer: same stream, same parallelism by aggregate, no inbox.

@@ -53,7 +53,8 @@ impl Handler for Recorder {
 
 async fn effect_table(pool: &PgPool) {
     sqlx::query(
-        "CREATE TABLE effect (n BIGSERIAL PRIMARY KEY, event_id UUID NOT NULL, aggregate_id TEXT, seq BIGINT)",
+        "CREATE TABLE effect (n BIGSERIAL PRIMARY KEY, event_id UUID NOT NULL, aggregate_id TEXT, seq BIGINT,
+                              tx BIGINT NOT NULL DEFAULT txid_current())",
     )
     .execute(pool)
     .await
@@ -290,6 +291,93 @@ async fn events_arriving_out_of_order_are_applied_in_seq_order() {
     eprintln!("took {:?}", t0.elapsed());
 }
 
+#[tokio::test]
+async fn a_backlog_is_applied_in_batches_and_a_failing_event_in_a_batch_costs_only_itself() {
+    let t0 = Instant::now();
+    let seed: u64 = rand::rng().random();
+    eprintln!("seed {seed}");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let db = TestDb::new().await;
+    effect_table(&db.pool).await;
+    let s = TestStream::new();
+    let js = stream_for(&s).await;
+    // A backlog waiting before the consumer starts: 12 aggregates of 15 events, interleaved at
+    // random (each aggregate in seq order), some delivered twice, and among them an aggregate
+    // whose handler fails and one whose handler panics, so that batches hold them.
+    let mut lanes: Vec<Vec<Ev>> = (0..12)
+        .map(|a| (1..=15).map(|q| Ev::seq(&format!("a{a}"), q)).collect())
+        .collect();
+    lanes.push((1..=3).map(|q| Ev::seq("x", q)).collect());
+    lanes.push(vec![Ev::seq("panics", 1)]);
+    let good: Vec<Ev> = lanes[..12].iter().flatten().cloned().collect();
+    let mut next = vec![0usize; lanes.len()];
+    let mut published = 0;
+    while next.iter().zip(&lanes).any(|(n, l)| *n < l.len()) {
+        let a = rng.random_range(0..lanes.len());
+        if next[a] < lanes[a].len() {
+            let e = &lanes[a][next[a]];
+            publish(&js, &s, e).await;
+            if rng.random_bool(0.1) {
+                publish(&js, &s, e).await;
+            }
+            next[a] += 1;
+            published += 1;
+        }
+    }
+    let name = testkit::unique("batch");
+    let mut cfg = config(&name);
+    cfg.batch_size = 16;
+    let h = Recorder {
+        fail: Arc::new(AtomicBool::new(true)),
+        fail_agg: "x".into(),
+    };
+    let c = start(&db, &s, h, cfg).await;
+    let pool = db.pool.clone();
+    let n = name.clone();
+    assert!(
+        testkit::eventually(Duration::from_secs(20), || {
+            let (pool, n) = (pool.clone(), n.clone());
+            async move { parked(&pool, &n).await.len() == 4 }
+        })
+        .await,
+        "x's three events and the panicking one parked: {:?}",
+        parked(&db.pool, &name).await
+    );
+    wait_drained(&s, &name, Duration::from_secs(20)).await;
+    c.shutdown().await;
+    assert_exactly_once_in_order(
+        &effects(&db.pool).await,
+        &good,
+        &format!("batched backlog (seed {seed})"),
+    );
+    let reasons: Vec<String> = sqlx::query_scalar(
+        "SELECT reason FROM outbox_consumer_dead_letter WHERE consumer = $1 ORDER BY aggregate_id, seq",
+    )
+    .bind(&name)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        reasons,
+        ["handler", "handler", "held", "held"],
+        "panics, then x 1..3"
+    );
+    let transactions: i64 = sqlx::query_scalar("SELECT count(DISTINCT tx) FROM effect")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    eprintln!(
+        "{published} events published, {} applied in {transactions} transactions",
+        good.len()
+    );
+    assert!(
+        transactions * 2 <= good.len() as i64,
+        "a backlog is applied several events per transaction: {transactions} transactions for {}",
+        good.len()
+    );
+    eprintln!("took {:?}", t0.elapsed());
+}
+
 async fn parked(pool: &PgPool, name: &str) -> Vec<(i64, String)> {
     sqlx::query_as(
         "SELECT seq, reason FROM outbox_consumer_dead_letter WHERE consumer = $1 ORDER BY seq",
@@ -435,6 +523,9 @@ async fn consumer_child_process() {
         .expect("db");
     let name = env("CHILD_CONSUMER");
     let mut cfg = config(&name);
+    if let Ok(b) = std::env::var("CHILD_BATCH") {
+        cfg.batch_size = b.parse().expect("batch size");
+    }
     let crash = env("CHILD_CRASH");
     if let Some((at, n)) = crash.split_once(':') {
         let n: usize = n.parse().expect("crash count");
@@ -492,8 +583,11 @@ async fn consumers_killed_mid_event_apply_every_event_exactly_once() {
     effect_table(&db.pool).await;
     let s = TestStream::new();
     let js = stream_for(&s).await;
+    // Batches of 4 (the crash points fall inside batches and between them): a child dying
+    // after a commit may have committed up to a batch per hot aggregate beyond its crash count,
+    // so 40 events per aggregate leave every child events to crash on.
     let mut all = Vec::new();
-    for seq in 1..=10 {
+    for seq in 1..=40 {
         for agg in ["h1", "h2", "h3"] {
             all.push(Ev::seq(agg, seq));
         }
@@ -514,6 +608,7 @@ async fn consumers_killed_mid_event_apply_every_event_exactly_once() {
             .env("CHILD_STREAM", &s.name)
             .env("CHILD_CONSUMER", &name)
             .env("CHILD_CRASH", crash)
+            .env("CHILD_BATCH", "4")
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -594,14 +689,20 @@ async fn rabbitmq_duplicates_disorder_and_killed_consumers_apply_every_event_exa
     .await
     .expect("queue");
     let mut all = Vec::new();
-    for agg in ["r1", "r2", "r3"] {
-        for seq in 1..=10 {
+    // 30 per aggregate: with batches of 4, a child dying after a commit may have committed a
+    // batch per aggregate beyond its crash count, and every child must still find its crash point.
+    for seq in 1..=30 {
+        for agg in ["r1", "r2", "r3"] {
             all.push(Ev::seq(agg, seq));
         }
     }
-    // Out of order, plus copies of some events (other messages, same eventId).
+    // Out of order within windows of 30 messages, plus copies of some events (other messages,
+    // same eventId). The window stays below the prefetch (50): a requeued message goes back to
+    // its place in the queue, so disorder wider than the prefetch waits for the gap timeout.
     let mut sent = all.clone();
-    sent.shuffle(&mut rng);
+    for w in sent.chunks_mut(30) {
+        w.shuffle(&mut rng);
+    }
     for _ in 0..6 {
         let i = rng.random_range(0..all.len());
         sent.push(all[i].clone());
@@ -646,6 +747,7 @@ async fn rabbitmq_duplicates_disorder_and_killed_consumers_apply_every_event_exa
             .env("CHILD_QUEUE", &queue)
             .env("CHILD_CONSUMER", &name)
             .env("CHILD_CRASH", crash)
+            .env("CHILD_BATCH", "4")
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -667,7 +769,7 @@ async fn rabbitmq_duplicates_disorder_and_killed_consumers_apply_every_event_exa
     let pool = db.pool.clone();
     let settled = testkit::eventually(Duration::from_secs(20), || {
         let pool = pool.clone();
-        async move { effects(&pool).await.len() >= 30 }
+        async move { effects(&pool).await.len() >= 90 }
     })
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;

@@ -47,9 +47,14 @@ pub struct ConsumerArgs {
     /// Unacknowledged messages RabbitMQ sends ahead (also bounds JetStream's ack-pending).
     #[arg(long, env = "OUTBOX_CONSUMER_PREFETCH", default_value_t = 256)]
     pub prefetch: u16,
-    /// Aggregates handled at once.
+    /// Transactions at once (each worker owns the aggregates it took: one aggregate is handled
+    /// by one worker at a time, in order).
     #[arg(long, env = "OUTBOX_CONSUMER_CONCURRENCY", default_value_t = 16)]
     pub concurrency: usize,
+    /// Most events applied in one transaction under a backlog (1: a transaction per event). A
+    /// batch in which a handler fails is rolled back and its events applied one by one.
+    #[arg(long, env = "OUTBOX_CONSUMER_BATCH_SIZE", default_value_t = 32)]
+    pub batch_size: usize,
     /// Handler failures before an event is parked.
     #[arg(long, env = "OUTBOX_CONSUMER_MAX_ATTEMPTS", default_value_t = 5)]
     pub max_attempts: i32,
@@ -70,6 +75,7 @@ impl ConsumerArgs {
     pub fn config(&self) -> ConsumerConfig {
         let mut c = ConsumerConfig::new(&self.consumer_name);
         c.concurrency = self.concurrency.max(1);
+        c.batch_size = self.batch_size.max(1);
         c.max_attempts = self.max_attempts.max(1);
         c.gap_timeout = Duration::from_secs(self.gap_timeout_secs);
         c.seen_retention = Duration::from_secs(self.seen_retention_hours * 3600);

@@ -7,7 +7,9 @@
 //!   the aggregate's applied position) is acknowledged without running the handler.
 //! - Order: events of one aggregate (`Outbox-Tenant-Id`, `-Aggregate-Type`, `-Aggregate-Id`) are
 //!   handled one at a time in (`Outbox-Seq-Epoch`, `Outbox-Seq`) order in their aggregate's lane;
-//!   aggregates run in parallel up to `concurrency`. An event that arrives
+//!   `concurrency` workers each own the lanes they took and apply up to `batch_size` of their
+//!   events in one transaction (a batch in which a handler fails is rolled back and applied
+//!   again one event per transaction). An event that arrives
 //!   before its predecessor is applied is sent back (retried after `gap_retry`) and parked with
 //!   reason `gap` after `gap_timeout` (metric `outbox_consumer_parked_total{reason="gap"}`: alert on it).
 //! - Failures: a handler error rolls the transaction back and the event is retried with an
