@@ -9,7 +9,8 @@
 //! It also prints a raw baseline measured in the same run: the same row writes per transaction
 //! (`BEGIN`, one lock read, one write statement, `COMMIT`, as the service does them) from a plain
 //! Rust loop with no HTTP, same database server, same concurrency. The statements each command
-//! sends are counted by `tests/statements.rs`.
+//! sends are counted by `tests/statements.rs`. `BENCH_WAKE_WINDOW_MS` sets the commit notifier's
+//! window (default `inventory::WAKE_WINDOW`), to measure what the relay's wake-ups cost.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
