@@ -332,17 +332,7 @@ async fn a_backlog_is_applied_in_batches_and_a_failing_event_in_a_batch_costs_on
         fail_agg: "x".into(),
     };
     let c = start(&db, &s, h, cfg).await;
-    let pool = db.pool.clone();
-    let n = name.clone();
-    assert!(
-        testkit::eventually(Duration::from_secs(20), || {
-            let (pool, n) = (pool.clone(), n.clone());
-            async move { parked(&pool, &n).await.len() == 4 }
-        })
-        .await,
-        "x's three events and the panicking one parked: {:?}",
-        parked(&db.pool, &name).await
-    );
+    wait_parked(&db.pool, &name, 4, Duration::from_secs(20)).await;
     wait_drained(&s, &name, Duration::from_secs(20)).await;
     c.shutdown().await;
     assert_exactly_once_in_order(
@@ -376,6 +366,19 @@ async fn a_backlog_is_applied_in_batches_and_a_failing_event_in_a_batch_costs_on
         good.len()
     );
     eprintln!("took {:?}", t0.elapsed());
+}
+
+/// Waits until `n` events are parked (x's three events and the panicking one, in the tests).
+async fn wait_parked(pool: &PgPool, name: &str, n: usize, within: Duration) {
+    assert!(
+        testkit::eventually(within, || {
+            let (pool, name) = (pool.clone(), name.to_string());
+            async move { parked(&pool, &name).await.len() == n }
+        })
+        .await,
+        "{n} events parked within {within:?}: {:?}",
+        parked(pool, name).await
+    );
 }
 
 async fn parked(pool: &PgPool, name: &str) -> Vec<(i64, String)> {
@@ -428,17 +431,7 @@ async fn a_failing_aggregate_is_parked_while_others_flow_and_replay_applies_it_i
         ys.push(Ev::seq("y", i));
         publish(&js, &s, ys.last().unwrap()).await;
     }
-    let pool = db.pool.clone();
-    let n = name.clone();
-    assert!(
-        testkit::eventually(Duration::from_secs(15), || {
-            let (pool, n) = (pool.clone(), n.clone());
-            async move { parked(&pool, &n).await.len() == 4 }
-        })
-        .await,
-        "x's three events and the panicking one parked: {:?}",
-        parked(&db.pool, &name).await
-    );
+    wait_parked(&db.pool, &name, 4, Duration::from_secs(15)).await;
     wait_drained(&s, &name, Duration::from_secs(10)).await;
     let panicked: String = sqlx::query_scalar(
         "DELETE FROM outbox_consumer_dead_letter WHERE aggregate_id = 'panics' RETURNING last_error",
