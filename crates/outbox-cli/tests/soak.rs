@@ -275,9 +275,21 @@ impl Broker {
     /// is nacked. (A `max-length` policy on the soak's queue would drop its head the moment it
     /// applies below the queue's depth: RabbitMQ applies `max-length` before `overflow`.)
     /// Returns whether the refusal is in place.
-    async fn refuse(&self, room: i64) -> bool {
+    ///
+    /// On NATS the relays' proxy is stalled while the limit is read and set: a limit below the
+    /// stream's count when it applies makes the server drop the stream's *oldest* messages,
+    /// whatever the discard policy, and a relay publishing between the read and the update
+    /// made acknowledged events vanish (seed 14080020807552651460 "lost" six seq-1 events so).
+    async fn refuse(&self, room: i64, proxy: &Proxy) -> bool {
         match self {
-            Broker::Nats { server, stream, .. } => server.refuse_after(stream, room).await,
+            Broker::Nats { server, stream, .. } => {
+                proxy.stall();
+                // A write the proxy had begun still lands: let it be stored first.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let ok = server.refuse_after(stream, room).await;
+                proxy.restore();
+                ok
+            }
             Broker::Rabbit {
                 url,
                 exchange,
@@ -943,7 +955,7 @@ async fn soak(kind: BrokerKind, seed: u64, secs: Duration) {
             84..92 if refusals => {
                 let room = rng.random_range(0..100);
                 let d = Duration::from_millis(rng.random_range(1000..5000));
-                if broker.refuse(room).await {
+                if broker.refuse(room, &broker_proxy).await {
                     faults.record("broker_refusals");
                     tokio::time::sleep(d).await;
                     broker.accept(seed).await;

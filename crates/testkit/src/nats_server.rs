@@ -131,7 +131,8 @@ impl PrivateNats {
 
     /// Makes `stream` refuse new messages once it holds `room` more than now (`max_msgs` with
     /// discard `new`): a broker that is up but refuses to store, as a full stream does. Returns
-    /// whether the limit was set.
+    /// whether the limit was set. Nothing may publish to `stream` meanwhile: a limit below the
+    /// count when it applies drops the stream's oldest messages, whatever the discard policy.
     pub async fn refuse_after(&self, stream: &str, room: i64) -> bool {
         self.set_max_messages(stream, |held| held + room).await
     }
