@@ -119,7 +119,8 @@ async fn measure(store: &PgStore, claims: usize) -> (f64, f64, usize) {
         let batch = store
             .claim("bench", 1000, true, &[], Duration::ZERO)
             .await
-            .unwrap();
+            .unwrap()
+            .messages;
         times.push(t.elapsed().as_secs_f64() * 1000.0);
         n = batch.len();
         assert!(

@@ -200,3 +200,78 @@ async fn health_during_a_broker_outage() {
         "healthy again once the backlog is delivered"
     );
 }
+
+/// Before: after any batch that was not empty the relay claimed again at once, so under a steady
+/// stream of commits it ran back to back batches of one or two events (each with its claim,
+/// publish and settle round trips) whatever the producers' wake-up window; the inventory service
+/// lost a quarter of its throughput to it. Now a claim that left nothing deliverable behind makes
+/// the relay wait for the next wake-up: batches follow the wake-ups, not the commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_a_steady_stream_of_commits_batches_follow_the_wake_ups() {
+    let db = TestDb::new().await;
+    let stream = TestStream::new();
+    let port = free_port();
+    let _relay = spawn_relay(&db, &stream, &testkit::nats_url(), port);
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            get(port, "/metrics").await.is_some()
+        })
+        .await
+    );
+    // Producers as the inventory service writes: no NOTIFY in the transaction, one wake-up per
+    // 100 ms window after the commits. Four writers, one event per transaction, ~3 s.
+    let window = Duration::from_millis(100);
+    let notifier = outbox::wake::CommitNotifier::spawn(db.pool.clone(), window);
+    let outbox = outbox::Outbox::new("test").with_notify(false);
+    let started = std::time::Instant::now();
+    let until = started + Duration::from_secs(3);
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let (pool, outbox, notifier) = (db.pool.clone(), outbox.clone(), notifier.clone());
+            tokio::spawn(async move {
+                let mut n = 0u64;
+                while std::time::Instant::now() < until {
+                    let mut tx = pool.begin().await.unwrap();
+                    let e = stock_event(
+                        "t1",
+                        &format!("v{}", n % 8),
+                        serde_json::json!({ "w": w, "n": n }),
+                    );
+                    outbox.enqueue(&mut tx, &[e]).await.unwrap();
+                    tx.commit().await.unwrap();
+                    notifier.committed();
+                    n += 1;
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                n
+            })
+        })
+        .collect();
+    let mut events = 0;
+    for w in writers {
+        events += w.await.unwrap();
+    }
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            count(&db, "published").await == events as i64
+        })
+        .await,
+        "every event published"
+    );
+    let secs = started.elapsed().as_secs_f64();
+    let (_, body) = get(port, "/metrics").await.expect("metrics");
+    let batches = metric(&body, "outbox_batch_size_count");
+    // At most one batch per wake-up (one per window) or poll (every 100 ms), with a margin.
+    let bound = (secs / window.as_secs_f64() + secs / 0.1) * 1.2 + 10.0;
+    eprintln!(
+        "{events} events in {batches} batches over {secs:.1} s ({:.1} per batch; bound {bound:.0})",
+        events as f64 / batches
+    );
+    assert!(
+        batches <= bound,
+        "{events} events took {batches} batches in {secs:.1} s, more than the wake-ups and polls \
+         ({bound:.0}): the relay claims again at once instead of waiting for a wake-up"
+    );
+    let seen = seen(&stream).await;
+    assert_eq!(assert_once_and_in_order(&seen), events as usize);
+}

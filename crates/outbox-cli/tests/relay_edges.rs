@@ -65,7 +65,8 @@ async fn more_tenants_than_the_batch_size_and_batches_over_the_in_flight_limit_a
     let batch = store
         .claim("claimer", 1000, true, &[], Duration::ZERO)
         .await
-        .unwrap();
+        .unwrap()
+        .messages;
     assert_eq!(batch.len(), 1000, "the batch size bounds the whole batch");
     store.release_all("claimer", "i1").await.unwrap();
 
@@ -234,7 +235,8 @@ async fn a_relay_past_its_lease_is_fenced_out() {
     let batch = store
         .claim("relay-a", 30, true, &[], Duration::ZERO)
         .await
-        .unwrap();
+        .unwrap()
+        .messages;
     assert_eq!(batch.len(), 30);
     let fence_a = Fence {
         relay_id: "relay-a".into(),
@@ -286,14 +288,16 @@ async fn a_relay_past_its_lease_is_fenced_out() {
     let again = store
         .claim("relay-a", 30, true, &[], Duration::ZERO)
         .await
-        .unwrap();
+        .unwrap()
+        .messages;
     assert!(again.is_empty());
 
     // (3) B's lease has 30 s left: a margin longer than that claims nothing.
     let none = store
         .claim("relay-b", 30, true, &[], Duration::from_secs(40))
         .await
-        .unwrap();
+        .unwrap()
+        .messages;
     assert!(
         none.is_empty(),
         "nothing is claimed from a lease about to run out"
@@ -301,7 +305,8 @@ async fn a_relay_past_its_lease_is_fenced_out() {
     let some = store
         .claim("relay-b", 30, true, &[], Duration::from_secs(5))
         .await
-        .unwrap();
+        .unwrap()
+        .messages;
     assert_eq!(some.len(), 29);
 }
 
@@ -356,4 +361,77 @@ fn the_duplicate_window_horizon_counts_an_ack_timeout_per_attempt() {
         long - short,
         Duration::from_secs(4) * config.retry.max_attempts
     );
+}
+
+/// A claim says whether it left deliverable rows behind, which is what lets the relay wait for a
+/// wake-up after a batch without stalling a backlog: a batch cut by the batch size, or by a
+/// tenant's share of it, is not drained, whatever its length.
+#[tokio::test]
+async fn a_claim_says_whether_it_left_deliverable_rows_behind() {
+    let db = TestDb::new().await;
+    // Tenant `a`: 50 events over 5 aggregates; tenant `b`: 1 event.
+    sqlx::query(
+        "INSERT INTO outbox_event (event_id, tenant_id, aggregate_type, aggregate_id, event_type, topic, payload)
+         SELECT gen_random_uuid(), CASE WHEN g <= 50 THEN 'a' ELSE 'b' END, 'V', 'v' || (g % 5),
+                'Bulk', 'bulk.created', '\\x7b7d'::bytea
+         FROM generate_series(1, 51) AS g ORDER BY g",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let store = PgStore::new(db.pool.clone());
+    store
+        .lease_round("claimer", "i1", Duration::from_secs(30))
+        .await
+        .unwrap();
+    let claim = |limit: i64, exclude: Vec<uuid::Uuid>| {
+        let store = store.clone();
+        async move {
+            let c = store
+                .claim("claimer", limit, true, &exclude, Duration::ZERO)
+                .await
+                .unwrap();
+            (c.messages.len(), c.drained)
+        }
+    };
+    // Shares of 10, then 26: `a` fills its share, so the batches of 11 and 27 are not drained.
+    assert_eq!(claim(20, vec![]).await, (11, false));
+    assert_eq!(claim(51, vec![]).await, (27, false));
+    // Cut by the batch size (one row from each tenant's share of one, then the final limit).
+    assert_eq!(claim(1, vec![]).await, (1, false));
+    // Everything fits with room to spare.
+    assert_eq!(claim(200, vec![]).await, (51, true));
+    // Nothing deliverable (all in flight) is drained too.
+    let all: Vec<uuid::Uuid> = sqlx::query_scalar("SELECT event_id FROM outbox_event")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(claim(200, all).await, (0, true));
+    store.release_all("claimer", "i1").await.unwrap();
+}
+
+/// What the soak's "full stream" fault must avoid, shown on the real server: a `max_msgs` set
+/// below the stream's count drops its oldest messages at once, discard policy `new` or not. A
+/// relay publishing between the soak's read of the count and its update made acknowledged events
+/// vanish from the stream (soak seed 14080020807552651460), which is why the soak stalls the
+/// relays' proxy while it sets the limit.
+#[tokio::test]
+async fn a_stream_limit_set_below_its_count_drops_the_oldest_messages() {
+    let stream = TestStream::new();
+    create_stream(&stream, |_| {}).await;
+    let js = jetstream::new(async_nats::connect(testkit::nats_url()).await.unwrap());
+    for i in 0..20 {
+        js.publish(format!("{}.t.x", stream.prefix), format!("{i}").into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let mut s = js.get_stream(&stream.name).await.unwrap();
+    let mut config = s.info().await.unwrap().config.clone();
+    config.max_messages = 15;
+    config.discard = jetstream::stream::DiscardPolicy::New;
+    js.update_stream(&config).await.unwrap();
+    let state = s.info().await.unwrap().state.clone();
+    assert_eq!((state.messages, state.first_sequence), (15, 6));
 }

@@ -57,6 +57,7 @@ async fn claimed_seqs(store: &PgStore, relay: &str, agg: &str) -> Vec<i64> {
         .claim(relay, 100, true, &[], Duration::ZERO)
         .await
         .unwrap()
+        .messages
         .into_iter()
         .filter(|m| m.aggregate_id == agg)
         .map(|m| m.seq)
@@ -577,7 +578,8 @@ async fn idle_aggregates_are_compacted_and_come_back_in_a_new_epoch() {
     let batch = store
         .claim("r1", 100, true, &[], Duration::ZERO)
         .await
-        .unwrap();
+        .unwrap()
+        .messages;
     let m = batch.iter().find(|m| m.event_id == back[0]).unwrap();
     assert_eq!((m.seq, m.seq_epoch), (1, e2));
 }

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::error::{OutboxError, Result};
 use crate::publisher::{Delivery, FailureKind, OutboundMessage, PublishFailure, Publisher};
 use crate::retry::RetryPolicy;
-use crate::store::{Fence, RelayStore, Settlement};
+use crate::store::{Claimed, Fence, RelayStore, Settlement};
 use crate::telemetry as m;
 
 /// Settings of one relay.
@@ -323,7 +323,7 @@ impl Relay {
         // published. At most one is outstanding; its ids are kept out of the next claim.
         let mut background: Option<(tokio::task::JoinHandle<()>, Vec<uuid::Uuid>)> = None;
         // The next batch, claimed while the previous one was being published (see below).
-        let mut prefetched: Option<Vec<OutboundMessage>> = None;
+        let mut prefetched: Option<Claimed> = None;
         while !stop.is_cancelled() {
             if Instant::now() >= next_lease {
                 // Partitions may be given back in this round: nothing of ours may still be
@@ -400,7 +400,10 @@ impl Relay {
                         .await
                 }
             };
-            let batch = match claimed {
+            let Claimed {
+                messages: batch,
+                drained,
+            } = match claimed {
                 Ok(b) => {
                     db_failures = 0;
                     self.health.set_db(true);
@@ -445,7 +448,7 @@ impl Relay {
                             margin,
                         )
                     );
-                    (outcomes, next.ok().filter(|b| !b.is_empty()))
+                    (outcomes, next.ok().filter(|b| !b.messages.is_empty()))
                 } else {
                     (self.publisher.publish(&batch, deadline).await, None)
                 };
@@ -524,6 +527,13 @@ impl Relay {
                     stop,
                 )
                 .await;
+            }
+            if clean && drained {
+                // Nothing deliverable was left behind: wait for a commit's wake-up (or the poll)
+                // instead of claiming again at once. Under a steady stream of commits the relay
+                // would otherwise run back to back batches of one or two events, each with its
+                // claim, publish and settle round trips.
+                self.idle(stop, cfg.poll_interval.min(until_lease)).await;
             }
         }
         finish(&mut background).await;

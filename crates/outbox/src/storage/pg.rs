@@ -1,6 +1,6 @@
 //! PostgreSQL implementation of the relay's storage.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,13 +8,13 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use sqlx::postgres::PgPoolOptions;
+use sqlx::postgres::{PgPoolOptions, PgRow};
 use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
 use crate::error::{OutboxError, Result};
 use crate::publisher::OutboundMessage;
-use crate::store::{Fence, LeaseState, RelayStore, Settlement};
+use crate::store::{Claimed, Fence, LeaseState, RelayStore, Settlement};
 
 /// Number of partitions in the schema (see the migration's `outbox_partition_of`).
 pub const PARTITIONS: i64 = 64;
@@ -227,7 +227,7 @@ impl RelayStore for PgStore {
         dead_blocks: bool,
         exclude: &[Uuid],
         lease_margin: Duration,
-    ) -> Result<Vec<OutboundMessage>> {
+    ) -> Result<Claimed> {
         // One statement: `t` finds the tenants with pending events by a loose index scan (one
         // index probe per tenant, however large any backlog), and each tenant gets an equal share
         // of the batch, so a quiet tenant's event waits for at most the batch in flight, not for
@@ -260,7 +260,7 @@ impl RelayStore for PgStore {
                  FROM t WHERE t.tenant_id IS NOT NULL),
              tenants AS (SELECT tenant_id FROM t WHERE tenant_id IS NOT NULL),
              n AS (SELECT count(*) AS k FROM tenants)
-             SELECT c.* FROM tenants CROSS JOIN n CROSS JOIN LATERAL (
+             SELECT c.*, n.k AS tenants_pending FROM tenants CROSS JOIN n CROSS JOIN LATERAL (
                  SELECT e.id, e.event_id, e.tenant_id, e.aggregate_type, e.aggregate_id, e.seq, e.partition,
                         e.event_type, e.topic, e.payload, e.headers, e.attempts, e.seq_epoch,
                         -- A timestamp chrono cannot hold must not fail the claim: NULL, and
@@ -293,6 +293,7 @@ impl RelayStore for PgStore {
         .fetch_all(&mut *tx)
         .await?;
         tx.commit().await?;
+        let drained = drained(&rows, limit)?;
         let (batch, bad) = decode_rows(&rows, dead_blocks)?;
         if !bad.is_empty() {
             for (id, reason) in &bad {
@@ -306,7 +307,10 @@ impl RelayStore for PgStore {
             // Claimed under the lease just checked: no fence needed.
             dead_letter(&mut conn, &ids, &errs, dead_blocks, None).await?;
         }
-        Ok(batch)
+        Ok(Claimed {
+            messages: batch,
+            drained,
+        })
     }
 
     async fn settle(
@@ -526,6 +530,25 @@ fn decode_row(r: &sqlx::postgres::PgRow) -> Result<std::result::Result<OutboundM
 
 /// A claimed row that cannot be delivered: its event id and the reason.
 type Undeliverable = (Uuid, String);
+
+/// Whether a claim left no deliverable row behind: it was not cut by the batch size, and no
+/// tenant filled its share of the batch (a tenant that got fewer rows than its share has none
+/// more to give).
+fn drained(rows: &[PgRow], limit: i64) -> Result<bool> {
+    if rows.len() as i64 >= limit {
+        return Ok(false);
+    }
+    let Some(first) = rows.first() else {
+        return Ok(true);
+    };
+    let tenants: i64 = first.try_get("tenants_pending")?;
+    let share = (limit + tenants.max(1) - 1) / tenants.max(1);
+    let mut per_tenant: HashMap<String, i64> = HashMap::new();
+    for r in rows {
+        *per_tenant.entry(r.try_get("tenant_id")?).or_default() += 1;
+    }
+    Ok(per_tenant.values().all(|&n| n < share))
+}
 
 /// Splits claimed rows into the batch to publish and the rows to dead-letter at once (event id,
 /// reason). With `dead_blocks`, the later rows of a bad row's aggregate leave the batch too: they

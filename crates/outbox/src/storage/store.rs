@@ -47,6 +47,17 @@ pub struct Fence {
     pub epochs: Vec<i64>,
 }
 
+/// What one claim found.
+#[derive(Debug, Default)]
+pub struct Claimed {
+    /// The rows to publish, in id order.
+    pub messages: Vec<OutboundMessage>,
+    /// No deliverable row of the owned partitions was left out by the batch size or a tenant's
+    /// share of it: until something new commits (or a retry falls due), claiming again finds
+    /// nothing more. The relay then waits for a wake-up instead of claiming again at once.
+    pub drained: bool,
+}
+
 /// Storage operations of the relay.
 #[async_trait]
 pub trait RelayStore: Send + Sync + 'static {
@@ -68,7 +79,8 @@ pub trait RelayStore: Send + Sync + 'static {
     /// Up to `limit` deliverable rows of the owned partitions, in id order: pending, due, not in
     /// `exclude` (published rows whose settlement is still being written), and not behind a
     /// failing (or, with `dead_blocks`, dead) earlier event of their aggregate, and only from
-    /// partitions whose lease outlives `lease_margin`. At most `limit` rows in all.
+    /// partitions whose lease outlives `lease_margin`. At most `limit` rows in all; with
+    /// [`Claimed::drained`] when no deliverable row was left behind.
     async fn claim(
         &self,
         relay_id: &str,
@@ -76,7 +88,7 @@ pub trait RelayStore: Send + Sync + 'static {
         dead_blocks: bool,
         exclude: &[Uuid],
         lease_margin: Duration,
-    ) -> Result<Vec<OutboundMessage>>;
+    ) -> Result<Claimed>;
 
     /// Records the outcomes of a publish in one transaction. With `delete_published` the
     /// acknowledged rows are deleted instead of kept as `published` (retention zero). Retries
