@@ -79,6 +79,22 @@ impl Ev {
     }
 }
 
+/// A random seed, printed, and the generator it seeds (replay a failure with its seed).
+fn seeded() -> (u64, rand::rngs::StdRng) {
+    let seed: u64 = rand::rng().random();
+    eprintln!("seed {seed}");
+    (seed, rand::rngs::StdRng::seed_from_u64(seed))
+}
+
+/// A fresh database with the effect table, and a fresh stream.
+async fn db_and_stream() -> (TestDb, TestStream, jetstream::Context) {
+    let db = TestDb::new().await;
+    effect_table(&db.pool).await;
+    let s = TestStream::new();
+    let js = stream_for(&s).await;
+    (db, s, js)
+}
+
 async fn stream_for(s: &TestStream) -> jetstream::Context {
     let js = jetstream::new(
         async_nats::connect(testkit::nats_url())
@@ -231,10 +247,7 @@ async fn wait_drained(s: &TestStream, durable: &str, within: Duration) {
 #[tokio::test]
 async fn the_same_event_published_twice_has_one_effect() {
     let t0 = Instant::now();
-    let db = TestDb::new().await;
-    effect_table(&db.pool).await;
-    let s = TestStream::new();
-    let js = stream_for(&s).await;
+    let (db, s, js) = db_and_stream().await;
     let a1 = Ev::seq("a", 1);
     let a2 = Ev::seq("a", 2);
     // A producer that is not this library: no aggregate, no Outbox-Seq.
@@ -261,13 +274,8 @@ async fn the_same_event_published_twice_has_one_effect() {
 #[tokio::test]
 async fn events_arriving_out_of_order_are_applied_in_seq_order() {
     let t0 = Instant::now();
-    let seed: u64 = rand::rng().random();
-    eprintln!("seed {seed}");
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let db = TestDb::new().await;
-    effect_table(&db.pool).await;
-    let s = TestStream::new();
-    let js = stream_for(&s).await;
+    let (seed, mut rng) = seeded();
+    let (db, s, js) = db_and_stream().await;
     let mut all = Vec::new();
     for agg in ["a", "b", "c"] {
         for seq in 1..=8 {
@@ -294,13 +302,8 @@ async fn events_arriving_out_of_order_are_applied_in_seq_order() {
 #[tokio::test]
 async fn a_backlog_is_applied_in_batches_and_a_failing_event_in_a_batch_costs_only_itself() {
     let t0 = Instant::now();
-    let seed: u64 = rand::rng().random();
-    eprintln!("seed {seed}");
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let db = TestDb::new().await;
-    effect_table(&db.pool).await;
-    let s = TestStream::new();
-    let js = stream_for(&s).await;
+    let (seed, mut rng) = seeded();
+    let (db, s, js) = db_and_stream().await;
     // A backlog waiting before the consumer starts: 12 aggregates of 15 events, interleaved at
     // random (each aggregate in seq order), some delivered twice, and among them an aggregate
     // whose handler fails and one whose handler panics, so that batches hold them.
@@ -409,10 +412,7 @@ fn outbox_cli(db: &TestDb, args: &[&str]) -> String {
 #[tokio::test]
 async fn a_failing_aggregate_is_parked_while_others_flow_and_replay_applies_it_in_order() {
     let t0 = Instant::now();
-    let db = TestDb::new().await;
-    effect_table(&db.pool).await;
-    let s = TestStream::new();
-    let js = stream_for(&s).await;
+    let (db, s, js) = db_and_stream().await;
     let name = testkit::unique("park");
     let h = Recorder {
         fail: Arc::new(AtomicBool::new(true)),
@@ -569,13 +569,8 @@ async fn consumer_child_process() {
 #[tokio::test]
 async fn consumers_killed_mid_event_apply_every_event_exactly_once() {
     let t0 = Instant::now();
-    let seed: u64 = rand::rng().random();
-    eprintln!("seed {seed}");
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let db = TestDb::new().await;
-    effect_table(&db.pool).await;
-    let s = TestStream::new();
-    let js = stream_for(&s).await;
+    let (seed, mut rng) = seeded();
+    let (db, s, js) = db_and_stream().await;
     // Batches of 4 (the crash points fall inside batches and between them): a child dying
     // after a commit may have committed up to a batch per hot aggregate beyond its crash count,
     // so 40 events per aggregate leave every child events to crash on.
@@ -662,9 +657,7 @@ async fn queue_drained(url: &str, queue: &str) -> bool {
 async fn rabbitmq_duplicates_disorder_and_killed_consumers_apply_every_event_exactly_once_in_order()
 {
     let t0 = Instant::now();
-    let seed: u64 = rand::rng().random();
-    eprintln!("seed {seed}");
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let (seed, mut rng) = seeded();
     let db = TestDb::new().await;
     effect_table(&db.pool).await;
     let url = testkit::rabbit::amqp_url();
@@ -788,10 +781,7 @@ impl Drop for QueueGuard {
 #[tokio::test]
 async fn the_event_id_set_is_bounded_by_its_retention() {
     let t0 = Instant::now();
-    let db = TestDb::new().await;
-    effect_table(&db.pool).await;
-    let s = TestStream::new();
-    let js = stream_for(&s).await;
+    let (db, s, js) = db_and_stream().await;
     let name = testkit::unique("retention");
     let foreign: Vec<Ev> = (0..5)
         .map(|_| Ev {
@@ -846,10 +836,7 @@ async fn the_event_id_set_is_bounded_by_its_retention() {
 #[tokio::test]
 async fn a_gap_that_never_fills_is_parked_and_applied_once_its_predecessor_arrives() {
     let t0 = Instant::now();
-    let db = TestDb::new().await;
-    effect_table(&db.pool).await;
-    let s = TestStream::new();
-    let js = stream_for(&s).await;
+    let (db, s, js) = db_and_stream().await;
     let name = testkit::unique("gap");
     let mut cfg = config(&name);
     cfg.gap_timeout = Duration::from_millis(400);
@@ -894,10 +881,7 @@ async fn a_gap_that_never_fills_is_parked_and_applied_once_its_predecessor_arriv
 #[tokio::test]
 async fn purging_a_parked_event_skips_it_and_its_aggregate_moves_on() {
     let t0 = Instant::now();
-    let db = TestDb::new().await;
-    effect_table(&db.pool).await;
-    let s = TestStream::new();
-    let js = stream_for(&s).await;
+    let (db, s, js) = db_and_stream().await;
     let name = testkit::unique("purge");
     let h = Recorder {
         fail: Arc::new(AtomicBool::new(true)),

@@ -34,14 +34,23 @@ fn metric(body: &str, name: &str) -> f64 {
         .sum()
 }
 
-fn spawn_relay(db: &TestDb, stream: &TestStream, nats_url: &str, port: u16) -> RelayProcess {
+/// A relay process reaching the shared NATS, serving its metrics on `port`, once it answers there.
+async fn spawn_relay(db: &TestDb, stream: &TestStream, port: u16) -> RelayProcess {
     let addr = format!("127.0.0.1:{port}");
-    RelayProcess::spawn_via(
+    let relay = RelayProcess::spawn_via(
         db,
         stream,
-        nats_url,
+        &testkit::nats_url(),
         &["--metrics-addr", &addr, "--nats-ack-timeout-secs", "1"],
-    )
+    );
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            get(port, "/metrics").await.is_some()
+        })
+        .await,
+        "the relay serves /metrics within 15 s"
+    );
+    relay
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -49,13 +58,7 @@ async fn counters_move_by_exactly_the_workload() {
     let db = TestDb::new().await;
     let stream = TestStream::new();
     let port = free_port();
-    let _relay = spawn_relay(&db, &stream, &testkit::nats_url(), port);
-    assert!(
-        eventually(Duration::from_secs(15), || async {
-            get(port, "/metrics").await.is_some()
-        })
-        .await
-    );
+    let _relay = spawn_relay(&db, &stream, port).await;
     insert_backlog(&db, 7, 2).await;
     assert!(
         eventually(Duration::from_secs(15), || async {
@@ -211,13 +214,7 @@ async fn under_a_steady_stream_of_commits_batches_follow_the_wake_ups() {
     let db = TestDb::new().await;
     let stream = TestStream::new();
     let port = free_port();
-    let _relay = spawn_relay(&db, &stream, &testkit::nats_url(), port);
-    assert!(
-        eventually(Duration::from_secs(15), || async {
-            get(port, "/metrics").await.is_some()
-        })
-        .await
-    );
+    let _relay = spawn_relay(&db, &stream, port).await;
     // Producers as the inventory service writes: no NOTIFY in the transaction, one wake-up per
     // 100 ms window after the commits. Four writers, one event per transaction, ~3 s.
     let window = Duration::from_millis(100);

@@ -3,8 +3,8 @@
 //! aggregate is handled by one worker at a time, in arrival order) and applies up to `batch_size`
 //! of their events in one transaction with their inbox records, acknowledging after the commit.
 //! A batch in which anything fails is rolled back whole and its events are applied again one
-//! transaction each, so a failure, a retry or a park concerns only its own event. Retries and
-//! parks as before; a replayer applies parked events an operator asked for.
+//! transaction each, so a failure, a retry or a park concerns only its own event. A replayer
+//! applies parked events an operator asked for.
 //!
 //! Why batches: an event in a transaction of its own costs three statements more than the
 //! handler's own (`BEGIN`, the position upsert, `COMMIT`) and a commit flush; under a backlog
