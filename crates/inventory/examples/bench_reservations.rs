@@ -10,7 +10,12 @@
 //! (`BEGIN`, one lock read, one write statement, `COMMIT`, as the service does them) from a plain
 //! Rust loop with no HTTP, same database server, same concurrency. The statements each command
 //! sends are counted by `tests/statements.rs`. `BENCH_WAKE_WINDOW_MS` sets the commit notifier's
-//! window (default `inventory::WAKE_WINDOW`), to measure what the relay's wake-ups cost.
+//! window (default `inventory::WAKE_WINDOW`), to measure what the relay's wake-ups cost;
+//! `INVENTORY_DB_POOL` the API's pool size (default 16, as `inventory serve`);
+//! `BENCH_RETENTION_ZERO=1` runs the relay with `--retention-hours 0` (rows deleted at
+//! acknowledgement instead of kept as published). It runs
+//! `BENCH_ROUNDS` rounds (default 3) of all three measurements and prints each round and the
+//! medians.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -43,7 +48,7 @@ async fn run_phase(with_relay: bool, requests: usize, concurrency: usize) -> Pha
     let db = TestDb::new().await;
     inventory::migrate(&db.pool).await.expect("migrations");
     // The service's own pool, as `inventory serve` would size it.
-    let pool = inventory::pool_options(16)
+    let pool = inventory::pool_options(pool_size())
         .connect(&db.url)
         .await
         .expect("pool");
@@ -59,10 +64,14 @@ async fn run_phase(with_relay: bool, requests: usize, concurrency: usize) -> Pha
     let stop = CancellationToken::new();
     let mut relay_task = None;
     if with_relay {
-        let config = RelayConfig {
+        let mut config = RelayConfig {
             relay_id: testkit::unique("bench"),
             ..Default::default()
         };
+        if std::env::var("BENCH_RETENTION_ZERO").as_deref() == Ok("1") {
+            // Published rows deleted at acknowledgement instead of moved to the archive.
+            config.retention = Some(Duration::ZERO);
+        }
         let publisher = NatsPublisher::connect(
             stream.nats_config(),
             config.dedup_horizon(stream.nats_config().ack_timeout),
@@ -150,10 +159,28 @@ async fn run_phase(with_relay: bool, requests: usize, concurrency: usize) -> Pha
 /// reservation, its line, the variant, a ledger entry, an outbox event and its aggregate row),
 /// each `BEGIN`, lock read, one write statement, `COMMIT`, from `concurrency` tasks over a pool
 /// of the service's size: no HTTP, no JSON, no token, no relay wake-ups. Returns transactions/s.
+/// How many rounds of (raw baseline, relay off, relay on): `BENCH_ROUNDS`, default 3.
+fn rounds_wanted() -> usize {
+    std::env::var("BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3)
+        .max(1)
+}
+
+/// The API's pool size: `inventory serve`'s default (`--db-pool 16`) unless `INVENTORY_DB_POOL`
+/// says otherwise, read as the service reads it.
+fn pool_size() -> u32 {
+    std::env::var("INVENTORY_DB_POOL")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(16)
+}
+
 async fn raw_baseline(requests: usize, concurrency: usize) -> f64 {
     let db = TestDb::new().await;
     inventory::migrate(&db.pool).await.expect("migrations");
-    let pool = inventory::pool_options(16)
+    let pool = inventory::pool_options(pool_size())
         .connect(&db.url)
         .await
         .expect("pool");
@@ -310,28 +337,55 @@ async fn main() {
         .map(|n| n.get())
         .unwrap_or(0);
     println!(
-        "machine: {cores} cores; {requests} reservations over HTTP, {concurrency} connections, {VARIANTS} variants"
+        "machine: {cores} cores; {requests} reservations over HTTP, {concurrency} connections, {VARIANTS} variants, API pool {}",
+        pool_size()
     );
-    let raw = raw_baseline(requests, concurrency).await;
+    // The machine is shared and noisy: each round measures all three, the relay phases in
+    // alternating order so that a drift over the run does not favour one of them, and the
+    // summary is the median of the rounds' ratios.
+    let mut rounds = Vec::new();
+    for round in 1..=rounds_wanted() {
+        let raw = raw_baseline(requests, concurrency).await;
+        let (without, with) = if round % 2 == 1 {
+            let a = run_phase(false, requests, concurrency).await;
+            (a, run_phase(true, requests, concurrency).await)
+        } else {
+            let b = run_phase(true, requests, concurrency).await;
+            (run_phase(false, requests, concurrency).await, b)
+        };
+        println!("round {round}:");
+        println!(
+            "  raw baseline (same row writes, BEGIN + lock + 1 write + COMMIT, no HTTP): {raw:8.0} transactions/s"
+        );
+        println!(
+            "  no relay (events written, not delivered): {:8.0} reservations/s  p50 {:.2} ms  p99 {:.2} ms",
+            without.rate, without.p50_ms, without.p99_ms
+        );
+        println!(
+            "  relay in-process, publishing to NATS    : {:8.0} reservations/s  p50 {:.2} ms  p99 {:.2} ms  (backlog drained {:.0} ms after the load)",
+            with.rate,
+            with.p50_ms,
+            with.p99_ms,
+            with.drain_after_load.unwrap_or_default().as_secs_f64() * 1000.0
+        );
+        println!(
+            "  relay / no relay: {:.2}; service with relay / raw baseline: {:.2}",
+            with.rate / without.rate,
+            with.rate / raw
+        );
+        rounds.push((raw, without.rate, with.rate));
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
     println!(
-        "raw baseline (same row writes, BEGIN + lock + 1 write + COMMIT, no HTTP): {raw:8.0} transactions/s"
-    );
-    let without = run_phase(false, requests, concurrency).await;
-    println!(
-        "no relay (events written, not delivered): {:8.0} reservations/s  p50 {:.2} ms  p99 {:.2} ms",
-        without.rate, without.p50_ms, without.p99_ms
-    );
-    let with = run_phase(true, requests, concurrency).await;
-    println!(
-        "relay in-process, publishing to NATS    : {:8.0} reservations/s  p50 {:.2} ms  p99 {:.2} ms  (backlog drained {:.0} ms after the load)",
-        with.rate,
-        with.p50_ms,
-        with.p99_ms,
-        with.drain_after_load.unwrap_or_default().as_secs_f64() * 1000.0
-    );
-    println!(
-        "ratio relay / no relay: {:.2} (goal >= 0.90); service with relay / raw baseline: {:.2}",
-        with.rate / without.rate,
-        with.rate / raw
+        "median of {} rounds: raw baseline {:.0}/s, no relay {:.0}/s, relay {:.0}/s; relay / no relay {:.2} (goal >= 0.90); relay / raw baseline {:.2}",
+        rounds.len(),
+        median(rounds.iter().map(|r| r.0).collect()),
+        median(rounds.iter().map(|r| r.1).collect()),
+        median(rounds.iter().map(|r| r.2).collect()),
+        median(rounds.iter().map(|r| r.2 / r.1).collect()),
+        median(rounds.iter().map(|r| r.2 / r.0).collect()),
     );
 }

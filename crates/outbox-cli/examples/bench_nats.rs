@@ -161,15 +161,23 @@ async fn steady_latency(rate: u64, secs: u64, notify: bool) -> Latency {
     )
     .await
     .unwrap();
+    // The relay's own pool, as `outbox relay` (`--db-connections 4`) and `inventory serve` run
+    // it: sharing the producers' pool would measure the relay's wait for a connection behind up
+    // to 64 producers, not its delivery.
+    let relay_pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .connect(&db.url)
+        .await
+        .unwrap();
     let relay = Relay::new(
-        Arc::new(PgStore::new(db.pool.clone())),
+        Arc::new(PgStore::new(relay_pool.clone())),
         Arc::new(publisher),
         config,
     )
     .unwrap();
     let stop = CancellationToken::new();
     let listen = tokio::spawn(outbox::wake::listen(
-        db.pool.clone(),
+        relay_pool,
         relay.waker(),
         stop.child_token(),
     ));
