@@ -67,25 +67,19 @@ EOF
 EOF
 }
 
-cat > "$WORK/raw.sql" <<EOF
+locked_tx() { # BEGIN, the lock read, one write of the rows, COMMIT; $1 as for rows_ctes' $2
+  cat <<EOF
 \set v random(1, 64)
 BEGIN;
 SELECT quantity, reserved FROM inv_variant WHERE tenant_id = 'bench' AND id = $V FOR NO KEY UPDATE;
 WITH k AS (SELECT $V AS v, gen_random_uuid() AS r),
-$(rows_ctes "")
+$(rows_ctes "" "${1:-}")
 SELECT 1;
 COMMIT;
 EOF
-
-cat > "$WORK/no-outbox.sql" <<EOF
-\set v random(1, 64)
-BEGIN;
-SELECT quantity, reserved FROM inv_variant WHERE tenant_id = 'bench' AND id = $V FOR NO KEY UPDATE;
-WITH k AS (SELECT $V AS v, gen_random_uuid() AS r),
-$(rows_ctes "" no-outbox)
-SELECT 1;
-COMMIT;
-EOF
+}
+locked_tx >"$WORK/raw.sql"
+locked_tx no-outbox >"$WORK/no-outbox.sql"
 
 cat > "$WORK/one-stmt.sql" <<EOF
 \set v random(1, 64)
