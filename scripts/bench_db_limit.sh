@@ -18,7 +18,8 @@ ROUNDS=${2:-3}
 CLIENTS=${3:-16}
 PG=${TEST_PG_URL:-postgres://root@127.0.0.1:5432}
 HERE=$(cd "$(dirname "$0")/.." && pwd)
-command -v pgbench >/dev/null || { echo "pgbench not found: it ships with Debian's postgresql-client package" >&2; exit 1; }
+"$HERE/scripts/ensure-services.sh"
+command -v pgbench >/dev/null || { echo "pgbench not found: it ships with the PostgreSQL server package (Debian: postgresql, which scripts/ensure-services.sh installs)" >&2; exit 1; }
 run() { psql "$PG/$1" -X -q -v ON_ERROR_STOP=1 -At "${@:2}"; }
 DB="bench_db_limit_$$"
 WORK=$(mktemp -d)

@@ -12,6 +12,7 @@ ROWS=${1:-50000}
 ROUNDS=${2:-3}
 PG=${TEST_PG_URL:-postgres://root@127.0.0.1:5432}
 HERE=$(cd "$(dirname "$0")/.." && pwd)
+"$HERE/scripts/ensure-services.sh"
 MIG="$HERE/crates/outbox/migrations"
 run() { psql "$PG/$1" -X -q -v ON_ERROR_STOP=1 -At "${@:2}"; }
 

@@ -6,6 +6,7 @@
 #   scripts/measure-relay.sh [events per database, default 200000]   (DATABASES=1 by default)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+scripts/ensure-services.sh
 N=${1:-200000}
 DBS=${DATABASES:-1}
 BIN=${OUTBOX_BIN:-${CARGO_TARGET_DIR:-target}/release/outbox}

@@ -11,6 +11,7 @@
 # relays' logs. Each soak prints its seed first and a summary line at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+scripts/ensure-services.sh
 export SOAK_SECONDS="${SOAK_SECONDS:-600}"
 rounds="${SOAK_ROUNDS:-1}"
 filter="${1:-soak_}"
