@@ -91,7 +91,8 @@ SELECT 1;
 EOF
 
 # crates/inventory/src/stock.rs (lock_keys, FLUSH_CTES), crates/outbox/src/enqueue.rs (insert_cte)
-# and ops.rs (reserve's extra CTEs), with literals where the service binds arrays.
+# and ops.rs (reserve's extra CTEs), with literals where the service binds arrays, and `reserved + 1`
+# where it binds the value it computed under the lock.
 cat > "$WORK/service.sql" <<EOF
 \set v random(1, 64)
 BEGIN;

@@ -14,8 +14,9 @@
 //! `INVENTORY_DB_POOL` the API's pool size (default 16, as `inventory serve`);
 //! `BENCH_RETENTION_ZERO=1` runs the relay with `--retention-hours 0` (rows deleted at
 //! acknowledgement instead of kept as published). It runs
-//! `BENCH_ROUNDS` rounds (default 3) of all three measurements and prints each round and the
-//! medians.
+//! `BENCH_ROUNDS` rounds (default 3) of all three measurements and prints each round, the cores
+//! the machine and this process used in each HTTP phase (PostgreSQL and NATS are the rest), and
+//! the medians.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -42,6 +43,8 @@ struct Phase {
     p50_ms: f64,
     p99_ms: f64,
     drain_after_load: Option<Duration>,
+    /// Cores busy over the measured run: (whole machine, this process).
+    cpu: Option<(f64, f64)>,
 }
 
 async fn run_phase(with_relay: bool, requests: usize, concurrency: usize) -> Phase {
@@ -118,8 +121,10 @@ async fn run_phase(with_relay: bool, requests: usize, concurrency: usize) -> Pha
     // Warm-up, then the measured run.
     drive(addr, &token, &variants, WARMUP, concurrency).await;
     let started = Instant::now();
+    let ticks = cpu_ticks();
     let mut latencies = drive(addr, &token, &variants, requests, concurrency).await;
     let elapsed = started.elapsed();
+    let cpu = cores_used(ticks, cpu_ticks(), cores());
     let drain_after_load = if with_relay {
         let t = Instant::now();
         loop {
@@ -152,31 +157,83 @@ async fn run_phase(with_relay: bool, requests: usize, concurrency: usize) -> Pha
         p50_ms: pct(0.50),
         p99_ms: pct(0.99),
         drain_after_load,
+        cpu,
     }
+}
+
+/// The machine's cores.
+fn cores() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+/// A setting from the environment, or `default` when it is unset or not a number.
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// How many rounds of (raw baseline, relay off, relay on): `BENCH_ROUNDS`, default 3.
+fn rounds_wanted() -> usize {
+    env_or("BENCH_ROUNDS", 3).max(1)
+}
+
+/// The API's pool size: `inventory serve`'s default (`--db-pool 16`, at least 2) unless
+/// `INVENTORY_DB_POOL`, the service's own variable, says otherwise.
+fn pool_size() -> u32 {
+    env_or("INVENTORY_DB_POOL", 16).max(2)
+}
+
+/// Machine-wide busy time and this process's CPU time, both in clock ticks, and the machine's
+/// total (busy and idle) over all cores, from `/proc` (`None` where there is none): what the
+/// service, its relay and the load generator (this process) use against PostgreSQL and NATS
+/// (the rest of the busy time).
+fn cpu_ticks() -> Option<(u64, u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let cpu: Vec<u64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal ...: busy is what ran here (not idle, not
+    // waiting for I/O, not taken by the hypervisor).
+    let busy = cpu.get(..8)?.iter().sum::<u64>() - cpu[3] - cpu[4] - cpu[7];
+    let total: u64 = cpu.get(..8)?.iter().sum();
+    let own = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesised command name: utime and stime are the 12th and 13th.
+    let after = own.rsplit_once(')')?.1;
+    let f: Vec<u64> = after
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    Some((busy, f.iter().sum(), total))
+}
+
+/// Cores in use between two [`cpu_ticks`] readings: (whole machine, this process).
+fn cores_used(
+    a: Option<(u64, u64, u64)>,
+    b: Option<(u64, u64, u64)>,
+    cores: usize,
+) -> Option<(f64, f64)> {
+    let ((b0, o0, t0), (b1, o1, t1)) = (a?, b?);
+    let total = (t1 - t0).max(1) as f64;
+    Some((
+        (b1 - b0) as f64 / total * cores as f64,
+        (o1 - o0) as f64 / total * cores as f64,
+    ))
 }
 
 /// The database's share: `requests` transactions writing the rows a reservation writes (the
 /// reservation, its line, the variant, a ledger entry, an outbox event and its aggregate row),
 /// each `BEGIN`, lock read, one write statement, `COMMIT`, from `concurrency` tasks over a pool
 /// of the service's size: no HTTP, no JSON, no token, no relay wake-ups. Returns transactions/s.
-/// How many rounds of (raw baseline, relay off, relay on): `BENCH_ROUNDS`, default 3.
-fn rounds_wanted() -> usize {
-    std::env::var("BENCH_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3)
-        .max(1)
-}
-
-/// The API's pool size: `inventory serve`'s default (`--db-pool 16`) unless `INVENTORY_DB_POOL`
-/// says otherwise, read as the service reads it.
-fn pool_size() -> u32 {
-    std::env::var("INVENTORY_DB_POOL")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(16)
-}
-
 async fn raw_baseline(requests: usize, concurrency: usize) -> f64 {
     let db = TestDb::new().await;
     inventory::migrate(&db.pool).await.expect("migrations");
@@ -333,9 +390,7 @@ async fn main() {
     let args: Vec<String> = std::env::args().collect();
     let requests: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(10_000);
     let concurrency: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(32);
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(0);
+    let cores = cores();
     println!(
         "machine: {cores} cores; {requests} reservations over HTTP, {concurrency} connections, {VARIANTS} variants, API pool {}",
         pool_size()
@@ -368,6 +423,14 @@ async fn main() {
             with.p99_ms,
             with.drain_after_load.unwrap_or_default().as_secs_f64() * 1000.0
         );
+        for (name, p) in [("no relay", &without), ("relay", &with)] {
+            if let Some((machine, own)) = p.cpu {
+                println!(
+                    "  cpu, {name}: machine {machine:.2} cores busy; this process (load, service, relay) {own:.2}; the rest (PostgreSQL, NATS) {:.2}",
+                    machine - own
+                );
+            }
+        }
         println!(
             "  relay / no relay: {:.2}; service with relay / raw baseline: {:.2}",
             with.rate / without.rate,
@@ -375,6 +438,7 @@ async fn main() {
         );
         rounds.push((raw, without.rate, with.rate));
     }
+    // The upper of the two middle values for an even number of rounds.
     let median = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
