@@ -32,7 +32,7 @@ pub struct NatsCluster {
 
 impl NatsCluster {
     /// Starts three nodes on free loopback ports and waits (at most 30 s) until the cluster has
-    /// elected its JetStream meta leader, i.e. can create streams.
+    /// elected its JetStream meta leader and can place a stream with three replicas.
     pub async fn start() -> Self {
         let dir = std::env::temp_dir().join(crate::unique("nats_cluster"));
         std::fs::create_dir_all(&dir).expect("create the cluster's directory");
@@ -289,6 +289,42 @@ impl NatsCluster {
                     );
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        // A meta leader is not enough for a replicated stream: until every node has joined the
+        // meta group as a current peer, creating an R3 stream fails with "no suitable peers for
+        // placement" (a CI run saw a relay get that for 20 s after start() had returned, on a
+        // loaded machine). So the cluster is ready when an R3 stream can be created.
+        let url = self.url(0);
+        loop {
+            let created = tokio::time::timeout(Duration::from_secs(5), async {
+                let c = async_nats::connect(url.clone()).await.ok()?;
+                let js = jetstream::new(c);
+                let name = crate::unique("READINESS_R3").to_uppercase();
+                let made = js
+                    .create_stream(jetstream::stream::Config {
+                        name: name.clone(),
+                        subjects: vec![format!("{}.probe", name.to_lowercase())],
+                        num_replicas: 3,
+                        storage: jetstream::stream::StorageType::Memory,
+                        ..Default::default()
+                    })
+                    .await;
+                let _ = js.delete_stream(&name).await;
+                made.err().map(|e| e.to_string())
+            })
+            .await;
+            match created {
+                Ok(None) => return,
+                Ok(Some(e)) if Instant::now() > end => {
+                    panic!("JetStream cluster cannot place an R3 stream within {within:?}: {e}")
+                }
+                Err(_) if Instant::now() > end => {
+                    panic!(
+                        "JetStream cluster did not answer an R3 stream creation within {within:?}"
+                    )
+                }
+                _ => tokio::time::sleep(Duration::from_millis(200)).await,
             }
         }
     }
