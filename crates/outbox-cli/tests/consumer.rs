@@ -41,6 +41,12 @@ impl Handler for Recorder {
         if agg.as_deref() == Some("panics") {
             panic!("injected panic");
         }
+        if agg.as_deref() == Some("swallows") {
+            // A handler bug: the statement fails, the transaction is aborted, and the handler
+            // reports success.
+            let _ = sqlx::query("SELECT 1 / 0").execute(&mut *tx).await;
+            return Ok(());
+        }
         sqlx::query("INSERT INTO effect (event_id, aggregate_id, seq) VALUES ($1, $2, $3)")
             .bind(e.event_id)
             .bind(agg)
@@ -114,6 +120,17 @@ async fn stream_for(s: &TestStream) -> jetstream::Context {
 /// Publishes `e` as a new broker message (its own `Nats-Msg-Id`, so copies are not dropped by
 /// the stream: a second message with the same `eventId`).
 async fn publish(js: &jetstream::Context, s: &TestStream, e: &Ev) {
+    publish_with(js, s, e, 0, &[]).await
+}
+
+/// [`publish`] in sequence epoch `epoch`, with `extra` headers (a producer id, a skip marker).
+async fn publish_with(
+    js: &jetstream::Context,
+    s: &TestStream,
+    e: &Ev,
+    epoch: i64,
+    extra: &[(&str, &str)],
+) {
     let mut h = async_nats::HeaderMap::new();
     h.insert("Nats-Msg-Id", Uuid::new_v4().to_string().as_str());
     h.insert("Outbox-Event-Id", e.id.to_string().as_str());
@@ -123,7 +140,10 @@ async fn publish(js: &jetstream::Context, s: &TestStream, e: &Ev) {
         h.insert("Outbox-Aggregate-Type", "item");
         h.insert("Outbox-Aggregate-Id", agg.as_str());
         h.insert("Outbox-Seq", seq.to_string().as_str());
-        h.insert("Outbox-Seq-Epoch", "0");
+        h.insert("Outbox-Seq-Epoch", epoch.to_string().as_str());
+    }
+    for (k, v) in extra {
+        h.insert(*k, *v);
     }
     let body = format!(r#"{{"eventId":"{}"}}"#, e.id);
     js.publish_with_headers(format!("{}.t1.test", s.prefix), h, body.into())
@@ -939,4 +959,332 @@ async fn purging_a_parked_event_skips_it_and_its_aggregate_moves_on() {
             .unwrap();
     assert_eq!(audited, 1);
     eprintln!("took {:?}", t0.elapsed());
+}
+
+/// Parked rows with their aggregate: (aggregate, seq, reason).
+async fn parked_of(pool: &PgPool, name: &str) -> Vec<(String, i64, String)> {
+    sqlx::query_as(
+        "SELECT aggregate_id, seq, reason FROM outbox_consumer_dead_letter
+          WHERE consumer = $1 ORDER BY aggregate_id, seq_epoch, seq",
+    )
+    .bind(name)
+    .fetch_all(pool)
+    .await
+    .expect("parked")
+}
+
+/// Waits until `check` holds for the effect rows.
+async fn wait_effects(
+    pool: &PgPool,
+    within: Duration,
+    check: impl Fn(&[(Uuid, Option<String>, Option<i64>)]) -> bool,
+) {
+    let check = &check;
+    let ok = testkit::eventually(within, || {
+        let pool = pool.clone();
+        async move { check(&effects(&pool).await) }
+    })
+    .await;
+    assert!(ok, "effects: {:?}", effects(pool).await);
+}
+
+async fn request_replay(db: &TestDb, name: &str, id: Option<Uuid>, accept_gap: bool) {
+    let filter = outbox::consumers::dead_letters::ParkedFilter {
+        consumer: Some(name.into()),
+        event_id: id,
+        ..Default::default()
+    };
+    outbox::consumers::dead_letters::request_replay(&db.pool, &filter, "test", accept_gap)
+        .await
+        .expect("replay requested");
+}
+
+/// Issue 18.1: an epoch change used to overtake a parked event (E2/1 applied at once), and the
+/// replay then deleted the parked E1 event as a "duplicate" without running its handler.
+#[tokio::test]
+async fn a_new_epoch_never_overtakes_a_parked_event_of_the_previous_one() {
+    let (db, s, js) = db_and_stream().await;
+    let name = testkit::unique("epoch");
+    let h = Recorder {
+        fail: Arc::new(AtomicBool::new(true)),
+        fail_agg: "e".into(),
+    };
+    let c = start(&db, &s, h.clone(), config(&name)).await;
+    let (e1_1, e1_2, e2_1) = (Ev::seq("e", 1), Ev::seq("e", 2), Ev::seq("e", 1));
+    h.fail.store(false, Ordering::SeqCst);
+    publish_with(&js, &s, &e1_1, 5, &[]).await;
+    wait_effects(&db.pool, Duration::from_secs(10), |e| e.len() == 1).await;
+    h.fail.store(true, Ordering::SeqCst);
+    publish_with(&js, &s, &e1_2, 5, &[]).await;
+    wait_parked(&db.pool, &name, 1, Duration::from_secs(10)).await;
+    // The relay compacted the aggregate: its next event starts epoch 9 at seq 1.
+    publish_with(&js, &s, &e2_1, 9, &[]).await;
+    wait_parked(&db.pool, &name, 2, Duration::from_secs(10)).await;
+    assert_eq!(effects(&db.pool).await.len(), 1, "E2/1 must not pass E1/2");
+    h.fail.store(false, Ordering::SeqCst);
+    request_replay(&db, &name, None, false).await;
+    wait_effects(&db.pool, Duration::from_secs(10), |e| e.len() == 2).await;
+    // E1/2 is applied; E2/1 still cannot know that E1 ended at 2: it stays parked for an
+    // operator (strict start policy).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(effects(&db.pool).await[1].0, e1_2.id);
+    assert_eq!(parked_of(&db.pool, &name).await.len(), 1);
+    request_replay(&db, &name, Some(e2_1.id), true).await;
+    wait_effects(&db.pool, Duration::from_secs(10), |e| e.len() == 3).await;
+    c.shutdown().await;
+    let ids: Vec<Uuid> = effects(&db.pool).await.iter().map(|r| r.0).collect();
+    assert_eq!(ids, vec![e1_1.id, e1_2.id, e2_1.id]);
+    let skips: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM outbox_consumer_skip WHERE consumer = $1 AND reason = 'operator'",
+    )
+    .bind(&name)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(skips, 1, "the operator's start is on record");
+}
+
+/// Issue 18.2: a consumer that never saw seq 1 of an aggregate applied none of its events. With
+/// the permissive start policy it starts at the lowest event that waited the gap timeout; an
+/// earlier event that is only being retried keeps its place; one arriving after the start is
+/// parked as `late`, never dropped.
+#[tokio::test]
+async fn a_late_consumer_starts_after_the_gap_timeout_and_a_retried_seq_1_keeps_its_place() {
+    let (db, s, js) = db_and_stream().await;
+    let name = testkit::unique("late");
+    let h = Recorder {
+        fail: Arc::new(AtomicBool::new(true)),
+        fail_agg: "r".into(),
+    };
+    let mut cfg = config(&name);
+    cfg.start_policy = outbox::consumers::StartPolicy::AfterGapTimeout;
+    cfg.gap_timeout = Duration::from_millis(800);
+    cfg.max_attempts = 1000;
+    let c = start(&db, &s, h.clone(), cfg).await;
+    // b: its seq 1 and 2 were published before this consumer existed.
+    let b: Vec<Ev> = (1..=4).map(|i| Ev::seq("b", i)).collect();
+    publish(&js, &s, &b[2]).await;
+    publish(&js, &s, &b[3]).await;
+    // r: seq 1 fails for longer than the gap timeout; seq 2 must wait for it.
+    let r: Vec<Ev> = (1..=2).map(|i| Ev::seq("r", i)).collect();
+    publish(&js, &s, &r[0]).await;
+    publish(&js, &s, &r[1]).await;
+    wait_effects(&db.pool, Duration::from_secs(15), |e| e.len() == 2).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let seqs = |rows: &[(Uuid, Option<String>, Option<i64>)], agg: &str| -> Vec<i64> {
+        rows.iter()
+            .filter(|r| r.1.as_deref() == Some(agg))
+            .filter_map(|r| r.2)
+            .collect()
+    };
+    assert_eq!(seqs(&effects(&db.pool).await, "b"), vec![3, 4]);
+    assert!(
+        seqs(&effects(&db.pool).await, "r").is_empty(),
+        "r's seq 2 must not start past a seq 1 that is being retried"
+    );
+    h.fail.store(false, Ordering::SeqCst);
+    wait_effects(&db.pool, Duration::from_secs(15), |e| e.len() == 4).await;
+    assert_eq!(seqs(&effects(&db.pool).await, "r"), vec![1, 2]);
+    // b's seq 2 turns up after the start: parked as late, not dropped.
+    publish(&js, &s, &b[1]).await;
+    let (pool, n) = (db.pool.clone(), name.clone());
+    assert!(
+        testkit::eventually(Duration::from_secs(10), || {
+            let (pool, n) = (pool.clone(), n.clone());
+            async move { parked_of(&pool, &n).await == vec![("b".into(), 2, "late".into())] }
+        })
+        .await,
+        "{:?}",
+        parked_of(&db.pool, &name).await
+    );
+    c.shutdown().await;
+    let started: Vec<(Option<i64>, i64, String)> = sqlx::query_as(
+        "SELECT from_seq, to_seq, reason FROM outbox_consumer_skip WHERE consumer = $1",
+    )
+    .bind(&name)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(started, vec![(None, 3, "start_policy".into())]);
+}
+
+/// Issue 18.2: a producer's purge publishes a skip marker in the purged event's place; the
+/// consumer moves past it without running the handler and records that it did.
+#[tokio::test]
+async fn a_producer_skip_marker_is_passed_over_and_recorded() {
+    let (db, s, js) = db_and_stream().await;
+    let name = testkit::unique("skip");
+    let c = start(&db, &s, Recorder::default(), config(&name)).await;
+    let k: Vec<Ev> = (1..=3).map(|i| Ev::seq("k", i)).collect();
+    publish(&js, &s, &k[0]).await;
+    publish_with(&js, &s, &k[1], 0, &[("Outbox-Skip", "purged")]).await;
+    publish(&js, &s, &k[2]).await;
+    wait_effects(&db.pool, Duration::from_secs(10), |e| e.len() == 2).await;
+    c.shutdown().await;
+    let got: Vec<Option<i64>> = effects(&db.pool).await.iter().map(|r| r.2).collect();
+    assert_eq!(got, vec![Some(1), Some(3)]);
+    let skipped: Vec<(Option<i64>, i64, String)> = sqlx::query_as(
+        "SELECT from_seq, to_seq, reason FROM outbox_consumer_skip WHERE consumer = $1",
+    )
+    .bind(&name)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(skipped, vec![(Some(1), 2, "purged".into())]);
+}
+
+/// Issue 18.3: a handler that swallowed a database error had its events acknowledged with
+/// nothing applied (COMMIT of an aborted transaction answers ROLLBACK without an error); as the
+/// last of a batch, the whole batch went so. The event is now that handler's failure, alone.
+#[tokio::test]
+async fn a_handler_that_swallows_a_database_error_is_never_acknowledged_unapplied() {
+    let (db, s, js) = db_and_stream().await;
+    let name = testkit::unique("swallow");
+    // A backlog first, so that the events share batches: the swallowing one lands at some
+    // place in a batch of many (the lanes are sorted by hash), and alone in the last round.
+    let mut evs: Vec<Ev> = (0..40).map(|i| Ev::seq(&format!("ok{i}"), 1)).collect();
+    evs.insert(20, Ev::seq("swallows", 1));
+    for e in &evs {
+        publish(&js, &s, e).await;
+    }
+    let mut cfg = config(&name);
+    cfg.concurrency = 1;
+    cfg.batch_size = 64;
+    let c = start(&db, &s, Recorder::default(), cfg).await;
+    wait_parked(&db.pool, &name, 1, Duration::from_secs(15)).await;
+    wait_effects(&db.pool, Duration::from_secs(10), |e| e.len() == 40).await;
+    // Alone: a single-event transaction.
+    let again = Ev::seq("swallows", 2);
+    publish(&js, &s, &again).await;
+    wait_parked(&db.pool, &name, 2, Duration::from_secs(15)).await;
+    c.shutdown().await;
+    let p = parked_of(&db.pool, &name).await;
+    assert_eq!(
+        p,
+        vec![
+            ("swallows".into(), 1, "handler".into()),
+            ("swallows".into(), 2, "held".into())
+        ]
+    );
+    let positions: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM outbox_consumer_position WHERE consumer = $1 AND aggregate_id = 'swallows'",
+    )
+    .bind(&name)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        positions, 0,
+        "nothing of the swallowing handler's events committed"
+    );
+}
+
+/// Issue 18.5: a NUL in a header made every inbox statement fail (SQLSTATE 22021), which was
+/// retried as a database outage for ever and never parked: as many of them as the prefetch
+/// stopped all delivery. They are now that event's failure, parked with their exact headers.
+#[tokio::test]
+async fn poison_headers_are_parked_and_the_rest_flows() {
+    let (db, s, js) = db_and_stream().await;
+    let name = testkit::unique("poison");
+    let mut cfg = config(&name);
+    cfg.concurrency = 2;
+    let mut src = source_config(&s, &name);
+    src.max_ack_pending = 4;
+    let source = NatsSource::connect(src).await.expect("source");
+    let consumer = Consumer::new(db.pool.clone(), Recorder::default(), cfg).expect("consumer");
+    let stop = CancellationToken::new();
+    let st = stop.clone();
+    let task = tokio::spawn(async move { consumer.run(source, st).await });
+    let poison: Vec<Ev> = (0..6).map(|i| Ev::seq(&format!("p\0{i}"), 1)).collect();
+    for e in &poison {
+        publish(&js, &s, e).await;
+    }
+    let fine: Vec<Ev> = (1..=3).map(|i| Ev::seq("fine", i)).collect();
+    for e in &fine {
+        publish(&js, &s, e).await;
+    }
+    wait_effects(&db.pool, Duration::from_secs(15), |e| e.len() == 3).await;
+    wait_parked(&db.pool, &name, 6, Duration::from_secs(15)).await;
+    stop.cancel();
+    task.await.unwrap().unwrap();
+    let raw: Vec<Vec<u8>> = sqlx::query_scalar(
+        "SELECT headers_raw FROM outbox_consumer_dead_letter WHERE consumer = $1",
+    )
+    .bind(&name)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    for r in raw {
+        let h: std::collections::BTreeMap<String, String> = serde_json::from_slice(&r).unwrap();
+        assert!(
+            h["Outbox-Aggregate-Id"].contains('\0'),
+            "kept exactly: {h:?}"
+        );
+    }
+}
+
+/// Issue 18.6: positions knew no producer, so two outbox databases publishing the same
+/// aggregate key dropped each other's events as duplicates. A legacy position (events without
+/// `Outbox-Producer-Id`, from an older relay) is taken over by the first producer that names
+/// itself, so an upgrade of the relay strands nothing.
+#[tokio::test]
+async fn two_producers_of_one_aggregate_key_keep_their_own_positions() {
+    let (db, s, js) = db_and_stream().await;
+    let name = testkit::unique("producers");
+    let c = start(&db, &s, Recorder::default(), config(&name)).await;
+    let (p1, p2) = (Uuid::now_v7().to_string(), Uuid::now_v7().to_string());
+    let old: Vec<Ev> = (1..=2).map(|i| Ev::seq("m", i)).collect();
+    let new: Vec<Ev> = (3..=4).map(|i| Ev::seq("m", i)).collect();
+    let other: Vec<Ev> = (1..=2).map(|i| Ev::seq("m", i)).collect();
+    // An old relay (no producer id), then the same database's relay upgraded.
+    for e in &old {
+        publish(&js, &s, e).await;
+    }
+    for e in &new {
+        publish_with(&js, &s, e, 0, &[("Outbox-Producer-Id", p1.as_str())]).await;
+    }
+    // Another database publishing the same aggregate key.
+    for e in &other {
+        publish_with(&js, &s, e, 0, &[("Outbox-Producer-Id", p2.as_str())]).await;
+    }
+    wait_effects(&db.pool, Duration::from_secs(10), |e| e.len() == 6).await;
+    c.shutdown().await;
+    let positions: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT producer, seq FROM outbox_consumer_position WHERE consumer = $1 ORDER BY seq",
+    )
+    .bind(&name)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    let mut want = vec![(p2.clone(), 2), (p1.clone(), 4)];
+    want.sort_by_key(|w| w.1);
+    assert_eq!(positions, want);
+}
+
+/// Issue 18.7: purging a parked event moved the position past an earlier parked event that was
+/// not purged (a later replay then dropped that one as a duplicate). Such a purge is refused.
+#[tokio::test]
+async fn a_purge_may_not_move_the_position_past_an_earlier_parked_event() {
+    let (db, s, js) = db_and_stream().await;
+    let name = testkit::unique("purge-order");
+    let h = Recorder {
+        fail: Arc::new(AtomicBool::new(true)),
+        fail_agg: "q".into(),
+    };
+    let c = start(&db, &s, h.clone(), config(&name)).await;
+    let q: Vec<Ev> = (1..=2).map(|i| Ev::seq("q", i)).collect();
+    publish(&js, &s, &q[0]).await;
+    publish(&js, &s, &q[1]).await;
+    wait_parked(&db.pool, &name, 2, Duration::from_secs(10)).await;
+    let filter = outbox::consumers::dead_letters::ParkedFilter {
+        consumer: Some(name.clone()),
+        event_id: Some(q[1].id),
+        ..Default::default()
+    };
+    let refused = outbox::consumers::dead_letters::purge(&db.pool, &filter, "test").await;
+    assert!(refused.is_err(), "{refused:?}");
+    h.fail.store(false, Ordering::SeqCst);
+    request_replay(&db, &name, None, false).await;
+    wait_effects(&db.pool, Duration::from_secs(10), |e| e.len() == 2).await;
+    c.shutdown().await;
 }

@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::Args;
 use outbox::consumers::amqp::{AmqpSource, AmqpSourceConfig};
 use outbox::consumers::nats::{NatsSource, NatsSourceConfig};
-use outbox::consumers::{Consumer, ConsumerConfig, Handler};
+use outbox::consumers::{Consumer, ConsumerConfig, Handler, StartPolicy};
 use tokio_util::sync::CancellationToken;
 
 use crate::args::BrokerKind;
@@ -68,6 +68,27 @@ pub struct ConsumerArgs {
         default_value_t = 168
     )]
     pub seen_retention_hours: u64,
+    /// Where an aggregate whose beginning never arrived starts: `after-gap-timeout` (the read
+    /// model's default: its events carry absolute levels, so starting mid-stream converges; a
+    /// queue bound after the inventory's first events would otherwise apply nothing) or
+    /// `strict` (only at seq 1; anything else is parked as `gap` for an operator's
+    /// `consumer-dead-letters replay --accept-gap`).
+    #[arg(
+        long,
+        env = "OUTBOX_CONSUMER_START_POLICY",
+        value_enum,
+        default_value = "after-gap-timeout"
+    )]
+    pub start_policy: StartPolicyArg,
+}
+
+/// `--start-policy` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StartPolicyArg {
+    /// Only at seq 1 of an unknown aggregate.
+    Strict,
+    /// At the lowest event that waited the gap timeout with nothing earlier still coming.
+    AfterGapTimeout,
 }
 
 impl ConsumerArgs {
@@ -79,6 +100,10 @@ impl ConsumerArgs {
         c.max_attempts = self.max_attempts.max(1);
         c.gap_timeout = Duration::from_secs(self.gap_timeout_secs);
         c.seen_retention = Duration::from_secs(self.seen_retention_hours * 3600);
+        c.start_policy = match self.start_policy {
+            StartPolicyArg::Strict => StartPolicy::Strict,
+            StartPolicyArg::AfterGapTimeout => StartPolicy::AfterGapTimeout,
+        };
         c
     }
 }
