@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use async_trait::async_trait;
-use futures::FutureExt;
+use futures::{FutureExt, StreamExt};
 use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
@@ -24,11 +24,13 @@ use testkit::{TestDb, TestStream};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-/// Writes one effect row per handled event; fails while `fail` is set for aggregate `fail_agg`.
+/// Writes one effect row per handled event; fails while `fail` is set for aggregate `fail_agg`;
+/// takes `delay` per event (a slow handler).
 #[derive(Clone, Default)]
 struct Recorder {
     fail: Arc<AtomicBool>,
     fail_agg: String,
+    delay: Duration,
 }
 
 #[async_trait]
@@ -46,6 +48,9 @@ impl Handler for Recorder {
             // reports success.
             let _ = sqlx::query("SELECT 1 / 0").execute(&mut *tx).await;
             return Ok(());
+        }
+        if !self.delay.is_zero() {
+            tokio::time::sleep(self.delay).await;
         }
         sqlx::query("INSERT INTO effect (event_id, aggregate_id, seq) VALUES ($1, $2, $3)")
             .bind(e.event_id)
@@ -353,6 +358,7 @@ async fn a_backlog_is_applied_in_batches_and_a_failing_event_in_a_batch_costs_on
     let h = Recorder {
         fail: Arc::new(AtomicBool::new(true)),
         fail_agg: "x".into(),
+        ..Default::default()
     };
     let c = start(&db, &s, h, cfg).await;
     wait_parked(&db.pool, &name, 4, Duration::from_secs(20)).await;
@@ -437,6 +443,7 @@ async fn a_failing_aggregate_is_parked_while_others_flow_and_replay_applies_it_i
     let h = Recorder {
         fail: Arc::new(AtomicBool::new(true)),
         fail_agg: "x".into(),
+        ..Default::default()
     };
     let c = start(&db, &s, h.clone(), config(&name)).await;
     let mut xs = Vec::new();
@@ -555,7 +562,13 @@ async fn consumer_child_process() {
             other => panic!("unknown crash point {other}"),
         }
     }
-    let consumer = Consumer::new(pool, Recorder::default(), cfg).expect("consumer");
+    let recorder = Recorder {
+        delay: Duration::from_millis(
+            std::env::var("CHILD_SLOW_MS").map_or(0, |v| v.parse().expect("CHILD_SLOW_MS")),
+        ),
+        ..Default::default()
+    };
+    let consumer = Consumer::new(pool, recorder, cfg).expect("consumer");
     if let Ok(queue) = std::env::var("CHILD_QUEUE") {
         let source = AmqpSource::connect(AmqpSourceConfig {
             url: testkit::rabbit::amqp_url(),
@@ -574,7 +587,12 @@ async fn consumer_child_process() {
             url: testkit::nats_url(),
             stream: env("CHILD_STREAM"),
             durable: name.clone(),
-            ack_wait: Duration::from_secs(2),
+            // The shipped default when asked (the resume test measures it).
+            ack_wait: if std::env::var("CHILD_DEFAULT_ACK_WAIT").is_ok() {
+                NatsSourceConfig::default().ack_wait
+            } else {
+                Duration::from_secs(2)
+            },
             ..Default::default()
         })
         .await
@@ -906,6 +924,7 @@ async fn purging_a_parked_event_skips_it_and_its_aggregate_moves_on() {
     let h = Recorder {
         fail: Arc::new(AtomicBool::new(true)),
         fail_agg: "p".into(),
+        ..Default::default()
     };
     let c = start(&db, &s, h.clone(), config(&name)).await;
     let p: Vec<Ev> = (1..=3).map(|i| Ev::seq("p", i)).collect();
@@ -1008,6 +1027,7 @@ async fn a_new_epoch_never_overtakes_a_parked_event_of_the_previous_one() {
     let h = Recorder {
         fail: Arc::new(AtomicBool::new(true)),
         fail_agg: "e".into(),
+        ..Default::default()
     };
     let c = start(&db, &s, h.clone(), config(&name)).await;
     let (e1_1, e1_2, e2_1) = (Ev::seq("e", 1), Ev::seq("e", 2), Ev::seq("e", 1));
@@ -1055,6 +1075,7 @@ async fn a_late_consumer_starts_after_the_gap_timeout_and_a_retried_seq_1_keeps_
     let h = Recorder {
         fail: Arc::new(AtomicBool::new(true)),
         fail_agg: "r".into(),
+        ..Default::default()
     };
     let mut cfg = config(&name);
     cfg.start_policy = outbox::consumers::StartPolicy::AfterGapTimeout;
@@ -1270,6 +1291,7 @@ async fn a_purge_may_not_move_the_position_past_an_earlier_parked_event() {
     let h = Recorder {
         fail: Arc::new(AtomicBool::new(true)),
         fail_agg: "q".into(),
+        ..Default::default()
     };
     let c = start(&db, &s, h.clone(), config(&name)).await;
     let q: Vec<Ev> = (1..=2).map(|i| Ev::seq("q", i)).collect();
@@ -1287,4 +1309,477 @@ async fn a_purge_may_not_move_the_position_past_an_earlier_parked_event() {
     request_replay(&db, &name, None, false).await;
     wait_effects(&db.pool, Duration::from_secs(10), |e| e.len() == 2).await;
     c.shutdown().await;
+}
+
+/// Parks `n` events directly (as the runtime would have): aggregates `{prefix}{i}` of `tenant`,
+/// each at `seq` with `reason`.
+async fn park_rows(
+    pool: &PgPool,
+    name: &str,
+    tenant: &str,
+    prefix: &str,
+    n: i64,
+    seq: i64,
+    reason: &str,
+) {
+    sqlx::query(
+        "INSERT INTO outbox_consumer_dead_letter
+             (consumer, event_id, event_type, tenant_id, aggregate_type, aggregate_id, seq_epoch, seq,
+              subject, headers, payload, reason)
+         SELECT $1, gen_random_uuid(), 'test.happened', $2, 'item', $3 || lpad(i::text, 4, '0'), 0, $4,
+                'x', '{}'::jsonb, '{}'::bytea, $5
+           FROM generate_series(1, $6) i",
+    )
+    .bind(name)
+    .bind(tenant)
+    .bind(prefix)
+    .bind(seq)
+    .bind(reason)
+    .bind(n)
+    .execute(pool)
+    .await
+    .expect("parked rows");
+}
+
+/// Parks `e` directly (tenant `tenant`, aggregate type `item`) with `reason`.
+async fn park_event(pool: &PgPool, name: &str, tenant: &str, e: &Ev, reason: &str) {
+    sqlx::query(
+        "INSERT INTO outbox_consumer_dead_letter
+             (consumer, event_id, event_type, tenant_id, aggregate_type, aggregate_id, seq_epoch, seq,
+              subject, headers, payload, reason)
+         VALUES ($1, $2, 'test.happened', $3, 'item', $4, 0, $5, 'x', '{}'::jsonb, '{}'::bytea, $6)",
+    )
+    .bind(name)
+    .bind(e.id)
+    .bind(tenant)
+    .bind(&e.agg)
+    .bind(e.seq)
+    .bind(reason)
+    .execute(pool)
+    .await
+    .expect("parked event");
+}
+
+async fn applied(pool: &PgPool, id: Uuid) -> bool {
+    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM effect WHERE event_id = $1)")
+        .bind(id)
+        .fetch_one(pool)
+        .await
+        .expect("effect")
+}
+
+#[tokio::test]
+async fn a_replay_is_applied_promptly_behind_hundreds_of_waiting_aggregates() {
+    let t0 = Instant::now();
+    let (db, s, _js) = db_and_stream().await;
+    let name = testkit::unique("starve");
+    // 600 aggregates of one tenant wait for a predecessor that never comes (seq 2 parked as a
+    // gap, nothing applied before it): the replayer looks at them again and again.
+    park_rows(&db.pool, &name, "t0", "w", 600, 2, "gap").await;
+    // Another tenant: one event parked by a failing handler, which the operator replays...
+    let x = Ev::seq("x", 1);
+    park_event(&db.pool, &name, "t9", &x, "handler").await;
+    // ... and one gap whose predecessor was applied meanwhile (it may follow now).
+    sqlx::query(
+        "INSERT INTO outbox_consumer_position (consumer, tenant_id, aggregate_type, aggregate_id, seq_epoch, seq)
+         VALUES ($1, 't9', 'item', 'y', 0, 1)",
+    )
+    .bind(&name)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let y = Ev::seq("y", 2);
+    park_event(&db.pool, &name, "t9", &y, "gap").await;
+    let c = start(&db, &s, Recorder::default(), config(&name)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let asked = Instant::now();
+    let ids = outbox::consumers::dead_letters::request_replay(
+        &db.pool,
+        &outbox::consumers::dead_letters::ParkedFilter {
+            consumer: Some(name.clone()),
+            event_id: Some(x.id),
+            ..Default::default()
+        },
+        "test",
+        false,
+    )
+    .await
+    .expect("replay requested");
+    assert_eq!(ids, vec![x.id]);
+    let pool = db.pool.clone();
+    let done = testkit::eventually(Duration::from_secs(20), || applied(&pool, x.id)).await;
+    let took = asked.elapsed();
+    eprintln!("requested replay applied after {took:?} behind 600 waiting aggregates");
+    assert!(
+        done && took < Duration::from_secs(3),
+        "the requested replay was not applied within 3 s ({took:?})"
+    );
+    // Every waiting aggregate is looked at in turn: y, after the 600, follows too.
+    let done = testkit::eventually(Duration::from_secs(20), || applied(&pool, y.id)).await;
+    eprintln!(
+        "the waiting aggregate after the 600 applied {:?} after start",
+        asked.elapsed()
+    );
+    assert!(done, "the gap behind 600 others was never looked at again");
+    c.shutdown().await;
+    let left: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM outbox_consumer_dead_letter WHERE consumer = $1")
+            .bind(&name)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(left, 600, "only the 600 real gaps stay parked");
+    eprintln!("took {:?}", t0.elapsed());
+}
+
+#[tokio::test]
+async fn an_aggregate_with_more_parked_events_than_one_pass_applies_is_replayed_whole_in_order() {
+    let t0 = Instant::now();
+    let (db, s, _js) = db_and_stream().await;
+    let name = testkit::unique("long");
+    // 250 parked events of one aggregate (a pass applies at most 100 of an aggregate): the
+    // first parked by its handler, the others behind it.
+    let big: Vec<Ev> = (1..=250).map(|i| Ev::seq("big", i)).collect();
+    for e in &big {
+        let reason = if e.seq == Some(1) { "handler" } else { "held" };
+        park_event(&db.pool, &name, "t1", e, reason).await;
+    }
+    let c = start(&db, &s, Recorder::default(), config(&name)).await;
+    outbox::consumers::dead_letters::request_replay(
+        &db.pool,
+        &outbox::consumers::dead_letters::ParkedFilter {
+            consumer: Some(name.clone()),
+            event_id: Some(big[0].id),
+            ..Default::default()
+        },
+        "test",
+        false,
+    )
+    .await
+    .expect("replay requested");
+    let pool = db.pool.clone();
+    let asked = Instant::now();
+    let done = testkit::eventually(Duration::from_secs(30), || {
+        let pool = pool.clone();
+        async move { effects(&pool).await.len() == 250 }
+    })
+    .await;
+    eprintln!("250 parked events replayed in {:?}", asked.elapsed());
+    assert!(done, "replayed {} of 250", effects(&db.pool).await.len());
+    c.shutdown().await;
+    assert_exactly_once_in_order(&effects(&db.pool).await, &big, "long replay");
+    assert!(parked(&db.pool, &name).await.is_empty());
+    eprintln!("took {:?}", t0.elapsed());
+}
+
+/// Redeliveries by the durable consumer so far: every delivery takes a consumer sequence, the
+/// first of each message its stream sequence too (the consumer reads the whole stream).
+async fn redeliveries(s: &TestStream, durable: &str) -> u64 {
+    let js = jetstream::new(
+        async_nats::connect(testkit::nats_url())
+            .await
+            .expect("NATS"),
+    );
+    let mut c = js
+        .get_stream(&s.name)
+        .await
+        .expect("stream")
+        .get_consumer::<jetstream::consumer::pull::Config>(durable)
+        .await
+        .expect("consumer");
+    let i = c.info().await.expect("consumer info");
+    i.delivered.consumer_sequence - i.delivered.stream_sequence
+}
+
+async fn ack_pending(s: &TestStream, durable: &str) -> usize {
+    let js = jetstream::new(
+        async_nats::connect(testkit::nats_url())
+            .await
+            .expect("NATS"),
+    );
+    let Ok(stream) = js.get_stream(&s.name).await else {
+        return 0;
+    };
+    let Ok(mut c) = stream
+        .get_consumer::<jetstream::consumer::pull::Config>(durable)
+        .await
+    else {
+        return 0;
+    };
+    c.info().await.map_or(0, |i| i.num_ack_pending)
+}
+
+#[tokio::test]
+async fn a_consumer_killed_holding_unacked_messages_is_resumed_within_5_s_of_its_restart() {
+    let t0 = Instant::now();
+    let (db, s, js) = db_and_stream().await;
+    let mut all = Vec::new();
+    for seq in 1..=10 {
+        for a in 0..40 {
+            all.push(Ev::seq(&format!("k{a}"), seq));
+        }
+    }
+    for e in &all {
+        publish(&js, &s, e).await;
+    }
+    let name = testkit::unique("resume");
+    let spawn = |slow_ms: &str| {
+        Command::new(std::env::current_exe().expect("test binary"))
+            .args([
+                "consumer_child_process",
+                "--exact",
+                "--ignored",
+                "--nocapture",
+            ])
+            .env("CHILD_DB", &db.url)
+            .env("CHILD_STREAM", &s.name)
+            .env("CHILD_CONSUMER", &name)
+            .env("CHILD_CRASH", "none")
+            .env("CHILD_SLOW_MS", slow_ms)
+            .env("CHILD_DEFAULT_ACK_WAIT", "1")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn the child consumer")
+    };
+    // A slow consumer holds every message (400 < max_ack_pending) and has applied a few.
+    let mut slow = spawn("20");
+    let pool = db.pool.clone();
+    assert!(
+        testkit::eventually(Duration::from_secs(20), || {
+            let pool = pool.clone();
+            async move { !effects(&pool).await.is_empty() }
+        })
+        .await,
+        "the slow consumer applied something"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    slow.kill().expect("SIGKILL");
+    let _ = slow.wait();
+    let held = ack_pending(&s, &name).await;
+    let before = effects(&db.pool).await.len();
+    eprintln!("killed holding {held} unacknowledged messages, {before} of 400 applied");
+    assert!(
+        held > 0 && before < 400,
+        "the killed consumer held unacknowledged messages"
+    );
+    let restarted = Instant::now();
+    let mut next = spawn("0");
+    let done = testkit::eventually(Duration::from_secs(60), || {
+        let pool = pool.clone();
+        async move { effects(&pool).await.len() >= 400 }
+    })
+    .await;
+    let took = restarted.elapsed();
+    let _ = next.kill();
+    let _ = next.wait();
+    eprintln!("restart to every event applied: {took:?}");
+    assert!(done, "the restarted consumer applied every event");
+    assert_exactly_once_in_order(&effects(&db.pool).await, &all, "resume");
+    assert!(
+        took < Duration::from_secs(5),
+        "restart to applied took {took:?} (goal: 5 s)"
+    );
+    eprintln!("took {:?}", t0.elapsed());
+}
+
+#[tokio::test]
+async fn a_backlog_held_longer_than_the_ack_wait_is_not_redelivered() {
+    let t0 = Instant::now();
+    let (db, s, js) = db_and_stream().await;
+    // 2,000 events; the consumer takes 1,024 at once (max_ack_pending) and applies about 140
+    // a second here (2 workers, 10 ms per event): the last of them waits some 7 s in its
+    // buffer, seven times the ack wait.
+    let all: Vec<Ev> = (1..=40)
+        .flat_map(|seq| (0..50).map(move |a| Ev::seq(&format!("b{a}"), seq)))
+        .collect();
+    let publishes = all.iter().map(|e| publish(&js, &s, e));
+    futures::stream::iter(publishes)
+        .buffered(64)
+        .collect::<Vec<()>>()
+        .await;
+    let name = testkit::unique("held");
+    let mut cfg = config(&name);
+    cfg.concurrency = 2;
+    let h = Recorder {
+        delay: Duration::from_millis(10),
+        ..Default::default()
+    };
+    let source = NatsSource::connect(NatsSourceConfig {
+        ack_wait: Duration::from_secs(1),
+        ..source_config(&s, &name)
+    })
+    .await
+    .expect("source");
+    let consumer = Consumer::new(db.pool.clone(), h, cfg).expect("consumer");
+    let stop = CancellationToken::new();
+    let st = stop.clone();
+    let task = tokio::spawn(async move { consumer.run(source, st).await });
+    let c = Running { stop, task };
+    let drained_at = Instant::now();
+    wait_drained(&s, &name, Duration::from_secs(60)).await;
+    eprintln!("drained 2,000 events in {:?}", drained_at.elapsed());
+    let again = redeliveries(&s, &name).await;
+    c.shutdown().await;
+    assert_exactly_once_in_order(&effects(&db.pool).await, &all, "held backlog");
+    assert_eq!(
+        again, 0,
+        "messages held in the consumer's buffer were redelivered"
+    );
+    eprintln!("took {:?}", t0.elapsed());
+}
+
+#[tokio::test]
+async fn rabbitmq_a_consumer_killed_holding_unacked_messages_is_resumed_at_once() {
+    let t0 = Instant::now();
+    let db = TestDb::new().await;
+    effect_table(&db.pool).await;
+    let url = testkit::rabbit::amqp_url();
+    let queue = testkit::unique("resume_q");
+    let _cleanup = QueueGuard(url.clone(), queue.clone());
+    let conn = Connection::connect(&url, ConnectionProperties::default())
+        .await
+        .expect("RabbitMQ");
+    let ch = conn.create_channel().await.expect("channel");
+    ch.queue_declare(
+        queue.as_str().into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("queue");
+    let mut all = Vec::new();
+    for seq in 1..=10 {
+        for a in 0..40 {
+            all.push(Ev::seq(&format!("k{a}"), seq));
+        }
+    }
+    for e in &all {
+        let mut h = FieldTable::default();
+        for (k, v) in [
+            ("Outbox-Event-Id", e.id.to_string()),
+            ("Outbox-Tenant-Id", "t1".into()),
+            ("Outbox-Aggregate-Type", "item".into()),
+            ("Outbox-Aggregate-Id", e.agg.clone().unwrap()),
+        ] {
+            h.insert(k.into(), AMQPValue::LongString(v.into()));
+        }
+        h.insert("Outbox-Seq".into(), AMQPValue::LongLongInt(e.seq.unwrap()));
+        h.insert("Outbox-Seq-Epoch".into(), AMQPValue::LongLongInt(0));
+        ch.basic_publish(
+            "".into(),
+            queue.as_str().into(),
+            BasicPublishOptions::default(),
+            format!(r#"{{"eventId":"{}"}}"#, e.id).as_bytes(),
+            BasicProperties::default()
+                .with_message_id(Uuid::new_v4().to_string().into())
+                .with_headers(h),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("published");
+    }
+    let _ = conn.close(200, "published".into()).await;
+    let name = testkit::unique("rresume");
+    let spawn = |slow_ms: &str| {
+        Command::new(std::env::current_exe().expect("test binary"))
+            .args([
+                "consumer_child_process",
+                "--exact",
+                "--ignored",
+                "--nocapture",
+            ])
+            .env("CHILD_DB", &db.url)
+            .env("CHILD_QUEUE", &queue)
+            .env("CHILD_CONSUMER", &name)
+            .env("CHILD_CRASH", "none")
+            .env("CHILD_SLOW_MS", slow_ms)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn the child consumer")
+    };
+    let mut slow = spawn("20");
+    let pool = db.pool.clone();
+    assert!(
+        testkit::eventually(Duration::from_secs(20), || {
+            let pool = pool.clone();
+            async move { !effects(&pool).await.is_empty() }
+        })
+        .await,
+        "the slow consumer applied something"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    slow.kill().expect("SIGKILL");
+    let _ = slow.wait();
+    let before = effects(&db.pool).await.len();
+    eprintln!("killed with {before} of 400 applied");
+    let restarted = Instant::now();
+    let mut next = spawn("0");
+    let done = testkit::eventually(Duration::from_secs(60), || {
+        let pool = pool.clone();
+        async move { effects(&pool).await.len() >= 400 }
+    })
+    .await;
+    let took = restarted.elapsed();
+    let _ = next.kill();
+    let _ = next.wait();
+    eprintln!("rabbitmq restart to every event applied: {took:?}");
+    assert!(done, "the restarted consumer applied every event");
+    assert_exactly_once_in_order(&effects(&db.pool).await, &all, "rabbitmq resume");
+    assert!(
+        took < Duration::from_secs(5),
+        "restart to applied took {took:?} (goal: 5 s)"
+    );
+    eprintln!("took {:?}", t0.elapsed());
+}
+
+/// The figure in docs/benchmarks.md: `CONSUMER_BACKLOG=100000 cargo test -p outbox-cli --test
+/// consumer -- --ignored backlog_redeliveries --nocapture`. A backlog drained with the default
+/// settings; prints the drain time and the redeliveries (0 expected).
+#[tokio::test]
+#[ignore = "a benchmark: run by hand"]
+async fn backlog_redeliveries() {
+    let n: i64 = std::env::var("CONSUMER_BACKLOG").map_or(100_000, |v| v.parse().expect("count"));
+    let (db, s, js) = db_and_stream().await;
+    let aggregates = 1000;
+    let all: Vec<Ev> = (1..=n / aggregates)
+        .flat_map(|seq| (0..aggregates).map(move |a| Ev::seq(&format!("a{a}"), seq)))
+        .collect();
+    let t = Instant::now();
+    let publishes = all.iter().map(|e| publish(&js, &s, e));
+    futures::stream::iter(publishes)
+        .buffered(256)
+        .collect::<Vec<()>>()
+        .await;
+    eprintln!("published {} in {:?}", all.len(), t.elapsed());
+    let name = testkit::unique("backlog");
+    let source = NatsSource::connect(NatsSourceConfig {
+        url: testkit::nats_url(),
+        stream: s.name.clone(),
+        durable: name.clone(),
+        ..Default::default()
+    })
+    .await
+    .expect("source");
+    let consumer = Consumer::new(
+        db.pool.clone(),
+        Recorder::default(),
+        ConsumerConfig::new(&name),
+    )
+    .expect("consumer");
+    let stop = CancellationToken::new();
+    let st = stop.clone();
+    let task = tokio::spawn(async move { consumer.run(source, st).await });
+    let t = Instant::now();
+    wait_drained(&s, &name, Duration::from_secs(900)).await;
+    let secs = t.elapsed().as_secs_f64();
+    let again = redeliveries(&s, &name).await;
+    Running { stop, task }.shutdown().await;
+    eprintln!(
+        "drained {} events in {secs:.1} s ({:.0} ev/s), redeliveries {again}",
+        all.len(),
+        all.len() as f64 / secs
+    );
 }

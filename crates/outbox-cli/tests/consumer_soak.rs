@@ -28,7 +28,9 @@ use async_trait::async_trait;
 use common::*;
 use outbox::consumers::dead_letters::{self, ParkedFilter};
 use outbox::consumers::nats::{NatsSource, NatsSourceConfig};
-use outbox::consumers::{Consumer, ConsumerConfig, Handler, HandlerError, InboundEvent, StartPolicy};
+use outbox::consumers::{
+    Consumer, ConsumerConfig, Handler, HandlerError, InboundEvent, StartPolicy,
+};
 use outbox::{NewEvent, Outbox};
 use rand::{Rng, SeedableRng};
 use serde_json::json;
@@ -423,7 +425,10 @@ async fn consumers_killed_under_faults_apply_every_committed_event_once_in_order
     // the other one joins late.
     let mut tx = producers[0].db.pool.begin().await.unwrap();
     let first = NewEvent::new("t1", "Item", "hot0", "Changed", "item.changed", json!({}));
-    Outbox::new("Soak").enqueue(&mut tx, &[first]).await.unwrap();
+    Outbox::new("Soak")
+        .enqueue(&mut tx, &[first])
+        .await
+        .unwrap();
     tx.commit().await.unwrap();
     assert!(
         testkit::eventually(Duration::from_secs(20), || async {
@@ -471,8 +476,13 @@ async fn consumers_killed_under_faults_apply_every_committed_event_once_in_order
             for p in &producers {
                 producer_operator(p, &mut replayed, &mut producer_purged).await;
                 // A test-only horizon of 0: idle aggregates get a new epoch at their next event.
-                let _ = outbox::ops::compact_aggregates(&p.db.pool, Duration::ZERO, 1000, Duration::ZERO)
-                    .await;
+                let _ = outbox::ops::compact_aggregates(
+                    &p.db.pool,
+                    Duration::ZERO,
+                    1000,
+                    Duration::ZERO,
+                )
+                .await;
             }
             consumer_operator(
                 &cdb.pool,
@@ -503,7 +513,10 @@ async fn consumers_killed_under_faults_apply_every_committed_event_once_in_order
             &mut accepted,
         )
         .await;
-        if outcome(&cdb.pool, &producers, &consumer_purged).await.is_ok() {
+        if outcome(&cdb.pool, &producers, &consumer_purged)
+            .await
+            .is_ok()
+        {
             converged = true;
             break;
         }
@@ -592,7 +605,9 @@ async fn outcome(
             }
         }
         if let Some(extra) = got.keys().find(|k| !model.contains_key(*k)) {
-            return Err(format!("{name}: effects of an aggregate no producer has: {extra:?}"));
+            return Err(format!(
+                "{name}: effects of an aggregate no producer has: {extra:?}"
+            ));
         }
     }
     Ok(())

@@ -31,9 +31,16 @@ pub struct ConsumerArgs {
     /// Only subjects matching this filter (empty: the whole stream).
     #[arg(long, env = "OUTBOX_CONSUMER_NATS_FILTER", default_value = "")]
     pub nats_filter_subject: String,
-    /// Seconds JetStream waits for an acknowledgement before redelivering.
-    #[arg(long, env = "OUTBOX_CONSUMER_ACK_WAIT_SECS", default_value_t = 30)]
+    /// Seconds JetStream waits for an acknowledgement before redelivering: the longest the
+    /// messages a killed consumer held wait before a restarted one gets them. Messages this
+    /// process holds are kept from redelivery by progress acknowledgements meanwhile. Applied to
+    /// an existing durable consumer at start.
+    #[arg(long, env = "OUTBOX_CONSUMER_ACK_WAIT_SECS", default_value_t = 3)]
     pub ack_wait_secs: u64,
+    /// Milliseconds between progress acknowledgements (JetStream `+WPI`) for each message held
+    /// and not settled yet; must be below the ack wait (default: a third of it).
+    #[arg(long, env = "OUTBOX_CONSUMER_PROGRESS_INTERVAL_MS")]
+    pub progress_interval_ms: Option<u64>,
     /// RabbitMQ URL.
     #[arg(
         long,
@@ -126,6 +133,7 @@ pub async fn run<H: Handler>(
                         durable: args.consumer_name.clone(),
                         filter_subject: args.nats_filter_subject.clone(),
                         ack_wait: Duration::from_secs(args.ack_wait_secs.max(1)),
+                        progress_interval: args.progress_interval_ms.map(Duration::from_millis),
                         max_ack_pending: i64::from(args.prefetch),
                     })
                     .await

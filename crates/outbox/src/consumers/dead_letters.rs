@@ -279,52 +279,163 @@ pub(crate) struct Stored {
     pub id: i64,
     pub requested: bool,
     pub accept_gap: bool,
+    /// How long it has been parked.
+    pub parked_for: std::time::Duration,
     pub event: InboundEvent,
 }
 
-/// The aggregates (or single events without one) the replayer should look at: those whose
-/// earliest parked event was requested for replay, or only waits (`held`, `gap`) and may follow
-/// by now.
-pub(crate) async fn replay_candidates(pool: &PgPool, consumer: &str) -> Result<Vec<Stored>> {
-    let rows = sqlx::query(
-        "SELECT * FROM (
-             SELECT DISTINCT ON (producer, tenant_id, aggregate_type, aggregate_id) *
-               FROM outbox_consumer_dead_letter
-              WHERE consumer = $1 AND aggregate_id IS NOT NULL AND reason <> 'late'
-              ORDER BY producer, tenant_id, aggregate_type, aggregate_id, seq_epoch, seq) firsts
-          WHERE replay_requested_at IS NOT NULL OR reason IN ('held', 'gap')
-         UNION ALL
-         SELECT * FROM outbox_consumer_dead_letter
-          WHERE consumer = $1 AND aggregate_id IS NULL AND replay_requested_at IS NOT NULL
-         LIMIT 500",
-    )
-    .bind(consumer)
-    .fetch_all(pool)
-    .await?;
-    rows.iter().map(stored).collect()
+/// Aggregates whose requested replays one pass takes on; more are left for the next pass, which
+/// follows at once.
+pub(crate) const REQUESTS_PER_PASS: i64 = 100;
+/// Waiting aggregates (earliest parked event `held` or `gap`) one pass looks at, from where the
+/// last pass stopped.
+pub(crate) const WAITING_PER_PASS: i64 = 100;
+/// Parked events of one aggregate one pass applies; an aggregate with more continues in the
+/// next pass, which follows at once.
+pub(crate) const ROWS_PER_AGGREGATE: i64 = 100;
+
+/// What the replayer looks at: an aggregate (its parked events, in order) or a single parked
+/// event without one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Candidate {
+    /// Every parked event of this aggregate, in (`seq_epoch`, `seq`) order.
+    Aggregate(Keyed),
+    /// This parked row alone.
+    Single(i64),
 }
 
-/// The parked events of one aggregate, in order.
+/// An aggregate of one producer.
+pub(crate) type Keyed = (String, AggregateKey);
+
+/// Aggregates whose earliest parked event an operator asked to replay, and requested events
+/// without an aggregate: oldest request first, at most `limit`.
+pub(crate) async fn requested(pool: &PgPool, consumer: &str, limit: i64) -> Result<Vec<Candidate>> {
+    let rows = sqlx::query(
+        "SELECT id, producer, tenant_id, aggregate_type, aggregate_id
+           FROM outbox_consumer_dead_letter d
+          WHERE consumer = $1 AND replay_requested_at IS NOT NULL AND reason <> 'late'
+            AND NOT EXISTS (
+                SELECT 1 FROM outbox_consumer_dead_letter e
+                 WHERE e.consumer = $1 AND e.producer = d.producer AND e.tenant_id = d.tenant_id
+                   AND e.aggregate_type = d.aggregate_type AND e.aggregate_id = d.aggregate_id
+                   AND e.reason <> 'late' AND (e.seq_epoch, e.seq) < (d.seq_epoch, d.seq))
+          ORDER BY replay_requested_at, id
+          LIMIT $2",
+    )
+    .bind(consumer)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    let mut out: Vec<Candidate> = Vec::with_capacity(rows.len());
+    for r in &rows {
+        let c = match aggregate_of(r)? {
+            Some(a) => Candidate::Aggregate((r.try_get("producer")?, a)),
+            None => Candidate::Single(r.try_get("id")?),
+        };
+        // Rows of one aggregate without a sequence would each name it.
+        if !out.contains(&c) {
+            out.push(c);
+        }
+    }
+    Ok(out)
+}
+
+/// Aggregates after `after` (from the start: `None`) whose earliest parked event only waits
+/// (`held`, `gap`, not requested) and may follow by now, in key order, at most `limit`.
+pub(crate) async fn waiting(
+    pool: &PgPool,
+    consumer: &str,
+    after: Option<&Keyed>,
+    limit: i64,
+) -> Result<Vec<Keyed>> {
+    // Two texts rather than an OR, so that the cursor is an index range in both.
+    let from = if after.is_some() {
+        "(producer, tenant_id, aggregate_type, aggregate_id) > ($6, $2, $3, $4)"
+    } else {
+        "($2::text, $3::text, $4::text, $6::text) IS NULL"
+    };
+    let sql = format!(
+        "SELECT producer, tenant_id, aggregate_type, aggregate_id FROM (
+             SELECT DISTINCT ON (producer, tenant_id, aggregate_type, aggregate_id)
+                    producer, tenant_id, aggregate_type, aggregate_id, reason, replay_requested_at
+               FROM outbox_consumer_dead_letter
+              WHERE consumer = $1 AND aggregate_id IS NOT NULL AND reason <> 'late' AND {from}
+              ORDER BY producer, tenant_id, aggregate_type, aggregate_id, seq_epoch, seq) firsts
+          WHERE reason IN ('held', 'gap') AND replay_requested_at IS NULL
+          ORDER BY producer, tenant_id, aggregate_type, aggregate_id
+          LIMIT $5"
+    );
+    let rows = sqlx::query(&sql)
+        .bind(consumer)
+        .bind(after.map(|a| &a.1.tenant_id))
+        .bind(after.map(|a| &a.1.aggregate_type))
+        .bind(after.map(|a| &a.1.aggregate_id))
+        .bind(limit)
+        .bind(after.map(|a| &a.0))
+        .fetch_all(pool)
+        .await?;
+    rows.iter()
+        .map(|r| {
+            Ok((
+                r.try_get("producer")?,
+                aggregate_of(r)?.expect("aggregate_id IS NOT NULL"),
+            ))
+        })
+        .collect()
+}
+
+/// The first `limit` parked events of one aggregate, in order: their row ids only (each is
+/// loaded with [`load`] when its turn comes, so a pass holds one payload at a time).
 pub(crate) async fn of_aggregate(
     pool: &PgPool,
     consumer: &str,
-    producer: &str,
-    a: &AggregateKey,
-) -> Result<Vec<Stored>> {
-    let rows = sqlx::query(
-        "SELECT * FROM outbox_consumer_dead_letter
-          WHERE consumer = $1 AND producer = $5 AND tenant_id = $2 AND aggregate_type = $3
+    (producer, a): &Keyed,
+    limit: i64,
+) -> Result<Vec<i64>> {
+    let ids = sqlx::query_scalar(
+        "SELECT id FROM outbox_consumer_dead_letter
+          WHERE consumer = $1 AND producer = $6 AND tenant_id = $2 AND aggregate_type = $3
             AND aggregate_id = $4 AND reason <> 'late'
-          ORDER BY seq_epoch, seq, id",
+          ORDER BY seq_epoch, seq, id
+          LIMIT $5",
     )
     .bind(consumer)
     .bind(&a.tenant_id)
     .bind(&a.aggregate_type)
     .bind(&a.aggregate_id)
+    .bind(limit)
     .bind(producer)
     .fetch_all(pool)
     .await?;
-    rows.iter().map(stored).collect()
+    Ok(ids)
+}
+
+/// One parked row, payload included (`None`: gone meanwhile, applied or purged).
+pub(crate) async fn load(pool: &PgPool, id: i64) -> Result<Option<Stored>> {
+    sqlx::query("SELECT * FROM outbox_consumer_dead_letter WHERE id = $1")
+        .bind(id)
+        .fetch_optional(pool)
+        .await?
+        .as_ref()
+        .map(stored)
+        .transpose()
+}
+
+fn aggregate_of(r: &sqlx::postgres::PgRow) -> Result<Option<AggregateKey>> {
+    Ok(
+        match (
+            r.try_get::<Option<String>, _>("tenant_id")?,
+            r.try_get::<Option<String>, _>("aggregate_type")?,
+            r.try_get::<Option<String>, _>("aggregate_id")?,
+        ) {
+            (Some(tenant_id), Some(aggregate_type), Some(aggregate_id)) => Some(AggregateKey {
+                tenant_id,
+                aggregate_type,
+                aggregate_id,
+            }),
+            _ => None,
+        },
+    )
 }
 
 fn stored(r: &sqlx::postgres::PgRow) -> Result<Stored> {
@@ -338,18 +449,7 @@ fn stored(r: &sqlx::postgres::PgRow) -> Result<Stored> {
         .unwrap_or_default(),
     };
     let payload: Vec<u8> = r.try_get("payload")?;
-    let agg = match (
-        r.try_get::<Option<String>, _>("tenant_id")?,
-        r.try_get::<Option<String>, _>("aggregate_type")?,
-        r.try_get::<Option<String>, _>("aggregate_id")?,
-    ) {
-        (Some(tenant_id), Some(aggregate_type), Some(aggregate_id)) => Some(AggregateKey {
-            tenant_id,
-            aggregate_type,
-            aggregate_id,
-        }),
-        _ => None,
-    };
+    let agg = aggregate_of(r)?;
     let position = match (
         r.try_get::<Option<i64>, _>("seq_epoch")?,
         r.try_get::<Option<i64>, _>("seq")?,
@@ -363,6 +463,9 @@ fn stored(r: &sqlx::postgres::PgRow) -> Result<Stored> {
             .try_get::<Option<DateTime<Utc>>, _>("replay_requested_at")?
             .is_some(),
         accept_gap: r.try_get("accept_gap")?,
+        parked_for: (Utc::now() - r.try_get::<DateTime<Utc>, _>("parked_at")?)
+            .to_std()
+            .unwrap_or_default(),
         event: InboundEvent {
             event_id: r.try_get("event_id")?,
             producer: headers

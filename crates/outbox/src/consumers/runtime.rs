@@ -781,13 +781,22 @@ async fn delete_parked(tx: &mut PgConnection, id: i64) -> Result<()> {
 }
 
 /// Applies parked events that were asked for (and those parked behind them), and waiting ones
-/// whose predecessor has arrived since; also runs the inbox's retention.
+/// whose predecessor has arrived since; also runs the inbox's retention. A pass that left work
+/// it could have done (its bounds cut it short) is followed by the next at once.
 async fn replayer<H: Handler>(inner: Arc<Inner<H>>, stop: CancellationToken) {
     let mut cleaned = Instant::now() - Duration::from_secs(3600);
+    let mut walk = ReplayWalk::default();
+    let mut busy = false;
     loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(inner.cfg.replay_poll) => {}
+        if busy {
+            if stop.is_cancelled() {
+                return;
+            }
+        } else {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(inner.cfg.replay_poll) => {}
+            }
         }
         if cleaned.elapsed() >= Duration::from_secs(600) {
             cleaned = Instant::now();
@@ -809,9 +818,13 @@ async fn replayer<H: Handler>(inner: Arc<Inner<H>>, stop: CancellationToken) {
         if let Err(e) = export_state(&inner).await {
             tracing::warn!(consumer = %inner.cfg.name, error = %e, "reading the consumer's state for its gauges failed");
         }
-        if let Err(e) = replay_pass(&inner).await {
-            tracing::warn!(consumer = %inner.cfg.name, error = %e, "replaying parked events failed; retrying");
-        }
+        busy = match replay_pass(&inner, &mut walk).await {
+            Ok(busy) => busy,
+            Err(e) => {
+                tracing::warn!(consumer = %inner.cfg.name, error = %e, "replaying parked events failed; retrying");
+                false
+            }
+        };
     }
 }
 
@@ -831,63 +844,129 @@ async fn export_state<H: Handler>(inner: &Inner<H>) -> Result<()> {
     Ok(())
 }
 
-async fn replay_pass<H: Handler>(inner: &Inner<H>) -> Result<()> {
+/// The replayer's place among the waiting aggregates, and the aggregates a pass left unfinished
+/// (more parked events than one pass applies).
+#[derive(Default)]
+struct ReplayWalk {
+    after: Option<dead_letters::Keyed>,
+    unfinished: Vec<dead_letters::Keyed>,
+}
+
+/// One bounded pass: requested replays first (oldest request first), then the aggregates the
+/// last pass left unfinished, then the next page of waiting aggregates (a cursor, so that every
+/// one is looked at in turn however many there are). Returns whether work is left that the next
+/// pass should do at once.
+async fn replay_pass<H: Handler>(inner: &Inner<H>, walk: &mut ReplayWalk) -> Result<bool> {
+    use dead_letters::Candidate;
     let c = &inner.cfg.name;
-    for first in dead_letters::replay_candidates(&inner.pool, c).await? {
-        let rows = match &first.event.aggregate {
-            Some(a) => dead_letters::of_aggregate(&inner.pool, c, &first.event.producer, a).await?,
-            None => vec![first],
-        };
-        for row in rows {
-            let mode = if row.accept_gap {
-                Mode::Start("operator")
-            } else {
-                Mode::Replay
-            };
-            match apply(inner, &row.event, Some(row.id), mode).await? {
-                Outcome::Applied | Outcome::Skipped => {
-                    metrics::counter!(m::HANDLED, "consumer" => c.clone()).increment(1);
-                    metrics::counter!(m::REPLAYED, "consumer" => c.clone()).increment(1);
-                    tracing::info!(consumer = %c, event_id = %row.event.event_id, "replayed a parked event");
-                }
-                Outcome::Duplicate => {
-                    metrics::counter!(m::DUPLICATES, "consumer" => c.clone()).increment(1);
-                }
-                Outcome::Late => {
-                    dead_letters::replay_failed(
-                        &inner.pool,
-                        row.id,
-                        "replay: its aggregate's position was moved past it; purge it",
-                        dead_letters::Reason::Late,
-                    )
-                    .await?;
-                }
-                Outcome::Gap | Outcome::Blocked => {
-                    if row.requested {
-                        dead_letters::replay_failed(
-                            &inner.pool,
-                            row.id,
-                            "replay: an earlier event of its aggregate is not applied yet",
-                            dead_letters::Reason::Unchanged,
-                        )
-                        .await?;
-                    }
-                    break;
-                }
-                Outcome::HandlerFailed(err) => {
-                    dead_letters::replay_failed(
-                        &inner.pool,
-                        row.id,
-                        &err,
-                        dead_letters::Reason::Handler,
-                    )
-                    .await?;
-                    break;
+    let mut todo = dead_letters::requested(&inner.pool, c, dead_letters::REQUESTS_PER_PASS).await?;
+    let mut busy = todo.len() as i64 >= dead_letters::REQUESTS_PER_PASS;
+    let waiting = dead_letters::waiting(
+        &inner.pool,
+        c,
+        walk.after.as_ref(),
+        dead_letters::WAITING_PER_PASS,
+    )
+    .await?;
+    walk.after = match waiting.last() {
+        Some(last) if waiting.len() as i64 >= dead_letters::WAITING_PER_PASS => Some(last.clone()),
+        _ => None,
+    };
+    let next = std::mem::take(&mut walk.unfinished)
+        .into_iter()
+        .chain(waiting);
+    for a in next.map(Candidate::Aggregate) {
+        if !todo.contains(&a) {
+            todo.push(a);
+        }
+    }
+    for candidate in todo {
+        match candidate {
+            Candidate::Single(id) => {
+                replay_rows(inner, &[id]).await?;
+            }
+            Candidate::Aggregate(a) => {
+                let ids = dead_letters::of_aggregate(
+                    &inner.pool,
+                    c,
+                    &a,
+                    dead_letters::ROWS_PER_AGGREGATE,
+                )
+                .await?;
+                let cut_short = ids.len() as i64 >= dead_letters::ROWS_PER_AGGREGATE;
+                if replay_rows(inner, &ids).await? && cut_short {
+                    walk.unfinished.push(a);
+                    busy = true;
                 }
             }
         }
     }
-    Ok(())
+    Ok(busy)
+}
+
+/// Applies the parked rows `ids` (one aggregate's, in order) until one cannot be applied, each
+/// loaded only when its turn comes. Returns whether all of them went (applied or duplicates).
+async fn replay_rows<H: Handler>(inner: &Inner<H>, ids: &[i64]) -> Result<bool> {
+    let c = &inner.cfg.name;
+    for &id in ids {
+        // Gone meanwhile: applied by another process sharing the inbox, or purged.
+        let Some(row) = dead_letters::load(&inner.pool, id).await? else {
+            continue;
+        };
+        // A parked event that waited the gap timeout is started as a live one would be by the
+        // start policy (a held row at the start of a new epoch would otherwise wait for ever).
+        let mode = if row.accept_gap {
+            Mode::Start("operator")
+        } else if inner.cfg.start_policy == StartPolicy::AfterGapTimeout
+            && row.parked_for >= inner.cfg.gap_timeout
+        {
+            Mode::Start("start_policy")
+        } else {
+            Mode::Replay
+        };
+        match apply(inner, &row.event, Some(row.id), mode).await? {
+            Outcome::Applied | Outcome::Skipped => {
+                metrics::counter!(m::HANDLED, "consumer" => c.clone()).increment(1);
+                metrics::counter!(m::REPLAYED, "consumer" => c.clone()).increment(1);
+                tracing::info!(consumer = %c, event_id = %row.event.event_id, "replayed a parked event");
+            }
+            Outcome::Duplicate => {
+                metrics::counter!(m::DUPLICATES, "consumer" => c.clone()).increment(1);
+            }
+            Outcome::Late => {
+                dead_letters::replay_failed(
+                    &inner.pool,
+                    row.id,
+                    "replay: its aggregate's position was moved past it; purge it",
+                    dead_letters::Reason::Late,
+                )
+                .await?;
+            }
+            Outcome::Gap | Outcome::Blocked => {
+                if row.requested {
+                    dead_letters::replay_failed(
+                        &inner.pool,
+                        row.id,
+                        "replay: an earlier event of its aggregate is not applied yet",
+                        dead_letters::Reason::Unchanged,
+                    )
+                    .await?;
+                }
+                return Ok(false);
+            }
+            Outcome::HandlerFailed(err) => {
+                dead_letters::replay_failed(
+                    &inner.pool,
+                    row.id,
+                    &err,
+                    dead_letters::Reason::Handler,
+                )
+                .await?;
+                return Ok(false);
+            }
+        }
+    }
+    Ok(true)
 }
 
 #[cfg(test)]
