@@ -19,6 +19,10 @@ INSERT INTO outbox_producer DEFAULT VALUES;
 -- Consumer side. `producer` is the `Outbox-Producer-Id` of the events ('' for events without one:
 -- relays older than this migration, and other producers), part of every aggregate key.
 ALTER TABLE outbox_consumer_position ADD COLUMN producer TEXT NOT NULL DEFAULT '';
+-- Where the consumer started the aggregate (its first applied position; NULL: before this column,
+-- taken as the beginning). An event below it was never applied here: it is parked as `late`, not
+-- dropped as a duplicate (a compacted aggregate's old epoch arriving after its new one).
+ALTER TABLE outbox_consumer_position ADD COLUMN start_epoch BIGINT, ADD COLUMN start_seq BIGINT;
 ALTER TABLE outbox_consumer_position DROP CONSTRAINT outbox_consumer_position_pkey;
 ALTER TABLE outbox_consumer_position
     ADD PRIMARY KEY (consumer, producer, tenant_id, aggregate_type, aggregate_id);

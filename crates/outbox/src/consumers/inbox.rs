@@ -21,7 +21,9 @@ pub(crate) enum Verdict {
     /// Applied before: acknowledge without running the handler.
     Duplicate,
     /// At or below the position, but inside a range the position skipped (a start past the
-    /// beginning, a purge): never applied here. Parked as `late`, never dropped.
+    /// beginning, a purge) or below where the consumer started the aggregate (an old epoch of
+    /// a compacted aggregate arriving after the new one): never applied here. Parked as `late`,
+    /// never dropped as a duplicate.
     Late,
     /// An earlier event of the aggregate is not applied yet (or the event starts a new epoch,
     /// whose predecessor the consumer cannot know).
@@ -96,6 +98,7 @@ pub(crate) async fn claim(
     }
     let row = sqlx::query(
         "SELECT p.seq_epoch, p.seq,
+                (p.start_seq IS NOT NULL AND ($6, $7) < (p.start_epoch, p.start_seq)) AS before_start,
                 EXISTS (SELECT 1 FROM outbox_consumer_dead_letter d
                   WHERE d.consumer = $1 AND d.producer = $2 AND d.tenant_id = $3
                     AND d.aggregate_type = $4 AND d.aggregate_id = $5
@@ -137,11 +140,17 @@ pub(crate) async fn claim(
         _ => None,
     };
     if applied.is_some_and(|a| pos <= a) {
-        return Ok(if row.try_get::<bool, _>("skipped")? {
-            Verdict::Late
-        } else {
-            Verdict::Duplicate
-        });
+        return Ok(
+            if row.try_get::<bool, _>("skipped")?
+                || row
+                    .try_get::<Option<bool>, _>("before_start")?
+                    .unwrap_or(false)
+            {
+                Verdict::Late
+            } else {
+                Verdict::Duplicate
+            },
+        );
     }
     let blocked = row.try_get::<bool, _>("blocked")?;
     if blocked && mode != Mode::Replay {
@@ -178,8 +187,9 @@ struct Key<'a> {
 async fn advance(tx: &mut PgConnection, k: &Key<'_>, pos: Position) -> Result<bool> {
     let n = sqlx::query(
         "INSERT INTO outbox_consumer_position AS p
-             (consumer, producer, tenant_id, aggregate_type, aggregate_id, seq_epoch, seq)
-         SELECT $1, $2, $3, $4, $5, $6, $7
+             (consumer, producer, tenant_id, aggregate_type, aggregate_id, seq_epoch, seq,
+              start_epoch, start_seq)
+         SELECT $1, $2, $3, $4, $5, $6, $7, $6, $7
           WHERE ($7 = 1
                  -- An aggregate unknown here starts at seq 1 only if nothing of it is parked or
                  -- failing (seq 1 of a later epoch must not pass an earlier epoch's event).
@@ -215,8 +225,9 @@ async fn advance(tx: &mut PgConnection, k: &Key<'_>, pos: Position) -> Result<bo
 async fn force(tx: &mut PgConnection, k: &Key<'_>, pos: Position) -> Result<()> {
     sqlx::query(
         "INSERT INTO outbox_consumer_position AS p
-             (consumer, producer, tenant_id, aggregate_type, aggregate_id, seq_epoch, seq)
-         VALUES ($1, $2, $3, $4, $5, $6, $7)
+             (consumer, producer, tenant_id, aggregate_type, aggregate_id, seq_epoch, seq,
+              start_epoch, start_seq)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $6, $7)
          ON CONFLICT (consumer, producer, tenant_id, aggregate_type, aggregate_id) DO UPDATE
             SET seq_epoch = EXCLUDED.seq_epoch, seq = EXCLUDED.seq, applied_at = now()
           WHERE (p.seq_epoch, p.seq) < (EXCLUDED.seq_epoch, EXCLUDED.seq)",
