@@ -450,7 +450,7 @@ async fn a_reservation_is_all_or_nothing_and_its_failures_are_events() {
     assert_eq!(ev.len(), 2, "only the failure events: {:?}", summary(ev));
     let by_id = |id: Uuid| {
         ev.iter()
-            .find(|e| e.aggregate_id == id.to_string())
+            .find(|e| e.data["productVariantId"] == id.to_string())
             .unwrap()
     };
     let fb = &by_id(b).data;
@@ -458,6 +458,15 @@ async fn a_reservation_is_all_or_nothing_and_its_failures_are_events() {
     assert_eq!(fb["quantityAttempted"], 3);
     assert_eq!(fb["orderId"], order.to_string());
     assert_eq!(by_id(ghost).data["reasonForFailure"], "PRODUCT_NOT_FOUND");
+    assert_eq!(
+        (
+            by_id(ghost).aggregate_type.as_str(),
+            by_id(ghost).aggregate_id.as_str()
+        ),
+        ("Tenant", "acme"),
+        "a variant the tenant does not have is not an aggregate of its events"
+    );
+    assert_eq!(by_id(b).aggregate_id, b.to_string());
     assert_well_formed(ev);
     assert_eq!(app.count("inv_reservation").await, 0);
 }

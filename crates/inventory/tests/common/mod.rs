@@ -376,8 +376,14 @@ pub fn assert_well_formed(events: &[Event]) {
     for e in events {
         assert_seed_event(&e.envelope);
         assert_eq!(e.topic, seed_topic(&e.event_type));
-        assert_eq!(e.aggregate_type, "ProductVariant");
-        assert_eq!(e.data["productVariantId"].as_str().unwrap(), e.aggregate_id);
+        if e.data["reasonForFailure"] == "PRODUCT_NOT_FOUND" {
+            // A variant the tenant does not have: keyed to the tenant, never to that id.
+            assert_eq!(e.aggregate_type, "Tenant");
+            assert_eq!(e.aggregate_id, e.tenant);
+        } else {
+            assert_eq!(e.aggregate_type, "ProductVariant");
+            assert_eq!(e.data["productVariantId"].as_str().unwrap(), e.aggregate_id);
+        }
         assert_eq!(
             e.envelope["data"]["correlationId"],
             e.envelope["correlationId"]
