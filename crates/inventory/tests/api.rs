@@ -1471,6 +1471,49 @@ async fn tokens_not_yet_valid_or_issued_in_the_future_are_refused() {
         .is_ok());
 }
 
+/// Issue 18, item 11: an asymmetric key, so that a service that only verifies (the read model)
+/// holds nothing that can mint. `inventory token --jwt-private-key-file` signs; the service,
+/// given only the public half, accepts those tokens, keeps the tenancy, and refuses HS256 ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_minted_with_a_private_key_verify_with_its_public_half() {
+    use inventory::auth::{Minter, TokenRules, Verifier};
+    let keys = concat!(env!("CARGO_MANIFEST_DIR"), "/../tenant-auth/tests/keys/");
+    for (public, private, alg) in [
+        ("ed25519-public.pem", "ed25519-private.pem", "EdDSA"),
+        ("rsa-public.pem", "rsa-private.pem", "RS256"),
+    ] {
+        let pem = std::fs::read(format!("{keys}{public}")).unwrap();
+        let verifier = Verifier::public_key_pem(&pem, TokenRules::default(), public).unwrap();
+        let app = App::with_keys(verifier).await;
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_inventory"))
+            .args(["token", "--tenant", "acme", "--jwt-private-key-file"])
+            .arg(format!("{keys}{private}"))
+            .env_remove("INVENTORY_JWT_SECRET")
+            .output()
+            .expect("run inventory token");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        let v = app.variant(&token, 0, 3).await;
+        let (s, b) = app.get(&token, &format!("/variants/{v}")).await;
+        assert_eq!(s, StatusCode::OK, "{alg}: {b}");
+        let minter =
+            Minter::private_key_file(format!("{keys}{private}").as_ref(), TokenRules::default())
+                .unwrap();
+        assert_eq!(format!("{:?}", minter.algorithm()), alg);
+        let globex = minter.mint("globex", "u", 60).unwrap();
+        let (s, b) = app.get(&globex, &format!("/variants/{v}")).await;
+        assert_eq!(s, StatusCode::NOT_FOUND, "{alg}: another tenant: {b}");
+        // An HS256 token, whatever its secret, is not accepted by a public-key service.
+        let (s, b) = app.get(&app.token("acme"), "/variants").await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED, "{alg}: {b}");
+        assert!(b.to_string().contains(alg), "{alg}: {b}");
+    }
+}
+
 #[test]
 fn the_service_refuses_to_start_with_a_short_jwt_secret() {
     assert!(inventory::auth::check_secret(&[b'k'; 31]).is_err());

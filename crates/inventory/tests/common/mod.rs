@@ -112,9 +112,14 @@ pub fn undeclared(seen: &[Seen]) -> Vec<Seen> {
 
 impl App {
     pub async fn new() -> Self {
+        Self::with_keys(JwtKeys::new(SECRET)).await
+    }
+
+    /// The service verifying tokens with `keys` ([`App::token`] mints HS256 tokens of [`SECRET`]).
+    pub async fn with_keys(keys: impl Into<inventory::auth::Verifier>) -> Self {
         let db = TestDb::new().await;
         inventory::migrate(&db.pool).await.expect("migrations");
-        let state = AppState::new(db.pool.clone(), SECRET);
+        let state = AppState::with_keys(db.pool.clone(), keys);
         let router = inventory::router(state.clone());
         Self {
             db,
