@@ -1783,3 +1783,29 @@ async fn backlog_redeliveries() {
         all.len() as f64 / secs
     );
 }
+
+/// A compacted aggregate's old epoch arriving after its new seq 1 was applied (the consumer
+/// never saw the old epoch) was acknowledged as a duplicate, never applied: it is parked as
+/// `late` now (the position remembers where the consumer started the aggregate).
+#[tokio::test]
+async fn an_old_epoch_arriving_after_the_new_one_started_is_parked_late_not_dropped() {
+    let (db, s, js) = db_and_stream().await;
+    let name = testkit::unique("before-start");
+    let c = start(&db, &s, Recorder::default(), config(&name)).await;
+    let (new, old) = (Ev::seq("z", 1), Ev::seq("z", 3));
+    publish_with(&js, &s, &new, 9, &[]).await;
+    wait_effects(&db.pool, Duration::from_secs(10), |e| e.len() == 1).await;
+    publish_with(&js, &s, &old, 5, &[]).await;
+    let (pool, n) = (db.pool.clone(), name.clone());
+    assert!(
+        testkit::eventually(Duration::from_secs(10), || {
+            let (pool, n) = (pool.clone(), n.clone());
+            async move { parked_of(&pool, &n).await == vec![("z".into(), 3, "late".into())] }
+        })
+        .await,
+        "{:?}",
+        parked_of(&db.pool, &name).await
+    );
+    c.shutdown().await;
+    assert_eq!(effects(&db.pool).await.len(), 1);
+}
