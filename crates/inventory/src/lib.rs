@@ -57,8 +57,8 @@ pub struct AppState {
     pub outbox: Outbox,
     /// Wakes the relays after commits, at most once per [`WAKE_WINDOW`].
     pub notifier: CommitNotifier,
-    /// Token verification.
-    pub jwt: Arc<auth::JwtKeys>,
+    /// Token verification (verify only: minting is `auth::Minter`'s).
+    pub jwt: Arc<auth::Verifier>,
     /// Whether the in-process relay died (health endpoints answer 503 then).
     pub relay: Arc<supervise::RelayState>,
 }
@@ -69,14 +69,15 @@ impl AppState {
         Self::with_keys(pool, auth::JwtKeys::new(jwt_secret))
     }
 
-    /// State over `pool`, verifying tokens with `keys` (which may also check `iss` and `aud`).
+    /// State over `pool`, verifying tokens with `keys` (a [`auth::Verifier`] of any algorithm,
+    /// or HS256 [`auth::JwtKeys`]; either may also check `iss` and `aud`).
     /// Starts the relays' wake-up task, so it must be called within a Tokio runtime.
-    pub fn with_keys(pool: PgPool, keys: auth::JwtKeys) -> Self {
+    pub fn with_keys(pool: PgPool, keys: impl Into<auth::Verifier>) -> Self {
         Self {
             notifier: CommitNotifier::spawn(pool.clone(), WAKE_WINDOW),
             pool,
             outbox: Outbox::new(SOURCE_SERVICE).with_notify(false),
-            jwt: Arc::new(keys),
+            jwt: Arc::new(keys.into()),
             relay: Arc::default(),
         }
     }

@@ -1,11 +1,12 @@
 //! `inventory`: the inventory HTTP service (default command `serve`) and a token minter.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
-use inventory::auth::{self, JwtKeys, TokenRules};
+use inventory::auth::{Minter, TokenRules, Verifier};
 use inventory::AppState;
 use outbox_runtime::args::{BrokerArgs, RelayArgs};
 use outbox_runtime::logging::{self, LogFormat};
@@ -46,9 +47,8 @@ struct ServeArgs {
     /// Address of the HTTP API.
     #[arg(long, env = "INVENTORY_LISTEN", default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
-    /// HS256 secret the bearer tokens are signed with (at least 32 bytes).
-    #[arg(long, env = "INVENTORY_JWT_SECRET", hide_env_values = true)]
-    jwt_secret: Option<String>,
+    #[command(flatten)]
+    keys: VerifyKeyArgs,
     #[command(flatten)]
     token_rules: TokenRuleArgs,
     /// Do not run the relay in-process (leave delivery to a standalone `outbox relay`).
@@ -77,6 +77,34 @@ struct ServeArgs {
     relay: RelayArgs,
     #[command(flatten)]
     broker: BrokerArgs,
+}
+
+/// The key the bearer tokens are verified with: exactly one of the two.
+#[derive(Debug, Clone, Args)]
+struct VerifyKeyArgs {
+    /// HS256 secret the bearer tokens are signed with (at least 32 bytes). Whoever holds it can
+    /// mint tokens for every tenant: prefer --jwt-public-key-file when another service (the read
+    /// model) verifies the same tokens.
+    #[arg(long, env = "INVENTORY_JWT_SECRET", hide_env_values = true)]
+    jwt_secret: Option<String>,
+    /// PEM file of the public key the bearer tokens are verified with: Ed25519 (EdDSA) or RSA
+    /// (RS256), told apart by the key. `inventory token --jwt-private-key-file` mints them.
+    #[arg(long, env = "INVENTORY_JWT_PUBLIC_KEY_FILE")]
+    jwt_public_key_file: Option<PathBuf>,
+}
+
+impl VerifyKeyArgs {
+    fn verifier(&self, rules: TokenRules) -> anyhow::Result<Verifier> {
+        Verifier::from_settings(
+            self.jwt_secret.as_deref(),
+            self.jwt_public_key_file.as_deref(),
+            rules,
+        )
+        .context(
+            "the token key: set INVENTORY_JWT_PUBLIC_KEY_FILE (--jwt-public-key-file) or \
+             INVENTORY_JWT_SECRET (--jwt-secret)",
+        )
+    }
 }
 
 /// Optional claim checks of the bearer tokens.
@@ -111,11 +139,42 @@ struct TokenArgs {
     /// Lifetime in seconds.
     #[arg(long, default_value_t = 3600)]
     ttl_secs: u64,
-    /// HS256 secret (the service's INVENTORY_JWT_SECRET).
+    /// HS256 secret to sign with (the service's INVENTORY_JWT_SECRET); or --jwt-private-key-file.
     #[arg(long, env = "INVENTORY_JWT_SECRET", hide_env_values = true)]
-    jwt_secret: String,
+    jwt_secret: Option<String>,
+    /// PEM file of the private key (PKCS#8, Ed25519 or RSA) whose public half the services
+    /// verify with (INVENTORY_JWT_PUBLIC_KEY_FILE, READ_MODEL_JWT_PUBLIC_KEY_FILE).
+    #[arg(long, env = "INVENTORY_JWT_PRIVATE_KEY_FILE")]
+    jwt_private_key_file: Option<PathBuf>,
     #[command(flatten)]
     token_rules: TokenRuleArgs,
+}
+
+impl TokenArgs {
+    fn minter(&self) -> anyhow::Result<Minter> {
+        let secret = self.jwt_secret.as_deref().filter(|s| !s.is_empty());
+        let file = self
+            .jwt_private_key_file
+            .as_deref()
+            .filter(|p| !p.as_os_str().is_empty());
+        let rules = self.token_rules.rules();
+        match (secret, file) {
+            (Some(_), Some(_)) => anyhow::bail!(
+                "both INVENTORY_JWT_SECRET (--jwt-secret) and INVENTORY_JWT_PRIVATE_KEY_FILE \
+                 (--jwt-private-key-file) are set; set the one the service verifies with"
+            ),
+            (None, None) => anyhow::bail!(
+                "set INVENTORY_JWT_PRIVATE_KEY_FILE (--jwt-private-key-file) or \
+                 INVENTORY_JWT_SECRET (--jwt-secret) to sign the token with"
+            ),
+            (Some(s), None) => {
+                inventory::auth::check_secret(s.as_bytes())
+                    .context("INVENTORY_JWT_SECRET (--jwt-secret)")?;
+                Ok(Minter::hs256(s.as_bytes(), rules))
+            }
+            (None, Some(path)) => Ok(Minter::private_key_file(path, rules)?),
+        }
+    }
 }
 
 /// The seed's RabbitMQ contract as the defaults of `serve`: exchange `inventory.events`, routing
@@ -137,8 +196,8 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::from_arg_matches(&cmd.get_matches()).unwrap_or_else(|e| e.exit());
     match cli.command {
         Some(Command::Token(t)) => {
-            auth::check_secret(t.jwt_secret.as_bytes())?;
-            let token = JwtKeys::with_rules(t.jwt_secret.as_bytes(), t.token_rules.rules())
+            let token = t
+                .minter()?
                 .mint(&t.tenant, &t.sub, t.ttl_secs)
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
             println!("{token}");
@@ -151,10 +210,7 @@ async fn main() -> anyhow::Result<()> {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     logging::init(args.log_format);
-    let secret = args.jwt_secret.clone().filter(|s| !s.is_empty()).context(
-        "INVENTORY_JWT_SECRET (or --jwt-secret) must be set: it verifies the bearer tokens",
-    )?;
-    auth::check_secret(secret.as_bytes()).context("INVENTORY_JWT_SECRET (--jwt-secret)")?;
+    let verifier = args.keys.verifier(args.token_rules.rules())?;
     let metrics_addr: Option<SocketAddr> =
         if args.metrics_addr.is_empty() {
             None
@@ -179,10 +235,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     inventory::migrate(&pool)
         .await
         .context("applying the outbox and inventory migrations")?;
-    let state = AppState::with_keys(
-        pool.clone(),
-        JwtKeys::with_rules(secret.as_bytes(), args.token_rules.rules()),
-    );
+    let state = AppState::with_keys(pool.clone(), verifier);
     let stop = outbox_runtime::relay_cmd::shutdown_signal();
 
     let expiry = tokio::spawn(inventory::expiry::run(

@@ -16,6 +16,11 @@ pub const DEFAULT_TTL_SECS: i64 = 900;
 /// Longest reservation lifetime (7 days).
 pub const MAX_TTL_SECS: i64 = 7 * 24 * 3600;
 
+/// `reasonForFailure` of a reservation line naming a variant the tenant does not have. Its
+/// `InventoryReservationFailedEvent` is keyed to the tenant, not to the variant
+/// (`stock::TENANT_AGGREGATE`).
+pub const PRODUCT_NOT_FOUND: &str = "PRODUCT_NOT_FOUND";
+
 /// Stock status of a variant (seed 2.5).
 ///
 /// Derived from **available** stock (`quantity - reserved`), because that is what can still be

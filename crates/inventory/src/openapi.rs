@@ -53,7 +53,7 @@ impl Modify for Security {
         let components = doc.components.get_or_insert_with(Default::default);
         let mut bearer = Http::new(HttpAuthScheme::Bearer);
         bearer.bearer_format =
-            Some("JWT (HS256; claims tenant, sub, exp, optional iss/aud)".into());
+            Some("JWT (EdDSA, RS256 or HS256, as the service is configured; claims tenant, sub, exp, optional iss/aud)".into());
         components.add_security_scheme("bearer", SecurityScheme::Http(bearer));
     }
 }

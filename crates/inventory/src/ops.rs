@@ -455,7 +455,7 @@ async fn reserve(
     let mut failures = Vec::new();
     for l in &c.lines {
         let (reason, available) = match locked.get(&(ctx.tenant.clone(), l.product_variant_id)) {
-            None => ("PRODUCT_NOT_FOUND", 0),
+            None => (PRODUCT_NOT_FOUND, 0),
             Some(v) if v.discontinued => ("PRODUCT_DISCONTINUED", v.available()),
             Some(v) if v.available() < l.quantity => ("INSUFFICIENT_STOCK", v.available()),
             Some(_) => continue,
@@ -478,12 +478,22 @@ async fn reserve(
             if let Some(u) = &ctx.cause.user_id {
                 data["userId"] = json!(u);
             }
-            work.event(
-                &ctx.tenant,
-                f.product_variant_id,
-                topics::RESERVATION_FAILED,
-                data,
-            );
+            if f.reason == PRODUCT_NOT_FOUND {
+                // Not keyed to a variant we do not have (see stock::TENANT_AGGREGATE).
+                work.unknown_variant_event(
+                    &ctx.tenant,
+                    f.product_variant_id,
+                    topics::RESERVATION_FAILED,
+                    data,
+                );
+            } else {
+                work.event(
+                    &ctx.tenant,
+                    f.product_variant_id,
+                    topics::RESERVATION_FAILED,
+                    data,
+                );
+            }
         }
         // Only the failure events are written: the locked rows are unchanged.
         work.flush(conn, outbox, std::iter::empty()).await?;

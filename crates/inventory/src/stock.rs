@@ -20,8 +20,19 @@ use uuid::Uuid;
 use crate::error::{ApiError, ApiResult};
 use crate::model::{ChangeType, StockStatus, VariantView, MAX_QUANTITY};
 
-/// Aggregate type of every event: the product variant.
+/// Aggregate type of every event about a variant the tenant has: the product variant.
 pub const AGGREGATE: &str = "ProductVariant";
+
+/// Aggregate type of the events about a variant the tenant does **not** have (an
+/// `InventoryReservationFailedEvent` with `PRODUCT_NOT_FOUND`); the aggregate id is the tenant.
+///
+/// Why not the variant: the id is the caller's, not a variant of ours, and every consumer keeps
+/// one position row per aggregate for good, so keying these events to the named id would let any
+/// authenticated client grow every consumer's tables (and the outbox's `outbox_aggregate`) by one
+/// row per invented id, and would show a consumer a variant that does not exist. Keyed to the
+/// tenant, they cost one row per tenant; their order relative to one another is kept, and they
+/// have no order to keep with any variant's events (there is no such variant).
+pub const TENANT_AGGREGATE: &str = "Tenant";
 
 /// The six event types of the seed, with their routing keys (seed section 4).
 pub mod topics {
@@ -321,6 +332,42 @@ impl Work {
     /// Adds an event about variant `variant_id` of `tenant`; `timestamp` and `correlationId` are
     /// added to `data` here so that every payload carries them.
     pub fn event(&mut self, tenant: &str, variant_id: Uuid, kind: (&str, &str), data: Value) {
+        self.event_keyed(
+            tenant,
+            (AGGREGATE, variant_id.to_string()),
+            variant_id,
+            kind,
+            data,
+        );
+    }
+
+    /// Adds an event about `variant_id`, which `tenant` does not have: keyed to the tenant's
+    /// aggregate ([`TENANT_AGGREGATE`]), not to the variant; `data` still names the variant
+    /// (`productVariantId`, as the seed asks).
+    pub fn unknown_variant_event(
+        &mut self,
+        tenant: &str,
+        variant_id: Uuid,
+        kind: (&str, &str),
+        data: Value,
+    ) {
+        self.event_keyed(
+            tenant,
+            (TENANT_AGGREGATE, tenant.to_string()),
+            variant_id,
+            kind,
+            data,
+        );
+    }
+
+    fn event_keyed(
+        &mut self,
+        tenant: &str,
+        (aggregate_type, aggregate_id): (&str, String),
+        variant_id: Uuid,
+        kind: (&str, &str),
+        data: Value,
+    ) {
         let mut data: Map<String, Value> = match data {
             Value::Object(m) => m,
             _ => Map::new(),
@@ -333,8 +380,8 @@ impl Work {
         );
         let mut e = NewEvent::new(
             tenant,
-            AGGREGATE,
-            variant_id.to_string(),
+            aggregate_type,
+            aggregate_id,
             kind.0,
             kind.1,
             Value::Object(data),

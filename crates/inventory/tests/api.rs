@@ -450,7 +450,7 @@ async fn a_reservation_is_all_or_nothing_and_its_failures_are_events() {
     assert_eq!(ev.len(), 2, "only the failure events: {:?}", summary(ev));
     let by_id = |id: Uuid| {
         ev.iter()
-            .find(|e| e.aggregate_id == id.to_string())
+            .find(|e| e.data["productVariantId"] == id.to_string())
             .unwrap()
     };
     let fb = &by_id(b).data;
@@ -458,6 +458,15 @@ async fn a_reservation_is_all_or_nothing_and_its_failures_are_events() {
     assert_eq!(fb["quantityAttempted"], 3);
     assert_eq!(fb["orderId"], order.to_string());
     assert_eq!(by_id(ghost).data["reasonForFailure"], "PRODUCT_NOT_FOUND");
+    assert_eq!(
+        (
+            by_id(ghost).aggregate_type.as_str(),
+            by_id(ghost).aggregate_id.as_str()
+        ),
+        ("Tenant", "acme"),
+        "a variant the tenant does not have is not an aggregate of its events"
+    );
+    assert_eq!(by_id(b).aggregate_id, b.to_string());
     assert_well_formed(ev);
     assert_eq!(app.count("inv_reservation").await, 0);
 }
@@ -1460,6 +1469,49 @@ async fn tokens_not_yet_valid_or_issued_in_the_future_are_refused() {
             json!({"tenant": "acme", "sub": "u", "exp": n + 600, "iss": "x", "aud": "y"})
         ))
         .is_ok());
+}
+
+/// Issue 18, item 11: an asymmetric key, so that a service that only verifies (the read model)
+/// holds nothing that can mint. `inventory token --jwt-private-key-file` signs; the service,
+/// given only the public half, accepts those tokens, keeps the tenancy, and refuses HS256 ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_minted_with_a_private_key_verify_with_its_public_half() {
+    use inventory::auth::{Minter, TokenRules, Verifier};
+    let keys = concat!(env!("CARGO_MANIFEST_DIR"), "/../tenant-auth/tests/keys/");
+    for (public, private, alg) in [
+        ("ed25519-public.pem", "ed25519-private.pem", "EdDSA"),
+        ("rsa-public.pem", "rsa-private.pem", "RS256"),
+    ] {
+        let pem = std::fs::read(format!("{keys}{public}")).unwrap();
+        let verifier = Verifier::public_key_pem(&pem, TokenRules::default(), public).unwrap();
+        let app = App::with_keys(verifier).await;
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_inventory"))
+            .args(["token", "--tenant", "acme", "--jwt-private-key-file"])
+            .arg(format!("{keys}{private}"))
+            .env_remove("INVENTORY_JWT_SECRET")
+            .output()
+            .expect("run inventory token");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        let v = app.variant(&token, 0, 3).await;
+        let (s, b) = app.get(&token, &format!("/variants/{v}")).await;
+        assert_eq!(s, StatusCode::OK, "{alg}: {b}");
+        let minter =
+            Minter::private_key_file(format!("{keys}{private}").as_ref(), TokenRules::default())
+                .unwrap();
+        assert_eq!(format!("{:?}", minter.algorithm()), alg);
+        let globex = minter.mint("globex", "u", 60).unwrap();
+        let (s, b) = app.get(&globex, &format!("/variants/{v}")).await;
+        assert_eq!(s, StatusCode::NOT_FOUND, "{alg}: another tenant: {b}");
+        // An HS256 token, whatever its secret, is not accepted by a public-key service.
+        let (s, b) = app.get(&app.token("acme"), "/variants").await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED, "{alg}: {b}");
+        assert!(b.to_string().contains(alg), "{alg}: {b}");
+    }
 }
 
 #[test]

@@ -371,6 +371,90 @@ async fn read_model_equals_inventory(broker: Broker) {
     eprintln!("took {:?}", t0.elapsed());
 }
 
+/// Issue 18, item 9: a reservation line naming a variant the tenant does not have answers 409
+/// `PRODUCT_NOT_FOUND` with a failure event, and that event must leave no trace of the invented
+/// id in the consumer's tables: neither a read-model row (which would answer 200 where the
+/// inventory answers 404) nor a position row (any client could grow them without bound).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reservation_of_an_unknown_variant_leaves_no_row_for_it_in_the_consumer() {
+    let stream = TestStream::new();
+    let broker = Broker::Nats(stream.nats_config());
+    let app = App::new().await;
+    let rm = TestDb::empty().await;
+    read_model::migrate(&rm.pool)
+        .await
+        .expect("read model migrations");
+    let t = app.token("acme");
+    let known = app.variant(&t, 0, 0).await;
+    let ghosts = [Uuid::now_v7(), Uuid::now_v7()];
+    for ghost in ghosts {
+        let (s, p) = app
+            .post(
+                &t,
+                "/reservations",
+                json!({"orderId": Uuid::now_v7(), "lines": [
+                    {"productVariantId": known, "quantity": 1},
+                    {"productVariantId": ghost, "quantity": 1}]}),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CONFLICT, "{p}");
+    }
+    let _r = relay(app.db.url.clone(), broker.clone());
+    let _c = consumer(rm.url.clone(), broker, testkit::unique("rm"));
+    // Every published aggregate has its position: the consumer has handled everything.
+    let done = || async {
+        let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox_event")
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+        let aggregates: i64 = sqlx::query_scalar(
+            "SELECT count(DISTINCT (aggregate_type, aggregate_id)) FROM outbox_published",
+        )
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+        let positions: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox_consumer_position")
+            .fetch_one(&rm.pool)
+            .await
+            .unwrap();
+        let seqs: i64 = sqlx::query_scalar(
+            "SELECT coalesce(sum(seq), 0)::bigint FROM outbox_consumer_position",
+        )
+        .fetch_one(&rm.pool)
+        .await
+        .unwrap();
+        pending == 0 && aggregates > 0 && positions == aggregates && seqs == 4
+    };
+    assert!(
+        eventually(Duration::from_secs(30), done).await,
+        "the consumer applies the four failure events"
+    );
+    let read = read_model::http::variants(&rm.pool, "acme").await.unwrap();
+    let ids: Vec<Uuid> = read.iter().map(|r| r.product_variant_id).collect();
+    assert_eq!(ids, [known], "only the variant the inventory has: {read:?}");
+    assert_eq!(read[0].reservation_failures, 2);
+    let positions: Vec<(String, String)> = sqlx::query_as(
+        "SELECT aggregate_type, aggregate_id FROM outbox_consumer_position ORDER BY 1, 2",
+    )
+    .fetch_all(&rm.pool)
+    .await
+    .unwrap();
+    for ghost in ghosts {
+        assert!(
+            !positions.iter().any(|(_, id)| *id == ghost.to_string()),
+            "no position row for the unknown variant {ghost}: {positions:?}"
+        );
+    }
+    assert_eq!(
+        positions,
+        [
+            ("ProductVariant".to_string(), known.to_string()),
+            ("Tenant".to_string(), "acme".to_string())
+        ],
+        "one position per variant the inventory has, and one for the tenant"
+    );
+}
+
 /// Every difference between the inventory's variants and the read model, including the number of
 /// events applied per variant against the number published.
 async fn compare(app: &App, rm: &TestDb, tokens: &[(String, String)]) -> Vec<String> {

@@ -54,11 +54,18 @@ pub enum ConsumerDeadLetterCmd {
     Replay {
         #[command(flatten)]
         filter: ParkedArgs,
+        /// Apply them although events before them never arrived (a parked `gap`: the aggregate
+        /// starts there, the skipped range is recorded in `outbox_consumer_skip`). Still refused
+        /// while anything earlier of the aggregate is parked, retried or waiting.
+        #[arg(long)]
+        accept_gap: bool,
         /// Who does this (recorded in the audit trail).
         #[arg(long, env = "USER", default_value = "unknown")]
         actor: String,
     },
-    /// Skip parked events for good: never applied, their aggregates move on past them.
+    /// Skip parked events for good: never applied, their aggregates move on past them (recorded
+    /// in `outbox_consumer_skip`). Refused while an earlier parked event of the same aggregate
+    /// would stay parked behind the moved position: purge or replay that one first.
     Purge {
         #[command(flatten)]
         filter: ParkedArgs,
@@ -106,8 +113,13 @@ pub async fn run(pool: &PgPool, cmd: ConsumerDeadLetterCmd) -> anyhow::Result<()
                 );
             }
         }
-        ConsumerDeadLetterCmd::Replay { filter, actor } => {
-            let ids = dead_letters::request_replay(pool, &filter.filter(), &actor).await?;
+        ConsumerDeadLetterCmd::Replay {
+            filter,
+            actor,
+            accept_gap,
+        } => {
+            let ids =
+                dead_letters::request_replay(pool, &filter.filter(), &actor, accept_gap).await?;
             println!(
                 "replay requested for {} parked event(s); the running consumer applies them within its replay poll",
                 ids.len()

@@ -91,8 +91,9 @@ enum Command {
         #[arg(long, env = "OUTBOX_CLEANUP_PAUSE_MS", default_value_t = 20)]
         pause_ms: u64,
         /// Compact the sequence rows of aggregates idle this many hours with nothing pending, held
-        /// or dead (their next event starts a new `seq_epoch`); 0: do not compact.
-        #[arg(long, env = "OUTBOX_AGGREGATE_HORIZON_HOURS", default_value_t = 168.0)]
+        /// or dead (their next event starts a new `seq_epoch`, which ordered consumers treat as a
+        /// gap: see docs/architecture.md); 0 (the default): do not compact.
+        #[arg(long, env = "OUTBOX_AGGREGATE_HORIZON_HOURS", default_value_t = 0.0)]
         aggregate_horizon_hours: f64,
         /// Only count what would be deleted.
         #[arg(long)]

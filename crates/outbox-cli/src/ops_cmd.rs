@@ -256,7 +256,7 @@ pub async fn dead_letters(pool: &PgPool, cmd: DeadLetterCmd) -> anyhow::Result<(
             }
             if !yes {
                 confirm(&format!(
-                    "Delete {n} dead letter(s){} for good? Their aggregates' later events will then be delivered. [y/N] ",
+                    "Purge {n} dead letter(s){} for good? Each is replaced by a skip marker (Outbox-Skip) that consumers pass over, and their aggregates' later events are then delivered. [y/N] ",
                     if f.is_empty() { " (no filter: ALL dead letters)" } else { "" }
                 ))?;
             }

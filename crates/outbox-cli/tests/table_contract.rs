@@ -436,10 +436,10 @@ async fn rows_behind_a_dead_letter_are_held_and_released_in_order() {
     outbox::ops::purge(&db.pool, &filter, "test").await.unwrap();
     assert!(
         eventually(Duration::from_secs(20), || async {
-            count(&db, "published").await == 4
+            count(&db, "published").await == 5
         })
         .await,
-        "released in order after the purge"
+        "released in order after the purge (the purged event's place first, as a skip marker)"
     );
     relay.shutdown().await;
     let bad: Vec<String> = seen(&stream)
@@ -451,11 +451,25 @@ async fn rows_behind_a_dead_letter_are_held_and_released_in_order() {
     assert_eq!(
         bad,
         vec![
+            first[0].to_string(),
             first[1].to_string(),
             first[2].to_string(),
             later[0].to_string()
         ]
     );
+    let msgs = seen(&stream).await;
+    let marker = msgs
+        .iter()
+        .find(|m| m.event_id == first[0].to_string())
+        .unwrap();
+    assert_eq!(marker.headers["Outbox-Skip"], "purged");
+    let producer: Uuid = sqlx::query_scalar("SELECT id FROM outbox_producer")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert!(msgs
+        .iter()
+        .all(|m| m.headers["Outbox-Producer-Id"] == producer.to_string()));
 
     // A relay whose dead letters do not block lets held rows (from a blocking relay) flow.
     let mut tx = db.pool.begin().await.unwrap();
@@ -477,7 +491,7 @@ async fn rows_behind_a_dead_letter_are_held_and_released_in_order() {
     let relay = start_relay(&db, stream.nats_config(), cfg).await;
     assert!(
         eventually(Duration::from_secs(20), || async {
-            count(&db, "published").await == 5 && count(&db, "held").await == 0
+            count(&db, "published").await == 6 && count(&db, "held").await == 0
         })
         .await
     );

@@ -192,8 +192,10 @@ pub struct RelayArgs {
     pub stall_timeout_secs: u64,
     /// Hours an aggregate with nothing pending, held or dead stays idle before its sequence row
     /// (`outbox_aggregate`) is compacted away; its next event then starts a new `seq_epoch` at
-    /// seq 1. 0 turns compaction off.
-    #[arg(long, env = "OUTBOX_AGGREGATE_HORIZON_HOURS", default_value_t = 168.0)]
+    /// seq 1, which ordered consumers cannot link to the previous epoch's end and treat as a gap
+    /// (their start policy decides; docs/architecture.md). 0 (the default) keeps every sequence
+    /// row: one row per aggregate, as every consumer keeps one position per aggregate.
+    #[arg(long, env = "OUTBOX_AGGREGATE_HORIZON_HOURS", default_value_t = 0.0)]
     pub aggregate_horizon_hours: f64,
     /// Database connections of the relay.
     #[arg(long, env = "OUTBOX_DB_CONNECTIONS", default_value_t = 4)]

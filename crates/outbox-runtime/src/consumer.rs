@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::Args;
 use outbox::consumers::amqp::{AmqpSource, AmqpSourceConfig};
 use outbox::consumers::nats::{NatsSource, NatsSourceConfig};
-use outbox::consumers::{Consumer, ConsumerConfig, Handler};
+use outbox::consumers::{Consumer, ConsumerConfig, Handler, StartPolicy};
 use tokio_util::sync::CancellationToken;
 
 use crate::args::BrokerKind;
@@ -31,9 +31,16 @@ pub struct ConsumerArgs {
     /// Only subjects matching this filter (empty: the whole stream).
     #[arg(long, env = "OUTBOX_CONSUMER_NATS_FILTER", default_value = "")]
     pub nats_filter_subject: String,
-    /// Seconds JetStream waits for an acknowledgement before redelivering.
-    #[arg(long, env = "OUTBOX_CONSUMER_ACK_WAIT_SECS", default_value_t = 30)]
+    /// Seconds JetStream waits for an acknowledgement before redelivering: the longest the
+    /// messages a killed consumer held wait before a restarted one gets them. Messages this
+    /// process holds are kept from redelivery by progress acknowledgements meanwhile. Applied to
+    /// an existing durable consumer at start.
+    #[arg(long, env = "OUTBOX_CONSUMER_ACK_WAIT_SECS", default_value_t = 3)]
     pub ack_wait_secs: u64,
+    /// Milliseconds between progress acknowledgements (JetStream `+WPI`) for each message held
+    /// and not settled yet; must be below the ack wait (default: a third of it).
+    #[arg(long, env = "OUTBOX_CONSUMER_PROGRESS_INTERVAL_MS")]
+    pub progress_interval_ms: Option<u64>,
     /// RabbitMQ URL.
     #[arg(
         long,
@@ -68,6 +75,27 @@ pub struct ConsumerArgs {
         default_value_t = 168
     )]
     pub seen_retention_hours: u64,
+    /// Where an aggregate whose beginning never arrived starts: `after-gap-timeout` (the read
+    /// model's default: its events carry absolute levels, so starting mid-stream converges; a
+    /// queue bound after the inventory's first events would otherwise apply nothing) or
+    /// `strict` (only at seq 1; anything else is parked as `gap` for an operator's
+    /// `consumer-dead-letters replay --accept-gap`).
+    #[arg(
+        long,
+        env = "OUTBOX_CONSUMER_START_POLICY",
+        value_enum,
+        default_value = "after-gap-timeout"
+    )]
+    pub start_policy: StartPolicyArg,
+}
+
+/// `--start-policy` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StartPolicyArg {
+    /// Only at seq 1 of an unknown aggregate.
+    Strict,
+    /// At the lowest event that waited the gap timeout with nothing earlier still coming.
+    AfterGapTimeout,
 }
 
 impl ConsumerArgs {
@@ -79,6 +107,10 @@ impl ConsumerArgs {
         c.max_attempts = self.max_attempts.max(1);
         c.gap_timeout = Duration::from_secs(self.gap_timeout_secs);
         c.seen_retention = Duration::from_secs(self.seen_retention_hours * 3600);
+        c.start_policy = match self.start_policy {
+            StartPolicyArg::Strict => StartPolicy::Strict,
+            StartPolicyArg::AfterGapTimeout => StartPolicy::AfterGapTimeout,
+        };
         c
     }
 }
@@ -101,6 +133,7 @@ pub async fn run<H: Handler>(
                         durable: args.consumer_name.clone(),
                         filter_subject: args.nats_filter_subject.clone(),
                         ack_wait: Duration::from_secs(args.ack_wait_secs.max(1)),
+                        progress_interval: args.progress_interval_ms.map(Duration::from_millis),
                         max_ack_pending: i64::from(args.prefetch),
                     })
                     .await

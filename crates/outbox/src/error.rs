@@ -38,5 +38,26 @@ pub enum OutboxError {
     NotFound(String),
 }
 
+impl OutboxError {
+    /// The SQLSTATE of a database error, if the database answered with one.
+    pub fn sqlstate(&self) -> Option<String> {
+        match self {
+            OutboxError::Database(sqlx::Error::Database(db)) => db.code().map(|c| c.into_owned()),
+            _ => None,
+        }
+    }
+
+    /// Whether the database refused a statement for the data it was given (SQLSTATE classes 22,
+    /// data exception, and 23, integrity constraint violation): that data's fault, which trying
+    /// again cannot mend, unlike a lost connection, a shutdown or a lack of resources (classes
+    /// 08, 57, 53), a lock conflict (40) or anything else about the database as a whole.
+    pub fn is_data_error(&self) -> bool {
+        matches!(self, OutboxError::Serialize(_))
+            || self
+                .sqlstate()
+                .is_some_and(|c| c.starts_with("22") || c.starts_with("23"))
+    }
+}
+
 /// Shorthand for results of this crate.
 pub type Result<T, E = OutboxError> = std::result::Result<T, E>;

@@ -250,8 +250,14 @@ pub async fn replay(pool: &PgPool, filter: &DeadLetterFilter, actor: &str) -> Re
     act(pool, filter, actor, "replay").await
 }
 
-/// Deletes matching dead letters for good (releasing their aggregates) and records who did it,
+/// Purges matching dead letters for good (releasing their aggregates) and records who did it,
 /// with the event ids, in `outbox_audit`. Returns the event ids.
+///
+/// A purged event is never delivered, but its place in its aggregate's sequence is: the row
+/// becomes a **skip marker** (payload and headers replaced, `outboxSkip` set), which the relay
+/// publishes in order with the header `Outbox-Skip: purged`, so that consumers move past the
+/// purged seq instead of waiting for it for ever. A marker that cannot be delivered either (dead
+/// again), or a row no broker could carry (an aggregate id with a control character) is deleted.
 pub async fn purge(pool: &PgPool, filter: &DeadLetterFilter, actor: &str) -> Result<Vec<Uuid>> {
     act(pool, filter, actor, "purge").await
 }
@@ -269,14 +275,36 @@ async fn act(
                      dead_at = NULL, blocks_aggregate = false",
         _ => "DELETE FROM outbox_event",
     };
+    // The marker: a new body and headers (the old ones may be what made the row undeliverable,
+    // and would fail the table's CHECKs on UPDATE); id, seq, aggregate and topic stay.
+    let marker = format!(
+        "UPDATE outbox_event SET status = 'pending', attempts = 0, next_attempt_at = '-infinity',
+                dead_at = NULL, blocks_aggregate = false,
+                payload = convert_to(json_build_object('eventId', event_id, 'eventType', event_type,
+                                     'tenantId', tenant_id, '{skip}', 'purged')::text, 'UTF8'),
+                headers = jsonb_build_object('{skip}', 'purged'),
+                last_error = 'purged: ' || coalesce(last_error, '')
+          WHERE {DEAD_WHERE} AND NOT headers ? '{skip}' AND aggregate_id !~ '[[:cntrl:]]'
+          RETURNING event_id",
+        skip = crate::publisher::SKIP_HEADER
+    );
     let mut tx = pool.begin().await?;
     // The rows these dead letters held are released by the table's trigger
     // (`outbox_event_release`, migration `..._table_contract.sql`), which also covers a DELETE
     // or UPDATE by hand.
+    let mut rows = Vec::new();
+    if action == "purge" {
+        rows = bind_filter(sqlx::query(&marker), filter)
+            .fetch_all(&mut *tx)
+            .await?;
+    }
+    let markers = rows.len();
     let sql = format!("{change} WHERE {DEAD_WHERE} RETURNING event_id");
-    let rows = bind_filter(sqlx::query(&sql), filter)
-        .fetch_all(&mut *tx)
-        .await?;
+    rows.extend(
+        bind_filter(sqlx::query(&sql), filter)
+            .fetch_all(&mut *tx)
+            .await?,
+    );
     let ids: Vec<Uuid> = rows
         .iter()
         .map(|r| sqlx::Row::try_get(r, "event_id"))
@@ -288,7 +316,11 @@ async fn act(
         .bind(action)
         .bind(actor)
         .bind(&ids)
-        .bind(serde_json::json!({ "count": ids.len() }))
+        .bind(if action == "purge" {
+            serde_json::json!({ "count": ids.len(), "skip_markers": markers })
+        } else {
+            serde_json::json!({ "count": ids.len() })
+        })
         .execute(&mut *tx)
         .await?;
         sqlx::query("SELECT pg_notify($1, '')")

@@ -38,6 +38,11 @@ impl Handler for ReadModel {
             .and_then(Value::as_str)
             .ok_or_else(|| bad("no tenantId"))?;
         let data = env.get("data").ok_or_else(|| bad("no data"))?;
+        if !about_a_variant_it_has(e, event_type, data) {
+            // A variant the inventory does not have gets no row here (it would answer 200 where
+            // the inventory answers 404); the runtime records the event's position as usual.
+            return Ok(());
+        }
         let variant: Uuid = e
             .aggregate
             .as_ref()
@@ -46,8 +51,7 @@ impl Handler for ReadModel {
             .ok_or_else(|| bad("no variant id"))?
             .parse()
             .map_err(|_| bad("the variant id is not a UUID"))?;
-        // Every event counts as applied on its variant's row (created on first sight), except a
-        // failed reservation of a variant the inventory does not have.
+        // Every event counts as applied on its variant's row (created on first sight).
         let (set, arg): (&str, Arg) = match event_type {
             "StockLevelChangedEvent" => (
                 "quantity = $3::bigint",
@@ -121,6 +125,23 @@ impl Handler for ReadModel {
         q.execute(&mut *tx).await?;
         Ok(())
     }
+}
+
+/// The inventory's aggregate of events about one of its variants.
+const VARIANT_AGGREGATE: &str = "ProductVariant";
+
+/// Whether `e` is about a variant the inventory has. The inventory keys a failed reservation of a
+/// variant it does not have (`PRODUCT_NOT_FOUND`) to the tenant (aggregate type `Tenant`), not to
+/// the variant; an inventory from before that change keyed it to the variant, so the reason is
+/// checked too. Events without aggregate headers are taken as variant events.
+fn about_a_variant_it_has(e: &InboundEvent, event_type: &str, data: &Value) -> bool {
+    let on_variant = e
+        .aggregate
+        .as_ref()
+        .is_none_or(|a| a.aggregate_type == VARIANT_AGGREGATE);
+    let not_found = event_type == "InventoryReservationFailedEvent"
+        && data.get("reasonForFailure").and_then(Value::as_str) == Some("PRODUCT_NOT_FOUND");
+    on_variant && !not_found
 }
 
 /// The value an update statement takes as `$3`, if any.

@@ -1,9 +1,17 @@
 //! `GET /tenants/{tenant}/variants` and `GET /tenants/{tenant}/variants/{id}`: the read model;
 //! `/healthz` (503 when messages wait and nothing was handled for a minute), `/metrics`.
+//!
+//! The variants routes hold callers to the inventory's tenancy: they take the inventory's bearer
+//! tokens, verified by the same code (`tenant-auth`), and a path naming another tenant than the
+//! token's answers 404, as the inventory answers for another tenant's variant (nothing says
+//! whether that tenant exists). `/healthz` and `/metrics` take no token: they say nothing of any
+//! tenant's stock (bind the port where only operators and the scraper reach it).
 
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::header::{AUTHORIZATION, WWW_AUTHENTICATE};
+use axum::http::request::Parts;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
@@ -11,6 +19,7 @@ use axum::{Json, Router};
 use outbox::consumers::ConsumerHealth;
 use serde::Serialize;
 use sqlx::PgPool;
+use tenant_auth::Verifier;
 use uuid::Uuid;
 
 /// One variant as the read model knows it.
@@ -42,6 +51,50 @@ pub struct ReadState {
     pub health: Arc<ConsumerHealth>,
     /// Prometheus exposition, when installed.
     pub metrics: Option<metrics_handle::Handle>,
+    /// Verifies the callers' bearer tokens (the inventory's).
+    pub verifier: Arc<Verifier>,
+}
+
+/// The tenant of a request's verified bearer token.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// The token's tenant.
+    pub tenant: String,
+}
+
+impl FromRequestParts<ReadState> for Caller {
+    type Rejection = axum::response::Response;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &ReadState,
+    ) -> Result<Self, Self::Rejection> {
+        match state
+            .verifier
+            .verify_authorization(parts.headers.get(AUTHORIZATION))
+        {
+            Ok(c) => Ok(Caller { tenant: c.tenant }),
+            Err(e) => Err((
+                StatusCode::UNAUTHORIZED,
+                [(WWW_AUTHENTICATE, "Bearer")],
+                format!("{e} (send the inventory's bearer token of your tenant)"),
+            )
+                .into_response()),
+        }
+    }
+}
+
+impl Caller {
+    /// The 404 answer when `tenant` is not the caller's own; `None` when it is.
+    fn not_own(&self, tenant: &str) -> Option<axum::response::Response> {
+        (self.tenant != tenant).then(|| {
+            (
+                StatusCode::NOT_FOUND,
+                format!("no tenant {tenant} for this token (a token reads only its own tenant)"),
+            )
+                .into_response()
+        })
+    }
 }
 
 /// The metrics handle type, re-exported so that callers need not name the exporter crate.
@@ -66,7 +119,14 @@ pub async fn variants(pool: &PgPool, tenant: &str) -> Result<Vec<VariantRead>, s
         .await
 }
 
-async fn list(State(s): State<ReadState>, Path(tenant): Path<String>) -> impl IntoResponse {
+async fn list(
+    caller: Caller,
+    State(s): State<ReadState>,
+    Path(tenant): Path<String>,
+) -> impl IntoResponse {
+    if let Some(r) = caller.not_own(&tenant) {
+        return r;
+    }
     match variants(&s.pool, &tenant).await {
         Ok(items) => Json(serde_json::json!({ "items": items })).into_response(),
         Err(e) => unavailable(e),
@@ -74,9 +134,13 @@ async fn list(State(s): State<ReadState>, Path(tenant): Path<String>) -> impl In
 }
 
 async fn one(
+    caller: Caller,
     State(s): State<ReadState>,
     Path((tenant, id)): Path<(String, Uuid)>,
 ) -> impl IntoResponse {
+    if let Some(r) = caller.not_own(&tenant) {
+        return r;
+    }
     let r: Result<Option<VariantRead>, _> =
         sqlx::query_as(&format!("{SELECT} AND v.variant_id = $2"))
             .bind(&tenant)

@@ -1,5 +1,6 @@
 //! `read-model`: consumes the inventory's events into a read model and serves it over HTTP.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -10,6 +11,7 @@ use outbox_runtime::logging::{self, LogFormat};
 use read_model::apply::ReadModel;
 use read_model::http::{router, ReadState};
 use sqlx::postgres::PgPoolOptions;
+use tenant_auth::{TokenRules, Verifier};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -31,14 +33,51 @@ struct Cli {
     /// Log format.
     #[arg(long, env = "OUTBOX_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
+    /// PEM file of the public key the inventory's bearer tokens are verified with: Ed25519
+    /// (EdDSA) or RSA (RS256), the inventory's INVENTORY_JWT_PUBLIC_KEY_FILE. Preferred: the read
+    /// model then cannot mint tokens.
+    #[arg(long, env = "READ_MODEL_JWT_PUBLIC_KEY_FILE")]
+    jwt_public_key_file: Option<PathBuf>,
+    /// Or the inventory's HS256 secret (INVENTORY_JWT_SECRET). Risk: whoever holds it can mint a
+    /// token for every tenant, of the inventory as of the read model.
+    #[arg(long, env = "READ_MODEL_JWT_SECRET", hide_env_values = true)]
+    jwt_secret: Option<String>,
+    /// Required `iss` of the bearer tokens (unset: not checked; set it as the inventory's).
+    #[arg(long, env = "READ_MODEL_JWT_ISSUER")]
+    jwt_issuer: Option<String>,
+    /// Required `aud` of the bearer tokens (unset: not checked; set it as the inventory's).
+    #[arg(long, env = "READ_MODEL_JWT_AUDIENCE")]
+    jwt_audience: Option<String>,
     #[command(flatten)]
     consumer: ConsumerArgs,
+}
+
+impl Cli {
+    fn verifier(&self) -> anyhow::Result<Verifier> {
+        let set = |o: &Option<String>| o.clone().filter(|s| !s.is_empty());
+        let rules = TokenRules {
+            issuer: set(&self.jwt_issuer),
+            audience: set(&self.jwt_audience),
+        };
+        Verifier::from_settings(
+            self.jwt_secret.as_deref(),
+            self.jwt_public_key_file.as_deref(),
+            rules,
+        )
+        .context(
+            "the key the read model verifies the inventory's bearer tokens with: set \
+             READ_MODEL_JWT_PUBLIC_KEY_FILE (--jwt-public-key-file) or READ_MODEL_JWT_SECRET \
+             (--jwt-secret)",
+        )
+    }
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     logging::init(cli.log_format);
+    // Before connecting anything: a service that cannot check tokens must not start.
+    let verifier = Arc::new(cli.verifier()?);
     let pool = PgPoolOptions::new()
         .max_connections(cli.consumer.concurrency as u32 + 4)
         .acquire_timeout(std::time::Duration::from_secs(5))
@@ -54,6 +93,7 @@ async fn main() -> anyhow::Result<()> {
         pool,
         health: consumer.health(),
         metrics: Some(Arc::new(move || metrics.render())),
+        verifier,
     };
     let stop = outbox_runtime::relay_cmd::shutdown_signal();
     let sock = tokio::net::TcpListener::bind(&cli.listen)

@@ -1,5 +1,6 @@
 //! The `read-model` binary against the real NATS and PostgreSQL: it applies the inventory's events,
-//! serves them and its consumer metrics over HTTP, and on SIGTERM finishes and exits 0.
+//! serves them (to the tenant's bearer token only) and its consumer metrics over HTTP, and on
+//! SIGTERM finishes and exits 0.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -9,9 +10,18 @@ use testkit::{TestDb, TestStream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use uuid::Uuid;
 
+const KEYS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tenant-auth/tests/keys/");
+
 async fn get(addr: &str, path: &str) -> Option<String> {
+    get_as(addr, path, None).await
+}
+
+async fn get_as(addr: &str, path: &str, token: Option<&str>) -> Option<String> {
     let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n{auth}\r\n").as_bytes())
         .await
         .ok()?;
     let mut out = String::new();
@@ -93,8 +103,26 @@ async fn applies_serves_and_stops_cleanly_on_sigterm() {
     )
     .await;
     let addr = format!("127.0.0.1:{}", testkit::relay::free_port());
+    // The inventory's tokens, verified with the public half of its EdDSA key.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA),
+        &serde_json::json!({"tenant": "acme", "sub": "u", "iat": now, "exp": now + 600}),
+        &jsonwebtoken::EncodingKey::from_ed_pem(
+            &std::fs::read(format!("{KEYS}ed25519-private.pem")).unwrap(),
+        )
+        .unwrap(),
+    )
+    .unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_read-model"))
         .env("READ_MODEL_DATABASE_URL", &db.url)
+        .env(
+            "READ_MODEL_JWT_PUBLIC_KEY_FILE",
+            format!("{KEYS}ed25519-public.pem"),
+        )
         .env("READ_MODEL_LISTEN", &addr)
         .env("OUTBOX_NATS_STREAM", &s.name)
         .env("NATS_URL", testkit::nats_url())
@@ -105,7 +133,7 @@ async fn applies_serves_and_stops_cleanly_on_sigterm() {
         .expect("read-model starts");
     let path = format!("/tenants/acme/variants/{v}");
     let ok = testkit::eventually(Duration::from_secs(20), || async {
-        get(&addr, &path).await.is_some_and(|b| {
+        get_as(&addr, &path, Some(&token)).await.is_some_and(|b| {
             b.contains(r#""quantity":3"#)
                 && b.contains(r#""reserved":2"#)
                 && b.contains(r#""status":"LOW_STOCK""#)
@@ -113,7 +141,8 @@ async fn applies_serves_and_stops_cleanly_on_sigterm() {
         })
     })
     .await;
-    let body = get(&addr, &path).await;
+    let body = get_as(&addr, &path, Some(&token)).await;
+    let anonymous = get(&addr, &path).await.unwrap_or_default();
     let metrics = get(&addr, "/metrics").await.unwrap_or_default();
     let health = get(&addr, "/healthz").await.unwrap_or_default();
     let _ = Command::new("kill")
@@ -128,6 +157,10 @@ async fn applies_serves_and_stops_cleanly_on_sigterm() {
         "the read model shows the three events in order: {body:?}"
     );
     assert!(
+        anonymous.starts_with("HTTP/1.0 401"),
+        "no token, no stock: {anonymous}"
+    );
+    assert!(
         metrics.contains("outbox_consumer_events_handled_total")
             && metrics.contains("outbox_consumer_retries_total"),
         "consumer metrics served (a gap retry happened): {metrics}"
@@ -138,4 +171,20 @@ async fn applies_serves_and_stops_cleanly_on_sigterm() {
     );
     assert!(status.success(), "exit 0 on SIGTERM, got {status:?}");
     eprintln!("took {:?}", t0.elapsed());
+}
+
+#[test]
+fn refuses_to_start_without_a_key_to_verify_tokens_with() {
+    let out = Command::new(env!("CARGO_BIN_EXE_read-model"))
+        .env_remove("READ_MODEL_JWT_PUBLIC_KEY_FILE")
+        .env_remove("READ_MODEL_JWT_SECRET")
+        .env(
+            "READ_MODEL_DATABASE_URL",
+            "postgres://nobody@127.0.0.1:1/none",
+        )
+        .output()
+        .expect("run read-model");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("READ_MODEL_JWT_PUBLIC_KEY_FILE"), "{err}");
 }

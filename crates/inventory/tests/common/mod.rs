@@ -112,9 +112,14 @@ pub fn undeclared(seen: &[Seen]) -> Vec<Seen> {
 
 impl App {
     pub async fn new() -> Self {
+        Self::with_keys(JwtKeys::new(SECRET)).await
+    }
+
+    /// The service verifying tokens with `keys` ([`App::token`] mints HS256 tokens of [`SECRET`]).
+    pub async fn with_keys(keys: impl Into<inventory::auth::Verifier>) -> Self {
         let db = TestDb::new().await;
         inventory::migrate(&db.pool).await.expect("migrations");
-        let state = AppState::new(db.pool.clone(), SECRET);
+        let state = AppState::with_keys(db.pool.clone(), keys);
         let router = inventory::router(state.clone());
         Self {
             db,
@@ -376,8 +381,14 @@ pub fn assert_well_formed(events: &[Event]) {
     for e in events {
         assert_seed_event(&e.envelope);
         assert_eq!(e.topic, seed_topic(&e.event_type));
-        assert_eq!(e.aggregate_type, "ProductVariant");
-        assert_eq!(e.data["productVariantId"].as_str().unwrap(), e.aggregate_id);
+        if e.data["reasonForFailure"] == "PRODUCT_NOT_FOUND" {
+            // A variant the tenant does not have: keyed to the tenant, never to that id.
+            assert_eq!(e.aggregate_type, "Tenant");
+            assert_eq!(e.aggregate_id, e.tenant);
+        } else {
+            assert_eq!(e.aggregate_type, "ProductVariant");
+            assert_eq!(e.data["productVariantId"].as_str().unwrap(), e.aggregate_id);
+        }
         assert_eq!(
             e.envelope["data"]["correlationId"],
             e.envelope["correlationId"]

@@ -10,6 +10,8 @@ pub const RETRIES: &str = "outbox_consumer_retries_total";
 /// Counter: events parked in `outbox_consumer_dead_letter` (`reason`: handler, gap, held,
 /// unreadable).
 pub const PARKED: &str = "outbox_consumer_parked_total";
+/// Counter: producer skip markers (purged events) the position moved over without a handler.
+pub const SKIPPED: &str = "outbox_consumer_skipped_total";
 /// Counter: parked events applied by a replay.
 pub const REPLAYED: &str = "outbox_consumer_replayed_total";
 /// Counter: transactions that settled several events at once (a batch; `HANDLED` over this
@@ -17,6 +19,29 @@ pub const REPLAYED: &str = "outbox_consumer_replayed_total";
 pub const BATCHES: &str = "outbox_consumer_batches_total";
 /// Gauge: messages waiting at the broker for this consumer.
 pub const LAG: &str = "outbox_consumer_lag";
+/// Gauge: events parked now, read from the consumer's database (`reason`: handler, gap, held,
+/// unreadable, late). State, not a counter: it survives restarts and drops when an operator acts.
+pub const PARKED_NOW: &str = "outbox_consumer_parked_events";
+/// Gauge: aggregates with an event waiting for its predecessor now (sent back to the broker
+/// meanwhile), from the consumer's database.
+pub const GAP_AGGREGATES: &str = "outbox_consumer_gap_aggregates";
+/// Gauge: seconds the oldest of those events has waited (0: none waits).
+pub const GAP_OLDEST: &str = "outbox_consumer_gap_oldest_seconds";
+
+/// Every reason a parked event can have (each exported, at 0 when none is parked so).
+pub const PARK_REASONS: &[&str] = &["handler", "gap", "held", "unreadable", "late"];
 
 /// Every consumer metric name above (alert rules may use these and `crate::telemetry::ALL`).
-pub const ALL: &[&str] = &[HANDLED, DUPLICATES, RETRIES, PARKED, REPLAYED, BATCHES, LAG];
+pub const ALL: &[&str] = &[
+    HANDLED,
+    DUPLICATES,
+    RETRIES,
+    PARKED,
+    SKIPPED,
+    REPLAYED,
+    BATCHES,
+    LAG,
+    PARKED_NOW,
+    GAP_AGGREGATES,
+    GAP_OLDEST,
+];

@@ -40,5 +40,5 @@ pub mod runtime;
 pub mod source;
 
 pub use event::{AggregateKey, InboundEvent, Position};
-pub use runtime::{Consumer, ConsumerConfig, ConsumerHealth, Handler, HandlerError};
+pub use runtime::{Consumer, ConsumerConfig, ConsumerHealth, Handler, HandlerError, StartPolicy};
 pub use source::{Acknowledger, EventSource, Received};

@@ -1,13 +1,31 @@
 //! JetStream source: a durable pull consumer with explicit acknowledgements. A retry is a NAK with
 //! the delay (the server redelivers then); `max_deliver` is unlimited because the runtime, not the
 //! server, decides when an event is parked.
+//!
+//! Resuming fast without redelivering what is still held: the server redelivers a message that
+//! is not acknowledged within `ack_wait`, so `ack_wait` is also how long the messages delivered
+//! to a process that was killed wait before another process gets them. It is short (3 s by
+//! default), and the source keeps what it holds alive: every message is registered the moment
+//! it arrives (a task drains the pull subscription into the source's own queue, so nothing waits
+//! unregistered in the client library's buffer) and dropped from the register when it is
+//! acknowledged or NAKed; every `progress_interval` a progress acknowledgement (`+WPI`, which
+//! restarts the server's `ack_wait` clock for that message) goes out for each registered one.
+//! So a backlog held in the runtime's buffer longer than `ack_wait` is not redelivered, and a
+//! killed process's messages come back within `ack_wait`. A handler that hangs keeps its message
+//! (and its aggregate) for as long as the process lives, as it would hold the lane anyway.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer::pull, AckKind};
+use async_nats::jetstream::consumer::{pull, FromConsumer};
+use async_nats::jetstream::{self, AckKind};
+use async_nats::{Client, Subject};
 use async_trait::async_trait;
 use futures::StreamExt;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 
 use super::event::InboundEvent;
 use super::source::{Acknowledger, EventSource, Received};
@@ -24,9 +42,15 @@ pub struct NatsSourceConfig {
     pub durable: String,
     /// Only subjects matching this filter (empty: all of the stream).
     pub filter_subject: String,
-    /// How long the server waits for an acknowledgement before redelivering.
+    /// How long the server waits for an acknowledgement (or a progress acknowledgement) before
+    /// redelivering: the longest a message delivered to a killed process waits. Applied to an
+    /// existing durable consumer too (the last process to start sets it).
     pub ack_wait: Duration,
-    /// Unacknowledged messages the server lets this consumer hold.
+    /// How often a progress acknowledgement is sent for each message held and not settled yet
+    /// (`None`: a third of `ack_wait`). Must be shorter than `ack_wait`.
+    pub progress_interval: Option<Duration>,
+    /// Unacknowledged messages the server lets this consumer hold. Applied to an existing
+    /// durable consumer too.
     pub max_ack_pending: i64,
 }
 
@@ -37,36 +61,62 @@ impl Default for NatsSourceConfig {
             stream: "OUTBOX".into(),
             durable: "outbox-consumer".into(),
             filter_subject: String::new(),
-            ack_wait: Duration::from_secs(30),
+            ack_wait: Duration::from_secs(3),
+            progress_interval: None,
             max_ack_pending: 1024,
         }
+    }
+}
+
+impl NatsSourceConfig {
+    fn progress_every(&self) -> Result<Duration> {
+        let every = self.progress_interval.unwrap_or(self.ack_wait / 3);
+        if self.ack_wait < Duration::from_millis(100) || every.is_zero() || every >= self.ack_wait {
+            return Err(OutboxError::Config(format!(
+                "the JetStream ack wait ({:?}) must be at least 100 ms and the progress interval \
+                 ({every:?}) shorter than it and above zero: raise the ack wait or lower the \
+                 progress interval",
+                self.ack_wait
+            )));
+        }
+        Ok(every)
     }
 }
 
 /// A JetStream durable consumer as an [`EventSource`].
 pub struct NatsSource {
     consumer: jetstream::consumer::Consumer<pull::Config>,
-    messages: jetstream::consumer::pull::Stream,
-    pending: Option<u64>,
+    received: mpsc::UnboundedReceiver<Result<Received>>,
+    pending: Arc<AtomicU64>,
+    pump: JoinHandle<()>,
+    keep_alive: JoinHandle<()>,
 }
 
 impl NatsSource {
-    /// Connects and binds (creating if needed) the durable consumer.
+    /// Connects and binds (creating if needed) the durable consumer, setting its `ack_wait` and
+    /// `max_ack_pending` to the configured ones.
     pub async fn connect(cfg: NatsSourceConfig) -> Result<Self> {
+        let progress_every = cfg.progress_every()?;
         let client = async_nats::connect(&cfg.url).await.map_err(|e| {
             OutboxError::Broker(format!(
                 "cannot connect to NATS at {}: {e} (check the URL and that nats-server runs)",
                 cfg.url
             ))
         })?;
-        let js = jetstream::new(client);
+        let js = jetstream::new(client.clone());
         let stream = js.get_stream(&cfg.stream).await.map_err(|e| {
             OutboxError::Broker(format!(
                 "stream {:?} not found: {e} (start the relay first, it creates the stream)",
                 cfg.stream
             ))
         })?;
-        let consumer = stream
+        let create_failed = |e: &dyn std::fmt::Display| {
+            OutboxError::Broker(format!(
+                "cannot create durable consumer {:?} on {:?}: {e}",
+                cfg.durable, cfg.stream
+            ))
+        };
+        let mut consumer = stream
             .get_or_create_consumer(
                 &cfg.durable,
                 pull::Config {
@@ -80,40 +130,216 @@ impl NatsSource {
                 },
             )
             .await
-            .map_err(|e| {
-                OutboxError::Broker(format!(
-                    "cannot create durable consumer {:?} on {:?}: {e}",
-                    cfg.durable, cfg.stream
-                ))
-            })?;
+            .map_err(|e| create_failed(&e))?;
+        // A durable created by an older version (30 s) or with other settings keeps them unless
+        // told: a create of an existing durable with a changed, editable config updates it.
+        let existing = consumer.cached_info().config.clone();
+        if existing.ack_wait != cfg.ack_wait || existing.max_ack_pending != cfg.max_ack_pending {
+            tracing::info!(durable = %cfg.durable, from = ?existing.ack_wait, to = ?cfg.ack_wait,
+                max_ack_pending = cfg.max_ack_pending, "updating the durable consumer's ack wait");
+            let mut updated = <pull::Config as FromConsumer>::try_from_consumer_config(existing)
+                .map_err(|e| create_failed(&e))?;
+            updated.ack_wait = cfg.ack_wait;
+            updated.max_ack_pending = cfg.max_ack_pending;
+            consumer = stream
+                .create_consumer(updated)
+                .await
+                .map_err(|e| create_failed(&e))?;
+        }
         let messages = consumer.messages().await.map_err(|e| {
             OutboxError::Broker(format!("cannot start pulling from {:?}: {e}", cfg.durable))
         })?;
+        let held = Arc::new(Held::default());
+        let pending = Arc::new(AtomicU64::new(u64::MAX));
+        let (tx, received) = mpsc::unbounded_channel();
+        let pump = tokio::spawn(pump(
+            messages,
+            tx,
+            client.clone(),
+            held.clone(),
+            pending.clone(),
+        ));
+        let keep_alive = tokio::spawn(keep_alive(client, held, progress_every));
         Ok(Self {
             consumer,
-            messages,
-            pending: None,
+            received,
+            pending,
+            pump,
+            keep_alive,
         })
     }
 }
 
-struct NatsAck(jetstream::message::Acker);
+impl Drop for NatsSource {
+    fn drop(&mut self) {
+        // The messages still queued here are dropped with the receiver, each NAKed (below), so
+        // another process gets them at once; those the runtime took were settled before it let
+        // the source go.
+        self.pump.abort();
+        self.keep_alive.abort();
+    }
+}
+
+/// The messages this process holds and has not settled: the reply subject (the message's
+/// handle at the server) of each, by a local number.
+#[derive(Default)]
+struct Held {
+    next: AtomicU64,
+    subjects: Mutex<HashMap<u64, Subject>>,
+}
+
+impl Held {
+    fn register(&self, reply: Subject) -> u64 {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        self.subjects.lock().expect("held lock").insert(id, reply);
+        id
+    }
+
+    fn forget(&self, id: u64) {
+        self.subjects.lock().expect("held lock").remove(&id);
+    }
+
+    fn snapshot(&self) -> Vec<Subject> {
+        self.subjects
+            .lock()
+            .expect("held lock")
+            .values()
+            .cloned()
+            .collect()
+    }
+}
+
+/// Moves every message from the pull subscription into the source's queue, registering it as
+/// held on arrival.
+async fn pump(
+    mut messages: pull::Stream,
+    tx: mpsc::UnboundedSender<Result<Received>>,
+    client: Client,
+    held: Arc<Held>,
+    pending: Arc<AtomicU64>,
+) {
+    while let Some(msg) = messages.next().await {
+        let item = match msg {
+            Ok(msg) => {
+                if let Ok(info) = msg.info() {
+                    pending.store(info.pending, Ordering::Relaxed);
+                }
+                Ok(received(msg, &client, &held))
+            }
+            Err(e) => Err(OutboxError::Broker(format!("pulling messages: {e}"))),
+        };
+        let failed = item.is_err();
+        if tx.send(item).is_err() {
+            return;
+        }
+        if failed {
+            // The runtime waits a second after an error too: no flood of errors meanwhile.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+}
+
+fn received(msg: jetstream::Message, client: &Client, held: &Arc<Held>) -> Received {
+    // The reply subject is the message's handle at the server (acks and progress go there);
+    // `split` would move it into an `Acker`, which cannot be shared with the keep-alive task.
+    let m = msg.message;
+    let reply = m.reply.clone();
+    let mut headers = BTreeMap::new();
+    if let Some(h) = &m.headers {
+        for (k, v) in h.iter() {
+            if let Some(v) = v.first() {
+                headers.insert(k.to_string(), v.as_str().to_string());
+            }
+        }
+    }
+    let msg_id = headers.get("Nats-Msg-Id").cloned();
+    let (event, unreadable) =
+        InboundEvent::read(m.subject.to_string(), headers, msg_id.as_deref(), m.payload);
+    let id = reply.clone().map(|r| held.register(r)).unwrap_or(u64::MAX);
+    Received {
+        event,
+        unreadable,
+        acker: Box::new(NatsAck {
+            client: client.clone(),
+            reply,
+            id,
+            held: held.clone(),
+        }),
+    }
+}
+
+/// Sends a progress acknowledgement for every held message, every `every`, until aborted.
+async fn keep_alive(client: Client, held: Arc<Held>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        // A message settled between the snapshot and its `+WPI` gets a progress the server
+        // ignores (acknowledged) or that defers its NAK delay to one `ack_wait` (NAKed): rare,
+        // and only later, never lost.
+        for reply in held.snapshot() {
+            // Fire and forget, like the acknowledgements: one lost costs at most a redelivery,
+            // which the inbox drops as a duplicate.
+            if client
+                .publish(reply, AckKind::Progress.into())
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+    }
+}
+
+/// Settles one message: an acknowledgement (or NAK) to its reply subject, after which it is no
+/// longer kept alive. Dropped unsettled (the source's queue going away on stop), it is NAKed so
+/// the server delivers it again at once.
+struct NatsAck {
+    client: Client,
+    reply: Option<Subject>,
+    id: u64,
+    held: Arc<Held>,
+}
+
+impl NatsAck {
+    async fn send(mut self: Box<Self>, kind: AckKind, what: &str) -> Result<()> {
+        self.held.forget(self.id);
+        let Some(reply) = self.reply.take() else {
+            return Err(OutboxError::Broker(format!(
+                "{what}: the message has no reply subject (not a JetStream delivery)"
+            )));
+        };
+        self.client
+            .publish(reply, kind.into())
+            .await
+            .map_err(|e| OutboxError::Broker(format!("{what}: {e}")))
+    }
+}
+
+impl Drop for NatsAck {
+    fn drop(&mut self) {
+        let Some(reply) = self.reply.take() else {
+            return;
+        };
+        self.held.forget(self.id);
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let client = self.client.clone();
+            rt.spawn(async move {
+                let _ = client.publish(reply, AckKind::Nak(None).into()).await;
+            });
+        }
+    }
+}
 
 #[async_trait]
 impl Acknowledger for NatsAck {
     async fn ack(self: Box<Self>) -> Result<()> {
         // A plain ack: one lost on the way only causes a redelivery, which the inbox drops.
-        self.0
-            .ack()
-            .await
-            .map_err(|e| OutboxError::Broker(format!("ack: {e}")))
+        self.send(AckKind::Ack, "ack").await
     }
 
     async fn retry_after(self: Box<Self>, delay: Duration) -> Result<()> {
-        self.0
-            .ack_with(AckKind::Nak(Some(delay)))
-            .await
-            .map_err(|e| OutboxError::Broker(format!("nak: {e}")))
+        self.send(AckKind::Nak(Some(delay)), "nak").await
     }
 }
 
@@ -124,36 +350,17 @@ impl EventSource for NatsSource {
     }
 
     async fn next(&mut self) -> Result<Option<Received>> {
-        let Some(msg) = self.messages.next().await else {
-            return Ok(None);
-        };
-        let msg = msg.map_err(|e| OutboxError::Broker(format!("pulling messages: {e}")))?;
-        if let Ok(info) = msg.info() {
-            self.pending = Some(info.pending);
-        }
-        let (m, acker) = msg.split();
-        let mut headers = BTreeMap::new();
-        if let Some(h) = &m.headers {
-            for (k, v) in h.iter() {
-                if let Some(v) = v.first() {
-                    headers.insert(k.to_string(), v.as_str().to_string());
-                }
-            }
-        }
-        let msg_id = headers.get("Nats-Msg-Id").cloned();
-        let (event, unreadable) =
-            InboundEvent::read(m.subject.to_string(), headers, msg_id.as_deref(), m.payload);
-        Ok(Some(Received {
-            event,
-            unreadable,
-            acker: Box::new(NatsAck(acker)),
-        }))
+        // Cancel-safe: a message stays queued until received.
+        self.received.recv().await.transpose()
     }
 
     async fn lag(&mut self) -> Option<u64> {
         match self.consumer.info().await {
             Ok(i) => Some(i.num_pending),
-            Err(_) => self.pending,
+            Err(_) => match self.pending.load(Ordering::Relaxed) {
+                u64::MAX => None,
+                p => Some(p),
+            },
         }
     }
 }

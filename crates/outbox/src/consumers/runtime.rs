@@ -19,19 +19,17 @@ use std::time::{Duration, Instant};
 
 use std::panic::AssertUnwindSafe;
 
+use super::dead_letters;
+use super::event::InboundEvent;
+use super::inbox::{self, Mode, Verdict};
+use super::metrics as m;
+use super::source::{Acknowledger, EventSource, Received};
+use crate::error::{OutboxError, Result};
 use async_trait::async_trait;
 use futures::FutureExt;
 use sqlx::{PgConnection, PgPool};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
-
-use super::dead_letters;
-use super::event::InboundEvent;
-use super::inbox::{self, Verdict};
-use super::metrics as m;
-use super::source::{Acknowledger, EventSource, Received};
-use crate::error::{OutboxError, Result};
 
 /// What a handler may fail with; the message is kept as the event's last error.
 pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
@@ -79,6 +77,9 @@ pub struct ConsumerConfig {
     pub seen_retention: Duration,
     /// How often the replayer looks for parked events to apply.
     pub replay_poll: Duration,
+    /// Where an aggregate may start when its beginning was never received (a late consumer, a
+    /// stream that dropped its first events, a new sequence epoch).
+    pub start_policy: StartPolicy,
     /// Crash-test hook run after the commit, before the acknowledgement.
     #[doc(hidden)]
     pub after_commit: Option<Hook>,
@@ -113,6 +114,7 @@ impl ConsumerConfig {
             gap_timeout: Duration::from_secs(300),
             seen_retention: Duration::from_secs(7 * 24 * 3600),
             replay_poll: Duration::from_secs(1),
+            start_policy: StartPolicy::Strict,
             after_commit: None,
             before_commit: None,
         }
@@ -124,6 +126,27 @@ impl ConsumerConfig {
             .saturating_mul(2u32.saturating_pow(exp))
             .min(self.retry_max)
     }
+}
+
+/// Where a consumer starts an aggregate whose beginning it never received: no position yet and
+/// an event past seq 1 (a queue bound after the producer's first events, a stream whose limits
+/// dropped them, a producer purge of seq 1), or a new sequence epoch (the consumer cannot know
+/// where the previous epoch ended). Every start past a gap is recorded in
+/// `outbox_consumer_skip`; an event that arrives later inside the skipped range is parked as
+/// `late`, never dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StartPolicy {
+    /// Only at seq 1 of an unknown aggregate (or the next seq of a known one). Anything else
+    /// waits `gap_timeout` and is then parked as `gap`; an operator starts the aggregate there
+    /// with `outbox consumer-dead-letters replay --accept-gap`. For consumers whose state is
+    /// built from every event (counters, ledgers).
+    #[default]
+    Strict,
+    /// At the lowest event of the aggregate that has waited `gap_timeout`, provided nothing
+    /// earlier of it is still being retried, waiting for its own predecessor, or parked. Never
+    /// at first delivery: an earlier event that is only late gets the gap timeout to arrive. For
+    /// consumers whose events carry absolute state (a read model of current levels).
+    AfterGapTimeout,
 }
 
 /// Liveness of a running consumer, for health endpoints.
@@ -177,7 +200,10 @@ struct Inner<H> {
 
 enum Outcome {
     Applied,
+    /// A producer's skip marker: the position moved past it, no handler ran.
+    Skipped,
     Duplicate,
+    Late,
     Gap,
     Blocked,
     HandlerFailed(String),
@@ -229,7 +255,6 @@ impl<H: Handler> Consumer<H> {
         let lanes: Lanes = Arc::default();
         let (ready_tx, ready_rx) = tokio::sync::mpsc::unbounded_channel();
         let ready_rx = Arc::new(tokio::sync::Mutex::new(ready_rx));
-        let gaps: Gaps = Arc::default();
         let workers_stop = CancellationToken::new();
         let workers: Vec<_> = (0..cfg.concurrency)
             .map(|_| {
@@ -238,7 +263,6 @@ impl<H: Handler> Consumer<H> {
                     lanes.clone(),
                     ready_tx.clone(),
                     ready_rx.clone(),
-                    gaps.clone(),
                     workers_stop.clone(),
                 ))
             })
@@ -315,7 +339,6 @@ async fn worker<H: Handler>(
     lanes: Lanes,
     ready_tx: ReadyTx,
     ready_rx: ReadyRx,
-    gaps: Gaps,
     stop: CancellationToken,
 ) {
     let max = inner.cfg.batch_size;
@@ -343,7 +366,7 @@ async fn worker<H: Handler>(
             }
             (owned, batch)
         };
-        settle_batch(&inner, batch, &gaps).await;
+        settle_batch(&inner, batch).await;
         inner.health.touch();
         let mut l = lanes.lock().expect("lanes lock");
         for k in owned {
@@ -369,16 +392,13 @@ fn take(lanes: &mut HashMap<u64, VecDeque<Queued>>, key: u64, max: usize, batch:
 type Lanes = Arc<Mutex<HashMap<u64, VecDeque<Queued>>>>;
 type ReadyTx = tokio::sync::mpsc::UnboundedSender<u64>;
 type ReadyRx = Arc<tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<u64>>>;
-/// When each event now waiting for its predecessor was first seen so (restarts begin the clock
-/// again).
-type Gaps = Arc<Mutex<HashMap<Uuid, Instant>>>;
 
 /// The lane of an event: its aggregate's (so one aggregate is handled in order, by one task at a
 /// time), else its id's.
 fn lane_of(e: &InboundEvent) -> u64 {
     let mut h = DefaultHasher::new();
     match &e.aggregate {
-        Some(a) => a.hash(&mut h),
+        Some(a) => (&e.producer, a).hash(&mut h),
         None => e.event_id.hash(&mut h),
     }
     h.finish()
@@ -386,7 +406,7 @@ fn lane_of(e: &InboundEvent) -> u64 {
 
 /// Settles a batch taken by a worker: in one transaction when it holds several events and all of
 /// them go through, else one transaction per event (so that a failure is its event's own).
-async fn settle_batch<H: Handler>(inner: &Inner<H>, mut batch: Vec<Queued>, gaps: &Gaps) {
+async fn settle_batch<H: Handler>(inner: &Inner<H>, mut batch: Vec<Queued>) {
     if batch.len() > 1 && batch.iter().all(|q| q.r.unreadable.is_none()) {
         // Position rows are locked in lane order, so two processes sharing an inbox lock them
         // in the same order (the sort is stable: each lane keeps its arrival order).
@@ -396,7 +416,7 @@ async fn settle_batch<H: Handler>(inner: &Inner<H>, mut batch: Vec<Queued>, gaps
             Ok(Some(outcomes)) => {
                 metrics::counter!(m::BATCHES, "consumer" => inner.cfg.name.clone()).increment(1);
                 for (q, outcome) in batch.into_iter().zip(outcomes) {
-                    conclude(inner, q.r.event, q.r.acker, Ok(outcome), gaps).await;
+                    conclude(inner, q.r.event, q.r.acker, Ok(outcome)).await;
                 }
                 return;
             }
@@ -407,11 +427,11 @@ async fn settle_batch<H: Handler>(inner: &Inner<H>, mut batch: Vec<Queued>, gaps
         }
     }
     for q in batch {
-        settle(inner, q.r, gaps).await;
+        settle(inner, q.r).await;
     }
 }
 
-async fn settle<H: Handler>(inner: &Inner<H>, r: Received, gaps: &Gaps) {
+async fn settle<H: Handler>(inner: &Inner<H>, r: Received) {
     let Received {
         event,
         unreadable,
@@ -422,8 +442,8 @@ async fn settle<H: Handler>(inner: &Inner<H>, r: Received, gaps: &Gaps) {
         park_then_ack(inner, &event, "unreadable", Some(&why.0), acker).await;
         return;
     }
-    let outcome = apply(inner, &event, None).await;
-    conclude(inner, event, acker, outcome, gaps).await;
+    let outcome = apply(inner, &event, None, Mode::Next).await;
+    conclude(inner, event, acker, outcome).await;
 }
 
 /// Acknowledges, retries or parks an event after its transaction, by its outcome.
@@ -432,67 +452,125 @@ async fn conclude<H: Handler>(
     event: InboundEvent,
     acker: Box<dyn Acknowledger>,
     outcome: Result<Outcome>,
-    gaps: &Gaps,
 ) {
     let cfg = &inner.cfg;
     let c = cfg.name.clone();
+    let outcome = match outcome {
+        Ok(Outcome::Gap) => match gap_timed_out(inner, &event).await {
+            Ok(None) => {
+                metrics::counter!(m::RETRIES, "consumer" => c, "reason" => "gap").increment(1);
+                retry(acker, cfg.gap_retry).await;
+                return;
+            }
+            Ok(Some(outcome)) => Ok(outcome),
+            Err(e) => Err(e),
+        },
+        other => other,
+    };
     match outcome {
         Ok(Outcome::Applied) => {
-            gaps.lock().expect("gaps lock").remove(&event.event_id);
             metrics::counter!(m::HANDLED, "consumer" => c).increment(1);
             if let Some(h) = &cfg.after_commit {
                 h(&event);
             }
             ack(acker).await;
         }
+        Ok(Outcome::Skipped) => {
+            metrics::counter!(m::SKIPPED, "consumer" => c).increment(1);
+            ack(acker).await;
+        }
         Ok(Outcome::Duplicate) => {
-            gaps.lock().expect("gaps lock").remove(&event.event_id);
             metrics::counter!(m::DUPLICATES, "consumer" => c).increment(1);
             ack(acker).await;
         }
+        Ok(Outcome::Late) => {
+            tracing::error!(consumer = %c, event_id = %event.event_id, aggregate = ?event.aggregate,
+                position = ?event.position, "the event arrived after its aggregate was started past it; parking it");
+            park_then_ack(
+                inner,
+                &event,
+                "late",
+                Some("arrived after its aggregate's position was moved past it"),
+                acker,
+            )
+            .await;
+        }
         Ok(Outcome::Blocked) => {
-            gaps.lock().expect("gaps lock").remove(&event.event_id);
             park_then_ack(inner, &event, "held", None, acker).await;
         }
         Ok(Outcome::Gap) => {
-            let since = *gaps
-                .lock()
-                .expect("gaps lock")
-                .entry(event.event_id)
-                .or_insert_with(Instant::now);
-            if since.elapsed() >= cfg.gap_timeout {
-                gaps.lock().expect("gaps lock").remove(&event.event_id);
-                tracing::error!(consumer = %c, event_id = %event.event_id, aggregate = ?event.aggregate,
-                    position = ?event.position, "the event before this one never arrived; parking it");
-                park_then_ack(
-                    inner,
-                    &event,
-                    "gap",
-                    Some("its predecessor never arrived"),
-                    acker,
-                )
-                .await;
-            } else {
-                metrics::counter!(m::RETRIES, "consumer" => c, "reason" => "gap").increment(1);
-                retry(acker, cfg.gap_retry).await;
-            }
+            tracing::error!(consumer = %c, event_id = %event.event_id, aggregate = ?event.aggregate,
+                position = ?event.position, "the event before this one never arrived; parking it");
+            park_then_ack(
+                inner,
+                &event,
+                "gap",
+                Some("its predecessor never arrived"),
+                acker,
+            )
+            .await;
         }
-        Ok(Outcome::HandlerFailed(err)) => {
-            match inbox::record_failure(&inner.pool, &c, event.event_id, &err).await {
-                Ok(n) if n >= cfg.max_attempts => {
-                    tracing::error!(consumer = %c, event_id = %event.event_id, attempts = n, error = %err,
-                        "handler keeps failing; parking the event");
-                    park_then_ack(inner, &event, "handler", Some(&err), acker).await;
-                }
-                Ok(n) => {
-                    tracing::warn!(consumer = %c, event_id = %event.event_id, attempts = n, error = %err,
-                        "handler failed; the event will be delivered again");
-                    metrics::counter!(m::RETRIES, "consumer" => c, "reason" => "handler")
-                        .increment(1);
-                    retry(acker, cfg.backoff(n)).await;
-                }
-                Err(e) => database_down(&c, e, acker).await,
+        Ok(Outcome::HandlerFailed(err)) => failed(inner, event, acker, err).await,
+        Err(e) if e.is_data_error() => {
+            // The database refused this event's own data (a NUL in a header, a value too long):
+            // its failure, which no retry mends, not an outage that would hold it for ever.
+            failed(
+                inner,
+                event,
+                acker,
+                format!("the inbox refused the event: {e}"),
+            )
+            .await
+        }
+        Err(e) => database_down(&c, e, acker).await,
+    }
+}
+
+/// A gap's clock (kept in the database): `None` while the event may still wait for its
+/// predecessor; past the gap timeout, what the start policy makes of it (applied at a start,
+/// still a gap to park).
+async fn gap_timed_out<H: Handler>(inner: &Inner<H>, e: &InboundEvent) -> Result<Option<Outcome>> {
+    let cfg = &inner.cfg;
+    if !inbox::note_gap(&inner.pool, &cfg.name, e, cfg.gap_timeout).await? {
+        return Ok(None);
+    }
+    if cfg.start_policy == StartPolicy::Strict {
+        return Ok(Some(Outcome::Gap));
+    }
+    match apply(inner, e, None, Mode::Start("start_policy")).await? {
+        // Something earlier of the aggregate is still coming: keep waiting for it.
+        Outcome::Gap => Ok(None),
+        other => {
+            if matches!(other, Outcome::Applied | Outcome::Skipped) {
+                tracing::warn!(consumer = %cfg.name, event_id = %e.event_id, aggregate = ?e.aggregate,
+                    position = ?e.position, "started the aggregate past events never received (start policy)");
             }
+            Ok(Some(other))
+        }
+    }
+}
+
+/// Counts a failure of the event; retries it with back-off or parks it once its attempts are
+/// spent.
+async fn failed<H: Handler>(
+    inner: &Inner<H>,
+    event: InboundEvent,
+    acker: Box<dyn Acknowledger>,
+    err: String,
+) {
+    let cfg = &inner.cfg;
+    let c = cfg.name.clone();
+    match inbox::record_failure(&inner.pool, &c, &event, &err).await {
+        Ok(n) if n >= cfg.max_attempts => {
+            tracing::error!(consumer = %c, event_id = %event.event_id, attempts = n, error = %err,
+                "handler keeps failing; parking the event");
+            park_then_ack(inner, &event, "handler", Some(&err), acker).await;
+        }
+        Ok(n) => {
+            tracing::warn!(consumer = %c, event_id = %event.event_id, attempts = n, error = %err,
+                "handler failed; the event will be delivered again");
+            metrics::counter!(m::RETRIES, "consumer" => c, "reason" => "handler").increment(1);
+            retry(acker, cfg.backoff(n)).await;
         }
         Err(e) => database_down(&c, e, acker).await,
     }
@@ -542,10 +620,11 @@ async fn apply<H: Handler>(
     inner: &Inner<H>,
     e: &InboundEvent,
     parked: Option<i64>,
+    mode: Mode,
 ) -> Result<Outcome> {
     let c = &inner.cfg.name;
     let mut tx = inner.pool.begin().await?;
-    match inbox::claim(&mut tx, c, e, parked.is_some()).await? {
+    let run = match inbox::claim(&mut tx, c, e, mode).await? {
         Verdict::Duplicate => {
             if let Some(id) = parked {
                 delete_parked(&mut tx, id).await?;
@@ -553,13 +632,24 @@ async fn apply<H: Handler>(
             }
             return Ok(Outcome::Duplicate);
         }
+        Verdict::Late => return Ok(Outcome::Late),
         Verdict::Gap => return Ok(Outcome::Gap),
         Verdict::Blocked => return Ok(Outcome::Blocked),
-        Verdict::Apply => {}
-    }
-    if let Some(err) = run_handler(inner, &mut tx, e).await {
-        drop(tx);
-        return Ok(Outcome::HandlerFailed(err));
+        Verdict::Skip => false,
+        Verdict::Apply => true,
+    };
+    if run {
+        if let Some(err) = run_handler(inner, &mut tx, e).await {
+            drop(tx);
+            return Ok(Outcome::HandlerFailed(err));
+        }
+        if let Err(err) = committable(&mut tx).await {
+            drop(tx);
+            return match err {
+                Aborted::Swallowed(why) => Ok(Outcome::HandlerFailed(why)),
+                Aborted::Database(e) => Err(e),
+            };
+        }
     }
     // The failure count of an event that now succeeded is not deleted here (a statement per
     // event for a rare case): it can never be read again, since the event is applied, and the
@@ -571,7 +661,42 @@ async fn apply<H: Handler>(
         h(e);
     }
     tx.commit().await?;
-    Ok(Outcome::Applied)
+    Ok(if run {
+        Outcome::Applied
+    } else {
+        Outcome::Skipped
+    })
+}
+
+/// Why a transaction cannot be committed after its handlers ran.
+enum Aborted {
+    /// A handler's statement failed and the handler returned `Ok` anyway: PostgreSQL has
+    /// aborted the transaction, and `COMMIT` would answer `ROLLBACK` without an error (sqlx
+    /// does not read the command tag), so the event would be acknowledged unapplied.
+    Swallowed(String),
+    /// The check itself could not run.
+    Database(OutboxError),
+}
+
+/// Checks that the transaction is still alive before it is committed: one statement, which
+/// PostgreSQL refuses with SQLSTATE 25P02 when an earlier one failed. sqlx keeps the
+/// connection's transaction status (from ReadyForQuery) private, so asking is the only way.
+async fn committable(tx: &mut PgConnection) -> std::result::Result<(), Aborted> {
+    match sqlx::query("SELECT 1").execute(&mut *tx).await {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            let e = OutboxError::from(e);
+            if e.sqlstate().as_deref() == Some("25P02") {
+                Err(Aborted::Swallowed(
+                    "a statement of the handler failed and the handler did not return the error \
+                     (the transaction was aborted): return database errors from the handler"
+                        .into(),
+                ))
+            } else {
+                Err(Aborted::Database(e))
+            }
+        }
+    }
 }
 
 /// Runs the handler for `e` in `tx`; returns why it failed, if it did.
@@ -602,7 +727,7 @@ async fn run_handler<H: Handler>(
 /// Applies `events` (several lanes, each in arrival order) in one transaction: every event that
 /// is next in its aggregate runs its handler there; duplicates, gaps and blocked ones write
 /// nothing and are settled after the commit by their outcome. `None`: a handler failed (or
-/// panicked), and the transaction was rolled back whole.
+/// panicked, or swallowed a database error), and the transaction was rolled back whole.
 async fn apply_batch<H: Handler>(
     inner: &Inner<H>,
     events: &[&InboundEvent],
@@ -611,10 +736,14 @@ async fn apply_batch<H: Handler>(
     let mut tx = inner.pool.begin().await?;
     let mut outcomes = Vec::with_capacity(events.len());
     for e in events {
-        let outcome = match inbox::claim(&mut tx, c, e, false).await? {
+        // A handler that swallowed a database error makes the next claim fail (25P02): the
+        // batch is then applied one event per transaction, where the check below names it.
+        let outcome = match inbox::claim(&mut tx, c, e, Mode::Next).await? {
             Verdict::Duplicate => Outcome::Duplicate,
+            Verdict::Late => Outcome::Late,
             Verdict::Gap => Outcome::Gap,
             Verdict::Blocked => Outcome::Blocked,
+            Verdict::Skip => Outcome::Skipped,
             Verdict::Apply => {
                 if run_handler(inner, &mut tx, e).await.is_some() {
                     return Ok(None);
@@ -623,6 +752,14 @@ async fn apply_batch<H: Handler>(
             }
         };
         outcomes.push(outcome);
+    }
+    // Only the last handler's swallowed error is left for this check to find.
+    if matches!(outcomes.last(), Some(Outcome::Applied)) {
+        match committable(&mut tx).await {
+            Ok(()) => {}
+            Err(Aborted::Swallowed(_)) => return Ok(None),
+            Err(Aborted::Database(e)) => return Err(e),
+        }
     }
     if let Some(h) = &inner.cfg.before_commit {
         for (e, o) in events.iter().zip(&outcomes) {
@@ -644,13 +781,22 @@ async fn delete_parked(tx: &mut PgConnection, id: i64) -> Result<()> {
 }
 
 /// Applies parked events that were asked for (and those parked behind them), and waiting ones
-/// whose predecessor has arrived since; also runs the inbox's retention.
+/// whose predecessor has arrived since; also runs the inbox's retention. A pass that left work
+/// it could have done (its bounds cut it short) is followed by the next at once.
 async fn replayer<H: Handler>(inner: Arc<Inner<H>>, stop: CancellationToken) {
     let mut cleaned = Instant::now() - Duration::from_secs(3600);
+    let mut walk = ReplayWalk::default();
+    let mut busy = false;
     loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(inner.cfg.replay_poll) => {}
+        if busy {
+            if stop.is_cancelled() {
+                return;
+            }
+        } else {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(inner.cfg.replay_poll) => {}
+            }
         }
         if cleaned.elapsed() >= Duration::from_secs(600) {
             cleaned = Instant::now();
@@ -662,49 +808,165 @@ async fn replayer<H: Handler>(inner: Arc<Inner<H>>, stop: CancellationToken) {
                 Err(e) => tracing::warn!(error = %e, "inbox retention failed; next pass in 10 min"),
             }
         }
-        if let Err(e) = replay_pass(&inner).await {
-            tracing::warn!(consumer = %inner.cfg.name, error = %e, "replaying parked events failed; retrying");
+        // A gap row is over once the position reached it or it was parked; one not delivered
+        // again for long (its message is gone from the broker) is dropped too, so it does not
+        // hold back a start for ever.
+        let stale = inner.cfg.gap_timeout + inner.cfg.gap_retry * 10 + Duration::from_secs(60);
+        if let Err(e) = inbox::prune_gaps(&inner.pool, &inner.cfg.name, stale).await {
+            tracing::warn!(consumer = %inner.cfg.name, error = %e, "pruning the gap clocks failed; retrying");
         }
+        if let Err(e) = export_state(&inner).await {
+            tracing::warn!(consumer = %inner.cfg.name, error = %e, "reading the consumer's state for its gauges failed");
+        }
+        busy = match replay_pass(&inner, &mut walk).await {
+            Ok(busy) => busy,
+            Err(e) => {
+                tracing::warn!(consumer = %inner.cfg.name, error = %e, "replaying parked events failed; retrying");
+                false
+            }
+        };
     }
 }
 
-async fn replay_pass<H: Handler>(inner: &Inner<H>) -> Result<()> {
+/// Sets the state gauges from the consumer's database (every replayer pass).
+async fn export_state<H: Handler>(inner: &Inner<H>) -> Result<()> {
     let c = &inner.cfg.name;
-    for first in dead_letters::replay_candidates(&inner.pool, c).await? {
-        let rows = match &first.event.aggregate {
-            Some(a) => dead_letters::of_aggregate(&inner.pool, c, a).await?,
-            None => vec![first],
-        };
-        for row in rows {
-            match apply(inner, &row.event, Some(row.id)).await? {
-                Outcome::Applied => {
-                    metrics::counter!(m::HANDLED, "consumer" => c.clone()).increment(1);
-                    metrics::counter!(m::REPLAYED, "consumer" => c.clone()).increment(1);
-                    tracing::info!(consumer = %c, event_id = %row.event.event_id, "replayed a parked event");
-                }
-                Outcome::Duplicate => {
-                    metrics::counter!(m::DUPLICATES, "consumer" => c.clone()).increment(1);
-                }
-                Outcome::Gap | Outcome::Blocked => {
-                    if row.requested {
-                        dead_letters::replay_failed(
-                            &inner.pool,
-                            row.id,
-                            "replay: an earlier event of its aggregate is not applied yet",
-                            false,
-                        )
-                        .await?;
-                    }
-                    break;
-                }
-                Outcome::HandlerFailed(err) => {
-                    dead_letters::replay_failed(&inner.pool, row.id, &err, true).await?;
-                    break;
+    let (parked, gap_aggregates, gap_oldest) = inbox::state(&inner.pool, c).await?;
+    for reason in m::PARK_REASONS {
+        let n = parked
+            .iter()
+            .find(|(r, _)| r == reason)
+            .map_or(0, |(_, n)| *n);
+        metrics::gauge!(m::PARKED_NOW, "consumer" => c.clone(), "reason" => *reason).set(n as f64);
+    }
+    metrics::gauge!(m::GAP_AGGREGATES, "consumer" => c.clone()).set(gap_aggregates as f64);
+    metrics::gauge!(m::GAP_OLDEST, "consumer" => c.clone()).set(gap_oldest);
+    Ok(())
+}
+
+/// The replayer's place among the waiting aggregates, and the aggregates a pass left unfinished
+/// (more parked events than one pass applies).
+#[derive(Default)]
+struct ReplayWalk {
+    after: Option<dead_letters::Keyed>,
+    unfinished: Vec<dead_letters::Keyed>,
+}
+
+/// One bounded pass: requested replays first (oldest request first), then the aggregates the
+/// last pass left unfinished, then the next page of waiting aggregates (a cursor, so that every
+/// one is looked at in turn however many there are). Returns whether work is left that the next
+/// pass should do at once.
+async fn replay_pass<H: Handler>(inner: &Inner<H>, walk: &mut ReplayWalk) -> Result<bool> {
+    use dead_letters::Candidate;
+    let c = &inner.cfg.name;
+    let mut todo = dead_letters::requested(&inner.pool, c, dead_letters::REQUESTS_PER_PASS).await?;
+    let mut busy = todo.len() as i64 >= dead_letters::REQUESTS_PER_PASS;
+    let waiting = dead_letters::waiting(
+        &inner.pool,
+        c,
+        walk.after.as_ref(),
+        dead_letters::WAITING_PER_PASS,
+    )
+    .await?;
+    walk.after = match waiting.last() {
+        Some(last) if waiting.len() as i64 >= dead_letters::WAITING_PER_PASS => Some(last.clone()),
+        _ => None,
+    };
+    let next = std::mem::take(&mut walk.unfinished)
+        .into_iter()
+        .chain(waiting);
+    for a in next.map(Candidate::Aggregate) {
+        if !todo.contains(&a) {
+            todo.push(a);
+        }
+    }
+    for candidate in todo {
+        match candidate {
+            Candidate::Single(id) => {
+                replay_rows(inner, &[id]).await?;
+            }
+            Candidate::Aggregate(a) => {
+                let ids = dead_letters::of_aggregate(
+                    &inner.pool,
+                    c,
+                    &a,
+                    dead_letters::ROWS_PER_AGGREGATE,
+                )
+                .await?;
+                let cut_short = ids.len() as i64 >= dead_letters::ROWS_PER_AGGREGATE;
+                if replay_rows(inner, &ids).await? && cut_short {
+                    walk.unfinished.push(a);
+                    busy = true;
                 }
             }
         }
     }
-    Ok(())
+    Ok(busy)
+}
+
+/// Applies the parked rows `ids` (one aggregate's, in order) until one cannot be applied, each
+/// loaded only when its turn comes. Returns whether all of them went (applied or duplicates).
+async fn replay_rows<H: Handler>(inner: &Inner<H>, ids: &[i64]) -> Result<bool> {
+    let c = &inner.cfg.name;
+    for &id in ids {
+        // Gone meanwhile: applied by another process sharing the inbox, or purged.
+        let Some(row) = dead_letters::load(&inner.pool, id).await? else {
+            continue;
+        };
+        // A parked event that waited the gap timeout is started as a live one would be by the
+        // start policy (a held row at the start of a new epoch would otherwise wait for ever).
+        let mode = if row.accept_gap {
+            Mode::Start("operator")
+        } else if inner.cfg.start_policy == StartPolicy::AfterGapTimeout
+            && row.parked_for >= inner.cfg.gap_timeout
+        {
+            Mode::Start("start_policy")
+        } else {
+            Mode::Replay
+        };
+        match apply(inner, &row.event, Some(row.id), mode).await? {
+            Outcome::Applied | Outcome::Skipped => {
+                metrics::counter!(m::HANDLED, "consumer" => c.clone()).increment(1);
+                metrics::counter!(m::REPLAYED, "consumer" => c.clone()).increment(1);
+                tracing::info!(consumer = %c, event_id = %row.event.event_id, "replayed a parked event");
+            }
+            Outcome::Duplicate => {
+                metrics::counter!(m::DUPLICATES, "consumer" => c.clone()).increment(1);
+            }
+            Outcome::Late => {
+                dead_letters::replay_failed(
+                    &inner.pool,
+                    row.id,
+                    "replay: its aggregate's position was moved past it; purge it",
+                    dead_letters::Reason::Late,
+                )
+                .await?;
+            }
+            Outcome::Gap | Outcome::Blocked => {
+                if row.requested {
+                    dead_letters::replay_failed(
+                        &inner.pool,
+                        row.id,
+                        "replay: an earlier event of its aggregate is not applied yet",
+                        dead_letters::Reason::Unchanged,
+                    )
+                    .await?;
+                }
+                return Ok(false);
+            }
+            Outcome::HandlerFailed(err) => {
+                dead_letters::replay_failed(
+                    &inner.pool,
+                    row.id,
+                    &err,
+                    dead_letters::Reason::Handler,
+                )
+                .await?;
+                return Ok(false);
+            }
+        }
+    }
+    Ok(true)
 }
 
 #[cfg(test)]

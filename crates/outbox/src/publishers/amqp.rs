@@ -74,7 +74,9 @@ use tokio::sync::Mutex;
 
 use crate::error::{OutboxError, Result};
 use crate::pipeline::AckFuture;
-use crate::publisher::{Delivery, FailureKind, OutboundMessage, PublishFailure, Publisher};
+use crate::publisher::{
+    Delivery, FailureKind, OutboundMessage, PublishFailure, Publisher, SKIP_HEADER,
+};
 
 /// Counter: messages the broker returned as unroutable (`exchange`).
 pub const UNROUTABLE: &str = "outbox_events_unroutable_total";
@@ -259,6 +261,12 @@ impl AmqpPublisher {
         }
         if let Some(tp) = m.header("traceparent") {
             put("traceparent", tp);
+        }
+        if let Some(p) = m.producer_id {
+            put("Outbox-Producer-Id", &p.to_string());
+        }
+        if let Some(skip) = m.header(SKIP_HEADER) {
+            put("Outbox-Skip", skip);
         }
         h.insert("Outbox-Seq".into(), AMQPValue::LongLongInt(m.seq));
         h.insert(

@@ -21,7 +21,9 @@ use std::time::Instant;
 use tokio::sync::Mutex;
 
 use crate::error::{OutboxError, Result};
-use crate::publisher::{Delivery, FailureKind, OutboundMessage, PublishFailure, Publisher};
+use crate::publisher::{
+    Delivery, FailureKind, OutboundMessage, PublishFailure, Publisher, SKIP_HEADER,
+};
 
 /// Settings of the JetStream adapter.
 #[derive(Debug, Clone)]
@@ -255,6 +257,12 @@ impl NatsPublisher {
         }
         if let Some(tp) = m.header("traceparent") {
             put("traceparent", tp)?;
+        }
+        if let Some(p) = m.producer_id {
+            put("Outbox-Producer-Id", &p.to_string())?;
+        }
+        if let Some(skip) = m.header(SKIP_HEADER) {
+            put("Outbox-Skip", skip)?;
         }
         put(
             "Content-Type",

@@ -7,6 +7,11 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
+/// The row header (in `outbox_event.headers`) that makes a row a skip marker: the place of a
+/// dead letter an operator purged, published in its aggregate's order as `Outbox-Skip` so that
+/// consumers move past it instead of waiting for it for ever (`outbox dead-letters purge`).
+pub const SKIP_HEADER: &str = "outboxSkip";
+
 /// A committed event on its way to the broker.
 #[derive(Debug, Clone)]
 pub struct OutboundMessage {
@@ -41,6 +46,9 @@ pub struct OutboundMessage {
     pub attempts: i32,
     /// When the row was written (close to its commit).
     pub created_at: DateTime<Utc>,
+    /// The identity of the outbox database it comes from (`Outbox-Producer-Id`): an aggregate's
+    /// sequence is only meaningful within one database, so consumers key positions by it.
+    pub producer_id: Option<Uuid>,
 }
 
 impl OutboundMessage {
@@ -139,6 +147,7 @@ pub trait Publisher: Send + Sync + 'static {
 #[cfg(test)]
 pub(crate) fn test_message(id: i64, agg: &str, attempts: i32) -> OutboundMessage {
     OutboundMessage {
+        producer_id: None,
         id,
         event_id: Uuid::now_v7(),
         tenant_id: "t".into(),

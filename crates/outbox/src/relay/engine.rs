@@ -55,7 +55,8 @@ pub struct RelayConfig {
     /// An aggregate idle this long, with nothing pending, held or dead, loses its sequence row
     /// (`outbox_aggregate`), so that the table does not only grow; its next event starts a new
     /// `seq_epoch` at seq 1. Compaction runs in the cleanup loop, in `cleanup_batch` batches.
-    /// `None` keeps every sequence row.
+    /// `None` (the default) keeps every sequence row: a new epoch cannot be linked by consumers
+    /// to the end of the previous one, so they treat it as a gap (docs/architecture.md).
     pub aggregate_horizon: Option<Duration>,
 }
 
@@ -74,7 +75,7 @@ impl Default for RelayConfig {
             cleanup_pause: Duration::from_millis(20),
             broker_backoff_cap: Duration::from_secs(5),
             stall_timeout: Duration::from_secs(60),
-            aggregate_horizon: Some(Duration::from_secs(7 * 24 * 3600)),
+            aggregate_horizon: None,
         }
     }
 }

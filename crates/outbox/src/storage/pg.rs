@@ -27,6 +27,9 @@ pub struct PgStore {
     /// holds its aggregate (its later rows become `held`), the trait's `settle` does not carry the
     /// relay's mode, and the claim that precedes every settlement does.
     dead_blocks: Arc<AtomicBool>,
+    /// This database's identity (`outbox_producer`), read once: sent with every event as
+    /// `Outbox-Producer-Id`.
+    producer: Arc<tokio::sync::OnceCell<Uuid>>,
 }
 
 impl PgStore {
@@ -35,7 +38,21 @@ impl PgStore {
         Self {
             pool,
             dead_blocks: Arc::new(AtomicBool::new(true)),
+            producer: Arc::default(),
         }
+    }
+
+    /// This database's producer identity (`outbox_producer`, made by the migrations).
+    pub async fn producer_id(&self) -> Result<Uuid> {
+        let id = self
+            .producer
+            .get_or_try_init(|| async {
+                sqlx::query_scalar::<_, Uuid>("SELECT id FROM outbox_producer")
+                    .fetch_one(&self.pool)
+                    .await
+            })
+            .await?;
+        Ok(*id)
     }
 
     /// Opens a pool for a relay. `connect_lazy` lets a relay start while the database is down; its
@@ -294,7 +311,13 @@ impl RelayStore for PgStore {
         .await?;
         tx.commit().await?;
         let drained = drained(&rows, limit)?;
-        let (batch, bad) = decode_rows(&rows, dead_blocks)?;
+        let (mut batch, bad) = decode_rows(&rows, dead_blocks)?;
+        if !batch.is_empty() {
+            let producer = self.producer_id().await?;
+            for m in &mut batch {
+                m.producer_id = Some(producer);
+            }
+        }
         if !bad.is_empty() {
             for (id, reason) in &bad {
                 tracing::error!(event_id = %id, reason = %reason, "row cannot be delivered; dead-lettered");
@@ -525,6 +548,7 @@ fn decode_row(r: &sqlx::postgres::PgRow) -> Result<std::result::Result<OutboundM
         headers,
         attempts: r.try_get("attempts")?,
         created_at,
+        producer_id: None,
     }))
 }
 
