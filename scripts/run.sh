@@ -6,8 +6,11 @@
 # bearer token for the tenant `demo`, good for both services (an Ed25519 key pair made for the run
 # unless INVENTORY_JWT_SECRET or INVENTORY_JWT_PUBLIC_KEY_FILE is set). Beside it runs the
 # read-model service (the consumer runtime's example: the inventory's events into a read model,
-# `GET 127.0.0.1:8090/tenants/demo/variants` with that token), stopped when the inventory service
-# stops. Extra arguments go to `inventory serve`.
+# `GET 127.0.0.1:8090/tenants/demo/variants` with that token). The two are a unit
+# (scripts/lib/supervise.sh): when either ends, the script says which one and with what exit code,
+# stops the other and exits with that code; Ctrl-C (or SIGTERM) stops both. Both migrate the same
+# database at start; they take turns (outbox::schema::migrate_all). Extra arguments go to
+# `inventory serve`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/ensure-services.sh
@@ -38,16 +41,22 @@ fi
 if [ -n "${INVENTORY_JWT_PUBLIC_KEY_FILE:-}" ]; then
   export READ_MODEL_JWT_PUBLIC_KEY_FILE="${READ_MODEL_JWT_PUBLIC_KEY_FILE:-$INVENTORY_JWT_PUBLIC_KEY_FILE}"
 fi
+source scripts/lib/supervise.sh
 cargo build --release --locked -p inventory -p outbox-cli -p read-model
+bin="${CARGO_TARGET_DIR:-target}/release"
 if [ -n "${INVENTORY_JWT_SECRET:-}" ] || [ -n "${INVENTORY_JWT_PRIVATE_KEY_FILE:-}" ]; then
-  token=$(target/release/inventory token --tenant demo --sub demo-user --ttl-secs 86400)
+  token=$("$bin"/inventory token --tenant demo --sub demo-user --ttl-secs 86400)
   echo "run: a bearer token for tenant 'demo' (24 h), for both services:" >&2
   echo "$token"
 else
   echo "run: INVENTORY_JWT_PRIVATE_KEY_FILE is not set: no token printed (mint with your issuer's private key)" >&2
 fi
-target/release/read-model &
+"$bin"/read-model &
 read_model=$!
-trap 'kill "$read_model" 2>/dev/null || true; [ -z "$keys" ] || rm -rf "$keys"' EXIT
+# Should this shell itself fail, the services do not outlive it.
+trap 'kill "$read_model" ${inventory:-} 2>/dev/null || true; [ -z "$keys" ] || rm -rf "$keys"' EXIT
+"$bin"/inventory serve "$@" &
+inventory=$!
 echo "run: read model on http://127.0.0.1:8090/tenants/demo/variants (pid $read_model; send the token)" >&2
-target/release/inventory serve "$@"
+echo "run: inventory on http://127.0.0.1:8080 (pid $inventory); Ctrl-C stops both" >&2
+supervise read-model "$read_model" inventory "$inventory"

@@ -91,10 +91,11 @@ pub fn migrator() -> sqlx::migrate::Migrator {
     m
 }
 
-/// Applies the outbox migrations, then the inventory's.
-pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
-    outbox::schema::migrator().run(pool).await?;
-    migrator().run(pool).await
+/// Applies the outbox migrations, then the inventory's, under the workspace's migration lock
+/// (`outbox::schema::migrate_all`): any number of processes, the read model's included, may migrate
+/// one database at once.
+pub async fn migrate(pool: &PgPool) -> Result<(), outbox::OutboxError> {
+    outbox::schema::migrate_all(pool, &[&outbox::schema::migrator(), &migrator()]).await
 }
 
 /// The API's connection pool settings: `max` connections, a 5 s wait for one.

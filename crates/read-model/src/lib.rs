@@ -15,9 +15,9 @@ pub fn migrator() -> sqlx::migrate::Migrator {
     m
 }
 
-/// Applies the inbox migrations (from the `outbox` library) and the read model's own.
+/// Applies the inbox migrations (from the `outbox` library) and the read model's own, under the
+/// workspace's migration lock (`outbox::schema::migrate_all`): safe beside the inventory (or any
+/// other process) migrating the same database at the same time.
 pub async fn migrate(pool: &PgPool) -> Result<(), outbox::OutboxError> {
-    outbox::schema::migrate(pool).await?;
-    migrator().run(pool).await?;
-    Ok(())
+    outbox::schema::migrate_all(pool, &[&outbox::schema::migrator(), &migrator()]).await
 }
