@@ -148,7 +148,7 @@ async fn main() {
     }
     println!("goal: inbox / hand-written >= 0.7");
     println!(
-        "statements per event: hand-written 1 (INSERT, autocommit); inbox batch 1: 4 (BEGIN, position upsert, the handler's INSERT, COMMIT); batch b: 2 + 2/b"
+        "statements per event: hand-written 1 (INSERT, autocommit); inbox batch 1: 5 (BEGIN, position upsert, the handler's INSERT, the aborted-transaction check, COMMIT); batch b: 2 + 3/b"
     );
 }
 
