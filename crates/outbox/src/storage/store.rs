@@ -16,12 +16,20 @@ pub enum Settlement {
     Published(Uuid),
     /// Retry after `delay`, keeping `error`.
     Retry {
+        /// The event.
         id: Uuid,
+        /// How long until it is due again.
         delay: Duration,
+        /// Why the publish failed.
         error: String,
     },
     /// Give up: a dead letter with its last error.
-    Dead { id: Uuid, error: String },
+    Dead {
+        /// The event.
+        id: Uuid,
+        /// Why it is dead.
+        error: String,
+    },
 }
 
 /// What a lease round left this relay with.
