@@ -668,6 +668,34 @@ async fn consumers_killed_mid_event_apply_every_event_exactly_once() {
     eprintln!("took {:?}", t0.elapsed());
 }
 
+/// Publishes `e` to `queue` as the relay would (a new message id each time, so copies stay).
+async fn publish_amqp(ch: &lapin::Channel, queue: &str, e: &Ev) {
+    let mut h = FieldTable::default();
+    for (k, v) in [
+        ("Outbox-Event-Id", e.id.to_string()),
+        ("Outbox-Tenant-Id", "t1".into()),
+        ("Outbox-Aggregate-Type", "item".into()),
+        ("Outbox-Aggregate-Id", e.agg.clone().unwrap()),
+    ] {
+        h.insert(k.into(), AMQPValue::LongString(v.into()));
+    }
+    h.insert("Outbox-Seq".into(), AMQPValue::LongLongInt(e.seq.unwrap()));
+    h.insert("Outbox-Seq-Epoch".into(), AMQPValue::LongLongInt(0));
+    ch.basic_publish(
+        "".into(),
+        queue.into(),
+        BasicPublishOptions::default(),
+        format!(r#"{{"eventId":"{}"}}"#, e.id).as_bytes(),
+        BasicProperties::default()
+            .with_message_id(Uuid::new_v4().to_string().into())
+            .with_headers(h),
+    )
+    .await
+    .expect("publish")
+    .await
+    .expect("published");
+}
+
 /// Queue depth and unacknowledged count are both zero.
 async fn queue_drained(url: &str, queue: &str) -> bool {
     let Ok(conn) = Connection::connect(url, ConnectionProperties::default()).await else {
@@ -732,30 +760,7 @@ async fn rabbitmq_duplicates_disorder_and_killed_consumers_apply_every_event_exa
         sent.push(all[i].clone());
     }
     for e in &sent {
-        let mut h = FieldTable::default();
-        for (k, v) in [
-            ("Outbox-Event-Id", e.id.to_string()),
-            ("Outbox-Tenant-Id", "t1".into()),
-            ("Outbox-Aggregate-Type", "item".into()),
-            ("Outbox-Aggregate-Id", e.agg.clone().unwrap()),
-        ] {
-            h.insert(k.into(), AMQPValue::LongString(v.into()));
-        }
-        h.insert("Outbox-Seq".into(), AMQPValue::LongLongInt(e.seq.unwrap()));
-        h.insert("Outbox-Seq-Epoch".into(), AMQPValue::LongLongInt(0));
-        ch.basic_publish(
-            "".into(),
-            queue.as_str().into(),
-            BasicPublishOptions::default(),
-            format!(r#"{{"eventId":"{}"}}"#, e.id).as_bytes(),
-            BasicProperties::default()
-                .with_message_id(Uuid::new_v4().to_string().into())
-                .with_headers(h),
-        )
-        .await
-        .expect("publish")
-        .await
-        .expect("published");
+        publish_amqp(&ch, &queue, e).await;
     }
     let _ = conn.close(200, "published".into()).await;
     let name = testkit::unique("rcrash");
@@ -1655,30 +1660,7 @@ async fn rabbitmq_a_consumer_killed_holding_unacked_messages_is_resumed_at_once(
         }
     }
     for e in &all {
-        let mut h = FieldTable::default();
-        for (k, v) in [
-            ("Outbox-Event-Id", e.id.to_string()),
-            ("Outbox-Tenant-Id", "t1".into()),
-            ("Outbox-Aggregate-Type", "item".into()),
-            ("Outbox-Aggregate-Id", e.agg.clone().unwrap()),
-        ] {
-            h.insert(k.into(), AMQPValue::LongString(v.into()));
-        }
-        h.insert("Outbox-Seq".into(), AMQPValue::LongLongInt(e.seq.unwrap()));
-        h.insert("Outbox-Seq-Epoch".into(), AMQPValue::LongLongInt(0));
-        ch.basic_publish(
-            "".into(),
-            queue.as_str().into(),
-            BasicPublishOptions::default(),
-            format!(r#"{{"eventId":"{}"}}"#, e.id).as_bytes(),
-            BasicProperties::default()
-                .with_message_id(Uuid::new_v4().to_string().into())
-                .with_headers(h),
-        )
-        .await
-        .expect("publish")
-        .await
-        .expect("published");
+        publish_amqp(&ch, &queue, e).await;
     }
     let _ = conn.close(200, "published".into()).await;
     let name = testkit::unique("rresume");

@@ -388,11 +388,13 @@ async fn consumer_operator(
                     }
                 }
             }
-            if policy == "strict" && r.seq == Some(1) && r.replay_requested_at.is_none() {
-                if epoch_start_is_due(cdb, producers, name, r).await {
-                    let _ = dead_letters::request_replay(cdb, &one, "soak", true).await;
-                    *accepted += 1;
-                }
+            if policy == "strict"
+                && r.seq == Some(1)
+                && r.replay_requested_at.is_none()
+                && epoch_start_is_due(cdb, producers, name, r).await
+            {
+                let _ = dead_letters::request_replay(cdb, &one, "soak", true).await;
+                *accepted += 1;
             }
         }
     }

@@ -96,7 +96,7 @@ pub(crate) async fn claim(
     if !e.producer.is_empty() && adopt_legacy(tx, &key).await? && advance(tx, &key, pos).await? {
         return Ok(next);
     }
-    let row = sqlx::query(
+    let q = sqlx::query(
         "SELECT p.seq_epoch, p.seq,
                 (p.start_seq IS NOT NULL AND ($6, $7) < (p.start_epoch, p.start_seq)) AS before_start,
                 EXISTS (SELECT 1 FROM outbox_consumer_dead_letter d
@@ -122,16 +122,8 @@ pub(crate) async fn claim(
            LEFT JOIN outbox_consumer_position p
              ON p.consumer = $1 AND p.producer = $2 AND p.tenant_id = $3
             AND p.aggregate_type = $4 AND p.aggregate_id = $5",
-    )
-    .bind(consumer)
-    .bind(&e.producer)
-    .bind(&agg.tenant_id)
-    .bind(&agg.aggregate_type)
-    .bind(&agg.aggregate_id)
-    .bind(pos.epoch)
-    .bind(pos.seq)
-    .fetch_one(&mut *tx)
-    .await?;
+    );
+    let row = key.bind_at(q, pos).fetch_one(&mut *tx).await?;
     let applied = match (
         row.try_get::<Option<i64>, _>("seq_epoch")?,
         row.try_get::<Option<i64>, _>("seq")?,
@@ -179,13 +171,31 @@ struct Key<'a> {
     agg: &'a AggregateKey,
 }
 
+type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
+
+impl<'a> Key<'a> {
+    /// Binds `$1`..`$5` to the key and `$6`, `$7` to `pos`.
+    fn bind_at<'q>(&self, q: PgQuery<'q>, pos: Position) -> PgQuery<'q>
+    where
+        'a: 'q,
+    {
+        q.bind(self.consumer)
+            .bind(self.producer)
+            .bind(&self.agg.tenant_id)
+            .bind(&self.agg.aggregate_type)
+            .bind(&self.agg.aggregate_id)
+            .bind(pos.epoch)
+            .bind(pos.seq)
+    }
+}
+
 /// The happy path, one statement: advances the position if `pos` follows it (the next seq of its
 /// epoch, or seq 1 of an aggregate never seen). The conflict branch locks the row even when its
 /// WHERE is false, which serialises deliveries of one aggregate across consumer processes. A new
 /// epoch is never taken here: its predecessor's last seq is unknown to the consumer, so it is a
 /// gap (see the start policy).
 async fn advance(tx: &mut PgConnection, k: &Key<'_>, pos: Position) -> Result<bool> {
-    let n = sqlx::query(
+    let q = sqlx::query(
         "INSERT INTO outbox_consumer_position AS p
              (consumer, producer, tenant_id, aggregate_type, aggregate_id, seq_epoch, seq,
               start_epoch, start_seq)
@@ -207,23 +217,14 @@ async fn advance(tx: &mut PgConnection, k: &Key<'_>, pos: Position) -> Result<bo
          ON CONFLICT (consumer, producer, tenant_id, aggregate_type, aggregate_id) DO UPDATE
             SET seq = EXCLUDED.seq, applied_at = now()
           WHERE p.seq_epoch = EXCLUDED.seq_epoch AND p.seq + 1 = EXCLUDED.seq",
-    )
-    .bind(k.consumer)
-    .bind(k.producer)
-    .bind(&k.agg.tenant_id)
-    .bind(&k.agg.aggregate_type)
-    .bind(&k.agg.aggregate_id)
-    .bind(pos.epoch)
-    .bind(pos.seq)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
+    );
+    let n = k.bind_at(q, pos).execute(&mut *tx).await?.rows_affected();
     Ok(n == 1)
 }
 
 /// Moves the position to `pos` (a start past a gap; the caller checked it is ahead).
 async fn force(tx: &mut PgConnection, k: &Key<'_>, pos: Position) -> Result<()> {
-    sqlx::query(
+    let q = sqlx::query(
         "INSERT INTO outbox_consumer_position AS p
              (consumer, producer, tenant_id, aggregate_type, aggregate_id, seq_epoch, seq,
               start_epoch, start_seq)
@@ -231,16 +232,8 @@ async fn force(tx: &mut PgConnection, k: &Key<'_>, pos: Position) -> Result<()> 
          ON CONFLICT (consumer, producer, tenant_id, aggregate_type, aggregate_id) DO UPDATE
             SET seq_epoch = EXCLUDED.seq_epoch, seq = EXCLUDED.seq, applied_at = now()
           WHERE (p.seq_epoch, p.seq) < (EXCLUDED.seq_epoch, EXCLUDED.seq)",
-    )
-    .bind(k.consumer)
-    .bind(k.producer)
-    .bind(&k.agg.tenant_id)
-    .bind(&k.agg.aggregate_type)
-    .bind(&k.agg.aggregate_id)
-    .bind(pos.epoch)
-    .bind(pos.seq)
-    .execute(&mut *tx)
-    .await?;
+    );
+    k.bind_at(q, pos).execute(&mut *tx).await?;
     Ok(())
 }
 
