@@ -496,14 +496,19 @@ impl RelayStore for PgStore {
     }
 
     async fn held(&self) -> Result<HeldCounts> {
-        held_counts(&self.pool).await
+        // Serial and without JIT, as the backlog gauge (see `read_tx`).
+        let mut tx = self.read_tx().await?;
+        let counts = held_counts(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(counts)
     }
 }
 
 /// Held rows, and those with no blocking dead letter ahead of them (orphans). One scan of the
 /// `outbox_event_holding` index (its predicate is this WHERE), which is empty in a healthy
 /// outbox and holds only what is stuck otherwise; the window keeps it one pass however many rows
-/// are held.
+/// are held. Measured: 1.7 ms with 1,000 dead letters and nothing held beside 200,000 pending
+/// rows; 74 ms with 100,000 rows held behind them (the backlog gauge: 32 ms for the 200,000).
 pub(crate) async fn held_counts<'e, E>(db: E) -> Result<HeldCounts>
 where
     E: sqlx::PgExecutor<'e>,
