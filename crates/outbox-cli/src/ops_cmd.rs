@@ -108,6 +108,16 @@ pub async fn status(pool: &PgPool, json: bool) -> anyhow::Result<()> {
         "events: {} pending, {} published (kept for retention), {} dead, {} held behind a dead letter",
         s.counts.pending, s.counts.published, s.counts.dead, s.counts.held
     );
+    // Always shown: 0 is the answer an operator looks for after the orphan alert.
+    println!(
+        "held with no dead letter ahead of them (orphaned, nothing releases them): {}{}",
+        s.counts.held_orphaned,
+        if s.counts.held_orphaned > 0 {
+            " -- see docs/outbox-table.md, \"Writers' isolation level\""
+        } else {
+            ""
+        }
+    );
     match s.oldest_pending_age_seconds {
         Some(a) => println!("oldest pending event: {a:.1} s old"),
         None => println!("oldest pending event: none pending"),

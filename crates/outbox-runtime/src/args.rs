@@ -118,6 +118,20 @@ pub struct AmqpArgs {
     pub amqp_max_message_bytes: usize,
 }
 
+impl BrokerArgs {
+    /// Exports the relay's counters and histograms at zero for this broker (see
+    /// [`outbox::telemetry::register_relay_zeros`]) through the recorder in force: before the
+    /// metrics endpoint serves, so that the first scrape has every series.
+    pub fn register_metric_zeros(&self) {
+        match self.broker {
+            BrokerKind::Nats => outbox::telemetry::register_relay_zeros("nats", None),
+            BrokerKind::Rabbitmq => {
+                outbox::telemetry::register_relay_zeros("rabbitmq", Some(&self.amqp.amqp_exchange))
+            }
+        }
+    }
+}
+
 impl AmqpArgs {
     /// The adapter configuration these flags describe.
     pub fn config(&self) -> outbox::amqp::AmqpConfig {

@@ -37,6 +37,7 @@ pub async fn run(
     let server = match metrics_addr {
         Some(addr) => {
             let handle = http::install_metrics()?;
+            broker.register_metric_zeros();
             let app = http::router(Probe {
                 metrics: handle,
                 health: relay.health(),

@@ -19,6 +19,9 @@ pub struct StateCounts {
     pub dead: i64,
     /// Waiting behind a dead letter of their aggregate (delivered after its replay or purge).
     pub held: i64,
+    /// Of `held`: rows with no blocking dead letter ahead of them in their aggregate, which
+    /// nothing will release (docs/outbox-table.md, "Writers' isolation level"). Should be 0.
+    pub held_orphaned: i64,
 }
 
 /// Pending or dead events of one tenant or event type.
@@ -84,6 +87,7 @@ pub async fn status(pool: &PgPool) -> Result<Status> {
              FROM outbox_event GROUP BY {col} ORDER BY {col}"
         )
     };
+    let held_counts = crate::pg::held_counts(pool).await?;
     let by_tenant = sqlx::query_as::<_, Breakdown>(&breakdown("tenant_id"))
         .fetch_all(pool)
         .await?;
@@ -110,6 +114,7 @@ pub async fn status(pool: &PgPool) -> Result<Status> {
             published,
             dead,
             held,
+            held_orphaned: held_counts.orphaned,
         },
         oldest_pending_age_seconds: age,
         by_tenant,

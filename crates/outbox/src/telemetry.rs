@@ -11,12 +11,20 @@ pub const RETRIED: &str = "outbox_events_retried_total";
 pub const DEAD_LETTERED: &str = "outbox_events_dead_lettered_total";
 /// Counter: failed publishes of any kind (`kind`: unavailable, retryable, permanent; `reason`).
 pub const FAILED: &str = "outbox_publish_failures_total";
+/// Counter: RabbitMQ returned a `mandatory` message no queue took (`exchange`). Named here so
+/// that its zero can be exported with the others; recorded by the RabbitMQ adapter.
+pub const UNROUTABLE: &str = "outbox_events_unroutable_total";
 /// Counter: published rows removed by retention.
 pub const CLEANED: &str = "outbox_events_cleaned_total";
 /// Counter: idle aggregates whose sequence row was compacted away (`outbox_aggregate`).
 pub const AGGREGATES_COMPACTED: &str = "outbox_aggregates_compacted_total";
 /// Gauge: pending events.
 pub const PENDING: &str = "outbox_pending_events";
+/// Gauge: events held behind a blocking dead letter of their aggregate (`held`).
+pub const HELD: &str = "outbox_held_events";
+/// Gauge: held events with no blocking dead letter ahead of them in their aggregate: nothing will
+/// release them (an orphan; migration `20261207000001_held_orphans.sql` prevents the known way).
+pub const HELD_ORPHANED: &str = "outbox_held_orphaned_events";
 /// Gauge: age in seconds of the oldest pending event.
 pub const OLDEST_PENDING_AGE: &str = "outbox_oldest_pending_age_seconds";
 /// Gauge: partitions this relay holds.
@@ -43,9 +51,12 @@ pub const ALL: &[&str] = &[
     RETRIED,
     DEAD_LETTERED,
     FAILED,
+    UNROUTABLE,
     CLEANED,
     AGGREGATES_COMPACTED,
     PENDING,
+    HELD,
+    HELD_ORPHANED,
     OLDEST_PENDING_AGE,
     PARTITIONS_OWNED,
     BROKER_UP,
@@ -71,12 +82,24 @@ pub fn describe() {
     );
     describe_counter!(DEAD_LETTERED, "Events moved to the dead letters");
     describe_counter!(FAILED, "Failed publishes, by kind and reason");
+    describe_counter!(
+        UNROUTABLE,
+        "Messages RabbitMQ returned because no queue took them (mandatory)"
+    );
     describe_counter!(CLEANED, "Published events removed by retention");
     describe_counter!(
         AGGREGATES_COMPACTED,
         "Sequence rows of idle aggregates removed (their next event starts a new seq_epoch)"
     );
     describe_gauge!(PENDING, "Events waiting for delivery");
+    describe_gauge!(
+        HELD,
+        "Events held behind a blocking dead letter of their aggregate"
+    );
+    describe_gauge!(
+        HELD_ORPHANED,
+        "Held events with no blocking dead letter ahead of them (nothing will release them)"
+    );
     describe_gauge!(
         OLDEST_PENDING_AGE,
         Unit::Seconds,
@@ -105,4 +128,167 @@ pub fn describe() {
         Unit::Seconds,
         "Time from an event's commit to its broker acknowledgement"
     );
+}
+
+/// The `reason` values a broker's failures carry, by `kind` (label values of [`FAILED`],
+/// [`RETRIED`] and [`DEAD_LETTERED`]). Kept next to the names so that every value is exported at
+/// zero from the start ([`register_relay_zeros`]); a unit test below checks them against the
+/// publishers' code.
+#[derive(Debug, Clone, Copy)]
+pub struct FailureReasons {
+    /// `kind="unavailable"`: outages, no attempt spent.
+    pub unavailable: &'static [&'static str],
+    /// `kind="retryable"`: this message, retried.
+    pub retryable: &'static [&'static str],
+    /// `kind="permanent"`: this message, dead-lettered at once.
+    pub permanent: &'static [&'static str],
+}
+
+/// Reasons of the NATS JetStream adapter and of the pipeline shared by both adapters.
+pub const NATS_REASONS: FailureReasons = FailureReasons {
+    unavailable: &[
+        "disconnected",
+        "timeout",
+        "no_responders",
+        "broker_refused",
+        "stream",
+    ],
+    retryable: &["rejected", "held_back"],
+    permanent: &["too_large", "no_stream", "bad_header"],
+};
+
+/// Reasons of the RabbitMQ adapter and of the pipeline shared by both adapters.
+pub const RABBITMQ_REASONS: FailureReasons = FailureReasons {
+    unavailable: &[
+        "disconnected",
+        "timeout",
+        "send_timeout",
+        "blocked",
+        "nack",
+        "exchange",
+    ],
+    retryable: &["unroutable", "held_back"],
+    permanent: &["too_large", "bad_routing_key"],
+};
+
+/// Reasons of a broker this module does not know (a test adapter): the pipeline's own.
+const OTHER_REASONS: FailureReasons = FailureReasons {
+    unavailable: &["disconnected"],
+    retryable: &["held_back"],
+    permanent: &["too_large"],
+};
+
+/// `kind="lease_expired"` always carries this reason.
+pub const LEASE_REASON: &str = "lease";
+/// Dead-letter reasons that are no publish failure: the retry budget spent, and a row the relay
+/// cannot read (written past the table contract).
+pub const DEAD_LETTER_EXTRA_REASONS: &[&str] = &["retries_exhausted", "undeliverable_row"];
+
+/// The reasons of the broker named `broker` (a [`crate::Publisher::name`]).
+pub fn failure_reasons(broker: &str) -> FailureReasons {
+    match broker {
+        "nats" => NATS_REASONS,
+        "rabbitmq" => RABBITMQ_REASONS,
+        _ => OTHER_REASONS,
+    }
+}
+
+/// Exports every counter and histogram of the relay with every label value it can take, at zero,
+/// through the recorder in force (so a several-databases relay thread adds its `database`
+/// label), so that the first scrape already has every series: a series that appears only with
+/// its first increment makes `rate()` and `increase()` miss that increment, and an alert on it
+/// cannot tell "none" from "not exported" (Prometheus' instrumentation advice). `broker` is the
+/// adapter in use (its `broker` label value: a relay never publishes to the other one);
+/// `amqp_exchange` the RabbitMQ exchange (`outbox_events_unroutable_total{exchange}`), when the
+/// caller knows it. Registering again is harmless (adds 0).
+pub fn register_relay_zeros(broker: &str, amqp_exchange: Option<&str>) {
+    use metrics::{counter, histogram};
+    let broker = broker.to_string();
+    counter!(PUBLISHED, "broker" => broker.clone()).increment(0);
+    counter!(DUPLICATES, "broker" => broker.clone()).increment(0);
+    let reasons = failure_reasons(&broker);
+    for (kind, list) in [
+        ("unavailable", reasons.unavailable),
+        ("retryable", reasons.retryable),
+        ("permanent", reasons.permanent),
+        ("lease_expired", &[LEASE_REASON][..]),
+    ] {
+        for reason in list {
+            counter!(FAILED, "kind" => kind, "reason" => *reason).increment(0);
+        }
+    }
+    for reason in reasons.retryable {
+        counter!(RETRIED, "reason" => *reason).increment(0);
+    }
+    for reason in reasons.permanent.iter().chain(DEAD_LETTER_EXTRA_REASONS) {
+        counter!(DEAD_LETTERED, "reason" => *reason).increment(0);
+    }
+    counter!(CLEANED).increment(0);
+    counter!(AGGREGATES_COMPACTED).increment(0);
+    if let Some(exchange) = amqp_exchange {
+        counter!(UNROUTABLE, "exchange" => exchange.to_string()).increment(0);
+    }
+    // Registered without a sample: the exporter renders every bucket, `_sum` and `_count` at 0.
+    let _ = histogram!(PUBLISH_SECONDS);
+    let _ = histogram!(BATCH_SIZE);
+    let _ = histogram!(COMMIT_TO_ACK);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `(kind, reason)` pairs written in a publisher's source: `FailureKind::X, "reason"` and
+    /// the adapters' `outage("reason"...)` helpers (always `Unavailable`).
+    fn reasons_in(src: &str) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        let literal_after = |rest: &str| -> Option<String> {
+            let rest = rest.trim_start_matches([',', ' ', '\n', '\t', '\r']);
+            let rest = rest.strip_prefix('"')?;
+            Some(rest[..rest.find('"')?].to_string())
+        };
+        for (i, _) in src.match_indices("FailureKind::") {
+            let rest = &src[i + "FailureKind::".len()..];
+            let kind: String = rest.chars().take_while(|c| c.is_alphanumeric()).collect();
+            if let Some(reason) = literal_after(&rest[kind.len()..]) {
+                out.push((kind, reason));
+            }
+        }
+        for (i, _) in src.match_indices("outage(") {
+            if let Some(reason) = literal_after(&src[i + "outage(".len()..]) {
+                out.push(("Unavailable".into(), reason));
+            }
+        }
+        out
+    }
+
+    fn check(broker: &str, sources: &[&str]) {
+        let r = failure_reasons(broker);
+        for src in sources {
+            for (kind, reason) in reasons_in(src) {
+                let list = match kind.as_str() {
+                    "Unavailable" => r.unavailable,
+                    "Retryable" => r.retryable,
+                    "Permanent" => r.permanent,
+                    "LeaseExpired" => &[LEASE_REASON][..],
+                    other => panic!("unknown failure kind {other}"),
+                };
+                assert!(
+                    list.contains(&reason.as_str()),
+                    "{broker}: reason {reason:?} of kind {kind} is not in telemetry::failure_reasons \
+                     (add it there and to docs/metrics.md, so that it is exported at zero)"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn every_reason_the_publishers_use_is_exported_at_zero() {
+        let pipeline = include_str!("publishers/pipeline.rs");
+        let nats = include_str!("publishers/nats.rs");
+        let amqp = include_str!("publishers/amqp.rs");
+        assert!(reasons_in(nats).len() >= 5 && reasons_in(amqp).len() >= 5);
+        check("nats", &[nats, pipeline]);
+        check("rabbitmq", &[amqp, pipeline]);
+    }
 }

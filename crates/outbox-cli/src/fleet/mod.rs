@@ -135,6 +135,11 @@ pub async fn run(
                 let _guard = labelled
                     .as_ref()
                     .map(|l| metrics::set_default_local_recorder(l));
+                if labelled.is_some() {
+                    // This database's zeros, labelled, before its relay (and whatever set-up
+                    // fails) first records anything.
+                    broker.register_metric_zeros();
+                }
                 let rt = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()

@@ -45,3 +45,25 @@ pub const ALL: &[&str] = &[
     GAP_AGGREGATES,
     GAP_OLDEST,
 ];
+
+/// Reasons a delivery is sent back for later ([`RETRIES`]).
+pub const RETRY_REASONS: &[&str] = &["handler", "gap", "database"];
+
+/// Exports every counter of the consumer `consumer` with every label value at zero when it starts
+/// running, so that the first scrape already has every series (a series that appears with its
+/// first increment makes `rate()` miss that increment). The gauges are not: they are state read
+/// from the database and the broker, and a 0 before the first read would be a claim nobody made.
+/// Registering again is harmless (adds 0).
+pub fn register_zeros(consumer: &str) {
+    use metrics::counter;
+    let c = consumer.to_string();
+    for name in [HANDLED, DUPLICATES, SKIPPED, REPLAYED, BATCHES] {
+        counter!(name, "consumer" => c.clone()).increment(0);
+    }
+    for reason in RETRY_REASONS {
+        counter!(RETRIES, "consumer" => c.clone(), "reason" => *reason).increment(0);
+    }
+    for reason in PARK_REASONS {
+        counter!(PARKED, "consumer" => c.clone(), "reason" => *reason).increment(0);
+    }
+}

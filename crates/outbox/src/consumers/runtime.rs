@@ -247,6 +247,7 @@ impl<H: Handler> Consumer<H> {
     pub async fn run<S: EventSource>(&self, mut source: S, stop: CancellationToken) -> Result<()> {
         let cfg = &self.inner.cfg;
         let name = cfg.name.clone();
+        m::register_zeros(&name);
         // Messages received and not yet settled: the broker bounds them too (ack-pending,
         // prefetch); this bound holds whatever the broker allows, and on stop it tells when
         // everything received has been settled.

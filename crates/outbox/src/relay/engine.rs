@@ -261,6 +261,7 @@ impl Relay {
     /// back and returns. Database and broker failures are retried forever, never returned; the
     /// one error is [`OutboxError::RelayIdInUse`]: another live relay holds this relay's id.
     pub async fn run(&self, stop: CancellationToken) -> Result<()> {
+        m::register_relay_zeros(self.publisher.name(), None);
         let background = CancellationToken::new();
         let gauges = tokio::spawn(gauges(
             self.store.clone(),
@@ -714,6 +715,10 @@ async fn gauges(
         if let Ok((n, age)) = store.backlog().await {
             metrics::gauge!(m::PENDING).set(n as f64);
             metrics::gauge!(m::OLDEST_PENDING_AGE).set(age.map(|a| a.as_secs_f64()).unwrap_or(0.0));
+        }
+        if let Ok(h) = store.held().await {
+            metrics::gauge!(m::HELD).set(h.held as f64);
+            metrics::gauge!(m::HELD_ORPHANED).set(h.orphaned as f64);
         }
         health.set_broker(publisher.is_connected());
         metrics::gauge!(m::SINCE_PROGRESS).set(health.since_progress().as_secs_f64());

@@ -14,7 +14,7 @@ use uuid::Uuid;
 
 use crate::error::{OutboxError, Result};
 use crate::publisher::OutboundMessage;
-use crate::store::{Claimed, Fence, LeaseState, RelayStore, Settlement};
+use crate::store::{Claimed, Fence, HeldCounts, LeaseState, RelayStore, Settlement};
 
 /// Number of partitions in the schema (see the migration's `outbox_partition_of`).
 pub const PARTITIONS: i64 = 64;
@@ -494,6 +494,37 @@ impl RelayStore for PgStore {
         let age: Option<f64> = row.try_get("age")?;
         Ok((n, age.map(|a| Duration::from_secs_f64(a.max(0.0)))))
     }
+
+    async fn held(&self) -> Result<HeldCounts> {
+        // Serial and without JIT, as the backlog gauge (see `read_tx`).
+        let mut tx = self.read_tx().await?;
+        let counts = held_counts(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(counts)
+    }
+}
+
+/// Held rows, and those with no blocking dead letter ahead of them (orphans). One scan of the
+/// `outbox_event_holding` index (its predicate is this WHERE), which is empty in a healthy
+/// outbox and holds only what is stuck otherwise; the window keeps it one pass however many rows
+/// are held. Measured: 1.7 ms with 1,000 dead letters and nothing held beside 200,000 pending
+/// rows; 74 ms with 100,000 rows held behind them (the backlog gauge: 32 ms for the 200,000).
+pub(crate) async fn held_counts<'e, E>(db: E) -> Result<HeldCounts>
+where
+    E: sqlx::PgExecutor<'e>,
+{
+    let (held, orphaned): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE status = 'held'),
+                count(*) FILTER (WHERE status = 'held' AND (first_dead IS NULL OR id < first_dead))
+         FROM (SELECT status, id,
+                      min(id) FILTER (WHERE status = 'dead')
+                          OVER (PARTITION BY tenant_id, aggregate_type, aggregate_id) AS first_dead
+               FROM outbox_event
+               WHERE status = 'held' OR (status = 'dead' AND blocks_aggregate)) h",
+    )
+    .fetch_one(db)
+    .await?;
+    Ok(HeldCounts { held, orphaned })
 }
 
 /// Maps a row of `outbox_event` (the claim's columns) to the message handed to the publisher.

@@ -122,4 +122,20 @@ pub trait RelayStore: Send + Sync + 'static {
 
     /// Pending rows and the age of the oldest, for metrics.
     async fn backlog(&self) -> Result<(i64, Option<Duration>)>;
+
+    /// Held rows (behind a blocking dead letter), for metrics. The default: a store that holds
+    /// nothing.
+    async fn held(&self) -> Result<HeldCounts> {
+        Ok(HeldCounts::default())
+    }
+}
+
+/// Rows held behind blocking dead letters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct HeldCounts {
+    /// Every held row.
+    pub held: i64,
+    /// Held rows with no blocking dead letter ahead of them in their aggregate: nothing releases
+    /// them (docs/outbox-table.md, "Writers' isolation level").
+    pub orphaned: i64,
 }
