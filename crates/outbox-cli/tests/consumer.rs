@@ -1791,3 +1791,29 @@ async fn an_old_epoch_arriving_after_the_new_one_started_is_parked_late_not_drop
     c.shutdown().await;
     assert_eq!(effects(&db.pool).await.len(), 1);
 }
+
+/// A consumer killed between parking an event (committed) and acknowledging it gets the event
+/// redelivered: it was applied then, and an operator's later purge of the parked row "skipped" an
+/// event that had been applied (the consumer soak found it, seed 7158069551119575883). A delivery
+/// of a parked event is acknowledged without running the handler now: the parked row is the one
+/// an operator replays or purges.
+#[tokio::test]
+async fn a_redelivered_parked_event_is_not_applied_beside_its_parked_row() {
+    let (db, s, js) = db_and_stream().await;
+    let name = testkit::unique("parked-again");
+    let first = Ev::seq("v", 1);
+    // Parked by a process that died before its acknowledgement.
+    park_event(&db.pool, &name, "t1", &first, "handler").await;
+    let c = start(&db, &s, Recorder::default(), config(&name)).await;
+    publish(&js, &s, &first).await;
+    wait_drained(&s, &name, Duration::from_secs(10)).await;
+    assert!(
+        effects(&db.pool).await.is_empty(),
+        "applied beside its parked row"
+    );
+    // The operator replays it: applied once, the parked row gone.
+    request_replay(&db, &name, Some(first.id), false).await;
+    wait_effects(&db.pool, Duration::from_secs(10), |e| e.len() == 1).await;
+    c.shutdown().await;
+    assert!(parked_of(&db.pool, &name).await.is_empty());
+}

@@ -651,12 +651,17 @@ async fn outcome(
             let want: Vec<_> = want.iter().filter(|w| !purged.contains(&w.2)).collect();
             let have: Vec<_> = got.get(key).map(|v| v.iter().collect()).unwrap_or_default();
             if want != have {
+                let missing: Vec<_> = want.iter().filter(|w| !have.contains(w)).collect();
+                let extra: Vec<_> = have.iter().filter(|h| !want.contains(h)).collect();
+                let mut seen = HashSet::new();
+                let twice: Vec<_> = have.iter().filter(|h| !seen.insert(h.2)).collect();
                 return Err(format!(
-                    "{name}: {key:?}: applied {} of {} events (in order, once each: want {:?}, have {:?})",
+                    "{name}: {key:?}: applied {} of {} events; missing {missing:?}, not expected \
+                     {extra:?} (purged by the operator: {:?}), applied twice {twice:?}, in order: {}",
                     have.len(),
                     want.len(),
-                    want.iter().map(|w| (w.0, w.1)).collect::<Vec<_>>(),
-                    have.iter().map(|w| (w.0, w.1)).collect::<Vec<_>>()
+                    extra.iter().map(|e| purged.contains(&e.2)).collect::<Vec<_>>(),
+                    missing.is_empty() && extra.is_empty() && twice.is_empty()
                 ));
             }
         }

@@ -48,20 +48,28 @@ pub(crate) enum Mode {
 
 /// Claims `e` for `consumer` in `tx`: on [`Verdict::Apply`] and [`Verdict::Skip`] the position
 /// (or seen id) is written and the aggregate's position row stays locked until the transaction
-/// ends, so two deliveries of one event can never both apply.
+/// ends, so two deliveries of one event can never both apply. `replaying`: `e` is its own parked
+/// row being replayed; otherwise a delivery of an event that is parked (a consumer killed
+/// between the park's commit and the acknowledgement gets it redelivered) is a
+/// [`Verdict::Duplicate`]: the parked row is what an operator replays or purges.
 pub(crate) async fn claim(
     tx: &mut PgConnection,
     consumer: &str,
     e: &InboundEvent,
     mode: Mode,
+    replaying: bool,
 ) -> Result<Verdict> {
     let Some((agg, pos)) = e.sequenced() else {
         let fresh = sqlx::query(
-            "INSERT INTO outbox_consumer_seen (consumer, event_id) VALUES ($1, $2)
+            "INSERT INTO outbox_consumer_seen (consumer, event_id)
+             SELECT $1, $2
+              WHERE $3 OR NOT EXISTS (SELECT 1 FROM outbox_consumer_dead_letter
+                                       WHERE consumer = $1 AND event_id = $2)
              ON CONFLICT DO NOTHING",
         )
         .bind(consumer)
         .bind(e.event_id)
+        .bind(replaying)
         .execute(&mut *tx)
         .await?
         .rows_affected();
@@ -75,6 +83,8 @@ pub(crate) async fn claim(
         consumer,
         producer: &e.producer,
         agg,
+        event_id: e.event_id,
+        replaying,
     };
     let next = if e.skip.is_some() {
         Verdict::Skip
@@ -98,6 +108,8 @@ pub(crate) async fn claim(
     }
     let q = sqlx::query(
         "SELECT p.seq_epoch, p.seq,
+                (NOT $9 AND EXISTS (SELECT 1 FROM outbox_consumer_dead_letter s
+                                     WHERE s.consumer = $1 AND s.event_id = $8)) AS parked_self,
                 (p.start_seq IS NOT NULL AND ($6, $7) < (p.start_epoch, p.start_seq)) AS before_start,
                 EXISTS (SELECT 1 FROM outbox_consumer_dead_letter d
                   WHERE d.consumer = $1 AND d.producer = $2 AND d.tenant_id = $3
@@ -131,6 +143,9 @@ pub(crate) async fn claim(
         (Some(epoch), Some(seq)) => Some(Position { epoch, seq }),
         _ => None,
     };
+    if row.try_get::<bool, _>("parked_self")? {
+        return Ok(Verdict::Duplicate);
+    }
     if applied.is_some_and(|a| pos <= a) {
         return Ok(
             if row.try_get::<bool, _>("skipped")?
@@ -169,12 +184,16 @@ struct Key<'a> {
     consumer: &'a str,
     producer: &'a str,
     agg: &'a AggregateKey,
+    /// The event claimed (`$8`), and whether it is its own parked row being replayed (`$9`).
+    event_id: Uuid,
+    replaying: bool,
 }
 
 type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
 
 impl<'a> Key<'a> {
-    /// Binds `$1`..`$5` to the key and `$6`, `$7` to `pos`.
+    /// Binds `$1`..`$5` to the key, `$6`, `$7` to `pos`, `$8`, `$9` to the event and whether
+    /// it is being replayed.
     fn bind_at<'q>(&self, q: PgQuery<'q>, pos: Position) -> PgQuery<'q>
     where
         'a: 'q,
@@ -186,6 +205,8 @@ impl<'a> Key<'a> {
             .bind(&self.agg.aggregate_id)
             .bind(pos.epoch)
             .bind(pos.seq)
+            .bind(self.event_id)
+            .bind(self.replaying)
     }
 }
 
@@ -200,7 +221,10 @@ async fn advance(tx: &mut PgConnection, k: &Key<'_>, pos: Position) -> Result<bo
              (consumer, producer, tenant_id, aggregate_type, aggregate_id, seq_epoch, seq,
               start_epoch, start_seq)
          SELECT $1, $2, $3, $4, $5, $6, $7, $6, $7
-          WHERE ($7 = 1
+          -- Not a redelivery of an event parked meanwhile (one probe of a unique index).
+          WHERE ($9 OR NOT EXISTS (SELECT 1 FROM outbox_consumer_dead_letter
+                                    WHERE consumer = $1 AND event_id = $8))
+            AND (($7 = 1
                  -- An aggregate unknown here starts at seq 1 only if nothing of it is parked or
                  -- failing (seq 1 of a later epoch must not pass an earlier epoch's event).
                  AND NOT EXISTS (SELECT 1 FROM outbox_consumer_dead_letter d
@@ -213,7 +237,7 @@ async fn advance(tx: &mut PgConnection, k: &Key<'_>, pos: Position) -> Result<bo
                         AND (a.seq_epoch, a.seq) < ($6, $7)))
              OR EXISTS (SELECT 1 FROM outbox_consumer_position
                          WHERE consumer = $1 AND producer = $2 AND tenant_id = $3
-                           AND aggregate_type = $4 AND aggregate_id = $5)
+                           AND aggregate_type = $4 AND aggregate_id = $5))
          ON CONFLICT (consumer, producer, tenant_id, aggregate_type, aggregate_id) DO UPDATE
             SET seq = EXCLUDED.seq, applied_at = now()
           WHERE p.seq_epoch = EXCLUDED.seq_epoch AND p.seq + 1 = EXCLUDED.seq",

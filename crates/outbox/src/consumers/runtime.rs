@@ -625,7 +625,7 @@ async fn apply<H: Handler>(
 ) -> Result<Outcome> {
     let c = &inner.cfg.name;
     let mut tx = inner.pool.begin().await?;
-    let run = match inbox::claim(&mut tx, c, e, mode).await? {
+    let run = match inbox::claim(&mut tx, c, e, mode, parked.is_some()).await? {
         Verdict::Duplicate => {
             if let Some(id) = parked {
                 delete_parked(&mut tx, id).await?;
@@ -739,7 +739,7 @@ async fn apply_batch<H: Handler>(
     for e in events {
         // A handler that swallowed a database error makes the next claim fail (25P02): the
         // batch is then applied one event per transaction, where the check below names it.
-        let outcome = match inbox::claim(&mut tx, c, e, Mode::Next).await? {
+        let outcome = match inbox::claim(&mut tx, c, e, Mode::Next, false).await? {
             Verdict::Duplicate => Outcome::Duplicate,
             Verdict::Late => Outcome::Late,
             Verdict::Gap => Outcome::Gap,
