@@ -100,8 +100,11 @@ pub enum DeadLetterCmd {
 /// `outbox status`.
 pub async fn status(pool: &PgPool, json: bool) -> anyhow::Result<()> {
     let s = ops::status(pool).await?;
+    let refused = outbox::storage::route_holds::list(pool).await?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&s)?);
+        let mut v = serde_json::to_value(&s)?;
+        v["refused_routes"] = serde_json::to_value(&refused)?;
+        println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
     println!(
@@ -144,7 +147,34 @@ pub async fn status(pool: &PgPool, json: bool) -> anyhow::Result<()> {
             ranges(&s.unowned_partitions)
         );
     }
+    print_refused_routes(&refused);
     Ok(())
+}
+
+/// The routes relays hold back because the broker refused them (issue 19), as the relays last
+/// wrote them.
+fn print_refused_routes(refused: &[outbox::storage::route_holds::RouteHold]) {
+    if refused.is_empty() {
+        println!("refused routes: none");
+        return;
+    }
+    println!(
+        "refused routes ({}): their events wait, the other routes flow",
+        refused.len()
+    );
+    let now = chrono::Utc::now();
+    for r in refused {
+        println!(
+            "  {} (relay {}): refused {} time(s) in a row since {}, next try {}, oldest held event {:.1} s old: {}",
+            r.route,
+            r.relay_id,
+            r.refusals,
+            r.since.format("%Y-%m-%dT%H:%M:%SZ"),
+            r.until.format("%Y-%m-%dT%H:%M:%S%.3fZ"),
+            (now - r.oldest_event_at).num_milliseconds() as f64 / 1000.0,
+            r.last_error
+        );
+    }
 }
 
 /// `0-5,9,12-13`.

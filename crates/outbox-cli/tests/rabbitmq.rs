@@ -798,3 +798,196 @@ async fn a_broker_that_stops_reading_cannot_hang_the_relay() {
     let attempts = attempts_spent(&db).await;
     assert_eq!(attempts, 0, "a stalled broker spends no attempt");
 }
+
+/// The metrics page of a relay started with `--metrics-addr addr`.
+async fn scrape(addr: &str) -> String {
+    let url = format!("http://{addr}/metrics");
+    tokio::task::spawn_blocking(move || {
+        let out = Command::new("curl")
+            .args(["-s", &url])
+            .output()
+            .expect("curl");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    })
+    .await
+    .unwrap()
+}
+
+/// The sum of the samples of `metric` whose line contains every one of `with`.
+fn sample(body: &str, metric: &str, with: &[&str]) -> f64 {
+    body.lines()
+        .filter(|l| l.starts_with(metric) && with.iter().all(|w| l.contains(w)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// The relay's back-off for a refused route after `n` refusals in a row (100 ms doubling, capped
+/// at the default broker back-off cap of 5 s: `outbox::relay::routes::back_off`).
+fn route_back_off(n: u32) -> Duration {
+    Duration::from_millis(100u64 << (n - 1).min(16)).min(Duration::from_secs(5))
+}
+
+fn free_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    format!("127.0.0.1:{}", l.local_addr().unwrap().port())
+}
+
+/// Inserts, in one statement and in this order: per refused aggregate `r0..`, `per_agg` events on
+/// topic `full.topic` of tenant `t0` (routing key `full.topic.t0`); an aggregate `m` whose first
+/// event goes there and whose next `per_agg - 1` go to `ok.topic`; and `healthy_aggs` aggregates
+/// `h0..` with `per_agg` events each on `ok.topic` of tenants `t0`..`t2`.
+async fn insert_routes(db: &TestDb, refused_aggs: i64, healthy_aggs: i64, per_agg: i64) {
+    sqlx::query(
+        "INSERT INTO outbox_event (event_id, tenant_id, aggregate_type, aggregate_id, event_type, topic, payload)
+         SELECT gen_random_uuid(), tenant, 'V', agg, 'Bulk', topic, convert_to(json_build_object('k', k)::text, 'UTF8')
+         FROM (
+             SELECT 1 AS part, g AS k, 't0' AS tenant, 'r' || (g % $1) AS agg, 'full.topic' AS topic
+             FROM generate_series(0, $1 * $3 - 1) AS g
+             UNION ALL
+             SELECT 2, g, 't0', 'm', CASE WHEN g = 0 THEN 'full.topic' ELSE 'ok.topic' END
+             FROM generate_series(0, $3 - 1) AS g
+             UNION ALL
+             SELECT 3, g, 't' || ((g % $2) % 3), 'h' || (g % $2), 'ok.topic'
+             FROM generate_series(0, $2 * $3 - 1) AS g
+         ) AS x ORDER BY part, k",
+    )
+    .bind(refused_aggs)
+    .bind(healthy_aggs)
+    .bind(per_agg)
+    .execute(&db.pool)
+    .await
+    .expect("insert events");
+}
+
+/// Declares a queue that refuses every publish (`x-max-length` 0, `reject-publish`) bound to
+/// `binding`.
+async fn refusing_queue(rabbit: &mut Rabbit, binding: &str) -> String {
+    let full = format!("{}.full", rabbit.exchange);
+    rabbit.extra_queues.push(full.clone());
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), AMQPValue::LongInt(0));
+    args.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    rabbit
+        .ch
+        .queue_declare(full.as_str().into(), QueueDeclareOptions::default(), args)
+        .await
+        .unwrap();
+    rabbit
+        .ch
+        .queue_bind(
+            full.as_str().into(),
+            rabbit.exchange.as_str().into(),
+            binding.into(),
+            lapin::options::QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    full
+}
+
+/// Issue 19, item 2. Before: one queue refusing publishes (one tenant's binding of one topic,
+/// `reject-publish` at its `x-max-length`) nacked its messages and the whole batch was an outage:
+/// the refused events stayed at the head of every claim and the relay went claim, send, nack,
+/// back off, hundreds of nacks a minute, while nothing said which route was full. Now the refused
+/// routing key is held back alone (one probe per back-off), every other key flows, no attempt is
+/// spent, the aggregate whose head was refused keeps its later events (on another key) behind it,
+/// and `outbox status`, the route gauges and the log name the route.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_holds_back_only_its_routing_key() {
+    let db = TestDb::new().await;
+    let mut rabbit = Rabbit::new().await;
+    let full = refusing_queue(&mut rabbit, "full.topic.t0").await;
+    insert_routes(&db, 4, 30, 10).await;
+    let (refused_total, healthy_total) = (4 * 10 + 10, 30 * 10);
+    let addr = free_addr();
+    let started = std::time::Instant::now();
+    let _relay = RelayProcess::spawn(
+        &db,
+        &rabbit,
+        &amqp_url(),
+        &["--max-attempts", "3", "--metrics-addr", &addr],
+    );
+    assert!(
+        all_published(&db, healthy_total, Duration::from_secs(20)).await,
+        "the healthy routes drain while one is refused"
+    );
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let body = scrape(&addr).await;
+    let elapsed = started.elapsed();
+    let nacks = sample(&body, "outbox_publish_failures_total", &["reason=\"nack\""]);
+    // One probe per back-off (100 ms doubling, capped at 5 s) after the first refusals, which
+    // may come from every refused aggregate at once (one event each in flight).
+    let mut probes = 0;
+    let mut t = Duration::ZERO;
+    while t < elapsed {
+        probes += 1;
+        t += route_back_off(probes);
+    }
+    let bound = (5 + probes) as f64;
+    assert!(
+        nacks <= bound,
+        "the refused routing key got {nacks} publishes in {elapsed:?}; at most {bound} (one per back-off)"
+    );
+    assert_eq!(count(&db, "published").await, healthy_total);
+    assert_eq!(count(&db, "dead").await, 0, "nothing dead");
+    assert_eq!(
+        attempts_spent(&db).await,
+        0,
+        "a refused route spends no attempt"
+    );
+    let m_published: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM outbox_published WHERE aggregate_id = 'm'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        m_published, 0,
+        "m's later events (another key) wait behind its refused head"
+    );
+    assert_eq!(sample(&body, "outbox_refused_routes", &[]), 1.0, "{body}");
+    assert!(sample(&body, "outbox_oldest_route_held_age_seconds", &[]) > 1.0);
+    // `outbox status` names the route.
+    let url = db.url.clone();
+    let status = tokio::task::spawn_blocking(move || {
+        let out = Command::new(env!("CARGO_BIN_EXE_outbox"))
+            .arg("status")
+            .env("DATABASE_URL", url)
+            .output()
+            .expect("outbox status");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    })
+    .await
+    .unwrap();
+    assert!(
+        status.contains("refused routes (1)") && status.contains("full.topic.t0"),
+        "{status}"
+    );
+
+    // Room again: the held route and m follow, every aggregate in order.
+    rabbit
+        .ch
+        .queue_delete(full.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+    assert!(
+        all_published(&db, healthy_total + refused_total, Duration::from_secs(20)).await,
+        "the refused route delivers once it takes messages again"
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM outbox_route_hold")
+                .fetch_one(&db.pool)
+                .await
+                .unwrap()
+                == 0
+        })
+        .await,
+        "the released route leaves `outbox status`"
+    );
+    let msgs = rabbit.drain(&rabbit.queue).await;
+    assert_all_delivered_in_order(&db, &msgs).await;
+}

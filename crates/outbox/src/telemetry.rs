@@ -29,6 +29,11 @@ pub const DATABASE_UP: &str = "outbox_database_up";
 pub const SINCE_PROGRESS: &str = "outbox_relay_seconds_since_progress";
 /// Gauge: 1 when work has been pending and nothing settled for longer than the stall timeout.
 pub const STALLED: &str = "outbox_relay_stalled";
+/// Gauge: routes (routing keys / subjects) this relay holds back because the broker refused them
+/// (a full `reject-publish` queue, a subject at its limit). No route label: routes carry tenants.
+pub const ROUTES_REFUSED: &str = "outbox_refused_routes";
+/// Gauge: age in seconds of the oldest event held back by a refused route (0 when none).
+pub const OLDEST_ROUTE_HELD_AGE: &str = "outbox_oldest_route_held_age_seconds";
 /// Histogram: seconds to publish one batch and receive its acknowledgements.
 pub const PUBLISH_SECONDS: &str = "outbox_publish_duration_seconds";
 /// Histogram: events per claimed batch.
@@ -52,6 +57,8 @@ pub const ALL: &[&str] = &[
     DATABASE_UP,
     SINCE_PROGRESS,
     STALLED,
+    ROUTES_REFUSED,
+    OLDEST_ROUTE_HELD_AGE,
     PUBLISH_SECONDS,
     BATCH_SIZE,
     COMMIT_TO_ACK,
@@ -94,6 +101,7 @@ pub fn describe() {
         STALLED,
         "1 when work is pending and nothing was settled for longer than the stall timeout"
     );
+    describe_routes();
     describe_histogram!(
         PUBLISH_SECONDS,
         Unit::Seconds,
@@ -104,5 +112,19 @@ pub fn describe() {
         COMMIT_TO_ACK,
         Unit::Seconds,
         "Time from an event's commit to its broker acknowledgement"
+    );
+}
+
+/// The refused-route gauges (issue 19); the relay sets them to zero when it starts.
+fn describe_routes() {
+    use metrics::{describe_gauge, Unit};
+    describe_gauge!(
+        ROUTES_REFUSED,
+        "Routes (routing keys / subjects) held back because the broker refused them"
+    );
+    describe_gauge!(
+        OLDEST_ROUTE_HELD_AGE,
+        Unit::Seconds,
+        "Age of the oldest event held back by a refused route"
     );
 }

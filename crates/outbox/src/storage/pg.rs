@@ -14,7 +14,7 @@ use uuid::Uuid;
 
 use crate::error::{OutboxError, Result};
 use crate::publisher::OutboundMessage;
-use crate::store::{Claimed, Fence, LeaseState, RelayStore, Settlement};
+use crate::store::{Claimed, Fence, HeldRoutes, LeaseState, RelayStore, RouteHoldRow, Settlement};
 
 /// Number of partitions in the schema (see the migration's `outbox_partition_of`).
 pub const PARTITIONS: i64 = 64;
@@ -245,6 +245,20 @@ impl RelayStore for PgStore {
         exclude: &[Uuid],
         lease_margin: Duration,
     ) -> Result<Claimed> {
+        let none = HeldRoutes::default();
+        self.claim_except(relay_id, limit, dead_blocks, exclude, lease_margin, &none)
+            .await
+    }
+
+    async fn claim_except(
+        &self,
+        relay_id: &str,
+        limit: i64,
+        dead_blocks: bool,
+        exclude: &[Uuid],
+        lease_margin: Duration,
+        held: &HeldRoutes,
+    ) -> Result<Claimed> {
         // One statement: `t` finds the tenants with pending events by a loose index scan (one
         // index probe per tenant, however large any backlog), and each tenant gets an equal share
         // of the batch, so a quiet tenant's event waits for at most the batch in flight, not for
@@ -266,8 +280,28 @@ impl RelayStore for PgStore {
         if !dead_blocks {
             self.release_held().await?;
         }
-        let mut tx = self.read_tx().await?;
-        let rows = sqlx::query(
+        // Refused routes (issue 19): `held` finds, once per claim, each aggregate's first pending
+        // row on a held route; that row and every later one of its aggregate are left out. It
+        // reads every pending row (the route is rendered, not indexed): a cost paid only while a
+        // route is held, and bounded by the relay's limit on held routes, not by their number.
+        let (held_cte, held_filter) = if held.routes.is_empty() {
+            ("", "")
+        } else {
+            (
+                ", held AS MATERIALIZED (
+                     SELECT h.tenant_id, h.aggregate_type, h.aggregate_id, min(h.id) AS first_id
+                     FROM outbox_event h
+                     WHERE h.status = 'pending'
+                       AND replace(replace(replace(replace($7::text, '{tenant}', h.tenant_id), '{topic}', h.topic),
+                                   '{event_type}', h.event_type), '{aggregate_type}', h.aggregate_type) = ANY($6)
+                     GROUP BY 1, 2, 3)",
+                "AND NOT EXISTS (
+                       SELECT 1 FROM held
+                       WHERE held.tenant_id = e.tenant_id AND held.aggregate_type = e.aggregate_type
+                         AND held.aggregate_id = e.aggregate_id AND held.first_id <= e.id)",
+            )
+        };
+        let sql = format!(
             "WITH RECURSIVE t(tenant_id) AS (
                  (SELECT tenant_id FROM outbox_event WHERE status = 'pending' ORDER BY tenant_id LIMIT 1)
                  UNION ALL
@@ -276,7 +310,7 @@ impl RelayStore for PgStore {
                          ORDER BY e.tenant_id LIMIT 1)
                  FROM t WHERE t.tenant_id IS NOT NULL),
              tenants AS (SELECT tenant_id FROM t WHERE tenant_id IS NOT NULL),
-             n AS (SELECT count(*) AS k FROM tenants)
+             n AS (SELECT count(*) AS k FROM tenants){held_cte}
              SELECT c.*, n.k AS tenants_pending FROM tenants CROSS JOIN n CROSS JOIN LATERAL (
                  SELECT e.id, e.event_id, e.tenant_id, e.aggregate_type, e.aggregate_id, e.seq, e.partition,
                         e.event_type, e.topic, e.payload, e.headers, e.attempts, e.seq_epoch,
@@ -297,18 +331,23 @@ impl RelayStore for PgStore {
                          AND b.tenant_id = e.tenant_id AND b.aggregate_type = e.aggregate_type
                          AND b.aggregate_id = e.aggregate_id AND b.id < e.id
                          AND ((b.status = 'pending' AND b.next_attempt_at > now()) OR ($3 AND b.status = 'dead')))
+                   {held_filter}
                  ORDER BY e.id
                  LIMIT ($2 + n.k - 1) / n.k) AS c
              ORDER BY c.id
-             LIMIT $2",
-        )
-        .bind(relay_id)
-        .bind(limit)
-        .bind(dead_blocks)
-        .bind(exclude)
-        .bind(millis(lease_margin) as f64)
-        .fetch_all(&mut *tx)
-        .await?;
+             LIMIT $2"
+        );
+        let mut query = sqlx::query(&sql)
+            .bind(relay_id)
+            .bind(limit)
+            .bind(dead_blocks)
+            .bind(exclude)
+            .bind(millis(lease_margin) as f64);
+        if !held.routes.is_empty() {
+            query = query.bind(&held.routes).bind(&held.template);
+        }
+        let mut tx = self.read_tx().await?;
+        let rows = query.fetch_all(&mut *tx).await?;
         tx.commit().await?;
         let drained = drained(&rows, limit)?;
         let (mut batch, bad) = decode_rows(&rows, dead_blocks)?;
@@ -334,6 +373,10 @@ impl RelayStore for PgStore {
             messages: batch,
             drained,
         })
+    }
+
+    async fn record_route_holds(&self, relay_id: &str, holds: &[RouteHoldRow]) -> Result<()> {
+        crate::storage::route_holds::record(&self.pool, relay_id, holds).await
     }
 
     async fn settle(

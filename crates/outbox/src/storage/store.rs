@@ -58,6 +58,35 @@ pub struct Claimed {
     pub drained: bool,
 }
 
+/// Routes a claim leaves out: the broker refused them and the relay holds them back for a
+/// back-off (`crate::relay::routes`). A row is left out when its route, `template` rendered with
+/// its fields ([`OutboundMessage::render`]), is one of `routes`, and so is every later row of an
+/// aggregate that has such a row pending, so that the aggregate's order holds.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HeldRoutes {
+    /// The publisher's route template.
+    pub template: String,
+    /// The routes held back now.
+    pub routes: Vec<String>,
+}
+
+/// One route a relay holds back, as written for `outbox status` (table `outbox_route_hold`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteHoldRow {
+    /// The routing key / subject.
+    pub route: String,
+    /// Refusals in a row.
+    pub refusals: i32,
+    /// When its first refusal in a row came.
+    pub since: chrono::DateTime<chrono::Utc>,
+    /// When the relay sends to it again (one probe).
+    pub until: chrono::DateTime<chrono::Utc>,
+    /// Creation time of the oldest event it holds back.
+    pub oldest_event_at: chrono::DateTime<chrono::Utc>,
+    /// The broker's last refusal.
+    pub last_error: String,
+}
+
 /// Storage operations of the relay.
 #[async_trait]
 pub trait RelayStore: Send + Sync + 'static {
@@ -89,6 +118,30 @@ pub trait RelayStore: Send + Sync + 'static {
         exclude: &[Uuid],
         lease_margin: Duration,
     ) -> Result<Claimed>;
+
+    /// [`RelayStore::claim`], leaving out the rows of `held` routes and everything behind them in
+    /// their aggregates. The default ignores `held` (the relay drops such rows from the batch
+    /// itself, keeping order; only a refused route's backlog can then fill the batch).
+    async fn claim_except(
+        &self,
+        relay_id: &str,
+        limit: i64,
+        dead_blocks: bool,
+        exclude: &[Uuid],
+        lease_margin: Duration,
+        held: &HeldRoutes,
+    ) -> Result<Claimed> {
+        let _ = held;
+        self.claim(relay_id, limit, dead_blocks, exclude, lease_margin)
+            .await
+    }
+
+    /// Replaces the routes `relay_id` holds back, as shown by `outbox status`. The default keeps
+    /// nothing.
+    async fn record_route_holds(&self, relay_id: &str, holds: &[RouteHoldRow]) -> Result<()> {
+        let _ = (relay_id, holds);
+        Ok(())
+    }
 
     /// Records the outcomes of a publish in one transaction. With `delete_published` the
     /// acknowledged rows are deleted instead of kept as `published` (retention zero). Retries
