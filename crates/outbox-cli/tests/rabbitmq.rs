@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{attempts_spent, count, insert_backlog};
+use common::{attempts_spent, count, insert_backlog, insert_routes, route_probes};
 use lapin::options::{
     BasicGetOptions, BasicRejectOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
@@ -821,42 +821,9 @@ fn sample(body: &str, metric: &str, with: &[&str]) -> f64 {
         .sum()
 }
 
-/// The relay's back-off for a refused route after `n` refusals in a row (100 ms doubling, capped
-/// at the default broker back-off cap of 5 s: `outbox::relay::routes::back_off`).
-fn route_back_off(n: u32) -> Duration {
-    Duration::from_millis(100u64 << (n - 1).min(16)).min(Duration::from_secs(5))
-}
-
 fn free_addr() -> String {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     format!("127.0.0.1:{}", l.local_addr().unwrap().port())
-}
-
-/// Inserts, in one statement and in this order: per refused aggregate `r0..`, `per_agg` events on
-/// topic `full.topic` of tenant `t0` (routing key `full.topic.t0`); an aggregate `m` whose first
-/// event goes there and whose next `per_agg - 1` go to `ok.topic`; and `healthy_aggs` aggregates
-/// `h0..` with `per_agg` events each on `ok.topic` of tenants `t0`..`t2`.
-async fn insert_routes(db: &TestDb, refused_aggs: i64, healthy_aggs: i64, per_agg: i64) {
-    sqlx::query(
-        "INSERT INTO outbox_event (event_id, tenant_id, aggregate_type, aggregate_id, event_type, topic, payload)
-         SELECT gen_random_uuid(), tenant, 'V', agg, 'Bulk', topic, convert_to(json_build_object('k', k)::text, 'UTF8')
-         FROM (
-             SELECT 1 AS part, g AS k, 't0' AS tenant, 'r' || (g % $1) AS agg, 'full.topic' AS topic
-             FROM generate_series(0, $1 * $3 - 1) AS g
-             UNION ALL
-             SELECT 2, g, 't0', 'm', CASE WHEN g = 0 THEN 'full.topic' ELSE 'ok.topic' END
-             FROM generate_series(0, $3 - 1) AS g
-             UNION ALL
-             SELECT 3, g, 't' || ((g % $2) % 3), 'h' || (g % $2), 'ok.topic'
-             FROM generate_series(0, $2 * $3 - 1) AS g
-         ) AS x ORDER BY part, k",
-    )
-    .bind(refused_aggs)
-    .bind(healthy_aggs)
-    .bind(per_agg)
-    .execute(&db.pool)
-    .await
-    .expect("insert events");
 }
 
 /// Declares a queue that refuses every publish (`x-max-length` 0, `reject-publish`) bound to
@@ -921,13 +888,7 @@ async fn a_full_queue_holds_back_only_its_routing_key() {
     let nacks = sample(&body, "outbox_publish_failures_total", &["reason=\"nack\""]);
     // One probe per back-off (100 ms doubling, capped at 5 s) after the first refusals, which
     // may come from every refused aggregate at once (one event each in flight).
-    let mut probes = 0;
-    let mut t = Duration::ZERO;
-    while t < elapsed {
-        probes += 1;
-        t += route_back_off(probes);
-    }
-    let bound = (5 + probes) as f64;
+    let bound = (5 + route_probes(elapsed)) as f64;
     assert!(
         nacks <= bound,
         "the refused routing key got {nacks} publishes in {elapsed:?}; at most {bound} (one per back-off)"
