@@ -952,3 +952,83 @@ async fn a_full_queue_holds_back_only_its_routing_key() {
     let msgs = rabbit.drain(&rabbit.queue).await;
     assert_all_delivered_in_order(&db, &msgs).await;
 }
+
+/// The figures of docs/benchmarks.md, "One refused route" (issue 19): the same backlog drained
+/// with nothing refused and with one routing key refused (a `reject-publish` queue at
+/// `x-max-length` 0 bound to it), alternating, three runs each. Per run: seconds until every
+/// event of the healthy routes is published, the refused route's publishes (nacks) per back-off
+/// interval, attempts spent, and (after the queue is deleted) every aggregate in order. Run with
+/// `cargo test -p outbox-cli --test rabbitmq -- --ignored --nocapture bench_one_refused_route`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: about a minute; figures in docs/benchmarks.md"]
+async fn bench_one_refused_route() {
+    let (refused_aggs, healthy_aggs, per_agg) = (20i64, 400i64, 50i64);
+    let healthy_total = healthy_aggs * per_agg;
+    let all_total = healthy_total + (refused_aggs + 1) * per_agg;
+    let mut table = Vec::new();
+    for run in 0..6 {
+        let refuse = run % 2 == 1;
+        let db = TestDb::new().await;
+        let mut rabbit = Rabbit::new().await;
+        let full = if refuse {
+            Some(refusing_queue(&mut rabbit, "full.topic.t0").await)
+        } else {
+            None
+        };
+        insert_routes(&db, refused_aggs, healthy_aggs, per_agg).await;
+        let addr = free_addr();
+        let started = std::time::Instant::now();
+        let _relay = RelayProcess::spawn(&db, &rabbit, &amqp_url(), &["--metrics-addr", &addr]);
+        let healthy: i64 = loop {
+            let n: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM outbox_published WHERE topic = 'ok.topic' AND aggregate_id <> 'm'",
+            )
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+            if n == healthy_total || started.elapsed() > Duration::from_secs(120) {
+                break n;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let drain = started.elapsed();
+        assert_eq!(healthy, healthy_total, "healthy routes drained");
+        let (mut nacks, mut intervals, mut spent) = (0.0, 0, 0);
+        if let Some(full) = full {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            let elapsed = started.elapsed();
+            nacks = sample(
+                &scrape(&addr).await,
+                "outbox_publish_failures_total",
+                &["reason=\"nack\""],
+            );
+            intervals = route_probes(elapsed);
+            spent = attempts_spent(&db).await;
+            assert_eq!(count(&db, "dead").await, 0);
+            rabbit
+                .ch
+                .queue_delete(full.as_str().into(), QueueDeleteOptions::default())
+                .await
+                .unwrap();
+        }
+        assert!(all_published(&db, all_total, Duration::from_secs(60)).await);
+        let msgs = rabbit.drain(&rabbit.queue).await;
+        assert_all_delivered_in_order(&db, &msgs).await;
+        println!(
+            "run {run}: refused={refuse} healthy {healthy_total} events in {:.2} s ({:.0}/s); refused-route publishes {nacks} over {intervals} back-off intervals; attempts spent {spent}; order kept",
+            drain.as_secs_f64(),
+            healthy_total as f64 / drain.as_secs_f64()
+        );
+        table.push((refuse, drain.as_secs_f64()));
+    }
+    let median = |r: bool| {
+        let mut v: Vec<f64> = table.iter().filter(|t| t.0 == r).map(|t| t.1).collect();
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        v[v.len() / 2]
+    };
+    let (clear, refused) = (median(false), median(true));
+    println!(
+        "median healthy drain: nothing refused {clear:.2} s, one route refused {refused:.2} s: ratio of rates {:.2}",
+        clear / refused
+    );
+}

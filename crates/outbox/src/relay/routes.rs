@@ -10,8 +10,12 @@
 //!
 //! The rules:
 //! - A refused route is held for a back-off (100 ms doubling per refusal in a row, capped at the
-//!   broker back-off cap). While held, claims leave out its rows and every later row of their
-//!   aggregates ([`crate::store::HeldRoutes`]): nothing of it is sent, nothing overtakes it.
+//!   broker back-off cap). While held, nothing is sent to it, and nothing of an aggregate whose
+//!   first pending event goes to it: the relay drops such messages from a claimed batch (with
+//!   the rest of their aggregates: a claim returns each aggregate's events from its first) and
+//!   remembers their aggregates, which later claims leave out whole
+//!   ([`crate::store::HeldRoutes`]). So a refused route's backlog costs a claim one look per
+//!   aggregate, then nothing: the other routes get the whole batch.
 //! - When the back-off ends, one message of the route is let through (a probe); the rest of the
 //!   route stays out of the batch. Acknowledged: the route is released. Refused: held again,
 //!   for longer. So a refused route gets at most one publish per back-off interval, beyond what
@@ -30,6 +34,9 @@ use chrono::{DateTime, Utc};
 
 use crate::publisher::OutboundMessage;
 use crate::store::{HeldRoutes, RouteHoldRow};
+
+/// An aggregate: tenant, type, id.
+type AggKey = (String, String, String);
 use crate::telemetry as m;
 
 /// One refused route.
@@ -42,6 +49,8 @@ struct Hold {
     since: DateTime<Utc>,
     oldest_event: DateTime<Utc>,
     last_error: String,
+    /// Aggregates whose first pending event goes to this route: claims leave them out.
+    aggregates: HashSet<AggKey>,
 }
 
 /// The routes one relay holds back. Owned by the relay loop.
@@ -84,18 +93,19 @@ impl RouteHolds {
         self.holds.is_empty()
     }
 
-    /// The routes a claim must leave out now (their back-off has not ended).
+    /// The aggregates a claim must leave out now: those of the routes whose back-off has not
+    /// ended (a route due for its probe has its aggregates claimed again).
     pub fn active(&self) -> HeldRoutes {
         let now = Instant::now();
-        HeldRoutes {
-            template: self.template.clone(),
-            routes: self
-                .holds
-                .iter()
-                .filter(|(_, h)| h.until > now)
-                .map(|(r, _)| r.clone())
-                .collect(),
+        let mut out = HeldRoutes::default();
+        for h in self.holds.values().filter(|h| h.until > now) {
+            for (t, a, i) in &h.aggregates {
+                out.tenants.push(t.clone());
+                out.aggregate_types.push(a.clone());
+                out.aggregate_ids.push(i.clone());
+            }
         }
+        out
     }
 
     /// When the earliest back-off ends, if any route is held.
@@ -132,6 +142,7 @@ impl RouteHolds {
             if let Some(h) = self.holds.get_mut(&route) {
                 seen.insert(route.clone());
                 h.oldest_event = h.oldest_event.min(msg.created_at);
+                h.aggregates.insert(key());
                 if h.until > now || !probing.insert(route) {
                     stopped.insert(key());
                     continue;
@@ -166,6 +177,7 @@ impl RouteHolds {
                 // Several messages of the route refused in one batch count as one refusal.
                 if let Some(h) = self.holds.get_mut(&route) {
                     h.oldest_event = h.oldest_event.min(msg.created_at);
+                    h.aggregates.insert(agg_key(msg));
                 }
                 continue;
             }
@@ -175,7 +187,9 @@ impl RouteHolds {
                 since: Utc::now(),
                 oldest_event: msg.created_at,
                 last_error: String::new(),
+                aggregates: HashSet::new(),
             });
+            h.aggregates.insert(agg_key(msg));
             h.refusals += 1;
             let wait = back_off(h.refusals, self.cap);
             h.until = now + wait;
@@ -250,6 +264,14 @@ impl RouteHolds {
     }
 }
 
+fn agg_key(m: &OutboundMessage) -> AggKey {
+    (
+        m.tenant_id.clone(),
+        m.aggregate_type.clone(),
+        m.aggregate_id.clone(),
+    )
+}
+
 /// The back-off after `refusals` refusals in a row: 100 ms doubling, capped.
 pub fn back_off(refusals: u32, cap: Duration) -> Duration {
     let ms = 100u64.saturating_mul(1u64 << refusals.saturating_sub(1).min(16));
@@ -276,7 +298,7 @@ mod tests {
         let full = msg(1, "a", "full");
         let r = h.record(&[(&full, "nack")], &[]);
         assert!(r.changed && !r.broker_wide);
-        assert_eq!(h.active().routes, vec!["full".to_string()]);
+        assert_eq!(h.active().aggregate_ids, vec!["a".to_string()]);
         let batch = vec![
             msg(1, "a", "full"),
             msg(2, "b", "ok"),
@@ -286,6 +308,9 @@ mod tests {
             msg(6, "b", "ok"),
         ];
         assert_eq!(ids(&h.filter(batch)), vec![2, 6]);
+        let mut held = h.active().aggregate_ids;
+        held.sort();
+        assert_eq!(held, vec!["a", "c"], "c learnt from the batch");
     }
 
     #[test]
@@ -294,7 +319,7 @@ mod tests {
         let full = msg(1, "a", "full");
         h.record(&[(&full, "nack")], &[]);
         std::thread::sleep(Duration::from_millis(120));
-        assert!(h.active().routes.is_empty(), "back-off over");
+        assert!(h.active().is_empty(), "back-off over");
         let batch = vec![msg(1, "a", "full"), msg(4, "c", "full"), msg(5, "c", "ok")];
         assert_eq!(ids(&h.filter(batch)), vec![1], "one probe only");
         h.record(&[(&full, "nack")], &[]);

@@ -280,25 +280,17 @@ impl RelayStore for PgStore {
         if !dead_blocks {
             self.release_held().await?;
         }
-        // Refused routes (issue 19): `held` finds, once per claim, each aggregate's first pending
-        // row on a held route; that row and every later one of its aggregate are left out. It
-        // reads every pending row (the route is rendered, not indexed): a cost paid only while a
-        // route is held, and bounded by the relay's limit on held routes, not by their number.
-        let (held_cte, held_filter) = if held.routes.is_empty() {
+        // Refused routes (issue 19): the aggregates whose first pending event goes to a held
+        // route are left out whole, from a hashed list the relay passes (bounded by what it has
+        // claimed of the held routes, never a scan of the backlog).
+        let (held_cte, held_filter) = if held.is_empty() {
             ("", "")
         } else {
             (
-                ", held AS MATERIALIZED (
-                     SELECT h.tenant_id, h.aggregate_type, h.aggregate_id, min(h.id) AS first_id
-                     FROM outbox_event h
-                     WHERE h.status = 'pending'
-                       AND replace(replace(replace(replace($7::text, '{tenant}', h.tenant_id), '{topic}', h.topic),
-                                   '{event_type}', h.event_type), '{aggregate_type}', h.aggregate_type) = ANY($6)
-                     GROUP BY 1, 2, 3)",
-                "AND NOT EXISTS (
-                       SELECT 1 FROM held
-                       WHERE held.tenant_id = e.tenant_id AND held.aggregate_type = e.aggregate_type
-                         AND held.aggregate_id = e.aggregate_id AND held.first_id <= e.id)",
+                ", refused AS MATERIALIZED (
+                     SELECT * FROM unnest($6::text[], $7::text[], $8::text[]) AS u(tenant_id, aggregate_type, aggregate_id))",
+                "AND (e.tenant_id, e.aggregate_type, e.aggregate_id) NOT IN (
+                       SELECT r.tenant_id, r.aggregate_type, r.aggregate_id FROM refused r)",
             )
         };
         let sql = format!(
@@ -343,8 +335,11 @@ impl RelayStore for PgStore {
             .bind(dead_blocks)
             .bind(exclude)
             .bind(millis(lease_margin) as f64);
-        if !held.routes.is_empty() {
-            query = query.bind(&held.routes).bind(&held.template);
+        if !held.is_empty() {
+            query = query
+                .bind(&held.tenants)
+                .bind(&held.aggregate_types)
+                .bind(&held.aggregate_ids);
         }
         let mut tx = self.read_tx().await?;
         let rows = query.fetch_all(&mut *tx).await?;

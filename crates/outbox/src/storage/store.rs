@@ -58,16 +58,26 @@ pub struct Claimed {
     pub drained: bool,
 }
 
-/// Routes a claim leaves out: the broker refused them and the relay holds them back for a
-/// back-off (`crate::relay::routes`). A row is left out when its route, `template` rendered with
-/// its fields ([`OutboundMessage::render`]), is one of `routes`, and so is every later row of an
-/// aggregate that has such a row pending, so that the aggregate's order holds.
+/// Aggregates a claim leaves out: their first pending event goes to a route the broker refused,
+/// and the relay holds that route back for a back-off (`crate::relay::routes`). Every pending row
+/// of these aggregates is left out, so nothing overtakes the refused event. The relay learns the
+/// aggregates from what it claims (a claim returns each aggregate's pending events from its
+/// first), so a claim never has to render routes.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct HeldRoutes {
-    /// The publisher's route template.
-    pub template: String,
-    /// The routes held back now.
-    pub routes: Vec<String>,
+    /// Tenant of each held aggregate.
+    pub tenants: Vec<String>,
+    /// Aggregate type of each (same order).
+    pub aggregate_types: Vec<String>,
+    /// Aggregate id of each (same order).
+    pub aggregate_ids: Vec<String>,
+}
+
+impl HeldRoutes {
+    /// Whether nothing is left out.
+    pub fn is_empty(&self) -> bool {
+        self.tenants.is_empty()
+    }
 }
 
 /// One route a relay holds back, as written for `outbox status` (table `outbox_route_hold`).
@@ -119,9 +129,9 @@ pub trait RelayStore: Send + Sync + 'static {
         lease_margin: Duration,
     ) -> Result<Claimed>;
 
-    /// [`RelayStore::claim`], leaving out the rows of `held` routes and everything behind them in
-    /// their aggregates. The default ignores `held` (the relay drops such rows from the batch
-    /// itself, keeping order; only a refused route's backlog can then fill the batch).
+    /// [`RelayStore::claim`], leaving out every row of the `held` aggregates. The default ignores
+    /// `held` (the relay drops such rows from the batch itself, keeping order; only a refused
+    /// route's backlog can then fill the batch).
     async fn claim_except(
         &self,
         relay_id: &str,
