@@ -1032,3 +1032,45 @@ async fn bench_one_refused_route() {
         clear / refused
     );
 }
+
+/// Issue 19, item 2: a full queue bound by `#` refuses every routing key. More keys refused at
+/// once than `--max-refused-routes` is the broker's outage, not the keys': the relay holds no
+/// route (none is written for `outbox status`) and backs off as a whole; nothing dead, no attempt
+/// spent, and everything follows in order once the queue is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_refused_routes_than_the_limit_is_a_broker_wide_outage() {
+    let db = TestDb::new().await;
+    let mut rabbit = Rabbit::new().await;
+    let full = refusing_queue(&mut rabbit, "#").await;
+    // 12 tenants: 12 routing keys `bulk.created.tN`.
+    sqlx::query(
+        "INSERT INTO outbox_event (event_id, tenant_id, aggregate_type, aggregate_id, event_type, topic, payload)
+         SELECT gen_random_uuid(), 't' || (g % 12), 'V', 'a' || (g % 24), 'Bulk', 'bulk.created', '\\x7b7d'
+         FROM generate_series(0, 119) AS g ORDER BY g",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let _relay = RelayProcess::spawn(&db, &rabbit, &amqp_url(), &["--max-refused-routes", "4"]);
+    let mut held_seen = 0i64;
+    for _ in 0..30 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox_route_hold")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+        held_seen = held_seen.max(n);
+    }
+    assert_eq!(held_seen, 0, "no route is held: it is the broker's outage");
+    assert_eq!(count(&db, "published").await, 0);
+    assert_eq!(count(&db, "dead").await, 0);
+    assert_eq!(attempts_spent(&db).await, 0);
+    rabbit
+        .ch
+        .queue_delete(full.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+    assert!(all_published(&db, 120, Duration::from_secs(20)).await);
+    let msgs = rabbit.drain(&rabbit.queue).await;
+    assert_all_delivered_in_order(&db, &msgs).await;
+}
