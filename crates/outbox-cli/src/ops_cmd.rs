@@ -99,14 +99,15 @@ pub enum DeadLetterCmd {
 
 /// `outbox status`.
 pub async fn status(pool: &PgPool, json: bool) -> anyhow::Result<()> {
-    let s = ops::status(pool).await?;
-    let refused = outbox::storage::route_holds::list(pool).await?;
     if json {
-        let mut v = serde_json::to_value(&s)?;
-        v["refused_routes"] = serde_json::to_value(&refused)?;
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&status_json(pool).await?)?
+        );
         return Ok(());
     }
+    let s = ops::status(pool).await?;
+    let refused = outbox::storage::route_holds::list(pool).await?;
     println!(
         "events: {} pending, {} published (kept for retention), {} dead, {} held behind a dead letter",
         s.counts.pending, s.counts.published, s.counts.dead, s.counts.held
@@ -149,6 +150,14 @@ pub async fn status(pool: &PgPool, json: bool) -> anyhow::Result<()> {
     }
     print_refused_routes(&refused);
     Ok(())
+}
+
+/// `outbox status --json` of one database: [`ops::status`] with `refused_routes`, the routes
+/// relays hold back because the broker refused them (issue 19).
+pub async fn status_json(pool: &PgPool) -> anyhow::Result<serde_json::Value> {
+    let mut v = serde_json::to_value(ops::status(pool).await?)?;
+    v["refused_routes"] = serde_json::to_value(outbox::storage::route_holds::list(pool).await?)?;
+    Ok(v)
 }
 
 /// The routes relays hold back because the broker refused them (issue 19), as the relays last
