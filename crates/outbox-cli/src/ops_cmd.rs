@@ -99,11 +99,15 @@ pub enum DeadLetterCmd {
 
 /// `outbox status`.
 pub async fn status(pool: &PgPool, json: bool) -> anyhow::Result<()> {
-    let s = ops::status(pool).await?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&s)?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&status_json(pool).await?)?
+        );
         return Ok(());
     }
+    let s = ops::status(pool).await?;
+    let refused = outbox::storage::route_holds::list(pool).await?;
     println!(
         "events: {} pending, {} published (kept for retention), {} dead, {} held behind a dead letter",
         s.counts.pending, s.counts.published, s.counts.dead, s.counts.held
@@ -154,7 +158,42 @@ pub async fn status(pool: &PgPool, json: bool) -> anyhow::Result<()> {
             ranges(&s.unowned_partitions)
         );
     }
+    print_refused_routes(&refused);
     Ok(())
+}
+
+/// `outbox status --json` of one database: [`ops::status`] with `refused_routes`, the routes
+/// relays hold back because the broker refused them (issue 19).
+pub async fn status_json(pool: &PgPool) -> anyhow::Result<serde_json::Value> {
+    let mut v = serde_json::to_value(ops::status(pool).await?)?;
+    v["refused_routes"] = serde_json::to_value(outbox::storage::route_holds::list(pool).await?)?;
+    Ok(v)
+}
+
+/// The routes relays hold back because the broker refused them (issue 19), as the relays last
+/// wrote them.
+fn print_refused_routes(refused: &[outbox::storage::route_holds::RouteHold]) {
+    if refused.is_empty() {
+        println!("refused routes: none");
+        return;
+    }
+    println!(
+        "refused routes ({}): their events wait, the other routes flow",
+        refused.len()
+    );
+    let now = chrono::Utc::now();
+    for r in refused {
+        println!(
+            "  {} (relay {}): refused {} time(s) in a row since {}, next try {}, oldest held event {:.1} s old: {}",
+            r.route,
+            r.relay_id,
+            r.refusals,
+            r.since.format("%Y-%m-%dT%H:%M:%SZ"),
+            r.until.format("%Y-%m-%dT%H:%M:%S%.3fZ"),
+            (now - r.oldest_event_at).num_milliseconds() as f64 / 1000.0,
+            r.last_error
+        );
+    }
 }
 
 /// `0-5,9,12-13`.

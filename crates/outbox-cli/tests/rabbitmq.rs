@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{attempts_spent, count, insert_backlog};
+use common::{attempts_spent, count, insert_backlog, insert_routes, route_probes};
 use lapin::options::{
     BasicGetOptions, BasicRejectOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
@@ -797,4 +797,280 @@ async fn a_broker_that_stops_reading_cannot_hang_the_relay() {
     assert!(status.success(), "{status:?}");
     let attempts = attempts_spent(&db).await;
     assert_eq!(attempts, 0, "a stalled broker spends no attempt");
+}
+
+/// The metrics page of a relay started with `--metrics-addr addr`.
+async fn scrape(addr: &str) -> String {
+    let url = format!("http://{addr}/metrics");
+    tokio::task::spawn_blocking(move || {
+        let out = Command::new("curl")
+            .args(["-s", &url])
+            .output()
+            .expect("curl");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    })
+    .await
+    .unwrap()
+}
+
+/// The sum of the samples of `metric` whose line contains every one of `with`.
+fn sample(body: &str, metric: &str, with: &[&str]) -> f64 {
+    body.lines()
+        .filter(|l| l.starts_with(metric) && with.iter().all(|w| l.contains(w)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn free_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    format!("127.0.0.1:{}", l.local_addr().unwrap().port())
+}
+
+/// Declares a queue that refuses every publish (`x-max-length` 0, `reject-publish`) bound to
+/// `binding`.
+async fn refusing_queue(rabbit: &mut Rabbit, binding: &str) -> String {
+    let full = format!("{}.full", rabbit.exchange);
+    rabbit.extra_queues.push(full.clone());
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), AMQPValue::LongInt(0));
+    args.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    rabbit
+        .ch
+        .queue_declare(full.as_str().into(), QueueDeclareOptions::default(), args)
+        .await
+        .unwrap();
+    rabbit
+        .ch
+        .queue_bind(
+            full.as_str().into(),
+            rabbit.exchange.as_str().into(),
+            binding.into(),
+            lapin::options::QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    full
+}
+
+/// Issue 19, item 2. Before: one queue refusing publishes (one tenant's binding of one topic,
+/// `reject-publish` at its `x-max-length`) nacked its messages and the whole batch was an outage:
+/// the refused events stayed at the head of every claim and the relay went claim, send, nack,
+/// back off, hundreds of nacks a minute, while nothing said which route was full. Now the refused
+/// routing key is held back alone (one probe per back-off), every other key flows, no attempt is
+/// spent, the aggregate whose head was refused keeps its later events (on another key) behind it,
+/// and `outbox status`, the route gauges and the log name the route.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_holds_back_only_its_routing_key() {
+    let db = TestDb::new().await;
+    let mut rabbit = Rabbit::new().await;
+    let full = refusing_queue(&mut rabbit, "full.topic.t0").await;
+    insert_routes(&db, 4, 30, 10).await;
+    let (refused_total, healthy_total) = (4 * 10 + 10, 30 * 10);
+    let addr = free_addr();
+    let started = std::time::Instant::now();
+    let _relay = RelayProcess::spawn(
+        &db,
+        &rabbit,
+        &amqp_url(),
+        &["--max-attempts", "3", "--metrics-addr", &addr],
+    );
+    assert!(
+        all_published(&db, healthy_total, Duration::from_secs(20)).await,
+        "the healthy routes drain while one is refused"
+    );
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let body = scrape(&addr).await;
+    let elapsed = started.elapsed();
+    let nacks = sample(&body, "outbox_publish_failures_total", &["reason=\"nack\""]);
+    // One probe per back-off (100 ms doubling, capped at 5 s) after the first refusals, which
+    // may come from every refused aggregate at once (one event each in flight).
+    let bound = (5 + route_probes(elapsed)) as f64;
+    assert!(
+        nacks <= bound,
+        "the refused routing key got {nacks} publishes in {elapsed:?}; at most {bound} (one per back-off)"
+    );
+    assert_eq!(count(&db, "published").await, healthy_total);
+    assert_eq!(count(&db, "dead").await, 0, "nothing dead");
+    assert_eq!(
+        attempts_spent(&db).await,
+        0,
+        "a refused route spends no attempt"
+    );
+    let m_published: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM outbox_published WHERE aggregate_id = 'm'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        m_published, 0,
+        "m's later events (another key) wait behind its refused head"
+    );
+    assert_eq!(sample(&body, "outbox_refused_routes", &[]), 1.0, "{body}");
+    assert!(sample(&body, "outbox_oldest_route_held_age_seconds", &[]) > 1.0);
+    // `outbox status` names the route.
+    let url = db.url.clone();
+    let status = tokio::task::spawn_blocking(move || {
+        let out = Command::new(env!("CARGO_BIN_EXE_outbox"))
+            .arg("status")
+            .env("DATABASE_URL", url)
+            .output()
+            .expect("outbox status");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    })
+    .await
+    .unwrap();
+    assert!(
+        status.contains("refused routes (1)") && status.contains("full.topic.t0"),
+        "{status}"
+    );
+
+    // Room again: the held route and m follow, every aggregate in order.
+    rabbit
+        .ch
+        .queue_delete(full.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+    assert!(
+        all_published(&db, healthy_total + refused_total, Duration::from_secs(20)).await,
+        "the refused route delivers once it takes messages again"
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM outbox_route_hold")
+                .fetch_one(&db.pool)
+                .await
+                .unwrap()
+                == 0
+        })
+        .await,
+        "the released route leaves `outbox status`"
+    );
+    let msgs = rabbit.drain(&rabbit.queue).await;
+    assert_all_delivered_in_order(&db, &msgs).await;
+}
+
+/// The figures of docs/benchmarks.md, "One refused route" (issue 19): the same backlog drained
+/// with nothing refused and with one routing key refused (a `reject-publish` queue at
+/// `x-max-length` 0 bound to it), alternating, three runs each. Per run: seconds until every
+/// event of the healthy routes is published, the refused route's publishes (nacks) per back-off
+/// interval, attempts spent, and (after the queue is deleted) every aggregate in order. Run with
+/// `cargo test -p outbox-cli --test rabbitmq -- --ignored --nocapture bench_one_refused_route`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: about a minute; figures in docs/benchmarks.md"]
+async fn bench_one_refused_route() {
+    let (refused_aggs, healthy_aggs, per_agg) = (20i64, 400i64, 50i64);
+    let healthy_total = healthy_aggs * per_agg;
+    let all_total = healthy_total + (refused_aggs + 1) * per_agg;
+    let mut table = Vec::new();
+    for run in 0..6 {
+        let refuse = run % 2 == 1;
+        let db = TestDb::new().await;
+        let mut rabbit = Rabbit::new().await;
+        let full = if refuse {
+            Some(refusing_queue(&mut rabbit, "full.topic.t0").await)
+        } else {
+            None
+        };
+        insert_routes(&db, refused_aggs, healthy_aggs, per_agg).await;
+        let addr = free_addr();
+        let started = std::time::Instant::now();
+        let _relay = RelayProcess::spawn(&db, &rabbit, &amqp_url(), &["--metrics-addr", &addr]);
+        let healthy: i64 = loop {
+            let n: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM outbox_published WHERE topic = 'ok.topic' AND aggregate_id <> 'm'",
+            )
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+            if n == healthy_total || started.elapsed() > Duration::from_secs(120) {
+                break n;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let drain = started.elapsed();
+        assert_eq!(healthy, healthy_total, "healthy routes drained");
+        let (mut nacks, mut intervals, mut spent) = (0.0, 0, 0);
+        if let Some(full) = full {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            let elapsed = started.elapsed();
+            nacks = sample(
+                &scrape(&addr).await,
+                "outbox_publish_failures_total",
+                &["reason=\"nack\""],
+            );
+            intervals = route_probes(elapsed);
+            spent = attempts_spent(&db).await;
+            assert_eq!(count(&db, "dead").await, 0);
+            rabbit
+                .ch
+                .queue_delete(full.as_str().into(), QueueDeleteOptions::default())
+                .await
+                .unwrap();
+        }
+        assert!(all_published(&db, all_total, Duration::from_secs(60)).await);
+        let msgs = rabbit.drain(&rabbit.queue).await;
+        assert_all_delivered_in_order(&db, &msgs).await;
+        println!(
+            "run {run}: refused={refuse} healthy {healthy_total} events in {:.2} s ({:.0}/s); refused-route publishes {nacks} over {intervals} back-off intervals; attempts spent {spent}; order kept",
+            drain.as_secs_f64(),
+            healthy_total as f64 / drain.as_secs_f64()
+        );
+        table.push((refuse, drain.as_secs_f64()));
+    }
+    let median = |r: bool| {
+        let mut v: Vec<f64> = table.iter().filter(|t| t.0 == r).map(|t| t.1).collect();
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        v[v.len() / 2]
+    };
+    let (clear, refused) = (median(false), median(true));
+    println!(
+        "median healthy drain: nothing refused {clear:.2} s, one route refused {refused:.2} s: ratio of rates {:.2}",
+        clear / refused
+    );
+}
+
+/// Issue 19, item 2: a full queue bound by `#` refuses every routing key. More keys refused at
+/// once than `--max-refused-routes` is the broker's outage, not the keys': the relay holds no
+/// route (none is written for `outbox status`) and backs off as a whole; nothing dead, no attempt
+/// spent, and everything follows in order once the queue is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_refused_routes_than_the_limit_is_a_broker_wide_outage() {
+    let db = TestDb::new().await;
+    let mut rabbit = Rabbit::new().await;
+    let full = refusing_queue(&mut rabbit, "#").await;
+    // 12 tenants: 12 routing keys `bulk.created.tN`.
+    sqlx::query(
+        "INSERT INTO outbox_event (event_id, tenant_id, aggregate_type, aggregate_id, event_type, topic, payload)
+         SELECT gen_random_uuid(), 't' || (g % 12), 'V', 'a' || (g % 24), 'Bulk', 'bulk.created', '\\x7b7d'
+         FROM generate_series(0, 119) AS g ORDER BY g",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let _relay = RelayProcess::spawn(&db, &rabbit, &amqp_url(), &["--max-refused-routes", "4"]);
+    let mut held_seen = 0i64;
+    for _ in 0..30 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox_route_hold")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+        held_seen = held_seen.max(n);
+    }
+    assert_eq!(held_seen, 0, "no route is held: it is the broker's outage");
+    assert_eq!(count(&db, "published").await, 0);
+    assert_eq!(count(&db, "dead").await, 0);
+    assert_eq!(attempts_spent(&db).await, 0);
+    rabbit
+        .ch
+        .queue_delete(full.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+    assert!(all_published(&db, 120, Duration::from_secs(20)).await);
+    let msgs = rabbit.drain(&rabbit.queue).await;
+    assert_all_delivered_in_order(&db, &msgs).await;
 }

@@ -435,3 +435,118 @@ async fn a_stream_limit_set_below_its_count_drops_the_oldest_messages() {
     let state = s.info().await.unwrap().state.clone();
     assert_eq!((state.messages, state.first_sequence), (15, 6));
 }
+
+/// Issue 19, item 2, on JetStream. Before: a stream with `discard_new_per_subject` refused one
+/// subject at its `max_msgs_per_subject` with the same code as a full stream (10077), and the
+/// relay treated it as a broker-wide outage: it published the refused events again and again
+/// (claim, send, refuse, back off) while the other subjects moved one event per aggregate per
+/// round trip. Now the subject is held back alone, one probe per back-off, no attempt spent, the
+/// aggregate whose head was refused keeps its later events behind it, and `outbox_route_hold`
+/// names the subject. A full stream stays an outage of the stream
+/// (`a_full_stream_is_an_outage_not_a_dead_letter`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_subject_holds_back_only_that_subject() {
+    let db = TestDb::new().await;
+    let stream = TestStream::new();
+    create_stream(&stream, |c| {
+        c.max_messages_per_subject = 200;
+        c.discard = jetstream::stream::DiscardPolicy::New;
+        c.discard_new_per_subject = true;
+    })
+    .await;
+    // Fill the one subject: `{prefix}.{tenant}.{topic}` of tenant t0, topic full.topic.
+    let full = format!("{}.t0.full.topic", stream.prefix);
+    let client = async_nats::connect(testkit::nats_url()).await.unwrap();
+    let js = jetstream::new(client.clone());
+    for _ in 0..200 {
+        js.publish(full.clone(), "filler".into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    // Every publish to the subject, refused or not, reaches a core subscriber.
+    let mut sub = client.subscribe(full.clone()).await.unwrap();
+    let publishes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = publishes.clone();
+    let counting = tokio::spawn(async move {
+        use futures::StreamExt;
+        while sub.next().await.is_some() {
+            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    });
+    client.flush().await.unwrap();
+    insert_routes(&db, 4, 30, 10).await;
+    let (refused_total, healthy_total) = (4 * 10 + 10, 30 * 10);
+    let started = std::time::Instant::now();
+    let relay = start_relay(&db, stream.nats_config(), test_config()).await;
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            count(&db, "published").await == healthy_total
+        })
+        .await,
+        "the other subjects drain while one is refused"
+    );
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let elapsed = started.elapsed();
+    let sent = publishes.load(std::sync::atomic::Ordering::Relaxed);
+    let bound = 5 + route_probes(elapsed) as usize;
+    assert!(
+        sent <= bound,
+        "the refused subject got {sent} publishes in {elapsed:?}; at most {bound} (one per back-off)"
+    );
+    assert_eq!(count(&db, "published").await, healthy_total);
+    assert_eq!(count(&db, "dead").await, 0, "nothing dead");
+    assert_eq!(
+        attempts_spent(&db).await,
+        0,
+        "a refused subject spends no attempt"
+    );
+    let m_published: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM outbox_published WHERE aggregate_id = 'm'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        m_published, 0,
+        "m's later events wait behind its refused head"
+    );
+    let held: Vec<String> = sqlx::query_scalar("SELECT route FROM outbox_route_hold")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        held,
+        vec![full.clone()],
+        "the refused subject is named for `outbox status`"
+    );
+
+    // Room again: everything flows, in order.
+    let mut config = js
+        .get_stream(&stream.name)
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .config
+        .clone();
+    config.max_messages_per_subject = 100_000;
+    js.update_stream(config).await.unwrap();
+    let done = eventually(Duration::from_secs(20), || async {
+        count(&db, "published").await == healthy_total + refused_total
+    })
+    .await;
+    relay.shutdown().await;
+    counting.abort();
+    assert!(done, "delivered once the subject had room");
+    let ours: Vec<Seen> = seen(&stream)
+        .await
+        .into_iter()
+        .filter(|m| !m.event_id.is_empty())
+        .collect();
+    assert_eq!(
+        assert_once_and_in_order(&ours) as i64,
+        healthy_total + refused_total
+    );
+}

@@ -211,6 +211,11 @@ pub struct RelayArgs {
     /// row: one row per aggregate, as every consumer keeps one position per aggregate.
     #[arg(long, env = "OUTBOX_AGGREGATE_HORIZON_HOURS", default_value_t = 0.0)]
     pub aggregate_horizon_hours: f64,
+    /// Routes (routing keys / subjects) the broker refuses one by one (a full `reject-publish`
+    /// queue, a JetStream subject at its limit) are held back alone while the others flow; more
+    /// than this many held at once (a full queue bound by `#`) is treated as a broker-wide outage.
+    #[arg(long, env = "OUTBOX_MAX_REFUSED_ROUTES", default_value_t = 8)]
+    pub max_refused_routes: usize,
     /// Database connections of the relay.
     #[arg(long, env = "OUTBOX_DB_CONNECTIONS", default_value_t = 4)]
     pub db_connections: u32,
@@ -249,6 +254,7 @@ impl RelayArgs {
             stall_timeout: Duration::from_secs(self.stall_timeout_secs),
             aggregate_horizon: (self.aggregate_horizon_hours > 0.0)
                 .then(|| Duration::from_secs_f64(self.aggregate_horizon_hours * 3600.0)),
+            max_refused_routes: self.max_refused_routes,
             ..defaults
         };
         config.validate()?;

@@ -37,6 +37,11 @@ pub const DATABASE_UP: &str = "outbox_database_up";
 pub const SINCE_PROGRESS: &str = "outbox_relay_seconds_since_progress";
 /// Gauge: 1 when work has been pending and nothing settled for longer than the stall timeout.
 pub const STALLED: &str = "outbox_relay_stalled";
+/// Gauge: routes (routing keys / subjects) this relay holds back because the broker refused them
+/// (a full `reject-publish` queue, a subject at its limit). No route label: routes carry tenants.
+pub const ROUTES_REFUSED: &str = "outbox_refused_routes";
+/// Gauge: age in seconds of the oldest event held back by a refused route (0 when none).
+pub const OLDEST_ROUTE_HELD_AGE: &str = "outbox_oldest_route_held_age_seconds";
 /// Histogram: seconds to publish one batch and receive its acknowledgements.
 pub const PUBLISH_SECONDS: &str = "outbox_publish_duration_seconds";
 /// Histogram: events per claimed batch.
@@ -63,6 +68,8 @@ pub const ALL: &[&str] = &[
     DATABASE_UP,
     SINCE_PROGRESS,
     STALLED,
+    ROUTES_REFUSED,
+    OLDEST_ROUTE_HELD_AGE,
     PUBLISH_SECONDS,
     BATCH_SIZE,
     COMMIT_TO_ACK,
@@ -117,6 +124,7 @@ pub fn describe() {
         STALLED,
         "1 when work is pending and nothing was settled for longer than the stall timeout"
     );
+    describe_routes();
     describe_histogram!(
         PUBLISH_SECONDS,
         Unit::Seconds,
@@ -127,6 +135,20 @@ pub fn describe() {
         COMMIT_TO_ACK,
         Unit::Seconds,
         "Time from an event's commit to its broker acknowledgement"
+    );
+}
+
+/// The refused-route gauges (issue 19); the relay sets them to zero when it starts.
+fn describe_routes() {
+    use metrics::{describe_gauge, Unit};
+    describe_gauge!(
+        ROUTES_REFUSED,
+        "Routes (routing keys / subjects) held back because the broker refused them"
+    );
+    describe_gauge!(
+        OLDEST_ROUTE_HELD_AGE,
+        Unit::Seconds,
+        "Age of the oldest event held back by a refused route"
     );
 }
 
@@ -142,6 +164,8 @@ pub struct FailureReasons {
     pub retryable: &'static [&'static str],
     /// `kind="permanent"`: this message, dead-lettered at once.
     pub permanent: &'static [&'static str],
+    /// `kind="route_refused"`: one route (routing key, subject) refused; only it is held back.
+    pub route_refused: &'static [&'static str],
 }
 
 /// Reasons of the NATS JetStream adapter and of the pipeline shared by both adapters.
@@ -155,6 +179,7 @@ pub const NATS_REASONS: FailureReasons = FailureReasons {
     ],
     retryable: &["rejected", "held_back"],
     permanent: &["too_large", "no_stream", "bad_header"],
+    route_refused: &["subject_full"],
 };
 
 /// Reasons of the RabbitMQ adapter and of the pipeline shared by both adapters.
@@ -164,11 +189,11 @@ pub const RABBITMQ_REASONS: FailureReasons = FailureReasons {
         "timeout",
         "send_timeout",
         "blocked",
-        "nack",
         "exchange",
     ],
     retryable: &["unroutable", "held_back"],
     permanent: &["too_large", "bad_routing_key"],
+    route_refused: &["nack"],
 };
 
 /// Reasons of a broker this module does not know (a test adapter): the pipeline's own.
@@ -176,6 +201,7 @@ const OTHER_REASONS: FailureReasons = FailureReasons {
     unavailable: &["disconnected"],
     retryable: &["held_back"],
     permanent: &["too_large"],
+    route_refused: &[],
 };
 
 /// `kind="lease_expired"` always carries this reason.
@@ -211,6 +237,7 @@ pub fn register_relay_zeros(broker: &str, amqp_exchange: Option<&str>) {
         ("unavailable", reasons.unavailable),
         ("retryable", reasons.retryable),
         ("permanent", reasons.permanent),
+        ("route_refused", reasons.route_refused),
         ("lease_expired", &[LEASE_REASON][..]),
     ] {
         for reason in list {
@@ -270,6 +297,7 @@ mod tests {
                     "Unavailable" => r.unavailable,
                     "Retryable" => r.retryable,
                     "Permanent" => r.permanent,
+                    "RouteRefused" => r.route_refused,
                     "LeaseExpired" => &[LEASE_REASON][..],
                     other => panic!("unknown failure kind {other}"),
                 };

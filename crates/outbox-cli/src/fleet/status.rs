@@ -37,15 +37,15 @@ pub async fn status_all(databases: &[Database], json: bool) -> anyhow::Result<()
             }
         };
         if json {
-            match outbox::ops::status(&pool).await {
-                Ok(s) => {
-                    out.insert(d.name.clone(), serde_json::to_value(&s)?);
+            match crate::ops_cmd::status_json(&pool).await {
+                Ok(v) => {
+                    out.insert(d.name.clone(), v);
                 }
                 Err(e) => {
                     failed.push(d.name.clone());
                     out.insert(
                         d.name.clone(),
-                        serde_json::json!({ "error": e.to_string() }),
+                        serde_json::json!({ "error": format!("{e:#}") }),
                     );
                 }
             }

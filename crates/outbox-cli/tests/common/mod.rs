@@ -110,6 +110,45 @@ pub async fn insert_backlog(db: &TestDb, n: i64, aggregates: i64) {
     .expect("insert backlog");
 }
 
+/// Inserts, in one statement and in this order: per refused aggregate `r0..`, `per_agg` events on
+/// topic `full.topic` of tenant `t0` (routing key `full.topic.t0`); an aggregate `m` whose first
+/// event goes there and whose next `per_agg - 1` go to `ok.topic`; and `healthy_aggs` aggregates
+/// `h0..` with `per_agg` events each on `ok.topic` of tenants `t0`..`t2`.
+pub async fn insert_routes(db: &TestDb, refused_aggs: i64, healthy_aggs: i64, per_agg: i64) {
+    sqlx::query(
+        "INSERT INTO outbox_event (event_id, tenant_id, aggregate_type, aggregate_id, event_type, topic, payload)
+         SELECT gen_random_uuid(), tenant, 'V', agg, 'Bulk', topic, convert_to(json_build_object('k', k)::text, 'UTF8')
+         FROM (
+             SELECT 1 AS part, g AS k, 't0' AS tenant, 'r' || (g % $1) AS agg, 'full.topic' AS topic
+             FROM generate_series(0, $1 * $3 - 1) AS g
+             UNION ALL
+             SELECT 2, g, 't0', 'm', CASE WHEN g = 0 THEN 'full.topic' ELSE 'ok.topic' END
+             FROM generate_series(0, $3 - 1) AS g
+             UNION ALL
+             SELECT 3, g, 't' || ((g % $2) % 3), 'h' || (g % $2), 'ok.topic'
+             FROM generate_series(0, $2 * $3 - 1) AS g
+         ) AS x ORDER BY part, k",
+    )
+    .bind(refused_aggs)
+    .bind(healthy_aggs)
+    .bind(per_agg)
+    .execute(&db.pool)
+    .await
+    .expect("insert events");
+}
+
+/// How many back-off intervals of a refused route fit in `elapsed` (100 ms doubling, capped at the
+/// default broker back-off cap of 5 s, as `outbox::relay::routes::back_off`): the most probes a
+/// refused route may get in that time, after the refusals of its first batch.
+pub fn route_probes(elapsed: Duration) -> u32 {
+    let (mut n, mut t) = (0u32, Duration::ZERO);
+    while t < elapsed {
+        n += 1;
+        t += Duration::from_millis(100u64 << (n - 1).min(16)).min(Duration::from_secs(5));
+    }
+    n
+}
+
 pub async fn count(db: &TestDb, status: &str) -> i64 {
     // Published rows live in their own table (migration `..._published_archive.sql`).
     let sql = if status == "published" {

@@ -41,11 +41,13 @@
 //! used, the relay backs off, the events stay in the outbox, and the next batch opens a fresh
 //! channel where the old one may be stuck): the broker unreachable, a channel or connection broken,
 //! a confirm that does not come within `confirm_timeout` (confirms come in publish order, so a
-//! missing one means the channel is stuck, not that the event is at fault), a `basic.nack` (a queue
-//! with `x-overflow: reject-publish` is full, or a queue process failed: the broker's state, not the
-//! message's), a connection the broker blocked (`connection.blocked`, a memory or disk alarm), and a
-//! publish not written within `send_timeout` (a blocked connection is not read, and `basic_publish`
-//! waits until its frames are written). Per message: a return (`Retryable`, see above); a message
+//! missing one means the channel is stuck, not that the event is at fault), a connection the broker
+//! blocked (`connection.blocked`, a memory or disk alarm), and a publish not written within
+//! `send_timeout` (a blocked connection is not read, and `basic_publish` waits until its frames are
+//! written). A `basic.nack` (a queue with `x-overflow: reject-publish` is full, or a queue process
+//! failed) is an outage of its *routing key* only (`RouteRefused`): no attempt is used, and the
+//! relay holds back that key for a back-off while the other keys flow (many keys refused at once,
+//! as by a full queue bound by `#`, and it backs off as a whole). Per message: a return (`Retryable`, see above); a message
 //! larger than the broker's `max_message_size` (client-side check; the limit is also learnt from the
 //! broker's refusal) or a routing key over 255 bytes (`Permanent`). After a failure the later events
 //! of the same aggregate in the batch are not sent at all, so the broker never sees them ahead of
@@ -469,6 +471,10 @@ impl Publisher for AmqpPublisher {
         "rabbitmq"
     }
 
+    fn route_template(&self) -> &str {
+        &self.cfg.routing_key_template
+    }
+
     fn is_connected(&self) -> bool {
         match self.live.try_lock() {
             Ok(live) => live
@@ -523,11 +529,13 @@ impl Publisher for AmqpPublisher {
         // Set by a send or confirm that leaves the channel in an unknown state: the next batch
         // starts on a fresh connection.
         let reset = Arc::new(AtomicBool::new(false));
-        let outcomes = crate::pipeline::run(batch, self.cfg.max_in_flight, deadline, |m| {
-            let reset = reset.clone();
-            async move { self.send(live, m, reset).await }
-        })
-        .await;
+        let template = self.cfg.routing_key_template.as_str();
+        let outcomes =
+            crate::pipeline::run(batch, template, self.cfg.max_in_flight, deadline, |m| {
+                let reset = reset.clone();
+                async move { self.send(live, m, reset).await }
+            })
+            .await;
         let reset = reset.load(Ordering::Relaxed);
         if reset {
             for f in outcomes.iter().filter_map(|o| o.as_ref().err()) {
@@ -662,11 +670,14 @@ fn confirmed(
             ))
         }
         // RabbitMQ nacks when a queue refuses new messages (`x-overflow: reject-publish` on a
-        // full queue) or a queue process failed: a state of the broker, not of this message.
+        // full queue) or a queue process failed: a state of the queues bound to this routing key,
+        // not of this message, and not of the broker as a whole (the channel stays usable). The
+        // relay holds back this route only; many routes refused at once (a full queue bound by
+        // `#`) make it back off as a whole.
         Ok(Ok(Confirmation::Nack(None))) => Err(PublishFailure::new(
-            FailureKind::Unavailable,
+            FailureKind::RouteRefused,
             "nack",
-            "RabbitMQ refused the message (basic.nack: a queue is full with reject-publish, or failed)",
+            "RabbitMQ refused the message (basic.nack: a queue bound to its routing key is full with reject-publish, or failed)",
         )),
     }
 }

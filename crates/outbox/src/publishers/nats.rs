@@ -303,6 +303,15 @@ impl NatsPublisher {
                 Some(ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM) => {
                     PublishFailure::new(FailureKind::Permanent, "too_large", err)
                 }
+                // Same code as a full stream (10077, a store failure), told apart by the
+                // server's words: a stream with `discard_new_per_subject` (nats-server 2.9.2+)
+                // refuses only the subjects at their `max_msgs_per_subject`, "maximum messages
+                // per subject exceeded", while a full stream says "maximum messages exceeded" or
+                // "maximum bytes exceeded". A full subject is an outage of that route only; a full
+                // stream is the outage of the one stream this relay publishes to.
+                Some(ErrorCode::STREAM_STORE_FAILED) if is_subject_full(e) => {
+                    PublishFailure::new(FailureKind::RouteRefused, "subject_full", err)
+                }
                 Some(code) if BROKER_WIDE.contains(&code) => outage("broker_refused"),
                 _ => PublishFailure::new(FailureKind::Retryable, "rejected", err),
             },
@@ -335,6 +344,11 @@ const BROKER_WIDE: &[ErrorCode] = &[
     ErrorCode::STREAM_NOT_FOUND,
     ErrorCode::TEMP_STORAGE_FAILED,
 ];
+
+/// Whether a store failure is a subject at its per-subject limit (see `classify`).
+fn is_subject_full(e: &PublishError) -> bool {
+    jetstream_error(e).is_some_and(|j| j.to_string().to_ascii_lowercase().contains("per subject"))
+}
 
 /// The server's JetStream error behind a publish error, if the server sent one.
 fn jetstream_error(e: &PublishError) -> Option<&jetstream::Error> {
@@ -442,6 +456,10 @@ impl Publisher for NatsPublisher {
         self.client.connection_state() == State::Connected
     }
 
+    fn route_template(&self) -> &str {
+        &self.cfg.subject_template
+    }
+
     async fn publish(
         &self,
         batch: &[OutboundMessage],
@@ -464,29 +482,36 @@ impl Publisher for NatsPublisher {
                 e.to_string(),
             ));
         }
-        crate::pipeline::run(batch, self.cfg.max_in_flight, deadline, |m| async move {
-            let subject = m.render(&self.cfg.subject_template);
-            self.captured(&subject)?;
-            let msg = PublishMessage::build()
-                .payload(m.payload.clone())
-                .headers(Self::headers(m)?);
-            let ack = self
-                .js
-                .send_publish(subject, msg)
-                .await
-                .map_err(|e| Self::classify(&self.client, &e))?;
-            // A failed acknowledgement is classified when it arrives: the connection state then
-            // says whether the broker went away.
-            let client = self.client.clone();
-            Ok(async move {
-                match ack.await {
-                    Ok(a) if a.duplicate => Ok(Delivery::Duplicate),
-                    Ok(_) => Ok(Delivery::Stored),
-                    Err(e) => Err(Self::classify(&client, &e)),
+        let template = self.cfg.subject_template.as_str();
+        crate::pipeline::run(
+            batch,
+            template,
+            self.cfg.max_in_flight,
+            deadline,
+            |m| async move {
+                let subject = m.render(&self.cfg.subject_template);
+                self.captured(&subject)?;
+                let msg = PublishMessage::build()
+                    .payload(m.payload.clone())
+                    .headers(Self::headers(m)?);
+                let ack = self
+                    .js
+                    .send_publish(subject, msg)
+                    .await
+                    .map_err(|e| Self::classify(&self.client, &e))?;
+                // A failed acknowledgement is classified when it arrives: the connection state then
+                // says whether the broker went away.
+                let client = self.client.clone();
+                Ok(async move {
+                    match ack.await {
+                        Ok(a) if a.duplicate => Ok(Delivery::Duplicate),
+                        Ok(_) => Ok(Delivery::Stored),
+                        Err(e) => Err(Self::classify(&client, &e)),
+                    }
                 }
-            }
-            .boxed())
-        })
+                .boxed())
+            },
+        )
         .await
     }
 }

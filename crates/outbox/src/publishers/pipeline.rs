@@ -16,8 +16,11 @@
 //!   waited forever. Acknowledgements are read while sending, so the window only bounds memory.
 //!
 //! Failures: an `Unavailable` outcome stops all further sending (the broker is away; what was not
-//! sent is reported `Unavailable` too, no attempt is spent). A `Retryable` or `Permanent` outcome
-//! stops only its aggregate: its later events are reported as held back and are not sent. Nothing
+//! sent is reported `Unavailable` too, no attempt is spent). A `RouteRefused` outcome stops
+//! sending to its route (the message rendered with the route template): what was not sent to it
+//! is reported `RouteRefused` too, so a full queue gets no more publishes than were already in
+//! flight when its first refusal came. A `Retryable` or `Permanent` outcome stops only its
+//! aggregate (as do the two above): its later events are reported as held back and are not sent. Nothing
 //! is sent at or after `deadline` (the end of the relay's lease): a relay that stalled past its
 //! lease must not publish what another relay may already have published after it; what was not
 //! sent is reported `LeaseExpired`.
@@ -44,10 +47,12 @@ fn held_back() -> PublishFailure {
 }
 
 /// Publishes `batch` through `send`, which hands one message to the broker and returns the future
-/// of its acknowledgement (or the failure to send it). Returns one outcome per message, in batch
+/// of its acknowledgement (or the failure to send it). `route_template` renders a message's route
+/// ([`crate::publisher::Publisher::route_template`]). Returns one outcome per message, in batch
 /// order. See the module doc for the rules.
 pub async fn run<'a, S, Fut>(
     batch: &'a [OutboundMessage],
+    route_template: &str,
     window: usize,
     deadline: Instant,
     mut send: S,
@@ -69,12 +74,27 @@ where
         }
     }
     drop(last);
+    let routes: Vec<String> = batch.iter().map(|m| m.render(route_template)).collect();
     let mut in_flight = FuturesUnordered::new();
     // Why sending stopped for everyone, if it did.
     let mut stopped: Option<PublishFailure> = None;
+    // Routes that refused a message in this batch, with the refusal.
+    let mut refused: HashMap<&str, PublishFailure> = HashMap::new();
     loop {
         while stopped.is_none() && in_flight.len() < window {
             let Some(i) = ready.pop_front() else { break };
+            if let Some(f) = refused.get(routes[i].as_str()) {
+                let not_sent = PublishFailure::new(
+                    FailureKind::RouteRefused,
+                    f.reason,
+                    format!(
+                        "not sent: its route {:?} refused a message ({})",
+                        routes[i], f.message
+                    ),
+                );
+                record(i, Err(not_sent), &mut out, &next, &mut ready, &mut stopped);
+                continue;
+            }
             if Instant::now() >= deadline {
                 ready.push_front(i);
                 stopped = Some(PublishFailure::new(
@@ -86,11 +106,19 @@ where
             }
             match send(&batch[i]).await {
                 Ok(ack) => in_flight.push(async move { (i, ack.await) }),
-                Err(f) => record(i, Err(f), &mut out, &next, &mut ready, &mut stopped),
+                Err(f) => {
+                    note_refusal(&routes[i], &f, &mut refused);
+                    record(i, Err(f), &mut out, &next, &mut ready, &mut stopped)
+                }
             }
         }
         match in_flight.next().await {
-            Some((i, outcome)) => record(i, outcome, &mut out, &next, &mut ready, &mut stopped),
+            Some((i, outcome)) => {
+                if let Err(f) = &outcome {
+                    note_refusal(&routes[i], f, &mut refused);
+                }
+                record(i, outcome, &mut out, &next, &mut ready, &mut stopped)
+            }
             None => break,
         }
     }
@@ -98,6 +126,17 @@ where
     out.into_iter()
         .map(|o| o.unwrap_or_else(|| Err(unsent.clone())))
         .collect()
+}
+
+/// Remembers a route's refusal, so that nothing more of the batch is sent to it.
+fn note_refusal<'r>(
+    route: &'r str,
+    f: &PublishFailure,
+    refused: &mut HashMap<&'r str, PublishFailure>,
+) {
+    if f.kind == FailureKind::RouteRefused {
+        refused.entry(route).or_insert_with(|| f.clone());
+    }
 }
 
 /// Records message `i`'s outcome and decides what of its aggregate may follow.
@@ -161,7 +200,7 @@ mod tests {
         let open: Arc<Mutex<Vec<String>>> = Arc::default();
         let max_open = Arc::new(Mutex::new(0usize));
         let order: Arc<Mutex<Vec<i64>>> = Arc::default();
-        let out = run(&batch, 5, far(), |m| {
+        let out = run(&batch, "{topic}", 5, far(), |m| {
             let (open, max_open, order) = (open.clone(), max_open.clone(), order.clone());
             let agg = m.aggregate_id.clone();
             let id = m.id;
@@ -204,7 +243,7 @@ mod tests {
             msg(5, "c"),
         ];
         let sent: Arc<Mutex<Vec<i64>>> = Arc::default();
-        let out = run(&batch, 10, far(), |m| {
+        let out = run(&batch, "{topic}", 10, far(), |m| {
             let sent = sent.clone();
             let id = m.id;
             async move {
@@ -230,7 +269,7 @@ mod tests {
         );
 
         let sent: Arc<Mutex<Vec<i64>>> = Arc::default();
-        let out = run(&batch, 1, far(), |m| {
+        let out = run(&batch, "{topic}", 1, far(), |m| {
             let sent = sent.clone();
             let id = m.id;
             async move {
@@ -260,7 +299,7 @@ mod tests {
     async fn nothing_is_sent_past_the_deadline() {
         let batch = vec![msg(1, "a"), msg(2, "a"), msg(3, "b")];
         let deadline = Instant::now() + Duration::from_millis(50);
-        let out = run(&batch, 10, deadline, |m| {
+        let out = run(&batch, "{topic}", 10, deadline, |m| {
             let id = m.id;
             async move {
                 Ok(async move {

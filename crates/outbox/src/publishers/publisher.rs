@@ -96,6 +96,12 @@ pub enum FailureKind {
     /// Not sent because the relay's partition lease ran out first: neither the broker's fault nor
     /// the event's. No attempt is spent; the relay renews its lease before claiming again.
     LeaseExpired,
+    /// The broker refused this message because of where it goes, not what it is: one queue
+    /// bound to its routing key is full (`x-overflow: reject-publish`), or one JetStream subject
+    /// is at its limit (`discard_new_per_subject`). An outage of that route only: no attempt is
+    /// spent, and the relay holds back what goes to the route (the message rendered with
+    /// [`Publisher::route_template`]) for a back-off while the other routes flow.
+    RouteRefused,
 }
 
 /// A message the broker did not acknowledge.
@@ -141,6 +147,13 @@ pub trait Publisher: Send + Sync + 'static {
 
     /// Whether the broker connection is up right now (health endpoints, metrics).
     fn is_connected(&self) -> bool;
+
+    /// The template ([`OutboundMessage::render`]) of the subject or routing key a message is
+    /// published with: its *route*. A [`FailureKind::RouteRefused`] failure holds back every
+    /// message with the same rendered route.
+    fn route_template(&self) -> &str {
+        "{topic}.{tenant}"
+    }
 }
 
 /// An event of aggregate `agg` at row `id` (seq = id) with `attempts` failures, for unit tests.

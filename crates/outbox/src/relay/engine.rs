@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::{OutboxError, Result};
 use crate::publisher::{Delivery, FailureKind, OutboundMessage, PublishFailure, Publisher};
+use crate::relay::routes::RouteHolds;
 use crate::retry::RetryPolicy;
 use crate::store::{Claimed, Fence, RelayStore, Settlement};
 use crate::telemetry as m;
@@ -58,6 +59,10 @@ pub struct RelayConfig {
     /// `None` (the default) keeps every sequence row: a new epoch cannot be linked by consumers
     /// to the end of the previous one, so they treat it as a gap (docs/architecture.md).
     pub aggregate_horizon: Option<Duration>,
+    /// Routes the broker refused (a full `reject-publish` queue, a subject at its limit) are held
+    /// back one by one while the others flow; more than this many held at once is treated as a
+    /// broker-wide outage ([`crate::relay::routes`]).
+    pub max_refused_routes: usize,
 }
 
 impl Default for RelayConfig {
@@ -76,6 +81,7 @@ impl Default for RelayConfig {
             broker_backoff_cap: Duration::from_secs(5),
             stall_timeout: Duration::from_secs(60),
             aggregate_horizon: None,
+            max_refused_routes: 8,
         }
     }
 }
@@ -326,6 +332,12 @@ impl Relay {
         let mut background: Option<(tokio::task::JoinHandle<()>, Vec<uuid::Uuid>)> = None;
         // The next batch, claimed while the previous one was being published (see below).
         let mut prefetched: Option<Claimed> = None;
+        let mut routes = RouteHolds::new(
+            self.publisher.route_template(),
+            cfg.broker_backoff_cap,
+            cfg.max_refused_routes,
+        );
+        routes.gauges();
         while !stop.is_cancelled() {
             if Instant::now() >= next_lease {
                 // Partitions may be given back in this round: nothing of ours may still be
@@ -392,12 +404,13 @@ impl Relay {
                 Some(b) => Ok(b),
                 None => {
                     self.store
-                        .claim(
+                        .claim_except(
                             &cfg.relay_id,
                             cfg.batch_size,
                             cfg.dead_letters_block,
                             exclude,
                             margin,
+                            &routes.active(),
                         )
                         .await
                 }
@@ -419,10 +432,16 @@ impl Relay {
                     continue;
                 }
             };
+            let batch = routes.filter(batch);
             if batch.is_empty() {
                 finish(&mut background).await;
                 self.health.progress();
-                self.idle(stop, cfg.poll_interval.min(until_lease)).await;
+                let mut wait = cfg.poll_interval.min(until_lease);
+                if let Some(due) = routes.next_due() {
+                    // A held route's back-off ends: its probe need not wait for the poll.
+                    wait = wait.min(due.saturating_duration_since(Instant::now()));
+                }
+                self.idle(stop, wait.max(Duration::from_millis(1))).await;
                 continue;
             }
             metrics::histogram!(m::BATCH_SIZE).record(batch.len() as f64);
@@ -440,14 +459,16 @@ impl Relay {
                     if let Some((_, ids)) = &background {
                         in_flight.extend_from_slice(ids);
                     }
+                    let held = routes.active();
                     let (outcomes, next) = tokio::join!(
                         self.publisher.publish(&batch, deadline),
-                        self.store.claim(
+                        self.store.claim_except(
                             &cfg.relay_id,
                             cfg.batch_size,
                             cfg.dead_letters_block,
                             &in_flight,
                             margin,
+                            &held,
                         )
                     );
                     (outcomes, next.ok().filter(|b| !b.messages.is_empty()))
@@ -462,6 +483,7 @@ impl Relay {
                 "batch published"
             );
             let decided = decide(&batch, outcomes, &cfg.retry, self.publisher.name());
+            let broker_wide = self.note_routes(&batch, &decided, &mut routes).await;
             let lease_ran_out = decided.lease_expired || Instant::now() >= lease_deadline;
             if lease_ran_out {
                 // Renew (or lose) the lease before anything else is claimed.
@@ -471,7 +493,7 @@ impl Relay {
                 next_lease = Instant::now();
                 prefetched = None;
             }
-            if decided.unavailable && decided.settlements.is_empty() {
+            if (decided.unavailable || broker_wide) && decided.settlements.is_empty() {
                 broker_failures += 1;
                 self.health.set_broker(false);
                 let wait = backoff(broker_failures, cfg.broker_backoff_cap.min(tick));
@@ -479,12 +501,15 @@ impl Relay {
                 self.pause(stop, wait).await;
                 continue;
             }
-            broker_failures = 0;
+            if !broker_wide {
+                broker_failures = 0;
+            }
             self.health.set_broker(!decided.unavailable);
             // Settlements are written in batch order: the previous one first.
             finish(&mut background).await;
             let clean = !decided.unavailable
                 && !decided.lease_expired
+                && decided.refused.is_empty()
                 && decided
                     .settlements
                     .iter()
@@ -530,6 +555,14 @@ impl Relay {
                 )
                 .await;
             }
+            if broker_wide {
+                // Settled what was acknowledged; now back off as for any outage.
+                broker_failures += 1;
+                let wait = backoff(broker_failures, cfg.broker_backoff_cap.min(tick));
+                tracing::warn!(error = %decided.first_error, retry_in_ms = wait.as_millis() as u64, "broker refuses many routes; events stay in the outbox");
+                self.pause(stop, wait).await;
+                continue;
+            }
             if clean && drained {
                 // Nothing deliverable was left behind: wait for a commit's wake-up (or the poll)
                 // instead of claiming again at once. Under a steady stream of commits the relay
@@ -540,6 +573,38 @@ impl Relay {
         }
         finish(&mut background).await;
         Ok(())
+    }
+
+    /// Holds back the routes the broker refused in this batch and releases those it took again;
+    /// writes the change for `outbox status`. True when so many routes are refused that the relay
+    /// must back off as a whole.
+    async fn note_routes(
+        &self,
+        batch: &[OutboundMessage],
+        decided: &Decided,
+        routes: &mut RouteHolds,
+    ) -> bool {
+        if decided.refused.is_empty() && routes.is_empty() {
+            return false;
+        }
+        let refused: Vec<(&OutboundMessage, &str)> = decided
+            .refused
+            .iter()
+            .map(|(i, e)| (&batch[*i], e.as_str()))
+            .collect();
+        let delivered: Vec<&OutboundMessage> =
+            decided.delivered.iter().map(|i| &batch[*i]).collect();
+        let recorded = routes.record(&refused, &delivered);
+        if recorded.changed {
+            if let Err(e) = self
+                .store
+                .record_route_holds(&self.config.relay_id, &routes.rows())
+                .await
+            {
+                tracing::warn!(error = %e, "could not record the refused routes for `outbox status`");
+            }
+        }
+        recorded.broker_wide
     }
 
     fn delete_published(&self) -> bool {
@@ -618,6 +683,10 @@ pub(crate) struct Decided {
     /// Some events were not sent because the lease ran out: renew it before the next claim.
     pub lease_expired: bool,
     pub first_error: String,
+    /// Batch indices of messages a route refused, with the broker's words: no settlement.
+    pub refused: Vec<(usize, String)>,
+    /// Batch indices of acknowledged messages (a refused route that takes one is released).
+    pub delivered: Vec<usize>,
 }
 
 /// Turns publish outcomes into settlements. Per aggregate, only the acknowledged prefix is marked
@@ -633,7 +702,7 @@ pub(crate) fn decide(
     let mut out = Decided::default();
     let mut stopped: HashSet<(&str, &str, &str)> = HashSet::new();
     let now = Utc::now();
-    for (msg, outcome) in batch.iter().zip(outcomes) {
+    for (i, (msg, outcome)) in batch.iter().zip(outcomes).enumerate() {
         let key = (
             msg.tenant_id.as_str(),
             msg.aggregate_type.as_str(),
@@ -651,6 +720,7 @@ pub(crate) fn decide(
                 let lag = (now - msg.created_at).to_std().unwrap_or_default();
                 metrics::histogram!(m::COMMIT_TO_ACK).record(lag.as_secs_f64());
                 out.settlements.push(Settlement::Published(msg.event_id));
+                out.delivered.push(i);
             }
             Err(f) => {
                 stopped.insert(key);
@@ -660,6 +730,7 @@ pub(crate) fn decide(
                 let kind = match f.kind {
                     FailureKind::Unavailable => "unavailable",
                     FailureKind::LeaseExpired => "lease_expired",
+                    FailureKind::RouteRefused => "route_refused",
                     FailureKind::Retryable => "retryable",
                     FailureKind::Permanent => "permanent",
                 };
@@ -667,6 +738,8 @@ pub(crate) fn decide(
                 match f.kind {
                     FailureKind::Unavailable => out.unavailable = true,
                     FailureKind::LeaseExpired => out.lease_expired = true,
+                    // The route's outage, not the event's: nothing is written for it.
+                    FailureKind::RouteRefused => out.refused.push((i, f.message)),
                     FailureKind::Permanent => {
                         metrics::counter!(m::DEAD_LETTERED, "reason" => f.reason).increment(1);
                         tracing::error!(event_id = %msg.event_id, reason = f.reason, error = %f.message, "event dead-lettered");

@@ -4,6 +4,7 @@
 
 pub mod engine;
 pub mod retry;
+pub mod routes;
 pub mod wake;
 
 pub use engine::*;

@@ -4,5 +4,6 @@
 //! engine.
 
 pub mod pg;
+pub mod route_holds;
 pub mod schema;
 pub mod store;

@@ -14,7 +14,9 @@ use uuid::Uuid;
 
 use crate::error::{OutboxError, Result};
 use crate::publisher::OutboundMessage;
-use crate::store::{Claimed, Fence, HeldCounts, LeaseState, RelayStore, Settlement};
+use crate::store::{
+    Claimed, Fence, HeldCounts, HeldRoutes, LeaseState, RelayStore, RouteHoldRow, Settlement,
+};
 
 /// Number of partitions in the schema (see the migration's `outbox_partition_of`).
 pub const PARTITIONS: i64 = 64;
@@ -245,6 +247,20 @@ impl RelayStore for PgStore {
         exclude: &[Uuid],
         lease_margin: Duration,
     ) -> Result<Claimed> {
+        let none = HeldRoutes::default();
+        self.claim_except(relay_id, limit, dead_blocks, exclude, lease_margin, &none)
+            .await
+    }
+
+    async fn claim_except(
+        &self,
+        relay_id: &str,
+        limit: i64,
+        dead_blocks: bool,
+        exclude: &[Uuid],
+        lease_margin: Duration,
+        held: &HeldRoutes,
+    ) -> Result<Claimed> {
         // One statement: `t` finds the tenants with pending events by a loose index scan (one
         // index probe per tenant, however large any backlog), and each tenant gets an equal share
         // of the batch, so a quiet tenant's event waits for at most the batch in flight, not for
@@ -266,8 +282,20 @@ impl RelayStore for PgStore {
         if !dead_blocks {
             self.release_held().await?;
         }
-        let mut tx = self.read_tx().await?;
-        let rows = sqlx::query(
+        // Refused routes (issue 19): the aggregates whose first pending event goes to a held
+        // route are left out whole, from a hashed list the relay passes (bounded by what it has
+        // claimed of the held routes, never a scan of the backlog).
+        let (held_cte, held_filter) = if held.is_empty() {
+            ("", "")
+        } else {
+            (
+                ", refused AS MATERIALIZED (
+                     SELECT * FROM unnest($6::text[], $7::text[], $8::text[]) AS u(tenant_id, aggregate_type, aggregate_id))",
+                "AND (e.tenant_id, e.aggregate_type, e.aggregate_id) NOT IN (
+                       SELECT r.tenant_id, r.aggregate_type, r.aggregate_id FROM refused r)",
+            )
+        };
+        let sql = format!(
             "WITH RECURSIVE t(tenant_id) AS (
                  (SELECT tenant_id FROM outbox_event WHERE status = 'pending' ORDER BY tenant_id LIMIT 1)
                  UNION ALL
@@ -276,7 +304,7 @@ impl RelayStore for PgStore {
                          ORDER BY e.tenant_id LIMIT 1)
                  FROM t WHERE t.tenant_id IS NOT NULL),
              tenants AS (SELECT tenant_id FROM t WHERE tenant_id IS NOT NULL),
-             n AS (SELECT count(*) AS k FROM tenants)
+             n AS (SELECT count(*) AS k FROM tenants){held_cte}
              SELECT c.*, n.k AS tenants_pending FROM tenants CROSS JOIN n CROSS JOIN LATERAL (
                  SELECT e.id, e.event_id, e.tenant_id, e.aggregate_type, e.aggregate_id, e.seq, e.partition,
                         e.event_type, e.topic, e.payload, e.headers, e.attempts, e.seq_epoch,
@@ -297,18 +325,26 @@ impl RelayStore for PgStore {
                          AND b.tenant_id = e.tenant_id AND b.aggregate_type = e.aggregate_type
                          AND b.aggregate_id = e.aggregate_id AND b.id < e.id
                          AND ((b.status = 'pending' AND b.next_attempt_at > now()) OR ($3 AND b.status = 'dead')))
+                   {held_filter}
                  ORDER BY e.id
                  LIMIT ($2 + n.k - 1) / n.k) AS c
              ORDER BY c.id
-             LIMIT $2",
-        )
-        .bind(relay_id)
-        .bind(limit)
-        .bind(dead_blocks)
-        .bind(exclude)
-        .bind(millis(lease_margin) as f64)
-        .fetch_all(&mut *tx)
-        .await?;
+             LIMIT $2"
+        );
+        let mut query = sqlx::query(&sql)
+            .bind(relay_id)
+            .bind(limit)
+            .bind(dead_blocks)
+            .bind(exclude)
+            .bind(millis(lease_margin) as f64);
+        if !held.is_empty() {
+            query = query
+                .bind(&held.tenants)
+                .bind(&held.aggregate_types)
+                .bind(&held.aggregate_ids);
+        }
+        let mut tx = self.read_tx().await?;
+        let rows = query.fetch_all(&mut *tx).await?;
         tx.commit().await?;
         let drained = drained(&rows, limit)?;
         let (mut batch, bad) = decode_rows(&rows, dead_blocks)?;
@@ -334,6 +370,10 @@ impl RelayStore for PgStore {
             messages: batch,
             drained,
         })
+    }
+
+    async fn record_route_holds(&self, relay_id: &str, holds: &[RouteHoldRow]) -> Result<()> {
+        crate::storage::route_holds::record(&self.pool, relay_id, holds).await
     }
 
     async fn settle(

@@ -66,6 +66,45 @@ pub struct Claimed {
     pub drained: bool,
 }
 
+/// Aggregates a claim leaves out: their first pending event goes to a route the broker refused,
+/// and the relay holds that route back for a back-off (`crate::relay::routes`). Every pending row
+/// of these aggregates is left out, so nothing overtakes the refused event. The relay learns the
+/// aggregates from what it claims (a claim returns each aggregate's pending events from its
+/// first), so a claim never has to render routes.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HeldRoutes {
+    /// Tenant of each held aggregate.
+    pub tenants: Vec<String>,
+    /// Aggregate type of each (same order).
+    pub aggregate_types: Vec<String>,
+    /// Aggregate id of each (same order).
+    pub aggregate_ids: Vec<String>,
+}
+
+impl HeldRoutes {
+    /// Whether nothing is left out.
+    pub fn is_empty(&self) -> bool {
+        self.tenants.is_empty()
+    }
+}
+
+/// One route a relay holds back, as written for `outbox status` (table `outbox_route_hold`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteHoldRow {
+    /// The routing key / subject.
+    pub route: String,
+    /// Refusals in a row.
+    pub refusals: i32,
+    /// When its first refusal in a row came.
+    pub since: chrono::DateTime<chrono::Utc>,
+    /// When the relay sends to it again (one probe).
+    pub until: chrono::DateTime<chrono::Utc>,
+    /// Creation time of the oldest event it holds back.
+    pub oldest_event_at: chrono::DateTime<chrono::Utc>,
+    /// The broker's last refusal.
+    pub last_error: String,
+}
+
 /// Storage operations of the relay.
 #[async_trait]
 pub trait RelayStore: Send + Sync + 'static {
@@ -97,6 +136,30 @@ pub trait RelayStore: Send + Sync + 'static {
         exclude: &[Uuid],
         lease_margin: Duration,
     ) -> Result<Claimed>;
+
+    /// [`RelayStore::claim`], leaving out every row of the `held` aggregates. The default ignores
+    /// `held` (the relay drops such rows from the batch itself, keeping order; only a refused
+    /// route's backlog can then fill the batch).
+    async fn claim_except(
+        &self,
+        relay_id: &str,
+        limit: i64,
+        dead_blocks: bool,
+        exclude: &[Uuid],
+        lease_margin: Duration,
+        held: &HeldRoutes,
+    ) -> Result<Claimed> {
+        let _ = held;
+        self.claim(relay_id, limit, dead_blocks, exclude, lease_margin)
+            .await
+    }
+
+    /// Replaces the routes `relay_id` holds back, as shown by `outbox status`. The default keeps
+    /// nothing.
+    async fn record_route_holds(&self, relay_id: &str, holds: &[RouteHoldRow]) -> Result<()> {
+        let _ = (relay_id, holds);
+        Ok(())
+    }
 
     /// Records the outcomes of a publish in one transaction. With `delete_published` the
     /// acknowledged rows are deleted instead of kept as `published` (retention zero). Retries
