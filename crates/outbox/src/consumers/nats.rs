@@ -17,7 +17,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::{pull, FromConsumer};
 use async_nats::jetstream::{self, AckKind};
@@ -159,7 +159,10 @@ impl NatsSource {
             held.clone(),
             pending.clone(),
         ));
-        let keep_alive = tokio::spawn(keep_alive(client, held, progress_every));
+        // A message younger than this at a tick is at most `ack_wait - progress_every` old at
+        // the next one: inside its ack wait, whatever the two settings.
+        let young = cfg.ack_wait.saturating_sub(progress_every * 2);
+        let keep_alive = tokio::spawn(keep_alive(client, held, progress_every, young));
         Ok(Self {
             consumer,
             received,
@@ -181,17 +184,20 @@ impl Drop for NatsSource {
 }
 
 /// The messages this process holds and has not settled: the reply subject (the message's
-/// handle at the server) of each, by a local number.
+/// handle at the server) of each, and when it arrived, by a local number.
 #[derive(Default)]
 struct Held {
     next: AtomicU64,
-    subjects: Mutex<HashMap<u64, Subject>>,
+    subjects: Mutex<HashMap<u64, (Subject, Instant)>>,
 }
 
 impl Held {
     fn register(&self, reply: Subject) -> u64 {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        self.subjects.lock().expect("held lock").insert(id, reply);
+        self.subjects
+            .lock()
+            .expect("held lock")
+            .insert(id, (reply, Instant::now()));
         id
     }
 
@@ -199,12 +205,17 @@ impl Held {
         self.subjects.lock().expect("held lock").remove(&id);
     }
 
-    fn snapshot(&self) -> Vec<Subject> {
+    /// The messages held for at least `age`: only those need a progress acknowledgement now
+    /// (a younger one is still inside its ack wait at the next tick), so a consumer that keeps
+    /// up sends none.
+    fn older_than(&self, age: Duration) -> Vec<Subject> {
+        let now = Instant::now();
         self.subjects
             .lock()
             .expect("held lock")
             .values()
-            .cloned()
+            .filter(|(_, at)| now.duration_since(*at) >= age)
+            .map(|(s, _)| s.clone())
             .collect()
     }
 }
@@ -269,7 +280,7 @@ fn received(msg: jetstream::Message, client: &Client, held: &Arc<Held>) -> Recei
 }
 
 /// Sends a progress acknowledgement for every held message, every `every`, until aborted.
-async fn keep_alive(client: Client, held: Arc<Held>, every: Duration) {
+async fn keep_alive(client: Client, held: Arc<Held>, every: Duration, young: Duration) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -277,7 +288,7 @@ async fn keep_alive(client: Client, held: Arc<Held>, every: Duration) {
         // A message settled between the snapshot and its `+WPI` gets a progress the server
         // ignores (acknowledged) or that defers its NAK delay to one `ack_wait` (NAKed): rare,
         // and only later, never lost.
-        for reply in held.snapshot() {
+        for reply in held.older_than(young) {
             // Fire and forget, like the acknowledgements: one lost costs at most a redelivery,
             // which the inbox drops as a duplicate.
             if client
