@@ -1569,25 +1569,37 @@ async fn a_consumer_killed_holding_unacked_messages_is_resumed_within_5_s_of_its
         "the killed consumer held unacknowledged messages"
     );
     let restarted = Instant::now();
-    let mut next = spawn("0");
+    resumed(&db, spawn("0"), restarted, &all, "resume").await;
+    eprintln!("took {:?}", t0.elapsed());
+}
+
+/// Waits until the consumer `next`, started at `restarted`, has applied every event of `all`
+/// (400), stops it, and checks them and the time it took.
+async fn resumed(
+    db: &TestDb,
+    mut next: std::process::Child,
+    restarted: Instant,
+    all: &[Ev],
+    context: &str,
+) {
+    let pool = db.pool.clone();
     let done = testkit::eventually(Duration::from_secs(60), || {
         let pool = pool.clone();
-        async move { effects(&pool).await.len() >= 400 }
+        async move { effects(&pool).await.len() >= all.len() }
     })
     .await;
     let took = restarted.elapsed();
     let _ = next.kill();
     let _ = next.wait();
-    eprintln!("restart to every event applied: {took:?}");
+    eprintln!("{context}: restart to every event applied: {took:?}");
     assert!(done, "the restarted consumer applied every event");
-    assert_exactly_once_in_order(&effects(&db.pool).await, &all, "resume");
+    assert_exactly_once_in_order(&effects(&db.pool).await, all, context);
     // The goal (5 s) is a speed figure, measured and recorded in docs/benchmarks.md; this bound
     // only tells the fix from a 30 s ack wait on a loaded machine.
     assert!(
         took < Duration::from_secs(15),
         "restart to applied took {took:?} (goal: 5 s)"
     );
-    eprintln!("took {:?}", t0.elapsed());
 }
 
 #[tokio::test]
@@ -1700,24 +1712,7 @@ async fn rabbitmq_a_consumer_killed_holding_unacked_messages_is_resumed_at_once(
     let before = effects(&db.pool).await.len();
     eprintln!("killed with {before} of 400 applied");
     let restarted = Instant::now();
-    let mut next = spawn("0");
-    let done = testkit::eventually(Duration::from_secs(60), || {
-        let pool = pool.clone();
-        async move { effects(&pool).await.len() >= 400 }
-    })
-    .await;
-    let took = restarted.elapsed();
-    let _ = next.kill();
-    let _ = next.wait();
-    eprintln!("rabbitmq restart to every event applied: {took:?}");
-    assert!(done, "the restarted consumer applied every event");
-    assert_exactly_once_in_order(&effects(&db.pool).await, &all, "rabbitmq resume");
-    // The goal (5 s) is a speed figure, measured and recorded in docs/benchmarks.md; this bound
-    // only tells the fix from a 30 s ack wait on a loaded machine.
-    assert!(
-        took < Duration::from_secs(15),
-        "restart to applied took {took:?} (goal: 5 s)"
-    );
+    resumed(&db, spawn("0"), restarted, &all, "rabbitmq resume").await;
     eprintln!("took {:?}", t0.elapsed());
 }
 
