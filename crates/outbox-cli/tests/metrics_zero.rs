@@ -231,11 +231,21 @@ async fn a_fresh_relay_of_several_databases_exports_zeros_per_database() {
         "--metrics-addr",
         &addr,
     ]);
-    // The relay threads register their zeros as they start, as the port starts serving.
+    // The relay threads register their zeros as they start, as the port starts serving: wait
+    // for every documented series of both (a thread may be between two registrations).
+    let documented = documented_relay_series();
     let has_both = |b: &str| {
-        ["alpha", "beta"]
-            .iter()
-            .all(|d| sample(b, m::CLEANED, &[format!("database=\"{d}\"")]).is_some())
+        ["alpha", "beta"].iter().all(|d| {
+            documented.iter().all(|(name, kind)| {
+                let series = if kind == "histogram" {
+                    format!("{name}_count")
+                } else {
+                    name.clone()
+                };
+                name == m::UNROUTABLE
+                    || sample(b, &series, &[format!("database=\"{d}\"")]).is_some()
+            })
+        })
     };
     let mut body = first_scrape(port).await;
     for _ in 0..100 {
