@@ -149,6 +149,28 @@ pub fn route_probes(elapsed: Duration) -> u32 {
     n
 }
 
+/// While one route is refused: every healthy event published, nothing dead, no attempt spent,
+/// and aggregate `m` (whose head goes to the refused route, its later events elsewhere) still
+/// waiting behind its head.
+pub async fn assert_route_held_back(db: &TestDb, healthy_total: i64) {
+    assert_eq!(count(db, "published").await, healthy_total);
+    assert_eq!(count(db, "dead").await, 0, "nothing dead");
+    assert_eq!(
+        attempts_spent(db).await,
+        0,
+        "a refused route spends no attempt"
+    );
+    let m_published: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM outbox_published WHERE aggregate_id = 'm'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        m_published, 0,
+        "m's later events (another route) wait behind its refused head"
+    );
+}
+
 pub async fn count(db: &TestDb, status: &str) -> i64 {
     // Published rows live in their own table (migration `..._published_archive.sql`).
     let sql = if status == "published" {
