@@ -56,6 +56,12 @@ pub struct BrokerArgs {
     /// Seconds to wait for one JetStream acknowledgement.
     #[arg(long, env = "OUTBOX_NATS_ACK_TIMEOUT_SECS", default_value_t = 5)]
     pub nats_ack_timeout_secs: u64,
+    /// Publish a hot aggregate's run of events as JetStream atomic batches (all or nothing)
+    /// instead of one event per aggregate in flight. Needs nats-server 2.12 or later and a stream
+    /// with `allow_atomic` (turned on by the relay unless --nats-no-create-stream); checked at
+    /// start-up. See docs/benchmarks.md for when it pays.
+    #[arg(long, env = "OUTBOX_NATS_ATOMIC_BATCH")]
+    pub nats_atomic_batch: bool,
     /// RabbitMQ adapter settings.
     #[command(flatten)]
     pub amqp: AmqpArgs,

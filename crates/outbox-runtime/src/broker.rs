@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use outbox::amqp::AmqpPublisher;
 use outbox::nats::{NatsConfig, NatsPublisher};
+use outbox::nats_batch::NatsBatchPublisher;
 use outbox::{OutboxError, Publisher, RelayConfig};
 
 use crate::args::{BrokerArgs, BrokerKind};
@@ -29,6 +30,9 @@ pub async fn connect(
                 ..Default::default()
             };
             let horizon = relay.dedup_horizon(cfg.ack_timeout);
+            if args.nats_atomic_batch {
+                return Ok(Arc::new(NatsBatchPublisher::connect(cfg, horizon).await?));
+            }
             Ok(Arc::new(NatsPublisher::connect(cfg, horizon).await?))
         }
         // RabbitMQ has no de-duplication window to check: consumers de-duplicate on message_id.

@@ -25,6 +25,8 @@ pub mod telemetry;
 // written against them needs no change.
 #[cfg(feature = "nats")]
 pub use publishers::nats;
+#[cfg(feature = "nats")]
+pub use publishers::nats_batch;
 #[cfg(feature = "rabbitmq")]
 pub use publishers::{amqp, amqp_topology};
 pub use publishers::{pipeline, publisher};

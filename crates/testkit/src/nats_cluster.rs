@@ -28,12 +28,19 @@ struct Node {
 pub struct NatsCluster {
     nodes: Vec<Node>,
     dir: PathBuf,
+    bin: String,
 }
 
 impl NatsCluster {
     /// Starts three nodes on free loopback ports and waits (at most 30 s) until the cluster has
     /// elected its JetStream meta leader and can place a stream with three replicas.
     pub async fn start() -> Self {
+        Self::start_with(&nats_server_bin()).await
+    }
+
+    /// Like [`NatsCluster::start`] with the nats-server binary at `bin` (another release).
+    pub async fn start_with(bin: impl AsRef<std::path::Path>) -> Self {
+        let bin = bin.as_ref().to_string_lossy().into_owned();
         let dir = std::env::temp_dir().join(crate::unique("nats_cluster"));
         std::fs::create_dir_all(&dir).expect("create the cluster's directory");
         let route_ports: Vec<u16> = (0..3).map(|_| crate::relay::free_port()).collect();
@@ -63,7 +70,7 @@ impl NatsCluster {
                 child: None,
             });
         }
-        let mut me = Self { nodes, dir };
+        let mut me = Self { nodes, dir, bin };
         for i in 0..3 {
             me.spawn(i);
         }
@@ -222,13 +229,14 @@ impl NatsCluster {
     }
 
     fn spawn(&mut self, i: usize) {
+        let bin = self.bin.clone();
         let node = &mut self.nodes[i];
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(node.dir.join("server.log"))
             .expect("open a node's log");
-        let child = Command::new(nats_server_bin())
+        let child = Command::new(bin)
             .arg("-c")
             .arg(node.dir.join("server.conf"))
             .stdout(Stdio::null())

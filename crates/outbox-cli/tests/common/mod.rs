@@ -217,10 +217,12 @@ pub struct Seen {
 }
 
 pub async fn seen(stream: &TestStream) -> Vec<Seen> {
-    stream
-        .messages()
-        .await
-        .into_iter()
+    seen_of(stream.messages().await)
+}
+
+/// [`Seen`] of messages read from any server (a private one, with its own `read_stream`).
+pub fn seen_of(msgs: Vec<async_nats::jetstream::message::StreamMessage>) -> Vec<Seen> {
+    msgs.into_iter()
         .map(|m| {
             let h = m.headers.clone();
             let get = |k: &str| h.get(k).map(|v| v.to_string()).unwrap_or_default();

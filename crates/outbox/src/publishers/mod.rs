@@ -8,5 +8,7 @@ pub mod amqp;
 pub mod amqp_topology;
 #[cfg(feature = "nats")]
 pub mod nats;
+#[cfg(feature = "nats")]
+pub mod nats_batch;
 pub mod pipeline;
 pub mod publisher;

@@ -275,7 +275,7 @@ impl NatsPublisher {
     /// only what is specific to *this message* spends its attempts or dead-letters it; anything
     /// that says the broker as a whole cannot take messages now is an outage (`Unavailable`): no
     /// attempt is spent, nothing is dead-lettered, the relay backs off and catches up later.
-    fn classify(client: &async_nats::Client, e: &PublishError) -> PublishFailure {
+    pub(crate) fn classify(client: &async_nats::Client, e: &PublishError) -> PublishFailure {
         let err = match jetstream_error(e) {
             Some(j) => format!("{e}: {j}"),
             None => e.to_string(),
@@ -359,7 +359,7 @@ impl NatsPublisher {
     /// A subject the stream does not capture is this event's problem (its topic or tenant), not
     /// an outage: dead-lettered at once. Checked before sending because the broker's answer, "no
     /// responders", is the same as during a stream leader election, which is an outage.
-    fn captured(&self, subject: &str) -> std::result::Result<(), PublishFailure> {
+    pub(crate) fn captured(&self, subject: &str) -> std::result::Result<(), PublishFailure> {
         let subjects = self
             .stream_subjects
             .read()
@@ -513,6 +513,14 @@ impl Publisher for NatsPublisher {
             },
         )
         .await
+    }
+}
+
+impl NatsPublisher {
+    /// The JetStream context and settings, for the atomic batch mode (`nats_batch`), which sends
+    /// through the same connection.
+    pub(crate) fn parts(&self) -> (&jetstream::Context, &NatsConfig) {
+        (&self.js, &self.cfg)
     }
 }
 
