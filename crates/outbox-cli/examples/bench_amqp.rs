@@ -26,10 +26,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lapin::options::{
-    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions, QueueBindOptions,
-    QueueDeclareOptions, QueueDeleteOptions, QueuePurgeOptions,
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions, QueueDeleteOptions,
+    QueuePurgeOptions,
 };
-use lapin::types::FieldTable;
 use lapin::{Channel, Confirmation, Connection, ConnectionProperties};
 use outbox::amqp::{AmqpConfig, AmqpPublisher};
 use outbox::{OutboundMessage, PgStore, Relay, RelayConfig};
@@ -38,7 +37,7 @@ use tokio_util::sync::CancellationToken;
 
 #[path = "support/mod.rs"]
 mod support;
-use support::{quiet, write_backlog};
+use support::{queue_depth as depth, quiet, write_backlog};
 
 /// Chunk of the raw baseline: the relay's batch size.
 const CHUNK: usize = 1000;
@@ -169,27 +168,7 @@ impl Dest {
 
     /// Declares the durable queue and binds it by `#` (the exchange must exist).
     async fn bind(&self, admin: &Channel) {
-        admin
-            .queue_declare(
-                self.queue.as_str().into(),
-                QueueDeclareOptions {
-                    durable: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        admin
-            .queue_bind(
-                self.queue.as_str().into(),
-                self.exchange.as_str().into(),
-                "#".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
+        support::bind_all(admin, &self.exchange, &self.queue).await
     }
 }
 
@@ -282,21 +261,6 @@ async fn drain(
 }
 
 /// Messages in `queue` (passive declare).
-async fn depth(admin: &Channel, queue: &str) -> u32 {
-    admin
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .map(|q| q.message_count())
-        .unwrap()
-}
-
 async fn purge(admin: &Channel, queue: &str) {
     admin
         .queue_purge(queue.into(), QueuePurgeOptions::default())

@@ -18,8 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
-use lapin::options::{QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions};
-use lapin::types::FieldTable;
+use lapin::options::QueueDeleteOptions;
 use lapin::{Channel, Connection, ConnectionProperties};
 use outbox::amqp::{AmqpConfig, AmqpPublisher};
 use outbox::nats::{NatsConfig, NatsPublisher};
@@ -32,34 +31,10 @@ use tokio_util::sync::CancellationToken;
 
 #[path = "support/mod.rs"]
 mod support;
-use support::quiet;
+use support::{queue_depth, quiet, write_backlog_over};
 
 /// Aggregates of the spread backlog (as `support::write_backlog`).
 const SPREAD: i64 = 5000;
-
-/// Writes `backlog` events over `aggregates` aggregates (tenant `t<agg % 10>`), not timed.
-async fn write_shape(db: &TestDb, backlog: i64, aggregates: i64) {
-    sqlx::query(
-        "INSERT INTO outbox_event (event_id, tenant_id, aggregate_type, aggregate_id, event_type, topic, payload, headers)
-         SELECT gen_random_uuid(), 't' || (g % $2 % 10), 'ProductVariant', 'v' || (g % $2), 'StockLevelChangedEvent',
-                'inventory.stock.changed',
-                convert_to(json_build_object('eventType', 'StockLevelChangedEvent', 'eventVersion', '1.0',
-                    'timestamp', now(), 'sourceService', 'Bench', 'tenantId', 't' || (g % $2 % 10),
-                    'data', json_build_object('newQuantity', g, 'oldQuantity', g - 1, 'quantityChanged', 1,
-                    'changeType', 'PURCHASE'))::text, 'UTF8'),
-                json_build_object('correlationId', gen_random_uuid()::text)
-         FROM generate_series(1, $1) AS g ORDER BY g",
-    )
-    .bind(backlog)
-    .bind(aggregates)
-    .execute(&db.pool)
-    .await
-    .unwrap();
-    sqlx::query("ANALYZE outbox_event")
-        .execute(&db.pool)
-        .await
-        .unwrap();
-}
 
 fn relay_config() -> RelayConfig {
     RelayConfig {
@@ -103,7 +78,7 @@ async fn drain_nats(
     aggs: i64,
 ) -> f64 {
     let db = TestDb::new().await;
-    write_shape(&db, backlog, aggs).await;
+    write_backlog_over(&db, backlog, aggs).await;
     quiet().await;
     let stream = TestStream::new();
     let cfg = NatsConfig {
@@ -146,25 +121,10 @@ fn amqp_url() -> String {
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
-async fn depth(admin: &Channel, queue: &str) -> i64 {
-    admin
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .map(|q| i64::from(q.message_count()))
-        .unwrap_or(0)
-}
-
 /// One drain to RabbitMQ: a fresh database, a fresh exchange with one durable queue bound by `#`.
 async fn drain_rabbit(admin: &Channel, backlog: i64, aggs: i64) -> f64 {
     let db = TestDb::new().await;
-    write_shape(&db, backlog, aggs).await;
+    write_backlog_over(&db, backlog, aggs).await;
     quiet().await;
     let exchange = testkit::unique("bench-hot");
     let queue = format!("{exchange}.all");
@@ -174,28 +134,11 @@ async fn drain_rabbit(admin: &Channel, backlog: i64, aggs: i64) -> f64 {
         ..Default::default()
     };
     let publisher = AmqpPublisher::connect(cfg).await.unwrap();
-    admin
-        .queue_declare(
-            queue.as_str().into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    admin
-        .queue_bind(
-            queue.as_str().into(),
-            exchange.as_str().into(),
-            "#".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let rate = run_relay(&db, Arc::new(publisher), backlog, || depth(admin, &queue)).await;
+    support::bind_all(admin, &exchange, &queue).await;
+    let rate = run_relay(&db, Arc::new(publisher), backlog, || async {
+        i64::from(queue_depth(admin, &queue).await)
+    })
+    .await;
     let _ = admin
         .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
         .await;

@@ -63,6 +63,16 @@ async fn stream_config(server: &PrivateNats, stream: &str) -> serde_json::Value 
     info["config"].clone()
 }
 
+/// What `stream` on `server` holds, in stream order.
+async fn stream_seen(server: &PrivateNats, stream: &str) -> Vec<Seen> {
+    seen_of(
+        server
+            .read_stream(stream, Duration::from_secs(20))
+            .await
+            .expect("stream read in time"),
+    )
+}
+
 /// Relays a backlog (10 aggregates of 30 events, one hot aggregate of 300, in one statement each)
 /// on `server`, in the default or the batch mode, and checks the stream: every event once, each
 /// aggregate in order.
@@ -88,12 +98,7 @@ async fn relay_backlog(server: &PrivateNats, batch: bool) {
         "600 events published (batch mode: {batch})"
     );
     relay.shutdown().await;
-    let msgs = seen_of(
-        server
-            .read_stream(&stream.name, Duration::from_secs(20))
-            .await
-            .unwrap(),
-    );
+    let msgs = stream_seen(server, &stream.name).await;
     assert_eq!(msgs.len(), 600, "batch mode {batch}: no copy");
     assert_eq!(assert_once_and_in_order(&msgs), 600);
     assert_eq!(
@@ -325,12 +330,7 @@ async fn a_batch_resent_after_a_lost_commit_ack_is_neither_lost_nor_duplicated()
         count(&db, "dead").await
     );
     relay.shutdown().await;
-    let msgs = seen_of(
-        server
-            .read_stream(&stream.name, Duration::from_secs(10))
-            .await
-            .unwrap(),
-    );
+    let msgs = stream_seen(&server, &stream.name).await;
     assert_eq!(msgs.len(), 50, "no event stored twice");
     assert_eq!(assert_once_and_in_order(&msgs), 50);
     assert_eq!(count(&db, "dead").await, 0);

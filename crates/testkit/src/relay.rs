@@ -30,11 +30,6 @@ pub async fn start_relay_on(
     nats: NatsConfig,
     config: RelayConfig,
 ) -> InProcessRelay {
-    // RUST_LOG=debug shows the relay's own logs when a test needs explaining.
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
     let horizon = config.dedup_horizon(nats.ack_timeout);
     let publisher = NatsPublisher::connect(nats, horizon)
         .await
@@ -48,6 +43,7 @@ pub fn start_relay_with(
     publisher: Arc<dyn Publisher>,
     config: RelayConfig,
 ) -> InProcessRelay {
+    // RUST_LOG=debug shows the relay's own logs when a test needs explaining.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()

@@ -76,16 +76,22 @@ pub async fn drain_with(
 
 /// Writes `backlog` events spread over 10 tenants and 5000 aggregates (not timed).
 pub async fn write_backlog(db: &TestDb, backlog: i64) {
+    write_backlog_over(db, backlog, 5000).await
+}
+
+/// Writes `backlog` events over `aggregates` aggregates (`v<g % aggregates>` of tenant
+/// `t<g % aggregates % 10>`), not timed.
+pub async fn write_backlog_over(db: &TestDb, backlog: i64, aggregates: i64) {
     let t = Instant::now();
     sqlx::query(
         // Event ids shaped like the enqueue API's UUID v7 (a millisecond timestamp first), so that
         // the primary key sees the same append-mostly inserts as in production.
         "INSERT INTO outbox_event (event_id, tenant_id, aggregate_type, aggregate_id, event_type, topic, payload, headers)
-         SELECT s.eid, 't' || (g % 10), 'ProductVariant', 'v' || (g % 5000), 'StockLevelChangedEvent',
+         SELECT s.eid, 't' || (g % $2 % 10), 'ProductVariant', 'v' || (g % $2), 'StockLevelChangedEvent',
                 'inventory.stock.changed',
                 convert_to(json_build_object('eventId', s.eid, 'eventType', 'StockLevelChangedEvent',
                     'eventVersion', '1.0', 'timestamp', now(), 'sourceService', 'Bench', 'correlationId', gen_random_uuid(),
-                    'tenantId', 't' || (g % 10), 'data', json_build_object('productVariantId', gen_random_uuid(),
+                    'tenantId', 't' || (g % $2 % 10), 'data', json_build_object('productVariantId', gen_random_uuid(),
                     'newQuantity', g, 'oldQuantity', g - 1, 'quantityChanged', 1, 'changeType', 'PURCHASE'))::text, 'UTF8'),
                 json_build_object('correlationId', gen_random_uuid()::text)
          FROM (SELECT g, (lpad(to_hex((extract(epoch FROM clock_timestamp()) * 1000)::bigint), 12, '0') || '7'
@@ -94,6 +100,7 @@ pub async fn write_backlog(db: &TestDb, backlog: i64) {
          ORDER BY g",
     )
     .bind(backlog)
+    .bind(aggregates)
     .execute(&db.pool)
     .await
     .unwrap();
@@ -107,6 +114,47 @@ pub async fn write_backlog(db: &TestDb, backlog: i64) {
         "backlog of {backlog} written in {:.1} s (not timed)",
         t.elapsed().as_secs_f64()
     );
+}
+
+/// Messages in the RabbitMQ queue `queue` (a passive declare).
+pub async fn queue_depth(admin: &lapin::Channel, queue: &str) -> u32 {
+    admin
+        .queue_declare(
+            queue.into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .map(|q| q.message_count())
+        .unwrap()
+}
+
+/// Declares the durable RabbitMQ queue `queue` and binds it to `exchange` (which must exist) by `#`.
+pub async fn bind_all(admin: &lapin::Channel, exchange: &str, queue: &str) {
+    admin
+        .queue_declare(
+            queue.into(),
+            lapin::options::QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    admin
+        .queue_bind(
+            queue.into(),
+            exchange.into(),
+            "#".into(),
+            lapin::options::QueueBindOptions::default(),
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap();
 }
 
 /// Lets PostgreSQL write out what the previous phase dirtied, so that its checkpoint does not land
