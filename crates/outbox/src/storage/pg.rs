@@ -315,7 +315,12 @@ impl RelayStore for PgStore {
                  FROM outbox_event e
                  WHERE e.status = 'pending' AND e.tenant_id = tenants.tenant_id
                    AND e.next_attempt_at <= now()
-                   AND NOT (e.event_id = ANY($4))
+                   -- The rows in flight and being settled (up to two batches): a hashed
+                   -- subplan, built once per claim. `NOT (event_id = ANY($4))` compared each
+                   -- row with every id in turn once PostgreSQL used its generic plan (after
+                   -- five claims): ~2,000 comparisons for each of the ~3,000 rows walked, 55-95 ms
+                   -- per claim against 3-20 ms (docs/benchmarks.md, issue 20). No id is NULL.
+                   AND e.event_id NOT IN (SELECT unnest($4::uuid[]))
                    AND e.partition = ANY(ARRAY(
                        SELECT p.partition FROM outbox_partition p
                        WHERE p.owner = $1 AND p.lease_until > now() + make_interval(secs => $5 / 1000.0)))
