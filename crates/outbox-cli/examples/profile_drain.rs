@@ -140,11 +140,10 @@ struct Spent {
 
 fn spent(a: &Sample, b: &Sample) -> Spent {
     let wall = b.at.duration_since(a.at).as_secs_f64();
-    let mut pg: Vec<(String, f64)> = b
-        .pg
-        .iter()
-        .map(|(k, v)| (k.clone(), v - a.pg.get(k).copied().unwrap_or(0.0)))
-        .collect();
+    let mut pg: Vec<(String, f64)> =
+        b.pg.iter()
+            .map(|(k, v)| (k.clone(), v - a.pg.get(k).copied().unwrap_or(0.0)))
+            .collect();
     // A live backend that existed at `a` and exited before `b` moved from its role into
     // "exited": the sum is right, the split shows it.
     pg.sort_by(|x, y| y.1.partial_cmp(&x.1).unwrap());
@@ -218,7 +217,9 @@ async fn main() {
         std::env::var(name)
             .ok()
             .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("{name} must name the process (run scripts/profile-drain.sh)"))
+            .unwrap_or_else(|| {
+                panic!("{name} must name the process (run scripts/profile-drain.sh)")
+            })
     };
     let (pg_pid, nats_pid) = (pid("PROFILE_PG_PID"), pid("PROFILE_NATS_PID"));
     let label = std::env::var("PROFILE_LABEL").unwrap_or_else(|_| "this build".into());
@@ -286,7 +287,10 @@ async fn main() {
         relay_id: testkit::unique("profile"),
         ..Default::default()
     };
-    if let Some(b) = std::env::var("PROFILE_BATCH").ok().and_then(|b| b.parse().ok()) {
+    if let Some(b) = std::env::var("PROFILE_BATCH")
+        .ok()
+        .and_then(|b| b.parse().ok())
+    {
         config.batch_size = b;
     }
     let batch_size = config.batch_size;
@@ -317,7 +321,17 @@ async fn main() {
         .unwrap();
     let perf = std::env::var("PROFILE_PERF").ok().map(|out| {
         std::process::Command::new("perf")
-            .args(["record", "-e", "cpu-clock", "-F", "999", "-g", "-o", &out, "-p"])
+            .args([
+                "record",
+                "-e",
+                "cpu-clock",
+                "-F",
+                "999",
+                "-g",
+                "-o",
+                &out,
+                "-p",
+            ])
             .arg(std::process::id().to_string())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -371,15 +385,22 @@ async fn main() {
         d.busy, d.outside
     );
     let total = us(d.me) + us(d.pg_total) + us(d.nats);
-    println!("[{label}] CPU per event (us): relay {:.1}  postgres {:.1}  nats-server {:.1}  total {:.1}",
-        us(d.me), us(d.pg_total), us(d.nats), total);
-    let split: Vec<String> = d
-        .pg
-        .iter()
-        .filter(|(_, v)| *v > 0.0)
-        .map(|(k, v)| format!("{k} {:.1}", us(*v)))
-        .collect();
-    println!("[{label}]   postgres by process (us/event): {}", split.join("  "));
+    println!(
+        "[{label}] CPU per event (us): relay {:.1}  postgres {:.1}  nats-server {:.1}  total {:.1}",
+        us(d.me),
+        us(d.pg_total),
+        us(d.nats),
+        total
+    );
+    let split: Vec<String> =
+        d.pg.iter()
+            .filter(|(_, v)| *v > 0.0)
+            .map(|(k, v)| format!("{k} {:.1}", us(*v)))
+            .collect();
+    println!(
+        "[{label}]   postgres by process (us/event): {}",
+        split.join("  ")
+    );
     println!(
         "[{label}]   raw publish, per message (us): publisher {:.1}  nats-server {:.1}",
         raw_spent.me / n * 1e6,
@@ -412,6 +433,14 @@ async fn main() {
     let limit = cpu_limit.min(claim_limit).min(settle_limit).min(raw);
     println!(
         "[{label}] composite limit: {cores} cores / {total:.1} us = {cpu_limit:.0} events/s; single-threaded stages: claim {claim_limit:.0}, settle {settle_limit:.0}, raw publish {raw:.0}; limit {limit:.0} events/s (batch size {batch_size})"
+    );
+    // What the three processes could have had: the cores not taken by other work during the
+    // drain (on a shared machine the ratio to the 2-core limit mostly measures the neighbours).
+    let left = (cores - d.outside).max(0.1);
+    println!(
+        "[{label}] cores left to these processes by other work: {left:.2}; CPU limit with them {:.0} events/s, drain / it = {:.2}",
+        left * 1e6 / total,
+        drained / (left * 1e6 / total)
     );
     println!(
         "[{label}] RESULT drain {drained:.0} events/s, ratio to the composite limit {:.2} (goal >= 0.8), ratio to raw publish {:.2}",

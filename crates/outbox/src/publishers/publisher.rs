@@ -59,7 +59,8 @@ impl OutboundMessage {
         // where four chained `str::replace` calls (a string each) showed in the drain's profile
         // (docs/benchmarks.md, issue 20). Values are put in as they are, never searched for
         // placeholders themselves.
-        let mut out = String::with_capacity(template.len() + self.tenant_id.len() + self.topic.len());
+        let mut out =
+            String::with_capacity(template.len() + self.tenant_id.len() + self.topic.len());
         let mut rest = template;
         while let Some(open) = rest.find('{') {
             out.push_str(&rest[..open]);
