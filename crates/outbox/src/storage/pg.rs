@@ -315,7 +315,12 @@ impl RelayStore for PgStore {
                  FROM outbox_event e
                  WHERE e.status = 'pending' AND e.tenant_id = tenants.tenant_id
                    AND e.next_attempt_at <= now()
-                   AND NOT (e.event_id = ANY($4))
+                   -- The rows in flight and being settled (up to two batches): a hashed
+                   -- subplan, built once per claim. `NOT (event_id = ANY($4))` compared each
+                   -- row with every id in turn once PostgreSQL used its generic plan (after
+                   -- five claims): ~2,000 comparisons for each of the ~3,000 rows walked, 55-95 ms
+                   -- per claim against 3-20 ms (docs/benchmarks.md, issue 20). No id is NULL.
+                   AND e.event_id NOT IN (SELECT unnest($4::uuid[]))
                    AND e.partition = ANY(ARRAY(
                        SELECT p.partition FROM outbox_partition p
                        WHERE p.owner = $1 AND p.lease_until > now() + make_interval(secs => $5 / 1000.0)))
@@ -571,25 +576,71 @@ where
 /// A row that breaks the table contract (see `docs/outbox-table.md`) is an
 /// [`OutboxError::InvalidEvent`] naming the broken rule; it never panics.
 pub fn row_to_message(r: &sqlx::postgres::PgRow) -> Result<OutboundMessage> {
-    decode_row(r)?.map_err(OutboxError::InvalidEvent)
+    decode_row(r, &Cols::of(r)?)?.map_err(OutboxError::InvalidEvent)
+}
+
+/// The positions of the claim's columns, looked up once per claim: reading a column by name
+/// hashes the name (SipHash) on every read, fourteen reads per row, which showed in the drain's
+/// profile (docs/benchmarks.md, issue 20).
+struct Cols {
+    id: usize,
+    event_id: usize,
+    tenant_id: usize,
+    aggregate_type: usize,
+    aggregate_id: usize,
+    seq: usize,
+    partition: usize,
+    seq_epoch: usize,
+    event_type: usize,
+    topic: usize,
+    payload: usize,
+    headers: usize,
+    attempts: usize,
+    created_at: usize,
+}
+
+impl Cols {
+    fn of(r: &PgRow) -> Result<Self> {
+        use sqlx::Column;
+        let at = |name: &str| -> Result<usize> { Ok(r.try_column(name)?.ordinal()) };
+        Ok(Self {
+            id: at("id")?,
+            event_id: at("event_id")?,
+            tenant_id: at("tenant_id")?,
+            aggregate_type: at("aggregate_type")?,
+            aggregate_id: at("aggregate_id")?,
+            seq: at("seq")?,
+            partition: at("partition")?,
+            seq_epoch: at("seq_epoch")?,
+            event_type: at("event_type")?,
+            topic: at("topic")?,
+            payload: at("payload")?,
+            headers: at("headers")?,
+            attempts: at("attempts")?,
+            created_at: at("created_at")?,
+        })
+    }
 }
 
 /// Decodes one claimed row. The outer error is a database failure (the whole claim is retried);
 /// the inner one is this row's own problem, the reason it is dead-lettered.
-fn decode_row(r: &sqlx::postgres::PgRow) -> Result<std::result::Result<OutboundMessage, String>> {
-    let aggregate_id: String = r.try_get("aggregate_id")?;
+fn decode_row(
+    r: &sqlx::postgres::PgRow,
+    c: &Cols,
+) -> Result<std::result::Result<OutboundMessage, String>> {
+    let aggregate_id: String = r.try_get(c.aggregate_id)?;
     if aggregate_id.chars().any(char::is_control) {
         return Ok(Err(format!(
             "aggregate_id {aggregate_id:?} contains a control character: no broker header can carry it"
         )));
     }
     // The claim selects NULL for a timestamp chrono cannot represent ('infinity', year 262144+).
-    let Some(created_at) = r.try_get::<Option<DateTime<Utc>>, _>("created_at")? else {
+    let Some(created_at) = r.try_get::<Option<DateTime<Utc>>, _>(c.created_at)? else {
         return Ok(Err(
             "created_at is infinite or out of range: the relay cannot decode it".into(),
         ));
     };
-    let raw: serde_json::Value = r.try_get("headers")?;
+    let raw: serde_json::Value = r.try_get(c.headers)?;
     let mut headers = BTreeMap::new();
     if let Some(m) = raw.as_object() {
         for (k, v) in m {
@@ -603,21 +654,21 @@ fn decode_row(r: &sqlx::postgres::PgRow) -> Result<std::result::Result<OutboundM
             headers.insert(k.clone(), s.to_string());
         }
     }
-    let payload: Vec<u8> = r.try_get("payload")?;
+    let payload: Vec<u8> = r.try_get(c.payload)?;
     Ok(Ok(OutboundMessage {
-        id: r.try_get("id")?,
-        event_id: r.try_get::<Uuid, _>("event_id")?,
-        tenant_id: r.try_get("tenant_id")?,
-        aggregate_type: r.try_get("aggregate_type")?,
+        id: r.try_get(c.id)?,
+        event_id: r.try_get::<Uuid, _>(c.event_id)?,
+        tenant_id: r.try_get(c.tenant_id)?,
+        aggregate_type: r.try_get(c.aggregate_type)?,
         aggregate_id,
-        seq: r.try_get("seq")?,
-        partition: r.try_get("partition")?,
-        seq_epoch: r.try_get("seq_epoch")?,
-        event_type: r.try_get("event_type")?,
-        topic: r.try_get("topic")?,
+        seq: r.try_get(c.seq)?,
+        partition: r.try_get(c.partition)?,
+        seq_epoch: r.try_get(c.seq_epoch)?,
+        event_type: r.try_get(c.event_type)?,
+        topic: r.try_get(c.topic)?,
         payload: Bytes::from(payload),
         headers,
-        attempts: r.try_get("attempts")?,
+        attempts: r.try_get(c.attempts)?,
         created_at,
         producer_id: None,
     }))
@@ -638,7 +689,7 @@ fn drained(rows: &[PgRow], limit: i64) -> Result<bool> {
     };
     let tenants: i64 = first.try_get("tenants_pending")?;
     let share = (limit + tenants.max(1) - 1) / tenants.max(1);
-    let mut per_tenant: HashMap<String, i64> = HashMap::new();
+    let mut per_tenant: HashMap<&str, i64> = HashMap::new();
     for r in rows {
         *per_tenant.entry(r.try_get("tenant_id")?).or_default() += 1;
     }
@@ -654,22 +705,29 @@ fn decode_rows(
 ) -> Result<(Vec<OutboundMessage>, Vec<Undeliverable>)> {
     let mut batch = Vec::with_capacity(rows.len());
     let mut bad = Vec::new();
-    let mut stopped: HashSet<(String, String, String)> = HashSet::new();
+    let Some(first) = rows.first() else {
+        return Ok((batch, bad));
+    };
+    let c = Cols::of(first)?;
+    let mut stopped: HashSet<(&str, &str, &str)> = HashSet::new();
+    fn key<'r>(r: &'r PgRow, c: &Cols) -> Result<(&'r str, &'r str, &'r str)> {
+        Ok((
+            r.try_get(c.tenant_id)?,
+            r.try_get(c.aggregate_type)?,
+            r.try_get(c.aggregate_id)?,
+        ))
+    }
     for r in rows {
-        let key = (
-            r.try_get::<String, _>("tenant_id")?,
-            r.try_get::<String, _>("aggregate_type")?,
-            r.try_get::<String, _>("aggregate_id")?,
-        );
-        if stopped.contains(&key) {
+        // The aggregate is looked at only once a bad row stopped one (rare): not per row.
+        if !stopped.is_empty() && stopped.contains(&key(r, &c)?) {
             continue;
         }
-        match decode_row(r)? {
+        match decode_row(r, &c)? {
             Ok(m) => batch.push(m),
             Err(reason) => {
-                bad.push((r.try_get::<Uuid, _>("event_id")?, reason));
+                bad.push((r.try_get::<Uuid, _>(c.event_id)?, reason));
                 if dead_blocks {
-                    stopped.insert(key);
+                    stopped.insert(key(r, &c)?);
                 }
             }
         }
