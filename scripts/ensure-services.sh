@@ -57,4 +57,9 @@ if ! listening 5672; then
   as_root rabbitmq-server -detached || true
   wait_port 5672 RabbitMQ
 fi
+# Headless Chromium and its WebDriver for the console's browser tests (issue 21).
+if [ ! -x /usr/bin/chromedriver ]; then
+  need_pkg chromium
+  need_pkg chromium-driver
+fi
 log "PostgreSQL, NATS and RabbitMQ are up on 127.0.0.1"
