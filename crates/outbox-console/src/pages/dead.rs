@@ -125,14 +125,14 @@ pub(crate) async fn list(
         Err(e) => return db_error(&db, &e),
     };
     let dbe = enc(&db);
-    let v = |s: &Option<String>| s.clone().unwrap_or_default();
+    let v = |s: &Option<String>| super::filters::attr_value(s.as_deref().unwrap_or_default());
     layout::page(
         &format!("Dead letters of {db}"),
         &ctx,
         html! {
             p { a href=(format!("/db/{dbe}/dead")) { "Grouped by failure and aggregate" } }
             form.filters method="get" action=(format!("/db/{dbe}/dead/list")) {
-                @if let Some(g) = &q.group { input type="hidden" name="group" value=(g); }
+                @if let Some(g) = &q.group { input type="hidden" name="group" value=(v(&Some(g.clone()))); }
                 label { "tenant" input name="tenant" value=(v(&q.tenant)); }
                 label { "aggregate type" input name="aggregate_type" value=(v(&q.aggregate_type)); }
                 label { "aggregate id" input name="aggregate_id" value=(v(&q.aggregate_id)); }

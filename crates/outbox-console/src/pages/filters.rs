@@ -10,11 +10,42 @@ use uuid::Uuid;
 
 use crate::render::{self, enc};
 
+/// Prefix of a form value carried percent-encoded (see [`attr_value`]).
+const PCT: &str = "pct:";
+
+/// A value as it goes into an HTML attribute: as is, or, when it holds a control character
+/// (which never goes into a page), `pct:` and the value percent-encoded.
+pub(crate) fn attr_value(v: &str) -> String {
+    if v.chars().any(char::is_control) {
+        format!("{PCT}{}", enc(v))
+    } else {
+        v.to_string()
+    }
+}
+
+fn pct_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let h = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(h, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
 fn some(s: &Option<String>) -> Option<String> {
-    s.as_deref()
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(str::to_string)
+    let s = s.as_deref().filter(|s| !s.trim().is_empty())?;
+    match s.strip_prefix(PCT) {
+        Some(rest) => pct_decode(rest),
+        None => Some(s.trim().to_string()),
+    }
 }
 
 /// RFC 3339, or a browser's `datetime-local` value (`2026-12-06T04:00`, taken as UTC).
@@ -53,7 +84,7 @@ fn pairs_to_query(pairs: &[(&str, Option<String>)]) -> String {
 fn pairs_to_hidden(pairs: &[(&str, Option<String>)]) -> Markup {
     html! {
         @for (k, v) in pairs {
-            @if let Some(v) = v { input type="hidden" name=(k) value=(v); }
+            @if let Some(v) = v { input type="hidden" name=(k) value=(attr_value(v)); }
         }
     }
 }

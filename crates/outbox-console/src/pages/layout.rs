@@ -7,7 +7,6 @@ use crate::guard::Ctx;
 
 fn head(title: &str) -> Markup {
     html! {
-        (DOCTYPE)
         meta charset="utf-8";
         meta name="viewport" content="width=device-width, initial-scale=1";
         meta name="referrer" content="no-referrer";
@@ -20,6 +19,7 @@ fn head(title: &str) -> Markup {
 pub(crate) fn page(title: &str, ctx: &Ctx, body: Markup) -> Html<String> {
     Html(
         html! {
+            (DOCTYPE)
             html lang="en" {
                 head { (head(title)) }
                 body {
@@ -58,6 +58,7 @@ pub(crate) fn page(title: &str, ctx: &Ctx, body: Markup) -> Html<String> {
 pub(crate) fn bare(title: &str, message: &str) -> Html<String> {
     Html(
         html! {
+            (DOCTYPE)
             html lang="en" {
                 head { (head(title)) }
                 body {

@@ -66,7 +66,7 @@ pub async fn event(pool: &PgPool, event_id: Uuid) -> Result<Option<EventDetail>>
                 headers, substring(payload from 1 for $2) AS payload_head, length(payload) AS payload_bytes,
                 attempts, created_at";
     let row = sqlx::query(&format!(
-        "SELECT {cols}, status, next_attempt_at, last_error, error_group, dead_at,
+        "SELECT {cols}, status, CASE WHEN isfinite(next_attempt_at) THEN next_attempt_at END AS next_attempt_at, last_error, error_group, dead_at,
                 NULL::timestamptz AS published_at
            FROM outbox_event WHERE event_id = $1"
     ))
