@@ -9,7 +9,7 @@ fn head(title: &str) -> Markup {
     html! {
         meta charset="utf-8";
         meta name="viewport" content="width=device-width, initial-scale=1";
-        meta name="referrer" content="no-referrer";
+        meta name="referrer" content="same-origin";
         title { (title) " · outbox console" }
         link rel="stylesheet" href="/static/console.css";
     }

@@ -295,3 +295,5 @@ pub async fn audit_actors(pool: &sqlx::PgPool) -> Vec<(String, String, i64)> {
     .await
     .unwrap()
 }
+
+pub mod browser;
