@@ -333,3 +333,119 @@ async fn evil_site(form: &str) -> std::net::SocketAddr {
     tokio::spawn(async move { axum::serve(l, app).await });
     addr
 }
+
+/// Writes the screenshots of the main pages into docs/ (`console-*.png`) from a seeded
+/// database. Not part of the suite: `cargo test -p outbox-console --test browser -- --ignored`.
+#[tokio::test]
+#[ignore = "writes docs/console-*.png; run by hand"]
+async fn screenshots() {
+    let db = TestDb::new().await;
+    seed_dead(
+        &db.pool,
+        6,
+        3,
+        "gave up after 5 attempts: nats: no responders for subject inv.t0",
+    )
+    .await;
+    sqlx::query(
+        "INSERT INTO outbox_event (event_id, tenant_id, aggregate_type, aggregate_id, event_type, topic, payload, headers)
+         SELECT gen_random_uuid(), (ARRAY['acme', 'globex', 'initech', 'umbrella'])[1 + g % 4], 'ProductVariant',
+                'v-' || (g % 40), (ARRAY['StockLevelChanged', 'StockReserved', 'PriceChanged'])[1 + g % 3],
+                'inventory.stock.changed',
+                convert_to(json_build_object('eventId', gen_random_uuid(), 'eventType', 'StockLevelChanged',
+                           'tenantId', 'acme', 'data', json_build_object('variantId', 'v-' || (g % 40), 'quantity', g % 17))::text, 'UTF8'),
+                jsonb_build_object('correlationId', 'req-' || g, 'contentType', 'application/json')
+           FROM generate_series(1, 240) g ORDER BY g",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "UPDATE outbox_event SET status = 'dead', dead_at = now() - interval '3 minutes', attempts = 1, blocks_aggregate = true,
+                last_error = 'message too large: ' || (1048576 + seq) || ' > 1048576'
+          WHERE tenant_id = 'globex' AND aggregate_id IN ('v-1', 'v-5') AND seq = 1",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO outbox_published (id, event_id, tenant_id, aggregate_type, aggregate_id, event_type, topic,
+                                       payload, headers, seq, partition, attempts, created_at, published_at, seq_epoch)
+         SELECT 1000000 + g, gen_random_uuid(), 'acme', 'ProductVariant', 'p' || g, 'StockLevelChanged', 'x', '\\x7b7d', '{}',
+                1, 0, 0, now(), now() - make_interval(secs => (g % 840) + (g % 7) * 30), 0
+           FROM generate_series(1, 6000) g",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query("INSERT INTO outbox_relay (relay_id, host, pid) VALUES ('relay-a', 'app-1', 4242), ('relay-b', 'app-2', 4243)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    sqlx::query(
+        "UPDATE outbox_partition SET owner = CASE WHEN partition < 32 THEN 'relay-a' ELSE 'relay-b' END,
+                lease_until = now() + interval '1 hour'",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO outbox_consumer_dead_letter (consumer, event_id, producer, tenant_id, aggregate_type, aggregate_id,
+                 seq_epoch, seq, subject, headers, payload, reason, attempts, last_error)
+         SELECT 'read-model', gen_random_uuid(), 'p1', 'acme', 'ProductVariant', 'v-9', 1, g, 'inv.acme.stock', '{}',
+                '\\x7b7d', CASE WHEN g = 3 THEN 'handler' ELSE 'held' END, CASE WHEN g = 3 THEN 5 ELSE 0 END,
+                CASE WHEN g = 3 THEN 'handler failed: violates check constraint \"quantity_non_negative\" for v-9' END
+           FROM generate_series(3, 5) g",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let dead_id: uuid::Uuid = sqlx::query_scalar(
+        "SELECT event_id FROM outbox_event WHERE tenant_id = 'globex' AND status = 'dead' LIMIT 1",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    let console = Console::start(&db.url, false).await;
+    let base = console.origin();
+    let b = Browser::start().await;
+    let c = &b.client;
+    c.set_window_size(1280, 1700).await.unwrap();
+    c.goto(&format!("{base}/login")).await.unwrap();
+    c.find(Locator::Css("input[name=token]"))
+        .await
+        .unwrap()
+        .send_keys(ALICE)
+        .await
+        .unwrap();
+    click(c, "button[type=submit]").await;
+    c.wait()
+        .for_element(Locator::Css("#operator"))
+        .await
+        .unwrap();
+    let docs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs");
+    let shot = |name: &'static str| {
+        let docs = docs.clone();
+        async move {
+            let png = c.screenshot().await.unwrap();
+            std::fs::write(docs.join(format!("console-{name}.png")), png).unwrap();
+        }
+    };
+    shot("overview").await;
+    c.set_window_size(1280, 1000).await.unwrap();
+    c.goto(&format!("{base}/db/db/dead")).await.unwrap();
+    shot("dead-letters").await;
+    c.goto(&format!("{base}/db/db/event/{dead_id}"))
+        .await
+        .unwrap();
+    shot("event").await;
+    click(c, "button.purge").await;
+    c.wait()
+        .for_element(Locator::Css("#confirm-purge"))
+        .await
+        .unwrap();
+    shot("purge-confirmation").await;
+    c.goto(&format!("{base}/consumers/cons")).await.unwrap();
+    shot("consumers").await;
+    b.close().await;
+}

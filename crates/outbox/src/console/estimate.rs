@@ -33,69 +33,93 @@ impl Count {
     }
 }
 
-/// Counts the rows of `from_where` (`table WHERE ...`, no parameters) up to [`EXACT_UP_TO`];
-/// `None` when there are more.
-pub(crate) async fn capped(pool: &PgPool, from_where: &str) -> Result<Option<i64>> {
-    let n: i64 = sqlx::query_scalar(&format!(
-        "SELECT count(*) FROM (SELECT 1 FROM {from_where} LIMIT {}) s",
-        EXACT_UP_TO + 1
-    ))
+/// Rows of `outbox_event` per state and of `outbox_published`, and the planner's size of
+/// `outbox_event`, in one round trip.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct StateCounts {
+    /// Pending.
+    pub pending: Count,
+    /// Held behind a dead letter.
+    pub held: Count,
+    /// Dead letters.
+    pub dead: Count,
+    /// Published rows kept.
+    pub published: Count,
+    /// The planner's row count of `outbox_event` (scaled to its current size).
+    pub event_rows_estimate: i64,
+}
+
+/// Reads [`StateCounts`]: each count exact up to [`EXACT_UP_TO`] (an index walk that stops
+/// there), beyond it the table's planner row count (`pg_class.reltuples`, scaled to the table's
+/// current pages as the planner does) times the state's share in `pg_stats`.
+pub async fn state_counts(pool: &PgPool) -> Result<StateCounts> {
+    let cap = EXACT_UP_TO + 1;
+    let capped = |from_where: &str| {
+        format!("(SELECT count(*) FROM (SELECT 1 FROM {from_where} LIMIT {cap}) s)")
+    };
+    let rows = |table: &str| {
+        format!(
+            "(SELECT CASE WHEN c.reltuples < 0 THEN 0
+                          WHEN c.relpages > 0
+                              THEN c.reltuples / c.relpages
+                                   * (pg_relation_size(c.oid) / current_setting('block_size')::float8)
+                          ELSE c.reltuples END::float8
+                FROM pg_class c WHERE c.oid = to_regclass('{table}'))"
+        )
+    };
+    let share = |status: &str| {
+        format!(
+            "(SELECT u.f::float8 FROM pg_stats s,
+                     unnest(s.most_common_vals::text::text[], s.most_common_freqs) AS u(v, f)
+               WHERE s.schemaname = current_schema() AND s.tablename = 'outbox_event'
+                 AND s.attname = 'status' AND u.v = '{status}')"
+        )
+    };
+    let sql = format!(
+        "SELECT {}, {}, {}, {}, COALESCE({}, 0), COALESCE({}, 0), COALESCE({}, 0), COALESCE({}, 0), COALESCE({}, 0)",
+        capped("outbox_event WHERE status = 'pending'"),
+        capped("outbox_event WHERE status = 'held'"),
+        capped("outbox_event WHERE status = 'dead'"),
+        capped("outbox_published"),
+        rows("outbox_event"),
+        rows("outbox_published"),
+        share("pending"),
+        share("held"),
+        share("dead"),
+    );
+    type Row = (i64, i64, i64, i64, f64, f64, f64, f64, f64);
+    let (p, h, d, pb, ev_rows, pub_rows, sp, sh, sd): Row =
+        sqlx::query_as(&sql).fetch_one(pool).await?;
+    let count = |n: i64, est: f64| {
+        if n <= EXACT_UP_TO {
+            Count::Exact(n)
+        } else {
+            Count::Estimate((est.round() as i64).max(cap))
+        }
+    };
+    Ok(StateCounts {
+        pending: count(p, ev_rows * sp),
+        held: count(h, ev_rows * sh),
+        dead: count(d, ev_rows * sd),
+        published: count(pb, pub_rows),
+        event_rows_estimate: ev_rows.round() as i64,
+    })
+}
+
+/// The rows of `outbox_event` when there are at most `cap`, else `None`; and the planner's row
+/// count of it, in one round trip.
+pub(crate) async fn event_rows(pool: &PgPool, cap: i64) -> Result<(Option<i64>, f64)> {
+    let (n, est): (i64, Option<f64>) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM (SELECT 1 FROM outbox_event LIMIT $1) s),
+                (SELECT CASE WHEN c.reltuples < 0 THEN 0
+                             WHEN c.relpages > 0
+                                 THEN c.reltuples / c.relpages
+                                      * (pg_relation_size(c.oid) / current_setting('block_size')::float8)
+                             ELSE c.reltuples END::float8
+                   FROM pg_class c WHERE c.oid = to_regclass('outbox_event'))",
+    )
+    .bind(cap + 1)
     .fetch_one(pool)
     .await?;
-    Ok((n <= EXACT_UP_TO).then_some(n))
-}
-
-/// The planner's row count of `table`, scaled to its current size in pages as the planner does;
-/// 0 when the table was never analysed.
-pub(crate) async fn table_rows(pool: &PgPool, table: &str) -> Result<f64> {
-    let n: Option<f64> = sqlx::query_scalar(
-        "SELECT CASE WHEN c.reltuples < 0 THEN 0
-                     WHEN c.relpages > 0
-                         THEN c.reltuples / c.relpages
-                              * (pg_relation_size(c.oid) / current_setting('block_size')::float8)
-                     ELSE c.reltuples END::float8
-           FROM pg_class c WHERE c.oid = to_regclass($1)",
-    )
-    .bind(table)
-    .fetch_optional(pool)
-    .await?
-    .flatten();
-    Ok(n.unwrap_or(0.0))
-}
-
-/// The share of `outbox_event` rows whose status is `status`, from `pg_stats`.
-async fn status_share(pool: &PgPool, status: &str) -> Result<f64> {
-    let f: Option<f32> = sqlx::query_scalar(
-        "SELECT u.f FROM pg_stats s,
-                unnest(s.most_common_vals::text::text[], s.most_common_freqs) AS u(v, f)
-          WHERE s.schemaname = current_schema() AND s.tablename = 'outbox_event'
-            AND s.attname = 'status' AND u.v = $1",
-    )
-    .bind(status)
-    .fetch_optional(pool)
-    .await?;
-    Ok(f.map(f64::from).unwrap_or(0.0))
-}
-
-/// Rows of `outbox_event` with `status` (`pending`, `held`, `dead`).
-pub async fn status_count(pool: &PgPool, status: &str) -> Result<Count> {
-    let from_where = match status {
-        "pending" => "outbox_event WHERE status = 'pending'",
-        "held" => "outbox_event WHERE status = 'held'",
-        _ => "outbox_event WHERE status = 'dead'",
-    };
-    if let Some(n) = capped(pool, from_where).await? {
-        return Ok(Count::Exact(n));
-    }
-    let est = table_rows(pool, "outbox_event").await? * status_share(pool, status).await?;
-    Ok(Count::Estimate((est.round() as i64).max(EXACT_UP_TO + 1)))
-}
-
-/// Rows of `outbox_published` (kept for retention).
-pub async fn published_count(pool: &PgPool) -> Result<Count> {
-    if let Some(n) = capped(pool, "outbox_published").await? {
-        return Ok(Count::Exact(n));
-    }
-    let est = table_rows(pool, "outbox_published").await?;
-    Ok(Count::Estimate((est.round() as i64).max(EXACT_UP_TO + 1)))
+    Ok(((n <= cap).then_some(n), est.unwrap_or(0.0)))
 }

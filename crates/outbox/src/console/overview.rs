@@ -102,17 +102,43 @@ pub struct BacklogRow {
     pub dead: i64,
 }
 
-/// Reads the overview of one outbox database.
+/// Reads the overview of one outbox database: a handful of statements, run two at a time
+/// (the console's pool), none of which walks more than an index range or a small sample.
 pub async fn overview(pool: &PgPool) -> Result<Overview> {
-    let pending = estimate::status_count(pool, "pending").await?;
-    let held = estimate::status_count(pool, "held").await?;
-    let dead = estimate::status_count(pool, "dead").await?;
-    let published = estimate::published_count(pool).await?;
-    let held_orphaned = if held.is_estimate() || dead.is_estimate() {
+    let (counts, (relays, unowned_partitions, last_published_at), oldest, chart, holds, backlogs) =
+        tokio::try_join!(
+            estimate::state_counts(pool),
+            relays(pool),
+            oldest_pending_age(pool),
+            published_per_minute(pool),
+            route_holds::list(pool),
+            backlogs(pool),
+        )?;
+    let held_orphaned = if counts.held.is_estimate() || counts.dead.is_estimate() {
         None
     } else {
         Some(crate::pg::held_counts(pool).await?.orphaned)
     };
+    let (by_tenant, by_event_type) = backlogs;
+    Ok(Overview {
+        pending: counts.pending,
+        held: counts.held,
+        dead: counts.dead,
+        published: counts.published,
+        held_orphaned,
+        oldest_pending_age_seconds: oldest,
+        published_per_minute: chart,
+        last_published_at,
+        relays,
+        unowned_partitions,
+        route_holds: holds,
+        by_tenant,
+        by_event_type,
+    })
+}
+
+/// Relays with their partitions, the partitions nobody leases, and the last publish.
+async fn relays(pool: &PgPool) -> Result<(Vec<Relay>, Vec<i16>, Option<DateTime<Utc>>)> {
     let relays: Vec<Relay> = sqlx::query_as(
         "SELECT r.relay_id, r.host, r.pid, r.started_at, r.heartbeat_at,
                 COALESCE(array_agg(p.partition ORDER BY p.partition) FILTER (WHERE p.partition IS NOT NULL), '{}') AS partitions
@@ -122,30 +148,14 @@ pub async fn overview(pool: &PgPool) -> Result<Overview> {
     )
     .fetch_all(pool)
     .await?;
-    let unowned_partitions: Vec<i16> = sqlx::query_scalar(
-        "SELECT partition FROM outbox_partition WHERE owner IS NULL OR lease_until <= now() ORDER BY partition",
+    let (unowned, last): (Vec<i16>, Option<DateTime<Utc>>) = sqlx::query_as(
+        "SELECT COALESCE((SELECT array_agg(partition ORDER BY partition) FROM outbox_partition
+                           WHERE owner IS NULL OR lease_until <= now()), '{}'),
+                (SELECT max(published_at) FROM outbox_published)",
     )
-    .fetch_all(pool)
+    .fetch_one(pool)
     .await?;
-    let last_published_at: Option<DateTime<Utc>> =
-        sqlx::query_scalar("SELECT max(published_at) FROM outbox_published")
-            .fetch_one(pool)
-            .await?;
-    Ok(Overview {
-        pending,
-        held,
-        dead,
-        published,
-        held_orphaned,
-        oldest_pending_age_seconds: oldest_pending_age(pool).await?,
-        published_per_minute: published_per_minute(pool).await?,
-        last_published_at,
-        relays,
-        unowned_partitions,
-        route_holds: route_holds::list(pool).await?,
-        by_tenant: backlog(pool, "tenant_id").await?,
-        by_event_type: backlog(pool, "event_type").await?,
-    })
+    Ok((relays, unowned, last))
 }
 
 /// The age of the pending event with the lowest id: a loose index scan over the tenants of the
@@ -206,17 +216,12 @@ async fn published_per_minute(pool: &PgPool) -> Result<Vec<MinuteCount>> {
         .collect())
 }
 
-/// Backlog per `column` (`tenant_id` or `event_type`): exact on a small table, else from a
-/// sample of about [`BREAKDOWN_EXACT_UP_TO`] rows scaled to the table's estimated size.
-async fn backlog(pool: &PgPool, column: &str) -> Result<Backlog> {
-    let column = if column == "tenant_id" {
-        "tenant_id"
-    } else {
-        "event_type"
-    };
-    let rows_est = estimate::table_rows(pool, "outbox_event").await?;
-    let exact = rows_est <= BREAKDOWN_EXACT_UP_TO
-        && estimate::capped(pool, "outbox_event").await?.is_some();
+/// Backlog per tenant and per event type: exact on a small table, else from one sample of about
+/// [`BREAKDOWN_EXACT_UP_TO`] rows (`TABLESAMPLE SYSTEM`) scaled to the table's estimated size.
+async fn backlogs(pool: &PgPool) -> Result<(Backlog, Backlog)> {
+    use sqlx::Row;
+    let (small, rows_est) = estimate::event_rows(pool, BREAKDOWN_EXACT_UP_TO as i64).await?;
+    let exact = small.is_some();
     let source = if exact {
         "outbox_event".to_string()
     } else {
@@ -224,42 +229,61 @@ async fn backlog(pool: &PgPool, column: &str) -> Result<Backlog> {
         format!("outbox_event TABLESAMPLE SYSTEM ({p})")
     };
     let sql = format!(
-        "SELECT {column} AS key,
+        "SELECT GROUPING(tenant_id) AS by_type, COALESCE(tenant_id, event_type) AS key,
                 count(*) FILTER (WHERE status = 'pending') AS pending,
                 count(*) FILTER (WHERE status = 'held') AS held,
                 count(*) FILTER (WHERE status = 'dead') AS dead,
-                sum(count(*)) OVER ()::int8 AS total
-           FROM {source} GROUP BY {column}
-          ORDER BY count(*) DESC, {column}"
+                count(*) AS n
+           FROM {source} GROUP BY GROUPING SETS ((tenant_id), (event_type), ())
+          ORDER BY 1, count(*) DESC, 2"
     );
     let rows = sqlx::query(&sql).fetch_all(pool).await?;
-    use sqlx::Row;
-    let sampled: i64 = rows
-        .first()
-        .map(|r| r.try_get::<i64, _>("total"))
-        .transpose()?
-        .unwrap_or(0);
+    // The empty grouping set is the sample's size.
+    let mut sampled = 0i64;
+    for r in &rows {
+        if r.try_get::<Option<String>, _>("key")?.is_none() {
+            sampled = r.try_get("n")?;
+        }
+    }
     let scale = if exact || sampled == 0 {
         1.0
     } else {
-        // The sample's share of the table, measured rather than the asked percentage (pages
-        // differ in how many live rows they hold).
+        // The sample's measured share of the table (pages differ in how many live rows they
+        // hold, so the asked percentage is not it).
         rows_est / sampled as f64
     };
-    let mut out = Vec::new();
-    for r in rows.iter().take(BREAKDOWN_ROWS as usize) {
+    let mut out = (Vec::new(), Vec::new());
+    for r in &rows {
+        let Some(key) = r.try_get::<Option<String>, _>("key")? else {
+            continue;
+        };
+        let list = if r.try_get::<i32, _>("by_type")? == 1 {
+            &mut out.1
+        } else {
+            &mut out.0
+        };
+        if list.len() >= BREAKDOWN_ROWS as usize {
+            continue;
+        }
         let s = |c: &str| -> Result<i64> {
             Ok((r.try_get::<i64, _>(c)? as f64 * scale).round() as i64)
         };
-        out.push(BacklogRow {
-            key: r.try_get("key")?,
+        list.push(BacklogRow {
+            key,
             pending: s("pending")?,
             held: s("held")?,
             dead: s("dead")?,
         });
     }
-    Ok(Backlog {
-        rows: out,
-        sampled_rows: (!exact).then_some(sampled),
-    })
+    let sampled_rows = (!exact).then_some(sampled);
+    Ok((
+        Backlog {
+            rows: out.0,
+            sampled_rows,
+        },
+        Backlog {
+            rows: out.1,
+            sampled_rows,
+        },
+    ))
 }
