@@ -50,7 +50,7 @@ impl AllowedHosts {
     /// Whether `host` (a `Host` header value) is one of them.
     pub fn allows(&self, host: &str) -> bool {
         let host = host.to_ascii_lowercase();
-        self.0.iter().any(|h| *h == host)
+        self.0.contains(&host)
     }
 }
 
