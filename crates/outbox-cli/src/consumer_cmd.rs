@@ -31,6 +31,7 @@ impl ParkedArgs {
             event_id: self.id,
             tenant_id: self.tenant.clone(),
             reason: self.reason.clone(),
+            ..Default::default()
         }
     }
 }

@@ -4,6 +4,7 @@
 
 pub use outbox_runtime::{args, broker, http, logging, relay_cmd};
 
+pub mod console_cmd;
 pub mod consumer_cmd;
 pub mod databases;
 pub mod fleet;

@@ -79,6 +79,9 @@ enum Command {
         #[command(subcommand)]
         action: outbox_cli::consumer_cmd::ConsumerDeadLetterCmd,
     },
+    /// Serve the browser console: state, dead letters and parked events, replay and purge
+    /// (README, "Console").
+    Console(Box<outbox_cli::console_cmd::ConsoleArgs>),
     /// Run one retention pass: delete published events older than the retention.
     Cleanup {
         /// Keep published events this many hours.
@@ -171,6 +174,7 @@ async fn main() -> anyhow::Result<()> {
         Command::DeadLetters { action } => {
             ops_cmd::dead_letters(&connect(one(&databases)?, 2).await?, action).await?
         }
+        Command::Console(args) => outbox_cli::console_cmd::run(&databases, &args).await?,
         Command::ConsumerDeadLetters { action } => {
             outbox_cli::consumer_cmd::run(&connect(one(&databases)?, 2).await?, action).await?
         }

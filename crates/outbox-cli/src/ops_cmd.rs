@@ -44,6 +44,7 @@ impl FilterArgs {
             since: self.since,
             until: self.until,
             limit,
+            ..Default::default()
         }
     }
 }

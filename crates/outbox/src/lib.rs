@@ -11,6 +11,7 @@
 //! (the publisher trait and one module per broker), [`relay`] (the engine, its retry policy and
 //! wake-ups), [`consumers`] (the inbox runtime that applies events exactly once, in order). See `docs/architecture.md` for the invariants and how each is kept.
 
+pub mod console;
 pub mod consumers;
 pub mod enqueue;
 pub mod envelope;

@@ -139,6 +139,12 @@ pub struct DeadLetterFilter {
     pub since: Option<DateTime<Utc>>,
     /// Dead-lettered before.
     pub until: Option<DateTime<Utc>>,
+    /// Failure group (`<reason code>: <normalized message>`, column `error_group`; the console's
+    /// grouping).
+    pub error_group: Option<String>,
+    /// Dead-lettered at or before this moment: a dry run's time, so that applying it leaves out
+    /// what was dead-lettered after it was shown.
+    pub as_of: Option<DateTime<Utc>>,
     /// At most this many (listing only).
     pub limit: Option<i64>,
 }
@@ -152,6 +158,7 @@ impl DeadLetterFilter {
             && self.aggregate_id.is_none()
             && self.since.is_none()
             && self.until.is_none()
+            && self.error_group.is_none()
     }
 }
 
@@ -187,9 +194,10 @@ pub struct DeadLetter {
 const DEAD_WHERE: &str = "status = 'dead'
     AND ($1::uuid IS NULL OR event_id = $1) AND ($2::text IS NULL OR tenant_id = $2)
     AND ($3::text IS NULL OR aggregate_type = $3) AND ($4::text IS NULL OR aggregate_id = $4)
-    AND ($5::timestamptz IS NULL OR dead_at >= $5) AND ($6::timestamptz IS NULL OR dead_at < $6)";
+    AND ($5::timestamptz IS NULL OR dead_at >= $5) AND ($6::timestamptz IS NULL OR dead_at < $6)
+    AND ($7::text IS NULL OR error_group = $7) AND ($8::timestamptz IS NULL OR dead_at <= $8)";
 
-/// Binds `filter` to `$1`..`$6` of a statement built around [`DEAD_WHERE`].
+/// Binds `filter` to `$1`..`$8` of a statement built around [`DEAD_WHERE`].
 fn bind_filter<'q>(
     q: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
     f: &'q DeadLetterFilter,
@@ -200,6 +208,8 @@ fn bind_filter<'q>(
         .bind(&f.aggregate_id)
         .bind(f.since)
         .bind(f.until)
+        .bind(&f.error_group)
+        .bind(f.as_of)
 }
 
 /// Dead letters matching `filter`, oldest event first (the order replay delivers them in).
@@ -207,7 +217,7 @@ pub async fn dead_letters(pool: &PgPool, filter: &DeadLetterFilter) -> Result<Ve
     let sql = format!(
         "SELECT event_id, tenant_id, aggregate_type, aggregate_id, seq, event_type, topic, attempts, last_error,
                 created_at, dead_at, payload
-         FROM outbox_event WHERE {DEAD_WHERE} ORDER BY id LIMIT $7"
+         FROM outbox_event WHERE {DEAD_WHERE} ORDER BY id LIMIT $9"
     );
     let rows = bind_filter(sqlx::query(&sql), filter)
         .bind(filter.limit.unwrap_or(100).clamp(1, 100_000))
@@ -233,6 +243,15 @@ fn dead_letter_from_row(r: &sqlx::postgres::PgRow) -> Result<DeadLetter> {
         dead_at: r.try_get("dead_at")?,
         payload: String::from_utf8_lossy(&payload).into_owned(),
     })
+}
+
+/// How many dead letters match `filter` (its `limit` is ignored): an action's dry run.
+pub async fn count_dead_letters(pool: &PgPool, filter: &DeadLetterFilter) -> Result<i64> {
+    let sql = format!("SELECT count(*) FROM outbox_event WHERE {DEAD_WHERE}");
+    let row = bind_filter(sqlx::query(&sql), filter)
+        .fetch_one(pool)
+        .await?;
+    Ok(sqlx::Row::try_get(&row, 0)?)
 }
 
 /// One dead letter by event id.

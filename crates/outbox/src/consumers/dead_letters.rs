@@ -65,22 +65,66 @@ pub struct ParkedFilter {
     pub tenant_id: Option<String>,
     /// Only this reason.
     pub reason: Option<String>,
+    /// Only this aggregate type.
+    pub aggregate_type: Option<String>,
+    /// Only this aggregate id.
+    pub aggregate_id: Option<String>,
+    /// Only this failure group (`outbox_error_group(last_error)`: reason code and normalized
+    /// message, the console's grouping).
+    pub error_group: Option<String>,
+    /// Parked at or after.
+    pub since: Option<DateTime<Utc>>,
+    /// Parked before.
+    pub until: Option<DateTime<Utc>>,
+    /// Parked at or before this moment (a dry run's time: what was parked after it was shown is
+    /// left out).
+    pub as_of: Option<DateTime<Utc>>,
 }
 
+impl ParkedFilter {
+    /// True when no condition is set (the filter would mean every parked event).
+    pub fn is_empty(&self) -> bool {
+        self.consumer.is_none()
+            && self.event_id.is_none()
+            && self.tenant_id.is_none()
+            && self.reason.is_none()
+            && self.aggregate_type.is_none()
+            && self.aggregate_id.is_none()
+            && self.error_group.is_none()
+            && self.since.is_none()
+            && self.until.is_none()
+    }
+}
+
+/// The filter's conditions, `$1`..`$10` (see [`bind`]).
 const WHERE: &str = "($1::text IS NULL OR consumer = $1) AND ($2::uuid IS NULL OR event_id = $2)
-                     AND ($3::text IS NULL OR tenant_id = $3) AND ($4::text IS NULL OR reason = $4)";
+     AND ($3::text IS NULL OR tenant_id = $3) AND ($4::text IS NULL OR reason = $4)
+     AND ($5::text IS NULL OR aggregate_type = $5) AND ($6::text IS NULL OR aggregate_id = $6)
+     AND ($7::text IS NULL OR outbox_error_group(last_error) = $7)
+     AND ($8::timestamptz IS NULL OR parked_at >= $8) AND ($9::timestamptz IS NULL OR parked_at < $9)
+     AND ($10::timestamptz IS NULL OR parked_at <= $10)";
 /// [`WHERE`] over the alias `g`.
 const WHERE_G: &str = "($1::text IS NULL OR g.consumer = $1) AND ($2::uuid IS NULL OR g.event_id = $2)
-                     AND ($3::text IS NULL OR g.tenant_id = $3) AND ($4::text IS NULL OR g.reason = $4)";
+     AND ($3::text IS NULL OR g.tenant_id = $3) AND ($4::text IS NULL OR g.reason = $4)
+     AND ($5::text IS NULL OR g.aggregate_type = $5) AND ($6::text IS NULL OR g.aggregate_id = $6)
+     AND ($7::text IS NULL OR outbox_error_group(g.last_error) = $7)
+     AND ($8::timestamptz IS NULL OR g.parked_at >= $8) AND ($9::timestamptz IS NULL OR g.parked_at < $9)
+     AND ($10::timestamptz IS NULL OR g.parked_at <= $10)";
 
 fn bind<'q, Q: Bindable<'q>>(q: Q, f: &'q ParkedFilter) -> Q {
     q.bind(&f.consumer)
         .bind(f.event_id)
         .bind(&f.tenant_id)
         .bind(&f.reason)
+        .bind(&f.aggregate_type)
+        .bind(&f.aggregate_id)
+        .bind(&f.error_group)
+        .bind(f.since)
+        .bind(f.until)
+        .bind(f.as_of)
 }
 
-/// A query taking the filter's four parameters.
+/// A query taking the filter's parameters.
 trait Bindable<'q>: Sized {
     fn bind<T>(self, v: T) -> Self
     where
@@ -113,7 +157,7 @@ pub async fn list(pool: &PgPool, filter: &ParkedFilter, limit: i64) -> Result<Ve
         "SELECT id, consumer, event_id, producer, event_type, tenant_id, aggregate_type,
                 aggregate_id, seq_epoch, seq, reason, attempts, last_error, parked_at,
                 replay_requested_at, accept_gap
-           FROM outbox_consumer_dead_letter WHERE {WHERE} ORDER BY id LIMIT $5"
+           FROM outbox_consumer_dead_letter WHERE {WHERE} ORDER BY id LIMIT $11"
     );
     let rows = bind(sqlx::query(&sql), filter)
         .bind(limit)
@@ -141,6 +185,14 @@ pub async fn list(pool: &PgPool, filter: &ParkedFilter, limit: i64) -> Result<Ve
             })
         })
         .collect()
+}
+
+/// How many parked events match `filter`: an action's dry run.
+pub async fn count(pool: &PgPool, filter: &ParkedFilter) -> Result<i64> {
+    let sql = format!("SELECT count(*) FROM outbox_consumer_dead_letter WHERE {WHERE}");
+    Ok(bind(sqlx::query_scalar(&sql), filter)
+        .fetch_one(pool)
+        .await?)
 }
 
 /// Asks the running consumer(s) to apply the matching parked events again (the events parked
@@ -184,11 +236,7 @@ async fn act(
     action: &str,
     change: &str,
 ) -> Result<Vec<Uuid>> {
-    if filter.consumer.is_none()
-        && filter.event_id.is_none()
-        && filter.tenant_id.is_none()
-        && filter.reason.is_none()
-    {
+    if filter.is_empty() {
         return Err(OutboxError::Config(
             "name what to act on: --consumer, --event-id, --tenant or --reason".into(),
         ));
