@@ -101,6 +101,11 @@ async fn relay_backlog(server: &PrivateNats, batch: bool) {
     let msgs = stream_seen(server, &stream.name).await;
     assert_eq!(msgs.len(), 600, "batch mode {batch}: no copy");
     assert_eq!(assert_once_and_in_order(&msgs), 600);
+    // The server keeps the batch headers on the messages of a batch: the mode was used (only).
+    assert_eq!(
+        msgs.iter().any(|m| m.headers.contains_key("Nats-Batch-Id")),
+        batch
+    );
     assert_eq!(
         stream_config(server, &stream.name).await["allow_atomic"].as_bool() == Some(true),
         batch,
@@ -334,4 +339,46 @@ async fn a_batch_resent_after_a_lost_commit_ack_is_neither_lost_nor_duplicated()
     assert_eq!(msgs.len(), 50, "no event stored twice");
     assert_eq!(assert_once_and_in_order(&msgs), 50);
     assert_eq!(count(&db, "dead").await, 0);
+}
+
+/// The batch mode on a 3-node cluster of the pinned 2.12 release with an R3 stream (a clustered
+/// stream commits a batch as one multi-entry Raft proposal, another path in the server than one
+/// node's): a hot aggregate and a few cold ones, each event once and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn atomic_batches_on_a_3_node_2_12_cluster() {
+    let (_, bin) = pinned_server("2.12");
+    let mut cluster = testkit::nats_cluster::NatsCluster::start_with(&bin).await;
+    let db = TestDb::new().await;
+    let stream = TestStream::new();
+    insert_hot(&db, "hot", 1, 400).await;
+    insert_backlog(&db, 100, 50).await;
+    let cfg = NatsConfig {
+        replicas: Some(3),
+        ..config_on(&stream, &cluster.urls())
+    };
+    let config = test_config();
+    let publisher = NatsBatchPublisher::connect(cfg.clone(), config.dedup_horizon(cfg.ack_timeout))
+        .await
+        .unwrap();
+    let relay = start_relay_with(db.pool.clone(), Arc::new(publisher), config);
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            count(&db, "published").await == 500
+        })
+        .await,
+        "500 events published to the R3 stream"
+    );
+    relay.shutdown().await;
+    let msgs = seen_of(
+        cluster
+            .read_stream(&stream.name, Duration::from_secs(20))
+            .await
+            .expect("stream read in time"),
+    );
+    assert_eq!(msgs.len(), 500, "no copy");
+    assert_eq!(assert_once_and_in_order(&msgs), 500);
+    assert!(
+        msgs.iter().any(|m| m.headers.contains_key("Nats-Batch-Id")),
+        "the hot aggregate went as atomic batches"
+    );
 }
