@@ -11,7 +11,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream;
 use futures::StreamExt;
 use outbox::{NewEvent, Outbox, RelayConfig};
 use testkit::{TestDb, TestStream};
@@ -78,21 +77,9 @@ async fn main() {
     // headers with `Nats-Msg-Id`, same payload bytes) with the same number of acknowledgements in
     // flight per batch, to a stream of its own, with no database involved.
     let msgs = support::backlog_messages(&db).await;
-    let raw_stream = TestStream::new();
     let client = async_nats::connect(testkit::nats_url()).await.unwrap();
-    let js = jetstream::ContextBuilder::new()
-        .max_ack_inflight(4096)
-        .backpressure_on_inflight(true)
-        .build(client.clone());
-    js.create_stream(jetstream::stream::Config {
-        name: raw_stream.name.clone(),
-        subjects: vec![format!("{}.>", raw_stream.prefix)],
-        duplicate_window: Duration::from_secs(120),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let template = format!("{}.{{tenant}}.{{topic}}", raw_stream.prefix);
+    // Bound to a name, not `_`: the stream lives (and is deleted on drop) to the end.
+    let (_raw_stream, js, template) = support::raw_stream(&client).await;
     let t = Instant::now();
     support::raw_publish(&js, &msgs, &template).await;
     let raw = msgs.len() as f64 / t.elapsed().as_secs_f64();

@@ -239,22 +239,9 @@ async fn main() {
     // Raw baseline: the relay's exact messages, no database (as bench_nats).
     let msgs = support::backlog_messages(&db).await;
     let waves = longest_chain(&msgs, 1000);
-    let raw_stream = TestStream::new();
     let client = async_nats::connect(testkit::nats_url()).await.unwrap();
-    let js = jetstream::ContextBuilder::new()
-        .max_ack_inflight(4096)
-        .backpressure_on_inflight(true)
-        .build(client.clone());
-    js.create_stream(jetstream::stream::Config {
-        name: raw_stream.name.clone(),
-        subjects: vec![format!("{}.>", raw_stream.prefix)],
-        duplicate_window: Duration::from_secs(120),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let (raw_stream, js, template) = support::raw_stream(&client).await;
     quiet().await;
-    let template = format!("{}.{{tenant}}.{{topic}}", raw_stream.prefix);
     let a = Sample::take(pg_pid, nats_pid);
     support::raw_publish(&js, &msgs, &template).await;
     let raw_spent = spent(&a, &Sample::take(pg_pid, nats_pid));

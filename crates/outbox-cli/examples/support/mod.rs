@@ -314,3 +314,23 @@ pub async fn nats_relay(
     .unwrap();
     (relay, pool)
 }
+
+/// A stream of its own for the raw baseline, the JetStream context to publish to it (4,096
+/// acknowledgements in flight at most) and the subject template of its messages.
+pub async fn raw_stream(client: &async_nats::Client) -> (TestStream, jetstream::Context, String) {
+    let raw_stream = TestStream::new();
+    let js = jetstream::ContextBuilder::new()
+        .max_ack_inflight(4096)
+        .backpressure_on_inflight(true)
+        .build(client.clone());
+    js.create_stream(jetstream::stream::Config {
+        name: raw_stream.name.clone(),
+        subjects: vec![format!("{}.>", raw_stream.prefix)],
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let template = format!("{}.{{tenant}}.{{topic}}", raw_stream.prefix);
+    (raw_stream, js, template)
+}
