@@ -11,10 +11,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{self, message::PublishMessage};
 use futures::StreamExt;
-use outbox::nats::NatsPublisher;
-use outbox::{NewEvent, Outbox, PgStore, Relay, RelayConfig};
+use outbox::{NewEvent, Outbox, RelayConfig};
 use testkit::{TestDb, TestStream};
 
 #[path = "support/mod.rs"]
@@ -79,37 +77,11 @@ async fn main() {
     // headers with `Nats-Msg-Id`, same payload bytes) with the same number of acknowledgements in
     // flight per batch, to a stream of its own, with no database involved.
     let msgs = support::backlog_messages(&db).await;
-    let raw_stream = TestStream::new();
     let client = async_nats::connect(testkit::nats_url()).await.unwrap();
-    let js = jetstream::ContextBuilder::new()
-        .max_ack_inflight(4096)
-        .backpressure_on_inflight(true)
-        .build(client.clone());
-    js.create_stream(jetstream::stream::Config {
-        name: raw_stream.name.clone(),
-        subjects: vec![format!("{}.>", raw_stream.prefix)],
-        duplicate_window: Duration::from_secs(120),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let template = format!("{}.{{tenant}}.{{topic}}", raw_stream.prefix);
+    // Bound to a name, not `_`: the stream lives (and is deleted on drop) to the end.
+    let (_raw_stream, js, template) = support::raw_stream(&client).await;
     let t = Instant::now();
-    for chunk in msgs.chunks(1000) {
-        let mut acks = Vec::with_capacity(chunk.len());
-        for m in chunk {
-            let p = PublishMessage::build()
-                .payload(m.payload.clone())
-                .headers(NatsPublisher::headers(m).unwrap());
-            acks.push(js.send_publish(m.render(&template), p).await.unwrap());
-        }
-        for a in
-            futures::future::join_all(acks.into_iter().map(std::future::IntoFuture::into_future))
-                .await
-        {
-            a.unwrap();
-        }
-    }
+    support::raw_publish(&js, &msgs, &template).await;
     let raw = msgs.len() as f64 / t.elapsed().as_secs_f64();
     drop(msgs);
 
@@ -155,26 +127,10 @@ async fn steady_latency(rate: u64, secs: u64, notify: bool) -> Latency {
         retention: None,
         ..Default::default()
     };
-    let publisher = NatsPublisher::connect(
-        stream.nats_config(),
-        config.dedup_horizon(stream.nats_config().ack_timeout),
-    )
-    .await
-    .unwrap();
     // The relay's own pool, as `outbox relay` (`--db-connections 4`) and `inventory serve` run
     // it: sharing the producers' pool would measure the relay's wait for a connection behind up
     // to 64 producers, not its delivery.
-    let relay_pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(4)
-        .connect(&db.url)
-        .await
-        .unwrap();
-    let relay = Relay::new(
-        Arc::new(PgStore::new(relay_pool.clone())),
-        Arc::new(publisher),
-        config,
-    )
-    .unwrap();
+    let (relay, relay_pool) = support::nats_relay(&db.url, &stream, config, 4).await;
     let stop = CancellationToken::new();
     let listen = tokio::spawn(outbox::wake::listen(
         relay_pool,

@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{self, message::PublishMessage};
+use async_nats::jetstream;
 use outbox::nats::{NatsConfig, NatsPublisher};
 use outbox::{PgStore, Relay, RelayConfig};
 use testkit::nats_cluster::NatsCluster;
@@ -56,21 +56,7 @@ async fn main() {
     let template = format!("{}.{{tenant}}.{{topic}}", raw_stream.prefix);
     let c0 = cpu::Sample::take(&cluster.pids());
     let t = Instant::now();
-    for chunk in msgs.chunks(1000) {
-        let mut acks = Vec::with_capacity(chunk.len());
-        for m in chunk {
-            let p = PublishMessage::build()
-                .payload(m.payload.clone())
-                .headers(NatsPublisher::headers(m).unwrap());
-            acks.push(js.send_publish(m.render(&template), p).await.unwrap());
-        }
-        for a in
-            futures::future::join_all(acks.into_iter().map(std::future::IntoFuture::into_future))
-                .await
-        {
-            a.unwrap();
-        }
-    }
+    support::raw_publish(&js, &msgs, &template).await;
     let raw_secs = t.elapsed().as_secs_f64();
     let raw_cpu = cpu::Sample::take(&cluster.pids()).since(&c0);
     let raw = msgs.len() as f64 / raw_secs;

@@ -17,12 +17,10 @@
 //! `cargo run --release -p outbox-cli --example profile_drain -- [backlog]` (default 200000).
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{self, message::PublishMessage};
-use outbox::nats::NatsPublisher;
-use outbox::{PgStore, Relay, RelayConfig};
+use async_nats::jetstream;
+use outbox::RelayConfig;
 use testkit::{TestDb, TestStream};
 use tokio_util::sync::CancellationToken;
 
@@ -241,38 +239,11 @@ async fn main() {
     // Raw baseline: the relay's exact messages, no database (as bench_nats).
     let msgs = support::backlog_messages(&db).await;
     let waves = longest_chain(&msgs, 1000);
-    let raw_stream = TestStream::new();
     let client = async_nats::connect(testkit::nats_url()).await.unwrap();
-    let js = jetstream::ContextBuilder::new()
-        .max_ack_inflight(4096)
-        .backpressure_on_inflight(true)
-        .build(client.clone());
-    js.create_stream(jetstream::stream::Config {
-        name: raw_stream.name.clone(),
-        subjects: vec![format!("{}.>", raw_stream.prefix)],
-        duplicate_window: Duration::from_secs(120),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let (raw_stream, js, template) = support::raw_stream(&client).await;
     quiet().await;
-    let template = format!("{}.{{tenant}}.{{topic}}", raw_stream.prefix);
     let a = Sample::take(pg_pid, nats_pid);
-    for chunk in msgs.chunks(1000) {
-        let mut acks = Vec::with_capacity(chunk.len());
-        for m in chunk {
-            let p = PublishMessage::build()
-                .payload(m.payload.clone())
-                .headers(NatsPublisher::headers(m).unwrap());
-            acks.push(js.send_publish(m.render(&template), p).await.unwrap());
-        }
-        for a in
-            futures::future::join_all(acks.into_iter().map(std::future::IntoFuture::into_future))
-                .await
-        {
-            a.unwrap();
-        }
-    }
+    support::raw_publish(&js, &msgs, &template).await;
     let raw_spent = spent(&a, &Sample::take(pg_pid, nats_pid));
     let n = msgs.len() as f64;
     let raw = n / raw_spent.wall;
@@ -294,23 +265,7 @@ async fn main() {
         config.batch_size = b;
     }
     let batch_size = config.batch_size;
-    let publisher = NatsPublisher::connect(
-        stream.nats_config(),
-        config.dedup_horizon(stream.nats_config().ack_timeout),
-    )
-    .await
-    .unwrap();
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(4)
-        .connect(&db.url)
-        .await
-        .unwrap();
-    let relay = Relay::new(
-        Arc::new(PgStore::new(pool.clone())),
-        Arc::new(publisher),
-        config,
-    )
-    .unwrap();
+    let (relay, _pool) = support::nats_relay(&db.url, &stream, config, 4).await;
     let mut info = jetstream::new(client.clone())
         .get_stream(&stream.name)
         .await

@@ -308,3 +308,77 @@ pub mod cpu {
         pids.iter().map(|&p| (p, seconds(p))).collect()
     }
 }
+
+/// The raw baseline of the NATS benchmarks: publishes `msgs` (the relay's exact messages, headers
+/// included) to the stream behind `template` through `js`, 1,000 acknowledgements in flight per
+/// chunk as the relay's batch, with no database involved.
+pub async fn raw_publish(
+    js: &jetstream::Context,
+    msgs: &[outbox::OutboundMessage],
+    template: &str,
+) {
+    use async_nats::jetstream::message::PublishMessage;
+    for chunk in msgs.chunks(1000) {
+        let mut acks = Vec::with_capacity(chunk.len());
+        for m in chunk {
+            let p = PublishMessage::build()
+                .payload(m.payload.clone())
+                .headers(NatsPublisher::headers(m).unwrap());
+            acks.push(js.send_publish(m.render(template), p).await.unwrap());
+        }
+        for a in
+            futures::future::join_all(acks.into_iter().map(std::future::IntoFuture::into_future))
+                .await
+        {
+            a.unwrap();
+        }
+    }
+}
+
+/// A relay to `stream` over `url` with a pool of its own of `connections`, as `outbox relay`
+/// (`--db-connections 4`) runs it; returns the relay and its pool.
+pub async fn nats_relay(
+    url: &str,
+    stream: &TestStream,
+    config: RelayConfig,
+    connections: u32,
+) -> (Relay, sqlx::PgPool) {
+    let publisher = NatsPublisher::connect(
+        stream.nats_config(),
+        config.dedup_horizon(stream.nats_config().ack_timeout),
+    )
+    .await
+    .unwrap();
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(connections)
+        .connect(url)
+        .await
+        .unwrap();
+    let relay = Relay::new(
+        Arc::new(PgStore::new(pool.clone())),
+        Arc::new(publisher),
+        config,
+    )
+    .unwrap();
+    (relay, pool)
+}
+
+/// A stream of its own for the raw baseline, the JetStream context to publish to it (4,096
+/// acknowledgements in flight at most) and the subject template of its messages.
+pub async fn raw_stream(client: &async_nats::Client) -> (TestStream, jetstream::Context, String) {
+    let raw_stream = TestStream::new();
+    let js = jetstream::ContextBuilder::new()
+        .max_ack_inflight(4096)
+        .backpressure_on_inflight(true)
+        .build(client.clone());
+    js.create_stream(jetstream::stream::Config {
+        name: raw_stream.name.clone(),
+        subjects: vec![format!("{}.>", raw_stream.prefix)],
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let template = format!("{}.{{tenant}}.{{topic}}", raw_stream.prefix);
+    (raw_stream, js, template)
+}
