@@ -16,7 +16,9 @@
 //! acknowledgement instead of kept as published). It runs
 //! `BENCH_ROUNDS` rounds (default 3) of all three measurements and prints each round, the cores
 //! the machine and this process used in each HTTP phase (PostgreSQL and NATS are the rest), and
-//! the medians.
+//! the medians. `BENCH_PAIRS=N` runs N interleaved pairs of relay on / relay off instead (no raw
+//! baseline) and prints the median ratio, its 95% interval and WAL bytes and flushes per
+//! reservation (issue 20, goal 6; `scripts/bench_archive.sh` runs it on a private server).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -45,6 +47,21 @@ struct Phase {
     drain_after_load: Option<Duration>,
     /// Cores busy over the measured run: (whole machine, this process).
     cpu: Option<(f64, f64)>,
+    /// WAL bytes and WAL flushes (`pg_stat_wal.wal_sync`) per reservation, from the start of the
+    /// measured run until its events are published (relay on) or until it ends (relay off).
+    /// Server-wide counters: exact only on a server that runs nothing else
+    /// (`scripts/bench_archive.sh` starts one).
+    wal: (f64, f64),
+}
+
+/// The server's WAL position (bytes) and WAL flush count.
+async fn wal_counters(pool: &sqlx::PgPool) -> (f64, f64) {
+    sqlx::query_as(
+        "SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::float8, (SELECT wal_sync FROM pg_stat_wal)::float8",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap()
 }
 
 async fn run_phase(with_relay: bool, requests: usize, concurrency: usize) -> Phase {
@@ -120,6 +137,7 @@ async fn run_phase(with_relay: bool, requests: usize, concurrency: usize) -> Pha
 
     // Warm-up, then the measured run.
     drive(addr, &token, &variants, WARMUP, concurrency).await;
+    let wal0 = wal_counters(&pool).await;
     let started = Instant::now();
     let ticks = cpu_ticks();
     let mut latencies = drive(addr, &token, &variants, requests, concurrency).await;
@@ -141,6 +159,11 @@ async fn run_phase(with_relay: bool, requests: usize, concurrency: usize) -> Pha
     } else {
         None
     };
+    let wal1 = wal_counters(&pool).await;
+    let wal = (
+        (wal1.0 - wal0.0) / requests as f64,
+        (wal1.1 - wal0.1) / requests as f64,
+    );
     stop.cancel();
     let _ = server.await;
     if let Some(r) = relay_task {
@@ -158,6 +181,7 @@ async fn run_phase(with_relay: bool, requests: usize, concurrency: usize) -> Pha
         p99_ms: pct(0.99),
         drain_after_load,
         cpu,
+        wal,
     }
 }
 
@@ -385,12 +409,91 @@ async fn drive(
     all
 }
 
+/// Two-sided 97.5% quantile of Student's t with `df` degrees of freedom.
+fn t975(df: usize) -> f64 {
+    const T: [f64; 30] = [
+        12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
+        2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
+        2.052, 2.048, 2.045, 2.042,
+    ];
+    T.get(df.max(1) - 1).copied().unwrap_or(1.96)
+}
+
+/// `BENCH_PAIRS` pairs of (relay on, relay off), the order alternating pair by pair (on, off,
+/// off, on, ...), no raw baseline: the relay on / off ratio of each pair, their median, and a 95%
+/// t-interval of the mean of the log ratios (the geometric mean's interval), with WAL bytes and
+/// flushes per reservation of each phase.
+async fn pairs(n: usize, requests: usize, concurrency: usize) {
+    let mut ratios = Vec::new();
+    let (mut wal_on, mut wal_off) = (Vec::new(), Vec::new());
+    for i in 0..n {
+        let (on, off) = if i % 2 == 0 {
+            let on = run_phase(true, requests, concurrency).await;
+            (on, run_phase(false, requests, concurrency).await)
+        } else {
+            let off = run_phase(false, requests, concurrency).await;
+            (run_phase(true, requests, concurrency).await, off)
+        };
+        println!(
+            "pair {:2}: on {:6.0}/s  off {:6.0}/s  on/off {:.3}   WAL per reservation: on {:6.0} B {:.3} flushes, off {:6.0} B {:.3} flushes",
+            i + 1,
+            on.rate,
+            off.rate,
+            on.rate / off.rate,
+            on.wal.0,
+            on.wal.1,
+            off.wal.0,
+            off.wal.1
+        );
+        ratios.push(on.rate / off.rate);
+        wal_on.push(on.wal);
+        wal_off.push(off.wal);
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        let k = v.len();
+        if k % 2 == 1 {
+            v[k / 2]
+        } else {
+            (v[k / 2 - 1] + v[k / 2]) / 2.0
+        }
+    };
+    let logs: Vec<f64> = ratios.iter().map(|r| r.ln()).collect();
+    let mean = logs.iter().sum::<f64>() / n as f64;
+    let sd = (logs.iter().map(|l| (l - mean).powi(2)).sum::<f64>() / (n.max(2) - 1) as f64).sqrt();
+    let half = t975(n - 1) * sd / (n as f64).sqrt();
+    let (lo, hi) = ((mean - half).exp(), (mean + half).exp());
+    println!(
+        "relay on / off over {n} pairs: median {:.3}, geometric mean {:.3}, 95% interval {lo:.3}-{hi:.3} (goal: lower bound >= 0.90: {})",
+        median(ratios.clone()),
+        mean.exp(),
+        if lo >= 0.9 { "met" } else { "not met" }
+    );
+    println!(
+        "WAL per reservation (median): relay on {:.0} bytes, {:.3} flushes; relay off {:.0} bytes, {:.3} flushes",
+        median(wal_on.iter().map(|w| w.0).collect()),
+        median(wal_on.iter().map(|w| w.1).collect()),
+        median(wal_off.iter().map(|w| w.0).collect()),
+        median(wal_off.iter().map(|w| w.1).collect()),
+    );
+}
+
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
     let requests: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(10_000);
     let concurrency: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(32);
     let cores = cores();
+    let n_pairs: usize = env_or("BENCH_PAIRS", 0);
+    if n_pairs > 0 {
+        println!(
+            "machine: {cores} cores; {requests} reservations over HTTP, {concurrency} connections, {VARIANTS} variants, API pool {}; {n_pairs} interleaved pairs{}",
+            pool_size(),
+            if std::env::var("BENCH_RETENTION_ZERO").as_deref() == Ok("1") { ", relay with retention 0 (rows deleted at acknowledgement)" } else { "" }
+        );
+        pairs(n_pairs, requests, concurrency).await;
+        return;
+    }
     println!(
         "machine: {cores} cores; {requests} reservations over HTTP, {concurrency} connections, {VARIANTS} variants, API pool {}",
         pool_size()

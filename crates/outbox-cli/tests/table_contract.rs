@@ -354,6 +354,76 @@ async fn a_replayed_event_cannot_be_overtaken_by_the_next_one() {
     assert_eq!(seqs, vec![1, 2]);
 }
 
+/// The header rule's fast path (migration `20261210000001`, which reads the object's JSON text
+/// instead of each key and value) decides exactly as the rule as first written
+/// (`outbox_headers_valid_full`), over random objects made of the characters that matter: JSON
+/// escapes and backslashes, control characters below and above U+0020, multi-byte characters,
+/// values that are not strings, empty keys, and values at and past 1024 characters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fast_header_check_decides_as_the_rule_as_written() {
+    use rand::{Rng, SeedableRng};
+    let db = TestDb::new().await;
+    let seed: u64 = rand::random();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    const CHARS: &[char] = &[
+        'a', 'b', 'n', 'r', 't', 'u', 'f', '0', ' ', '"', '\\', '/', '\n', '\r', '\t', '\u{1}',
+        '\u{8}', '\u{c}', '\u{1f}', '\u{7f}', '\u{85}', '\u{9f}', '\u{a0}', 'é', '\u{2028}', '€',
+    ];
+    let text = |rng: &mut rand::rngs::StdRng| -> String {
+        let len = match rng.random_range(0..10) {
+            0 => rng.random_range(1015..1035),
+            1 => 0,
+            _ => rng.random_range(1..12),
+        };
+        // Mostly plain characters, so that long values are not almost always refused.
+        (0..len)
+            .map(|_| {
+                if rng.random_range(0..20) == 0 {
+                    CHARS[rng.random_range(0..CHARS.len())]
+                } else {
+                    CHARS[rng.random_range(0..9)]
+                }
+            })
+            .collect()
+    };
+    let mut objects = Vec::new();
+    for _ in 0..3000 {
+        let mut m = serde_json::Map::new();
+        for _ in 0..rng.random_range(0..4) {
+            let k = text(&mut rng).chars().take(8).collect::<String>();
+            let v = match rng.random_range(0..12) {
+                0 => json!(1),
+                1 => json!(null),
+                2 => json!([text(&mut rng)]),
+                3 => json!({ "x": "y" }),
+                _ => json!(text(&mut rng)),
+            };
+            m.insert(k, v);
+        }
+        objects.push(serde_json::Value::Object(m));
+    }
+    objects.extend([json!([]), json!("s"), json!(null), json!(1)]);
+    let row = sqlx::query(
+        "SELECT count(*) FILTER (WHERE outbox_headers_valid(h)) AS valid,
+                count(*) FILTER (WHERE NOT outbox_headers_valid(h)) AS invalid,
+                (array_agg(h::text) FILTER (
+                    WHERE outbox_headers_valid(h) IS DISTINCT FROM outbox_headers_valid_full(h)))[1:5]
+                    AS differ
+         FROM unnest($1::jsonb[]) AS h",
+    )
+    .bind(&objects)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    let differ: Option<Vec<String>> = row.get("differ");
+    assert_eq!(differ, None, "seed {seed}: the fast path differs on these");
+    let (valid, invalid): (i64, i64) = (row.get("valid"), row.get("invalid"));
+    assert!(
+        valid > 300 && invalid > 300,
+        "seed {seed}: both outcomes must be exercised ({valid} valid, {invalid} invalid)"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // 3. Event ids
 

@@ -1,0 +1,199 @@
+//! What the outbox table's rules cost writers (issue 20, goal 5): four producer workloads against
+//! three schemas, interleaved in one run, with the ratios to the schema before the table contract.
+//!
+//! `cargo run --release -p outbox-cli --example bench_writers -- [events] [rounds]`
+//! (defaults 20000 and 5). Schemas, each a fresh database per round, migrations read from
+//! `crates/outbox/migrations`:
+//! - `pre`: the first two migrations (before the table contract, issue 10);
+//! - `contract`: every migration except this issue's block (`20261210000001`..`09`);
+//! - `now`: every migration.
+//!
+//! Workloads, in this order in each database (events over 5,000 aggregates of 10 tenants):
+//! - `multi`: one multi-row `INSERT ... SELECT` of `events` rows;
+//! - `single`: `events` single-row `INSERT`s (prepared, bound), 1,000 per transaction;
+//! - `enqueue`: `Outbox::enqueue` of 100 events per transaction, `events` in all;
+//! - `commit1`: 300 transactions of one `Outbox::enqueue`d event each (waits for the WAL flush).
+//!
+//! Prints, per workload, the median time per schema and the median (min-max) over rounds of the
+//! ratio to `pre` measured in the same round: the goal is `now / pre` at most 1.2.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use outbox::{NewEvent, Outbox};
+use serde_json::json;
+use sqlx::{Connection, PgConnection};
+use testkit::TestDb;
+use uuid::Uuid;
+
+const SCHEMAS: [&str; 3] = ["pre", "contract", "now"];
+const WORKLOADS: [&str; 4] = ["multi", "single", "enqueue", "commit1"];
+const COMMITS: usize = 300;
+
+fn migrations(schema: &str) -> Vec<PathBuf> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../outbox/migrations");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .expect("crates/outbox/migrations")
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "sql"))
+        .collect();
+    files.sort();
+    let version = |p: &PathBuf| -> u64 {
+        p.file_name().unwrap().to_str().unwrap()[..14]
+            .parse()
+            .expect("migration version")
+    };
+    files
+        .into_iter()
+        .filter(|p| match schema {
+            "pre" => version(p) < 20261201000001,
+            "contract" => !(20261210000001..=20261210000009).contains(&version(p)),
+            _ => true,
+        })
+        .collect()
+}
+
+async fn database(schema: &str) -> TestDb {
+    let db = TestDb::empty().await;
+    for f in migrations(schema) {
+        let sql = std::fs::read_to_string(&f).unwrap();
+        let mut tx = db.pool.begin().await.unwrap();
+        sqlx::raw_sql(&sql).execute(&mut *tx).await.unwrap();
+        tx.commit().await.unwrap();
+    }
+    db
+}
+
+fn event(i: usize) -> NewEvent {
+    NewEvent::new(
+        format!("t{}", i % 10),
+        "V",
+        format!("a{}", i % 5000),
+        "StockLevelChangedEvent",
+        "inventory.stock.changed",
+        json!({ "n": i }),
+    )
+}
+
+/// Milliseconds of one workload on `conn`.
+async fn run(conn: &mut PgConnection, workload: &str, events: usize) -> f64 {
+    sqlx::query("CHECKPOINT").execute(&mut *conn).await.unwrap();
+    let outbox = Outbox::new("Bench");
+    let t = Instant::now();
+    match workload {
+        "multi" => {
+            sqlx::query(
+                "INSERT INTO outbox_event (event_id, tenant_id, aggregate_type, aggregate_id, event_type,
+                                           topic, payload, headers)
+                 SELECT gen_random_uuid(), 't' || (g % 10), 'V', 'a' || (g % 5000), 'StockLevelChangedEvent',
+                        'inventory.stock.changed', convert_to('{\"n\":' || g || '}', 'UTF8'),
+                        '{\"correlationId\":\"c\",\"contentType\":\"application/json\"}'
+                 FROM generate_series(1, $1) g ORDER BY g",
+            )
+            .bind(events as i64)
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        }
+        "single" => {
+            let headers = json!({ "correlationId": "c", "contentType": "application/json" });
+            for chunk in (0..events).collect::<Vec<_>>().chunks(1000) {
+                let mut tx = conn.begin().await.unwrap();
+                for &i in chunk {
+                    sqlx::query(
+                        "INSERT INTO outbox_event (event_id, tenant_id, aggregate_type, aggregate_id,
+                                                   event_type, topic, payload, headers)
+                         VALUES ($1, $2, 'V', $3, 'StockLevelChangedEvent', 'inventory.stock.changed', $4, $5)",
+                    )
+                    .bind(Uuid::now_v7())
+                    .bind(format!("t{}", i % 10))
+                    .bind(format!("a{}", i % 5000))
+                    .bind(format!("{{\"n\":{i}}}").into_bytes())
+                    .bind(&headers)
+                    .execute(&mut *tx)
+                    .await
+                    .unwrap();
+                }
+                tx.commit().await.unwrap();
+            }
+        }
+        "enqueue" => {
+            for start in (0..events).step_by(100) {
+                let batch: Vec<NewEvent> = (start..(start + 100).min(events)).map(event).collect();
+                let mut tx = conn.begin().await.unwrap();
+                outbox.enqueue(&mut tx, &batch).await.unwrap();
+                tx.commit().await.unwrap();
+            }
+        }
+        _ => {
+            for i in 0..COMMITS {
+                let mut tx = conn.begin().await.unwrap();
+                outbox.enqueue(&mut tx, &[event(i)]).await.unwrap();
+                tx.commit().await.unwrap();
+            }
+        }
+    }
+    t.elapsed().as_secs_f64() * 1000.0
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let mut args = std::env::args().skip(1);
+    let events: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(20_000);
+    let rounds: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(5);
+    println!(
+        "machine: {} cores; {events} events per workload ({COMMITS} for commit1), {rounds} rounds, schemas interleaved",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    );
+    // ms[schema][workload][round]
+    let mut ms = vec![vec![Vec::new(); WORKLOADS.len()]; SCHEMAS.len()];
+    for round in 0..rounds {
+        // Rotate the order so that no schema always goes first.
+        for k in 0..SCHEMAS.len() {
+            let s = (k + round) % SCHEMAS.len();
+            let db = database(SCHEMAS[s]).await;
+            let mut conn = PgConnection::connect(&db.url).await.unwrap();
+            for (w, workload) in WORKLOADS.iter().enumerate() {
+                ms[s][w].push(run(&mut conn, workload, events).await);
+            }
+            conn.close().await.unwrap();
+        }
+        eprintln!("round {} of {rounds} done", round + 1);
+    }
+    for (w, workload) in WORKLOADS.iter().enumerate() {
+        let n = if *workload == "commit1" {
+            COMMITS
+        } else {
+            events
+        };
+        let mut line = format!("{workload:<8}");
+        for (s, schema) in SCHEMAS.iter().enumerate() {
+            let m = median(&mut ms[s][w].clone());
+            line += &format!("  {schema} {m:8.0} ms ({:6.0}/s)", n as f64 * 1000.0 / m);
+        }
+        for s in 1..SCHEMAS.len() {
+            let mut r: Vec<f64> = (0..rounds).map(|i| ms[s][w][i] / ms[0][w][i]).collect();
+            let (lo, hi) = r
+                .iter()
+                .fold((f64::MAX, f64::MIN), |(a, b), &x| (a.min(x), b.max(x)));
+            line += &format!(
+                "  {}/pre {:.2} ({lo:.2}-{hi:.2})",
+                SCHEMAS[s],
+                median(&mut r)
+            );
+        }
+        println!("{line}");
+    }
+}
