@@ -57,4 +57,10 @@ if ! listening 5672; then
   as_root rabbitmq-server -detached || true
   wait_port 5672 RabbitMQ
 fi
+
+# Redis: the Redis Streams tests start their own redis-server processes (appendfsync always, on
+# free ports); only the binary is needed.
+if ! command -v redis-server >/dev/null && [ ! -x /usr/bin/redis-server ]; then
+  need_pkg redis-server
+fi
 log "PostgreSQL, NATS and RabbitMQ are up on 127.0.0.1"
