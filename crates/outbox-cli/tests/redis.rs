@@ -34,9 +34,12 @@ fn config(server: &PrivateRedis, prefix: &str) -> RedisConfig {
 }
 
 async fn conn(url: &str) -> MultiplexedConnection {
+    // The client's default response timeout (500 ms) is short for a loaded machine.
+    let slow =
+        redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(30)));
     redis::Client::open(url)
         .unwrap()
-        .get_multiplexed_async_connection()
+        .get_multiplexed_async_connection_with_config(&slow)
         .await
         .expect("redis reachable")
 }
@@ -209,7 +212,11 @@ async fn no_loss_through_a_redis_sigkill_and_a_relay_sigkill() {
     assert_eq!(seen.len(), total as usize, "no duplicate entry");
     // The fields carry what consumers read.
     let m = &seen[0];
-    for h in ["Outbox-Producer-Id", "Outbox-Seq-Epoch", "Outbox-Event-Type"] {
+    for h in [
+        "Outbox-Producer-Id",
+        "Outbox-Seq-Epoch",
+        "Outbox-Event-Type",
+    ] {
         assert!(m.headers.contains_key(h), "{h} missing: {:?}", m.headers);
     }
     assert!(m.subject.starts_with(&prefix));
@@ -247,8 +254,16 @@ async fn outages_spend_no_attempt_and_keep_order() {
     let mut c = conn(&server.url()).await;
     let mut expected = 0;
     let phases: [(&str, &[&str], &[&str]); 3] = [
-        ("oom", &["CONFIG", "SET", "maxmemory", "1"], &["CONFIG", "SET", "maxmemory", "0"]),
-        ("readonly", &["REPLICAOF", "127.0.0.1", "1"], &["REPLICAOF", "NO", "ONE"]),
+        (
+            "oom",
+            &["CONFIG", "SET", "maxmemory", "1"],
+            &["CONFIG", "SET", "maxmemory", "0"],
+        ),
+        (
+            "readonly",
+            &["REPLICAOF", "127.0.0.1", "1"],
+            &["REPLICAOF", "NO", "ONE"],
+        ),
         ("busy", &[], &[]),
     ];
     for (name, refuse, accept) in phases {
@@ -272,8 +287,16 @@ async fn outages_spend_no_attempt_and_keep_order() {
         insert_backlog(&db, 200, 20).await;
         expected += 200;
         tokio::time::sleep(Duration::from_millis(1500)).await;
-        assert_eq!(count(&db, "published").await, expected - 200, "{name}: nothing published");
-        assert_eq!(attempts_spent(&db).await, 0, "{name}: an outage spends no attempt");
+        assert_eq!(
+            count(&db, "published").await,
+            expected - 200,
+            "{name}: nothing published"
+        );
+        assert_eq!(
+            attempts_spent(&db).await,
+            0,
+            "{name}: an outage spends no attempt"
+        );
         assert_eq!(count(&db, "dead").await, 0, "{name}");
         match busy {
             Some(t) => {
@@ -325,7 +348,11 @@ async fn a_poison_message_is_dead_lettered_alone() {
     let server = PrivateRedis::start().await;
     let prefix = testkit::unique("poison");
     let mut c = conn(&server.url()).await;
-    set(&mut c, &["SET", &format!("{prefix}:t0:bad.topic"), "not a stream"]).await;
+    set(
+        &mut c,
+        &["SET", &format!("{prefix}:t0:bad.topic"), "not a stream"],
+    )
+    .await;
     let relay = start_relay_with(
         db.pool.clone(),
         publisher(config(&server, &prefix)).await,
@@ -409,14 +436,19 @@ async fn a_dead_consumers_entries_are_taken_over() {
     let mut ids = std::collections::HashSet::new();
     let start = Instant::now();
     while ids.len() < 300 && start.elapsed() < Duration::from_secs(15) {
-        if let Ok(Some(Ok(Some(r)))) =
-            tokio::time::timeout(Duration::from_millis(500), b.next()).await.map(Some)
+        if let Ok(Some(Ok(Some(r)))) = tokio::time::timeout(Duration::from_millis(500), b.next())
+            .await
+            .map(Some)
         {
             ids.insert(r.event.event_id);
             r.acker.ack().await.unwrap();
         }
     }
-    assert_eq!(ids.len(), 300, "every event, a's unacknowledged ones included");
+    assert_eq!(
+        ids.len(),
+        300,
+        "every event, a's unacknowledged ones included"
+    );
     let mut c = conn(&server.url()).await;
     for s in b.streams() {
         let pending: Vec<Value> = redis::cmd("XPENDING")
@@ -425,7 +457,11 @@ async fn a_dead_consumers_entries_are_taken_over() {
             .query_async(&mut c)
             .await
             .unwrap();
-        assert_eq!(pending.first(), Some(&Value::Int(0)), "{s}: nothing pending");
+        assert_eq!(
+            pending.first(),
+            Some(&Value::Int(0)),
+            "{s}: nothing pending"
+        );
     }
     assert_eq!(b.lag().await, Some(0));
 }

@@ -83,13 +83,21 @@ pub struct RedisArgs {
     )]
     pub redis_stream: String,
     /// Set of every stream name the relay writes to: consumers discover the streams by it.
-    #[arg(long, env = "OUTBOX_REDIS_REGISTRY_KEY", default_value = "outbox:streams")]
+    #[arg(
+        long,
+        env = "OUTBOX_REDIS_REGISTRY_KEY",
+        default_value = "outbox:streams"
+    )]
     pub redis_registry_key: String,
     /// Do not de-duplicate at the broker (duplicates then reach the stream; consumers drop them).
     #[arg(long, env = "OUTBOX_REDIS_NO_DEDUP")]
     pub redis_no_dedup: bool,
     /// Prefix of the de-duplication keys (one per event, kept for the retry horizon).
-    #[arg(long, env = "OUTBOX_REDIS_DEDUP_PREFIX", default_value = "outbox:dedup:")]
+    #[arg(
+        long,
+        env = "OUTBOX_REDIS_DEDUP_PREFIX",
+        default_value = "outbox:dedup:"
+    )]
     pub redis_dedup_prefix: String,
     /// Publish even when Redis is not configured to keep what it acknowledged (`appendonly yes`,
     /// `appendfsync always`, `maxmemory-policy noeviction`); the loss window is logged.

@@ -56,7 +56,11 @@ pub struct ConsumerArgs {
     /// reads every stream listed there, its group (the consumer name) created from each
     /// stream's start.
     #[cfg(feature = "redis")]
-    #[arg(long, env = "OUTBOX_REDIS_REGISTRY_KEY", default_value = "outbox:streams")]
+    #[arg(
+        long,
+        env = "OUTBOX_REDIS_REGISTRY_KEY",
+        default_value = "outbox:streams"
+    )]
     pub redis_registry_key: String,
     /// Name of this instance in the Redis consumer group: keep it stable across restarts (it
     /// then reads its own pending entries first). Default: the consumer name and the host name.
@@ -66,7 +70,11 @@ pub struct ConsumerArgs {
     /// Seconds a pending entry of another instance of the group stays untouched before this
     /// one takes it over (`XAUTOCLAIM`): how long a dead instance's entries wait.
     #[cfg(feature = "redis")]
-    #[arg(long, env = "OUTBOX_CONSUMER_REDIS_CLAIM_IDLE_SECS", default_value_t = 30)]
+    #[arg(
+        long,
+        env = "OUTBOX_CONSUMER_REDIS_CLAIM_IDLE_SECS",
+        default_value_t = 30
+    )]
     pub redis_claim_idle_secs: u64,
     /// RabbitMQ queue to consume (declare it with `outbox rabbitmq-topology`).
     #[arg(long, env = "OUTBOX_CONSUMER_AMQP_QUEUE", default_value = "read-model")]

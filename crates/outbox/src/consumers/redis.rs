@@ -152,7 +152,10 @@ impl RedisSource {
 
     /// The streams this source reads, as of its last discovery.
     pub fn streams(&self) -> Vec<String> {
-        self.streams.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.streams
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 
@@ -189,7 +192,9 @@ impl Reader {
                 .query_async(&mut self.conn)
                 .await;
             match r {
-                Ok(()) => tracing::info!(stream = %s, group = %self.cfg.group, "created consumer group from the stream's start"),
+                Ok(()) => {
+                    tracing::info!(stream = %s, group = %self.cfg.group, "created consumer group from the stream's start")
+                }
                 Err(e) if e.code() == Some("BUSYGROUP") => {}
                 Err(e) => return Err(broker(&format!("creating group on {s}"), e)),
             }
@@ -469,8 +474,9 @@ impl EventSource for RedisSource {
                 .await
                 .ok()?;
             let Some(g) = groups.into_iter().find(|g| {
-                g.get("name")
-                    .is_some_and(|n| redis::from_redis_value_ref::<String>(n).ok().as_deref() == Some(&self.group))
+                g.get("name").is_some_and(|n| {
+                    redis::from_redis_value_ref::<String>(n).ok().as_deref() == Some(&self.group)
+                })
             }) else {
                 continue;
             };

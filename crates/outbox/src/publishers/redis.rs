@@ -213,7 +213,10 @@ impl RedisPublisher {
             async move {
                 let v: Vec<String> = tokio::time::timeout(
                     inner.cfg.command_timeout,
-                    redis::cmd("CONFIG").arg("GET").arg(name).query_async(&mut conn),
+                    redis::cmd("CONFIG")
+                        .arg("GET")
+                        .arg(name)
+                        .query_async(&mut conn),
                 )
                 .await
                 .map_err(|_| OutboxError::Broker("Redis did not answer CONFIG GET".into()))?
@@ -279,7 +282,6 @@ impl RedisPublisher {
         );
         f
     }
-
 }
 
 impl Inner {
@@ -342,7 +344,9 @@ fn durability_problems(appendonly: &str, fsync: &str, policy: &str, save: &str) 
         p.push(format!("appendonly is {appendonly:?}: {snapshots}"));
     } else if fsync != "always" {
         let window = match fsync {
-            "everysec" => "about the last second of acknowledged entries (up to 2 s when the disk is slow)",
+            "everysec" => {
+                "about the last second of acknowledged entries (up to 2 s when the disk is slow)"
+            }
             _ => "whatever the operating system had not written out (typically up to 30 s)",
         };
         p.push(format!(
@@ -360,7 +364,10 @@ fn durability_problems(appendonly: &str, fsync: &str, policy: &str, save: &str) 
 /// A failure of the durability check: no answer is an outage, a refused `CONFIG` (renamed or
 /// denied to this user) a configuration error.
 fn config_error(e: &RedisError) -> OutboxError {
-    if is_connection(e) || e.code().is_some_and(|c| OUTAGE_CODES.contains(&c) && c != "NOPERM") {
+    if is_connection(e)
+        || e.code()
+            .is_some_and(|c| OUTAGE_CODES.contains(&c) && c != "NOPERM")
+    {
         OutboxError::Broker(format!("Redis: {e}"))
     } else {
         OutboxError::Config(format!(
