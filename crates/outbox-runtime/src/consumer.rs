@@ -76,6 +76,17 @@ pub struct ConsumerArgs {
         default_value_t = 30
     )]
     pub redis_claim_idle_secs: u64,
+    /// The length cap (MAXLEN) you trim the streams to, if any: exported as
+    /// `outbox_consumer_redis_cap_entries` for the alert that compares the group's lag with it.
+    #[cfg(feature = "redis")]
+    #[arg(long, env = "OUTBOX_CONSUMER_REDIS_CAP_ENTRIES")]
+    pub redis_cap_entries: Option<u64>,
+    /// The age cap (MINID, in seconds) you trim the streams to, if any: exported as
+    /// `outbox_consumer_redis_cap_seconds` for the alert that compares the oldest unread entry
+    /// with it.
+    #[cfg(feature = "redis")]
+    #[arg(long, env = "OUTBOX_CONSUMER_REDIS_CAP_AGE_SECS")]
+    pub redis_cap_age_secs: Option<u64>,
     /// RabbitMQ queue to consume (declare it with `outbox rabbitmq-topology`).
     #[arg(long, env = "OUTBOX_CONSUMER_AMQP_QUEUE", default_value = "read-model")]
     pub amqp_queue: String,
@@ -195,6 +206,8 @@ pub async fn run<H: Handler>(
                         consumer: instance,
                         batch: usize::from(args.prefetch),
                         claim_idle: Duration::from_secs(args.redis_claim_idle_secs.max(1)),
+                        cap_entries: args.redis_cap_entries,
+                        cap_age: args.redis_cap_age_secs.map(Duration::from_secs),
                         ..Default::default()
                     })
                     .await

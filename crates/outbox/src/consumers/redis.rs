@@ -18,11 +18,14 @@
 //!   progress acknowledgements, every `claim_idle / 3`.
 //! - **Settling.** `ack` is `XACK`. A retry is a local redelivery after the delay (the entry
 //!   stays pending in the group meanwhile: a crash leaves it to `XAUTOCLAIM`).
-//! - **Lag.** `XINFO GROUPS` per stream: the group's `lag` (entries not yet delivered), exported
-//!   per stream with the stream's length (gauges `outbox_consumer_redis_lag` and
-//!   `outbox_consumer_redis_stream_length`): a length cap set by the operator (`XTRIM`, `MAXLEN`)
-//!   trims entries a group has not read once the lag reaches the length; the alert
-//!   `OutboxRedisGroupNearCap` fires before.
+//! - **Lag against the cap.** A length or age cap is the operator's (`XTRIM`, `XADD MAXLEN` /
+//!   `MINID` by another writer): once a group's lag reaches it, trimming removes entries the
+//!   group never read. `lag` reads `XINFO GROUPS` per stream and exports the largest group lag
+//!   over the streams and the age of the oldest entry not yet delivered, next to the caps the
+//!   operator declares (`cap_entries`, `cap_age`); the alerts `OutboxRedisLagNearLengthCap` and
+//!   `OutboxRedisLagNearAgeCap` compare them. No per-stream label: stream names carry tenants.
+//!   A lag Redis cannot tell (nil: entries deleted or trimmed past the group) counts as the
+//!   whole stream.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -39,10 +42,7 @@ use super::source::{Acknowledger, EventSource, Received};
 use crate::error::{OutboxError, Result};
 use crate::publishers::redis::ENVELOPE_FIELD;
 
-/// Gauge: entries of a stream not yet delivered to the group (`consumer`, `stream`).
-pub const REDIS_LAG: &str = "outbox_consumer_redis_lag";
-/// Gauge: entries in a stream (`consumer`, `stream`): under an operator's length cap, the cap.
-pub const REDIS_STREAM_LENGTH: &str = "outbox_consumer_redis_stream_length";
+use super::metrics::{REDIS_CAP_ENTRIES, REDIS_CAP_SECONDS, REDIS_MAX_LAG, REDIS_OLDEST_UNREAD};
 
 /// Where a Redis source reads.
 #[derive(Debug, Clone)]
@@ -64,6 +64,10 @@ pub struct RedisSourceConfig {
     pub claim_idle: Duration,
     /// How often the registry set is read for new streams.
     pub discover_every: Duration,
+    /// The length cap (`MAXLEN`) the operator trims the streams to, for the lag gauges.
+    pub cap_entries: Option<u64>,
+    /// The age cap (`MINID`) the operator trims the streams to, for the lag gauges.
+    pub cap_age: Option<Duration>,
 }
 
 impl Default for RedisSourceConfig {
@@ -77,6 +81,8 @@ impl Default for RedisSourceConfig {
             block: Duration::from_millis(500),
             claim_idle: Duration::from_secs(30),
             discover_every: Duration::from_secs(2),
+            cap_entries: None,
+            cap_age: None,
         }
     }
 }
@@ -89,6 +95,7 @@ pub struct RedisSource {
     rx: mpsc::Receiver<Received>,
     conn: ConnectionManager,
     group: String,
+    caps: (Option<u64>, Option<Duration>),
     streams: Arc<Mutex<Vec<String>>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -145,6 +152,7 @@ impl RedisSource {
             rx,
             conn,
             group: cfg.group,
+            caps: (cfg.cap_entries, cfg.cap_age),
             streams,
             task,
         })
@@ -460,7 +468,7 @@ impl EventSource for RedisSource {
     }
 
     async fn lag(&mut self) -> Option<u64> {
-        let mut total = 0u64;
+        let (mut total, mut max_lag, mut oldest_ms) = (0u64, 0u64, None::<u64>);
         for s in self.streams() {
             let groups: Vec<HashMap<String, Value>> = redis::cmd("XINFO")
                 .arg("GROUPS")
@@ -468,30 +476,64 @@ impl EventSource for RedisSource {
                 .query_async(&mut self.conn)
                 .await
                 .ok()?;
-            let len: u64 = redis::cmd("XLEN")
-                .arg(&s)
-                .query_async(&mut self.conn)
-                .await
-                .ok()?;
             let Some(g) = groups.into_iter().find(|g| {
-                g.get("name").is_some_and(|n| {
-                    redis::from_redis_value_ref::<String>(n).ok().as_deref() == Some(&self.group)
-                })
+                g.get("name").and_then(|n| text(n)).as_deref() == Some(self.group.as_str())
             }) else {
                 continue;
             };
-            // `lag` is nil when Redis cannot tell (entries deleted or trimmed past the group's
-            // position): counted as the whole stream, so that the near-cap alert fires.
-            let lag = g
+            let lag = match g
                 .get("lag")
                 .and_then(|v| redis::from_redis_value_ref::<u64>(v).ok())
-                .unwrap_or(len);
-            metrics::gauge!(REDIS_LAG, "consumer" => self.group.clone(), "stream" => s.clone())
-                .set(lag as f64);
-            metrics::gauge!(REDIS_STREAM_LENGTH, "consumer" => self.group.clone(), "stream" => s.clone())
-                .set(len as f64);
+            {
+                Some(lag) => lag,
+                // Redis cannot tell (entries deleted or trimmed past the group's position):
+                // count the whole stream, so that the near-cap alert fires.
+                None => redis::cmd("XLEN")
+                    .arg(&s)
+                    .query_async(&mut self.conn)
+                    .await
+                    .ok()?,
+            };
+            if lag > 0 {
+                let last = g
+                    .get("last-delivered-id")
+                    .and_then(|v| text(v))
+                    .unwrap_or_else(|| "0-0".into());
+                let next: Vec<(String, Value)> = redis::cmd("XRANGE")
+                    .arg(&s)
+                    .arg(format!("({last}"))
+                    .arg("+")
+                    .arg("COUNT")
+                    .arg(1)
+                    .query_async(&mut self.conn)
+                    .await
+                    .unwrap_or_default();
+                if let Some(ms) = next
+                    .first()
+                    .and_then(|(id, _)| id.split('-').next()?.parse::<u64>().ok())
+                {
+                    oldest_ms = Some(oldest_ms.map_or(ms, |o| o.min(ms)));
+                }
+            }
+            max_lag = max_lag.max(lag);
             total += lag;
         }
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let oldest = oldest_ms.map_or(0.0, |ms| now_ms.saturating_sub(ms) as f64 / 1000.0);
+        let c = self.group.clone();
+        metrics::gauge!(REDIS_MAX_LAG, "consumer" => c.clone()).set(max_lag as f64);
+        metrics::gauge!(REDIS_OLDEST_UNREAD, "consumer" => c.clone()).set(oldest);
+        metrics::gauge!(REDIS_CAP_ENTRIES, "consumer" => c.clone())
+            .set(self.caps.0.unwrap_or(0) as f64);
+        metrics::gauge!(REDIS_CAP_SECONDS, "consumer" => c)
+            .set(self.caps.1.map_or(0.0, |d| d.as_secs_f64()));
         Some(total)
     }
+}
+
+/// A reply value as text, if it is one.
+fn text(v: &Value) -> Option<String> {
+    redis::from_redis_value_ref::<String>(v).ok()
 }
