@@ -66,4 +66,10 @@ if [ ! -x /usr/bin/chromedriver ]; then
   need_pkg chromium
   need_pkg chromium-driver
 fi
+
+# Redis: the Redis Streams tests start their own redis-server processes (appendfsync always, on
+# free ports); only the binary is needed.
+if ! command -v redis-server >/dev/null && [ ! -x /usr/bin/redis-server ]; then
+  need_pkg redis-server
+fi
 log "PostgreSQL, NATS and RabbitMQ are up on 127.0.0.1"

@@ -12,6 +12,9 @@ pub enum BrokerKind {
     Nats,
     /// RabbitMQ (AMQP 0-9-1) with publisher confirms.
     Rabbitmq,
+    /// Redis Streams, single node (feature `redis`).
+    #[cfg(feature = "redis")]
+    Redis,
 }
 
 /// Broker selection and the JetStream adapter's settings.
@@ -65,6 +68,67 @@ pub struct BrokerArgs {
     /// RabbitMQ adapter settings.
     #[command(flatten)]
     pub amqp: AmqpArgs,
+    /// Redis Streams adapter settings.
+    #[cfg(feature = "redis")]
+    #[command(flatten)]
+    pub redis: RedisArgs,
+}
+
+/// Settings of the Redis Streams adapter.
+#[cfg(feature = "redis")]
+#[derive(Debug, Clone, Args)]
+pub struct RedisArgs {
+    /// Redis URL (single node).
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+    /// Stream of each event: {tenant}, {topic}, {event_type}, {aggregate_type}.
+    #[arg(
+        long,
+        env = "OUTBOX_REDIS_STREAM",
+        default_value = "outbox:{tenant}:{topic}"
+    )]
+    pub redis_stream: String,
+    /// Set of every stream name the relay writes to: consumers discover the streams by it.
+    #[arg(
+        long,
+        env = "OUTBOX_REDIS_REGISTRY_KEY",
+        default_value = "outbox:streams"
+    )]
+    pub redis_registry_key: String,
+    /// Do not de-duplicate at the broker (duplicates then reach the stream; consumers drop them).
+    #[arg(long, env = "OUTBOX_REDIS_NO_DEDUP")]
+    pub redis_no_dedup: bool,
+    /// Prefix of the de-duplication keys (one per event, kept for the retry horizon).
+    #[arg(
+        long,
+        env = "OUTBOX_REDIS_DEDUP_PREFIX",
+        default_value = "outbox:dedup:"
+    )]
+    pub redis_dedup_prefix: String,
+    /// Publish even when Redis is not configured to keep what it acknowledged (`appendonly yes`,
+    /// `appendfsync always`, `maxmemory-policy noeviction`); the loss window is logged.
+    #[arg(long, env = "OUTBOX_REDIS_ALLOW_LOSS_WINDOW")]
+    pub redis_allow_loss_window: bool,
+    /// Seconds one Redis command may take before it counts as an outage.
+    #[arg(long, env = "OUTBOX_REDIS_TIMEOUT_SECS", default_value_t = 5)]
+    pub redis_timeout_secs: u64,
+}
+
+#[cfg(feature = "redis")]
+impl RedisArgs {
+    /// The adapter configuration these flags describe.
+    pub fn config(&self) -> outbox::publishers::redis::RedisConfig {
+        outbox::publishers::redis::RedisConfig {
+            url: self.redis_url.clone(),
+            stream_template: self.redis_stream.clone(),
+            registry_key: self.redis_registry_key.clone(),
+            dedup: !self.redis_no_dedup,
+            dedup_prefix: self.redis_dedup_prefix.clone(),
+            allow_loss_window: self.redis_allow_loss_window,
+            command_timeout: Duration::from_secs(self.redis_timeout_secs.max(1)),
+            ..Default::default()
+        }
+    }
 }
 
 /// Settings of the RabbitMQ adapter (also used by `outbox rabbitmq-topology`).
@@ -134,6 +198,8 @@ impl BrokerArgs {
             BrokerKind::Rabbitmq => {
                 outbox::telemetry::register_relay_zeros("rabbitmq", Some(&self.amqp.amqp_exchange))
             }
+            #[cfg(feature = "redis")]
+            BrokerKind::Redis => outbox::telemetry::register_relay_zeros("redis", None),
         }
     }
 }

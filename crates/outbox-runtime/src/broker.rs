@@ -37,5 +37,14 @@ pub async fn connect(
         }
         // RabbitMQ has no de-duplication window to check: consumers de-duplicate on message_id.
         BrokerKind::Rabbitmq => Ok(Arc::new(AmqpPublisher::connect(args.amqp.config()).await?)),
+        // The de-duplication keys must outlive every re-publish of an event.
+        #[cfg(feature = "redis")]
+        BrokerKind::Redis => {
+            let cfg = args.redis.config();
+            let horizon = relay.dedup_horizon(cfg.command_timeout);
+            Ok(Arc::new(
+                outbox::publishers::redis::RedisPublisher::connect(cfg, horizon).await?,
+            ))
+        }
     }
 }

@@ -48,6 +48,45 @@ pub struct ConsumerArgs {
         default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
     )]
     pub amqp_url: String,
+    /// Redis URL (`--broker redis`).
+    #[cfg(feature = "redis")]
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+    /// The relay's registry set of stream names (its `--redis-registry-key`): the consumer
+    /// reads every stream listed there, its group (the consumer name) created from each
+    /// stream's start.
+    #[cfg(feature = "redis")]
+    #[arg(
+        long,
+        env = "OUTBOX_REDIS_REGISTRY_KEY",
+        default_value = "outbox:streams"
+    )]
+    pub redis_registry_key: String,
+    /// Name of this instance in the Redis consumer group: keep it stable across restarts (it
+    /// then reads its own pending entries first). Default: the consumer name and the host name.
+    #[cfg(feature = "redis")]
+    #[arg(long, env = "OUTBOX_CONSUMER_REDIS_INSTANCE")]
+    pub redis_instance: Option<String>,
+    /// Seconds a pending entry of another instance of the group stays untouched before this
+    /// one takes it over (`XAUTOCLAIM`): how long a dead instance's entries wait.
+    #[cfg(feature = "redis")]
+    #[arg(
+        long,
+        env = "OUTBOX_CONSUMER_REDIS_CLAIM_IDLE_SECS",
+        default_value_t = 30
+    )]
+    pub redis_claim_idle_secs: u64,
+    /// The length cap (MAXLEN) you trim the streams to, if any: exported as
+    /// `outbox_consumer_redis_cap_entries` for the alert that compares the group's lag with it.
+    #[cfg(feature = "redis")]
+    #[arg(long, env = "OUTBOX_CONSUMER_REDIS_CAP_ENTRIES")]
+    pub redis_cap_entries: Option<u64>,
+    /// The age cap (MINID, in seconds) you trim the streams to, if any: exported as
+    /// `outbox_consumer_redis_cap_seconds` for the alert that compares the oldest unread entry
+    /// with it.
+    #[cfg(feature = "redis")]
+    #[arg(long, env = "OUTBOX_CONSUMER_REDIS_CAP_AGE_SECS")]
+    pub redis_cap_age_secs: Option<u64>,
     /// RabbitMQ queue to consume (declare it with `outbox rabbitmq-topology`).
     #[arg(long, env = "OUTBOX_CONSUMER_AMQP_QUEUE", default_value = "read-model")]
     pub amqp_queue: String,
@@ -149,6 +188,30 @@ pub async fn run<H: Handler>(
                     })
                     .await
                     .context("connecting the RabbitMQ consumer")?;
+                    consumer.run(source, stop.clone()).await?;
+                }
+                #[cfg(feature = "redis")]
+                BrokerKind::Redis => {
+                    use outbox::consumers::redis::{RedisSource, RedisSourceConfig};
+                    let instance = args.redis_instance.clone().unwrap_or_else(|| {
+                        let host = std::fs::read_to_string("/etc/hostname")
+                            .map(|h| h.trim().to_string())
+                            .unwrap_or_else(|_| "host".into());
+                        format!("{}-{host}", args.consumer_name)
+                    });
+                    let source = RedisSource::connect(RedisSourceConfig {
+                        url: args.redis_url.clone(),
+                        registry_key: args.redis_registry_key.clone(),
+                        group: args.consumer_name.clone(),
+                        consumer: instance,
+                        batch: usize::from(args.prefetch),
+                        claim_idle: Duration::from_secs(args.redis_claim_idle_secs.max(1)),
+                        cap_entries: args.redis_cap_entries,
+                        cap_age: args.redis_cap_age_secs.map(Duration::from_secs),
+                        ..Default::default()
+                    })
+                    .await
+                    .context("connecting the Redis consumer")?;
                     consumer.run(source, stop.clone()).await?;
                 }
             }

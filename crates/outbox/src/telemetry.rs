@@ -196,6 +196,15 @@ pub const RABBITMQ_REASONS: FailureReasons = FailureReasons {
     route_refused: &["nack"],
 };
 
+/// Reasons of the Redis Streams adapter and of the pipeline shared by the adapters. Redis has
+/// no per-key refusal, so no route is ever refused.
+pub const REDIS_REASONS: FailureReasons = FailureReasons {
+    unavailable: &["disconnected", "timeout", "broker_refused", "durability"],
+    retryable: &["rejected", "held_back"],
+    permanent: &["too_large"],
+    route_refused: &[],
+};
+
 /// Reasons of a broker this module does not know (a test adapter): the pipeline's own.
 const OTHER_REASONS: FailureReasons = FailureReasons {
     unavailable: &["disconnected"],
@@ -215,6 +224,7 @@ pub fn failure_reasons(broker: &str) -> FailureReasons {
     match broker {
         "nats" => NATS_REASONS,
         "rabbitmq" => RABBITMQ_REASONS,
+        "redis" => REDIS_REASONS,
         _ => OTHER_REASONS,
     }
 }
@@ -318,5 +328,8 @@ mod tests {
         assert!(reasons_in(nats).len() >= 5 && reasons_in(amqp).len() >= 5);
         check("nats", &[nats, pipeline]);
         check("rabbitmq", &[amqp, pipeline]);
+        let redis = include_str!("publishers/redis.rs");
+        assert!(reasons_in(redis).len() >= 4);
+        check("redis", &[redis, pipeline]);
     }
 }

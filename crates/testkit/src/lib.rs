@@ -9,6 +9,7 @@ pub mod pg_cluster;
 pub mod proxy;
 pub mod rabbit;
 pub mod rabbit_node;
+pub mod redis_server;
 pub mod relay;
 
 use std::time::Duration;

@@ -31,6 +31,16 @@ pub const GAP_OLDEST: &str = "outbox_consumer_gap_oldest_seconds";
 /// Every reason a parked event can have (each exported, at 0 when none is parked so).
 pub const PARK_REASONS: &[&str] = &["handler", "gap", "held", "unreadable", "late"];
 
+/// Gauge (`consumer`): Redis Streams, the largest group lag (entries not yet delivered) over the
+/// streams.
+pub const REDIS_MAX_LAG: &str = "outbox_consumer_redis_max_lag";
+/// Gauge (`consumer`): Redis Streams, age in seconds of the oldest entry not yet delivered.
+pub const REDIS_OLDEST_UNREAD: &str = "outbox_consumer_redis_oldest_unread_seconds";
+/// Gauge (`consumer`): Redis Streams, the operator's length cap (0: none declared).
+pub const REDIS_CAP_ENTRIES: &str = "outbox_consumer_redis_cap_entries";
+/// Gauge (`consumer`): Redis Streams, the operator's age cap in seconds (0: none declared).
+pub const REDIS_CAP_SECONDS: &str = "outbox_consumer_redis_cap_seconds";
+
 /// Every consumer metric name above (alert rules may use these and `crate::telemetry::ALL`).
 pub const ALL: &[&str] = &[
     HANDLED,
@@ -44,6 +54,10 @@ pub const ALL: &[&str] = &[
     PARKED_NOW,
     GAP_AGGREGATES,
     GAP_OLDEST,
+    REDIS_MAX_LAG,
+    REDIS_OLDEST_UNREAD,
+    REDIS_CAP_ENTRIES,
+    REDIS_CAP_SECONDS,
 ];
 
 /// Reasons a delivery is sent back for later ([`RETRIES`]).

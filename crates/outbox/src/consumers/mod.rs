@@ -26,7 +26,7 @@
 //!   worker, and a retried one may be overtaken by later ones.
 //!
 //! Brokers are adapters behind one small trait ([`source::EventSource`]): [`nats`] (feature
-//! `nats`) and [`amqp`] (feature `rabbitmq`).
+//! `nats`), [`amqp`] (feature `rabbitmq`) and `redis` (feature `redis`).
 
 #[cfg(feature = "rabbitmq")]
 pub mod amqp;
@@ -36,6 +36,8 @@ mod inbox;
 pub mod metrics;
 #[cfg(feature = "nats")]
 pub mod nats;
+#[cfg(feature = "redis")]
+pub mod redis;
 pub mod runtime;
 pub mod source;
 

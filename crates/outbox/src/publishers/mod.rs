@@ -1,6 +1,6 @@
 //! How events leave: the [`publisher::Publisher`] trait the relay engine talks to, the
 //! per-aggregate [`pipeline`] the adapters share, and one module per broker behind its cargo
-//! feature (`nats` for JetStream, `rabbitmq` for RabbitMQ).
+//! feature (`nats` for JetStream, `rabbitmq` for RabbitMQ, `redis` for Redis Streams).
 
 #[cfg(feature = "rabbitmq")]
 pub mod amqp;
@@ -12,3 +12,5 @@ pub mod nats;
 pub mod nats_batch;
 pub mod pipeline;
 pub mod publisher;
+#[cfg(feature = "redis")]
+pub mod redis;
