@@ -4,14 +4,21 @@
 //! 2. commit-to-stream latency p50 / p99 at a steady rate (goal: p50 <= 5 ms, p99 <= 25 ms);
 //! 3. what the commit-time NOTIFY costs concurrent producers (commits/s and p99 with and without).
 //!
+//! 4. the drain with the compact header encoding, and its ratio to the default drain (issue 20,
+//!    goal >= 1.3x).
+//!
 //! `cargo run --release -p outbox-cli --example bench_nats -- [backlog] [rate] [seconds]`
-//! (defaults 200000 events, 1000 events/s, 10 s); `BENCH_ONLY=drain` measures the drain only.
+//! (defaults 200000 events, 1000 events/s, 10 s); `BENCH_ONLY=drain` measures the drains only.
+//! `BENCH_ONLY=headers` measures what the headers cost instead: a raw publish of the backlog
+//! with 0, 1, 5, 10 and the relay's 11 headers and in the compact encoding (`BENCH_ROUNDS`
+//! rounds, default 3, with CPU per message of this process and nats-server), then
+//! `BENCH_PAIRS` (default 3) pairs of drains, default and compact headers, alternating which
+//! goes first.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{self, message::PublishMessage};
 use futures::StreamExt;
 use outbox::nats::NatsPublisher;
 use outbox::{NewEvent, Outbox, PgStore, Relay, RelayConfig};
@@ -19,7 +26,7 @@ use testkit::{TestDb, TestStream};
 
 #[path = "support/mod.rs"]
 mod support;
-use support::{drain, percentile, quiet, write_backlog};
+use support::{drain, headers, percentile, quiet, write_backlog};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
@@ -37,8 +44,10 @@ async fn main() {
         num_cpus()
     );
 
-    // `BENCH_ONLY=drain` skips parts 2 and 3 (for iterating on the drain rate).
-    let all = std::env::var("BENCH_ONLY").as_deref() != Ok("drain");
+    // `BENCH_ONLY=drain` skips parts 2 and 3 (for iterating on the drain rate); `headers`
+    // measures what the message headers cost instead (below).
+    let only = std::env::var("BENCH_ONLY");
+    let all = only.is_err();
     // --- 2. steady-rate latency ----------------------------------------------------------
     for notify in [true, false].into_iter().filter(|_| all) {
         let l = steady_latency(rate, secs, notify).await;
@@ -79,38 +88,11 @@ async fn main() {
     // headers with `Nats-Msg-Id`, same payload bytes) with the same number of acknowledgements in
     // flight per batch, to a stream of its own, with no database involved.
     let msgs = support::backlog_messages(&db).await;
-    let raw_stream = TestStream::new();
     let client = async_nats::connect(testkit::nats_url()).await.unwrap();
-    let js = jetstream::ContextBuilder::new()
-        .max_ack_inflight(4096)
-        .backpressure_on_inflight(true)
-        .build(client.clone());
-    js.create_stream(jetstream::stream::Config {
-        name: raw_stream.name.clone(),
-        subjects: vec![format!("{}.>", raw_stream.prefix)],
-        duplicate_window: Duration::from_secs(120),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let template = format!("{}.{{tenant}}.{{topic}}", raw_stream.prefix);
-    let t = Instant::now();
-    for chunk in msgs.chunks(1000) {
-        let mut acks = Vec::with_capacity(chunk.len());
-        for m in chunk {
-            let p = PublishMessage::build()
-                .payload(m.payload.clone())
-                .headers(NatsPublisher::headers(m).unwrap());
-            acks.push(js.send_publish(m.render(&template), p).await.unwrap());
-        }
-        for a in
-            futures::future::join_all(acks.into_iter().map(std::future::IntoFuture::into_future))
-                .await
-        {
-            a.unwrap();
-        }
+    if only.as_deref() == Ok("headers") {
+        return headers_and_drains(&db, &client, msgs, backlog).await;
     }
-    let raw = msgs.len() as f64 / t.elapsed().as_secs_f64();
+    let raw = headers::raw_rate(&client, &msgs, |m| Some(NatsPublisher::headers(m).unwrap())).await;
     drop(msgs);
 
     let drained = drain(&db, &stream, &client, backlog, None).await;
@@ -118,6 +100,17 @@ async fn main() {
     println!(
         "relay drain, rows kept as published (default)   : {drained:>9.0} events/s   ratio {:.2} (goal >= 0.40)",
         drained / raw
+    );
+    drop(db);
+    quiet().await;
+    // The same with the compact header encoding (issue 20, goal 3: >= 1.3x the default drain).
+    let db = TestDb::new().await;
+    write_backlog(&db, backlog).await;
+    let compact = compact_drain(&db, &client, backlog).await;
+    println!(
+        "relay drain, rows kept, compact headers         : {compact:>9.0} events/s   ratio {:.2}   x{:.2} the default drain (goal >= 1.3)",
+        compact / raw,
+        compact / drained
     );
     drop(db);
     quiet().await;
@@ -272,4 +265,72 @@ async fn producers(notify: bool, n: usize, dur: Duration) -> (f64, f64) {
         lat.len() as f64 / dur.as_secs_f64(),
         percentile(&mut lat, 0.99),
     )
+}
+
+/// The relay's drain of the backlog in `db` with the compact header encoding; events/s.
+async fn compact_drain(db: &TestDb, client: &async_nats::Client, backlog: i64) -> f64 {
+    let stream = TestStream::new();
+    let cfg = outbox::nats::NatsConfig {
+        header_encoding: outbox::meta::HeaderEncoding::Compact,
+        ..stream.nats_config()
+    };
+    support::drain_nats(db, &stream, cfg, client, backlog, None, 1).await
+}
+
+/// `BENCH_ONLY=headers`: the raw publish by headers, then pairs of drains (rows kept) with the
+/// default and the compact encoding, each pair's order alternating.
+async fn headers_and_drains(
+    db: &TestDb,
+    client: &async_nats::Client,
+    msgs: Vec<outbox::OutboundMessage>,
+    backlog: i64,
+) {
+    let env = |k: &str, d: usize| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    headers::sweep(client, &msgs, env("BENCH_ROUNDS", 3)).await;
+    drop(msgs);
+    let mut ratios = Vec::new();
+    let (mut sum_full, mut sum_compact) = (0.0, 0.0);
+    let pairs = env("BENCH_PAIRS", 3);
+    for pair in 0..pairs {
+        let mut rates = [0.0; 2];
+        for i in 0..2 {
+            let compact = (pair + i) % 2 == 1;
+            let fresh;
+            let db = if pair == 0 && i == 0 {
+                db
+            } else {
+                fresh = TestDb::new().await;
+                write_backlog(&fresh, backlog).await;
+                &fresh
+            };
+            quiet().await;
+            let rate = if compact {
+                compact_drain(db, client, backlog).await
+            } else {
+                drain(db, &TestStream::new(), client, backlog, None).await
+            };
+            println!(
+                "  pair {pair}: drain, rows kept, {} headers: {rate:>9.0} events/s",
+                if compact { "compact" } else { "full   " }
+            );
+            rates[compact as usize] = rate;
+        }
+        sum_full += rates[0];
+        sum_compact += rates[1];
+        ratios.push(rates[1] / rates[0]);
+    }
+    ratios.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    println!(
+        "relay drain, rows kept: full headers {:.0} events/s, compact {:.0} events/s (means of {pairs}); \
+         compact / full per pair {:?}, median x{:.2} (goal >= 1.3)",
+        sum_full / pairs as f64,
+        sum_compact / pairs as f64,
+        ratios.iter().map(|r| (r * 100.0).round() / 100.0).collect::<Vec<_>>(),
+        ratios[ratios.len() / 2]
+    );
 }

@@ -27,7 +27,7 @@ pub mod telemetry;
 pub use publishers::nats;
 #[cfg(feature = "rabbitmq")]
 pub use publishers::{amqp, amqp_topology};
-pub use publishers::{pipeline, publisher};
+pub use publishers::{meta, pipeline, publisher};
 pub use relay::{retry, wake};
 pub use storage::{pg, schema, store};
 
