@@ -278,7 +278,8 @@ async fn compact_drain(db: &TestDb, client: &async_nats::Client, backlog: i64) -
 }
 
 /// `BENCH_ONLY=headers`: the raw publish by headers, then pairs of drains (rows kept) with the
-/// default and the compact encoding, each pair's order alternating.
+/// default and the compact encoding, each pair's order alternating, with the CPU time per event
+/// of this process (the relay), the database's backends and nats-server.
 async fn headers_and_drains(
     db: &TestDb,
     client: &async_nats::Client,
@@ -293,11 +294,14 @@ async fn headers_and_drains(
     };
     headers::sweep(client, &msgs, env("BENCH_ROUNDS", 3)).await;
     drop(msgs);
-    let mut ratios = Vec::new();
-    let (mut sum_full, mut sum_compact) = (0.0, 0.0);
+    let nats: Vec<u32> = headers::nats_server_pid().into_iter().collect();
     let pairs = env("BENCH_PAIRS", 3);
+    // Per mode (full, compact): rates, and CPU us per event of relay, PostgreSQL, nats-server.
+    let mut rates: [Vec<f64>; 2] = Default::default();
+    let mut cpu: [Vec<[f64; 3]>; 2] = Default::default();
+    let mut ratios = Vec::new();
     for pair in 0..pairs {
-        let mut rates = [0.0; 2];
+        let mut this = [0.0; 2];
         for i in 0..2 {
             let compact = (pair + i) % 2 == 1;
             let fresh;
@@ -309,28 +313,49 @@ async fn headers_and_drains(
                 &fresh
             };
             quiet().await;
+            let pg_before = support::cpu::snapshot(&support::cpu::backends(db).await);
+            let before = support::cpu::Sample::take(&nats);
             let rate = if compact {
                 compact_drain(db, client, backlog).await
             } else {
                 drain(db, &TestStream::new(), client, backlog, None).await
             };
+            let used = support::cpu::Sample::take(&nats).since(&before);
+            let pg = support::cpu::backend_delta(&pg_before, &support::cpu::backends(db).await);
+            let per = |s: f64| s * 1e6 / backlog as f64;
+            let us = [per(used.me), per(pg), per(used.children)];
             println!(
-                "  pair {pair}: drain, rows kept, {} headers: {rate:>9.0} events/s",
-                if compact { "compact" } else { "full   " }
+                "  pair {pair}: drain, rows kept, {} headers: {rate:>9.0} events/s   CPU us/event: relay {:.1}  PostgreSQL {:.1}  nats-server {:.1}  total {:.1}",
+                if compact { "compact" } else { "full   " },
+                us[0],
+                us[1],
+                us[2],
+                us.iter().sum::<f64>()
             );
-            rates[compact as usize] = rate;
+            this[compact as usize] = rate;
+            rates[compact as usize].push(rate);
+            cpu[compact as usize].push(us);
         }
-        sum_full += rates[0];
-        sum_compact += rates[1];
-        ratios.push(rates[1] / rates[0]);
+        ratios.push(this[1] / this[0]);
     }
-    ratios.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let med = |v: &mut Vec<f64>| headers::median_of(v.clone());
+    let cpu_med = |m: usize, k: usize| med(&mut cpu[m].iter().map(|c| c[k]).collect());
+    let total = |m: usize| med(&mut cpu[m].iter().map(|c| c.iter().sum()).collect());
+    for (m, name) in [(0, "full   "), (1, "compact")] {
+        println!(
+            "relay drain, rows kept, {name} headers: median {:>7.0} events/s   CPU us/event: relay {:.1}  PostgreSQL {:.1}  nats-server {:.1}  total {:.1}",
+            med(&mut rates[m].clone()),
+            cpu_med(m, 0),
+            cpu_med(m, 1),
+            cpu_med(m, 2),
+            total(m)
+        );
+    }
     println!(
-        "relay drain, rows kept: full headers {:.0} events/s, compact {:.0} events/s (means of {pairs}); \
-         compact / full per pair {:?}, median x{:.2} (goal >= 1.3)",
-        sum_full / pairs as f64,
-        sum_compact / pairs as f64,
+        "compact / full drain per pair {:?}, median x{:.2} (goal >= 1.3); CPU per event full / compact x{:.2} \
+         (the drain's bound on this 2-core machine when the three processes share it)",
         ratios.iter().map(|r| (r * 100.0).round() / 100.0).collect::<Vec<_>>(),
-        ratios[ratios.len() / 2]
+        med(&mut ratios.clone()),
+        total(0) / total(1)
     );
 }

@@ -607,7 +607,7 @@ impl SoakHeaders {
         let compact = match self {
             Self::Full => false,
             Self::Compact => true,
-            Self::Mixed => (n as u64 + seed) % 2 == 0,
+            Self::Mixed => (n as u64).wrapping_add(seed).is_multiple_of(2),
         };
         if compact {
             "compact"

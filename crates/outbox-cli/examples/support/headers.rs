@@ -265,15 +265,25 @@ pub async fn sweep(client: &async_nats::Client, msgs: &[OutboundMessage], rounds
     }
 }
 
+/// The median of `xs` (the mean of the two middle values of an even count).
+pub fn median_of(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    match xs.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => xs[n / 2],
+        n => (xs[n / 2 - 1] + xs[n / 2]) / 2.0,
+    }
+}
+
 /// Each figure's median over the variant's runs (the machine is shared: one slow run is common).
 fn median(all: &[(Headers, Figures)], v: Headers) -> Figures {
     let of = |f: fn(&Figures) -> f64| {
-        let mut xs: Vec<f64> = all
-            .iter()
-            .filter(|(h, _)| *h == v)
-            .map(|(_, x)| f(x))
-            .collect();
-        super::percentile(&mut xs, 0.5)
+        median_of(
+            all.iter()
+                .filter(|(h, _)| *h == v)
+                .map(|(_, x)| f(x))
+                .collect(),
+        )
     };
     Figures {
         rate: of(|f| f.rate),

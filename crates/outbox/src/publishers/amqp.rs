@@ -697,3 +697,47 @@ fn confirmed(
         )),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::publisher::test_message;
+
+    /// The headers of `m` by an adapter with `encoding` (no broker needed: an unreachable one is
+    /// not an error at start-up).
+    async fn headers(encoding: HeaderEncoding, tenant_in_header_only: bool) -> FieldTable {
+        let p = AmqpPublisher::connect(AmqpConfig {
+            url: "amqp://guest:guest@127.0.0.1:1/%2f".into(),
+            header_encoding: encoding,
+            tenant_in_header_only,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let mut m = test_message(3, "agg", 0);
+        m.headers.insert("traceparent".into(), "00-ab-cd-01".into());
+        p.properties(&m).headers().clone().unwrap()
+    }
+
+    #[tokio::test]
+    async fn compact_keeps_the_tenant_header_where_headers_bindings_select_by_it() {
+        let names = |t: FieldTable| {
+            let mut n: Vec<String> = t.inner().keys().map(|k| k.to_string()).collect();
+            n.sort();
+            n
+        };
+        assert_eq!(
+            names(headers(HeaderEncoding::Compact, false).await),
+            [META_HEADER, "traceparent"]
+        );
+        assert_eq!(
+            names(headers(HeaderEncoding::Compact, true).await),
+            [META_HEADER, "Outbox-Tenant-Id", "traceparent"]
+        );
+        let full = names(headers(HeaderEncoding::Full, true).await);
+        assert!(
+            full.contains(&"Outbox-Seq".to_string()) && !full.contains(&META_HEADER.to_string()),
+            "{full:?}"
+        );
+    }
+}
