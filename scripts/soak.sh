@@ -7,7 +7,8 @@
 #   scripts/soak.sh soak_nats          one broker only (soak_nats | soak_rabbitmq)
 #   SOAK_ROUNDS=5 scripts/soak.sh      several rounds, a new seed each (stops at the first failure)
 #
-# SOAK_REFUSALS=0 leaves out the "broker refuses to store" faults; SOAK_RELAY_LOG=1 keeps the
+# SOAK_HEADERS=compact (or full) starts every relay with that header encoding; by default the
+# relays started alternate between the two. SOAK_REFUSALS=0 leaves out the "broker refuses to store" faults; SOAK_RELAY_LOG=1 keeps the
 # relays' logs. Each soak prints its seed first and a summary line at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -4,8 +4,16 @@
 //! 2. commit-to-stream latency p50 / p99 at a steady rate (goal: p50 <= 5 ms, p99 <= 25 ms);
 //! 3. what the commit-time NOTIFY costs concurrent producers (commits/s and p99 with and without).
 //!
+//! 4. the drain with the compact header encoding, and its ratio to the default drain (issue 20,
+//!    goal >= 1.3x).
+//!
 //! `cargo run --release -p outbox-cli --example bench_nats -- [backlog] [rate] [seconds]`
-//! (defaults 200000 events, 1000 events/s, 10 s); `BENCH_ONLY=drain` measures the drain only.
+//! (defaults 200000 events, 1000 events/s, 10 s); `BENCH_ONLY=drain` measures the drains only.
+//! `BENCH_ONLY=headers` measures what the headers cost instead: a raw publish of the backlog
+//! with 0, 1, 5, 10 and the relay's 11 headers and in the compact encoding (`BENCH_ROUNDS`
+//! rounds, default 3, with CPU per message of this process and nats-server), then
+//! `BENCH_PAIRS` (default 3) pairs of drains, default and compact headers, alternating which
+//! goes first.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -17,7 +25,7 @@ use testkit::{TestDb, TestStream};
 
 #[path = "support/mod.rs"]
 mod support;
-use support::{drain, percentile, quiet, write_backlog};
+use support::{drain, headers, percentile, quiet, write_backlog};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
@@ -35,8 +43,10 @@ async fn main() {
         num_cpus()
     );
 
-    // `BENCH_ONLY=drain` skips parts 2 and 3 (for iterating on the drain rate).
-    let all = std::env::var("BENCH_ONLY").as_deref() != Ok("drain");
+    // `BENCH_ONLY=drain` skips parts 2 and 3 (for iterating on the drain rate); `headers`
+    // measures what the message headers cost instead (below).
+    let only = std::env::var("BENCH_ONLY");
+    let all = only.is_err();
     // --- 2. steady-rate latency ----------------------------------------------------------
     for notify in [true, false].into_iter().filter(|_| all) {
         let l = steady_latency(rate, secs, notify).await;
@@ -78,11 +88,10 @@ async fn main() {
     // flight per batch, to a stream of its own, with no database involved.
     let msgs = support::backlog_messages(&db).await;
     let client = async_nats::connect(testkit::nats_url()).await.unwrap();
-    // Bound to a name, not `_`: the stream lives (and is deleted on drop) to the end.
-    let (_raw_stream, js, template) = support::raw_stream(&client).await;
-    let t = Instant::now();
-    support::raw_publish(&js, &msgs, &template).await;
-    let raw = msgs.len() as f64 / t.elapsed().as_secs_f64();
+    if only.as_deref() == Ok("headers") {
+        return headers_and_drains(&db, &client, msgs, backlog).await;
+    }
+    let raw = headers::raw_rate(&client, &msgs, |m| Some(NatsPublisher::headers(m).unwrap())).await;
     drop(msgs);
 
     let drained = drain(&db, &stream, &client, backlog, None).await;
@@ -90,6 +99,17 @@ async fn main() {
     println!(
         "relay drain, rows kept as published (default)   : {drained:>9.0} events/s   ratio {:.2} (goal >= 0.40)",
         drained / raw
+    );
+    drop(db);
+    quiet().await;
+    // The same with the compact header encoding (issue 20, goal 3: >= 1.3x the default drain).
+    let db = TestDb::new().await;
+    write_backlog(&db, backlog).await;
+    let compact = compact_drain(&db, &client, backlog).await;
+    println!(
+        "relay drain, rows kept, compact headers         : {compact:>9.0} events/s   ratio {:.2}   x{:.2} the default drain (goal >= 1.3)",
+        compact / raw,
+        compact / drained
     );
     drop(db);
     quiet().await;
@@ -228,4 +248,97 @@ async fn producers(notify: bool, n: usize, dur: Duration) -> (f64, f64) {
         lat.len() as f64 / dur.as_secs_f64(),
         percentile(&mut lat, 0.99),
     )
+}
+
+/// The relay's drain of the backlog in `db` with the compact header encoding; events/s.
+async fn compact_drain(db: &TestDb, client: &async_nats::Client, backlog: i64) -> f64 {
+    let stream = TestStream::new();
+    let cfg = outbox::nats::NatsConfig {
+        header_encoding: outbox::meta::HeaderEncoding::Compact,
+        ..stream.nats_config()
+    };
+    support::drain_nats(db, &stream, cfg, client, backlog, None, 1).await
+}
+
+/// `BENCH_ONLY=headers`: the raw publish by headers, then pairs of drains (rows kept) with the
+/// default and the compact encoding, each pair's order alternating, with the CPU time per event
+/// of this process (the relay), the database's backends and nats-server.
+async fn headers_and_drains(
+    db: &TestDb,
+    client: &async_nats::Client,
+    msgs: Vec<outbox::OutboundMessage>,
+    backlog: i64,
+) {
+    let env = |k: &str, d: usize| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    headers::sweep(client, &msgs, env("BENCH_ROUNDS", 3)).await;
+    drop(msgs);
+    let nats: Vec<u32> = headers::nats_server_pid().into_iter().collect();
+    let pairs = env("BENCH_PAIRS", 3);
+    // Per mode (full, compact): rates, and CPU us per event of relay, PostgreSQL, nats-server.
+    let mut rates: [Vec<f64>; 2] = Default::default();
+    let mut cpu: [Vec<[f64; 3]>; 2] = Default::default();
+    let mut ratios = Vec::new();
+    for pair in 0..pairs {
+        let mut this = [0.0; 2];
+        for i in 0..2 {
+            let compact = (pair + i) % 2 == 1;
+            let fresh;
+            let db = if pair == 0 && i == 0 {
+                db
+            } else {
+                fresh = TestDb::new().await;
+                write_backlog(&fresh, backlog).await;
+                &fresh
+            };
+            quiet().await;
+            let pg_before = support::cpu::snapshot(&support::cpu::backends(db).await);
+            let before = support::cpu::Sample::take(&nats);
+            let rate = if compact {
+                compact_drain(db, client, backlog).await
+            } else {
+                drain(db, &TestStream::new(), client, backlog, None).await
+            };
+            let used = support::cpu::Sample::take(&nats).since(&before);
+            let pg = support::cpu::backend_delta(&pg_before, &support::cpu::backends(db).await);
+            let per = |s: f64| s * 1e6 / backlog as f64;
+            let us = [per(used.me), per(pg), per(used.children)];
+            println!(
+                "  pair {pair}: drain, rows kept, {} headers: {rate:>9.0} events/s   CPU us/event: relay {:.1}  PostgreSQL {:.1}  nats-server {:.1}  total {:.1}",
+                if compact { "compact" } else { "full   " },
+                us[0],
+                us[1],
+                us[2],
+                us.iter().sum::<f64>()
+            );
+            this[compact as usize] = rate;
+            rates[compact as usize].push(rate);
+            cpu[compact as usize].push(us);
+        }
+        ratios.push(this[1] / this[0]);
+    }
+    let med = |v: &mut Vec<f64>| headers::median_of(v.clone());
+    let cpu_med = |m: usize, k: usize| med(&mut cpu[m].iter().map(|c| c[k]).collect());
+    let total = |m: usize| med(&mut cpu[m].iter().map(|c| c.iter().sum()).collect());
+    for (m, name) in [(0, "full   "), (1, "compact")] {
+        println!(
+            "relay drain, rows kept, {name} headers: median {:>7.0} events/s   CPU us/event: relay {:.1}  PostgreSQL {:.1}  nats-server {:.1}  total {:.1}",
+            med(&mut rates[m].clone()),
+            cpu_med(m, 0),
+            cpu_med(m, 1),
+            cpu_med(m, 2),
+            total(m)
+        );
+    }
+    println!(
+        "compact / full drain per pair {:?}, median x{:.2} (goal >= 1.3); CPU per event full / compact x{:.2} \
+         (the drain's bound on this 2-core machine when the three processes share it)",
+        ratios.iter().map(|r| (r * 100.0).round() / 100.0).collect::<Vec<_>>(),
+        med(&mut ratios.clone()),
+        total(0) / total(1)
+    );
 }

@@ -6,7 +6,9 @@
 //! at random moments: `strict` (its epoch starts accepted by an operator loop that checks the
 //! producer's tables) and `after-gap-timeout` (joins late). Their handler fails at random,
 //! swallows a database error at random, and fails for good on some events until an operator
-//! "fixes" it and replays them; some parked events are purged by the operator instead.
+//! "fixes" it and replays them; some parked events are purged by the operator instead. One
+//! producer's relay sends the full headers, the other's the compact `Outbox-Meta` encoding
+//! (issue 20), so the skip markers and epochs of both reach the consumers in both.
 //!
 //! At the end each consumer's effects equal a model computed from the producer tables: every
 //! committed event (not a skip marker, not purged by that consumer's operator) applied exactly
@@ -31,6 +33,7 @@ use outbox::consumers::nats::{NatsSource, NatsSourceConfig};
 use outbox::consumers::{
     Consumer, ConsumerConfig, Handler, HandlerError, InboundEvent, StartPolicy,
 };
+use outbox::meta::HeaderEncoding;
 use outbox::{NewEvent, Outbox};
 use rand::{Rng, SeedableRng};
 use serde_json::json;
@@ -453,13 +456,19 @@ async fn consumers_killed_under_faults_apply_every_committed_event_once_in_order
     let stream = TestStream::new();
     let mut producers = Vec::new();
     let mut relays = Vec::new();
-    for _ in 0..2 {
+    for i in 0..2 {
         let db = TestDb::new().await;
         let id: Uuid = sqlx::query_scalar("SELECT id FROM outbox_producer")
             .fetch_one(&db.pool)
             .await
             .unwrap();
-        relays.push(start_relay(&db, stream.nats_config(), test_config()).await);
+        // One producer's relay sends the full headers, the other's the compact encoding: the
+        // consumers read both from one stream (issue 20).
+        let nats = outbox::nats::NatsConfig {
+            header_encoding: [HeaderEncoding::Full, HeaderEncoding::Compact][i],
+            ..stream.nats_config()
+        };
+        relays.push(start_relay(&db, nats, test_config()).await);
         producers.push(Producer { db, id });
     }
     let cdb = TestDb::new().await;

@@ -19,6 +19,10 @@
 //!   `SOAK_REFUSALS=0` leaves these out;
 //! - restarts the broker once (a clean stop, a pause, a start on the same store).
 //!
+//! Relays are started with the header encodings alternating (`--message-headers` full, compact,
+//! full, ...; which comes first from the seed), both encodings in one stream as during a
+//! rollout; `SOAK_HEADERS=full` or `compact` holds every relay to one.
+//!
 //! The broker is private to the soak (a `nats-server` on a free port with its own store; a
 //! RabbitMQ node with its own name, ports, cookie and data directory), so the shared brokers are
 //! never restarted. If the private RabbitMQ node cannot be started within 20 s, `soak_rabbitmq`
@@ -395,18 +399,13 @@ impl Broker {
                 Some(
                     msgs.into_iter()
                         .map(|m| {
-                            let get = |k: &str| {
-                                m.headers.get(k).map(|v| v.to_string()).unwrap_or_default()
-                            };
+                            let get = |k: &str| m.headers.get(k).map(|v| v.to_string());
+                            let (aggregate, seq, compact) = position(get);
                             Delivered {
-                                event_id: get("Nats-Msg-Id"),
-                                aggregate: format!(
-                                    "{}/{}/{}",
-                                    get("Outbox-Tenant-Id"),
-                                    get("Outbox-Aggregate-Type"),
-                                    get("Outbox-Aggregate-Id")
-                                ),
-                                seq: get("Outbox-Seq").parse().unwrap_or(-1),
+                                event_id: get("Nats-Msg-Id").unwrap_or_default(),
+                                aggregate,
+                                seq,
+                                compact,
                                 payload_len: m.payload.len(),
                             }
                         })
@@ -643,7 +642,6 @@ async fn consume_queue(url: &str, queue: &str) -> Vec<Delivered> {
             break;
         };
         let mut headers = HashMap::new();
-        let mut seq = -1;
         if let Some(h) = d.properties.headers() {
             for (k, v) in h.inner() {
                 match v {
@@ -653,12 +651,14 @@ async fn consume_queue(url: &str, queue: &str) -> Vec<Delivered> {
                             String::from_utf8_lossy(s.as_bytes()).into_owned(),
                         );
                     }
-                    AMQPValue::LongLongInt(n) if k.as_str() == "Outbox-Seq" => seq = *n,
+                    AMQPValue::LongLongInt(n) => {
+                        headers.insert(k.to_string(), n.to_string());
+                    }
                     _ => {}
                 }
             }
         }
-        let h = |k: &str| headers.get(k).cloned().unwrap_or_default();
+        let (aggregate, seq, compact) = position(|k| headers.get(k).cloned());
         out.push(Delivered {
             event_id: d
                 .properties
@@ -666,13 +666,9 @@ async fn consume_queue(url: &str, queue: &str) -> Vec<Delivered> {
                 .as_ref()
                 .map(|s| s.to_string())
                 .unwrap_or_default(),
-            aggregate: format!(
-                "{}/{}/{}",
-                h("Outbox-Tenant-Id"),
-                h("Outbox-Aggregate-Type"),
-                h("Outbox-Aggregate-Id")
-            ),
+            aggregate,
             seq,
+            compact,
             payload_len: d.data.len(),
         });
         if out.len() % 500 == 0 || out.len() >= depth {
@@ -689,7 +685,71 @@ struct Delivered {
     event_id: String,
     aggregate: String,
     seq: i64,
+    /// Sent in the compact header encoding (`Outbox-Meta`).
+    compact: bool,
     payload_len: usize,
+}
+
+/// The aggregate key and seq of a message from its headers (`get`), in either encoding, and
+/// whether it was the compact one. An unreadable `Outbox-Meta` reads as seq -1 (a mismatch).
+fn position(get: impl Fn(&str) -> Option<String>) -> (String, i64, bool) {
+    if let Some(v) = get(outbox::meta::META_HEADER) {
+        return match outbox::meta::Meta::decode(&v) {
+            Ok(m) => (
+                format!("{}/{}/{}", m.tenant_id, m.aggregate_type, m.aggregate_id),
+                m.seq,
+                true,
+            ),
+            Err(e) => (format!("unreadable: {e}"), -1, true),
+        };
+    }
+    let h = |k: &str| get(k).unwrap_or_default();
+    (
+        format!(
+            "{}/{}/{}",
+            h("Outbox-Tenant-Id"),
+            h("Outbox-Aggregate-Type"),
+            h("Outbox-Aggregate-Id")
+        ),
+        h("Outbox-Seq").parse().unwrap_or(-1),
+        false,
+    )
+}
+
+/// The header encoding of the soak's relays (`SOAK_HEADERS`): `full`, `compact`, or `mixed`
+/// (the default): each relay started takes the other encoding than the one before (the first
+/// from the seed), so that every soak runs both, side by side as during a rollout, at no cost in
+/// time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SoakHeaders {
+    Full,
+    Compact,
+    Mixed,
+}
+
+impl SoakHeaders {
+    fn from_env() -> Self {
+        match std::env::var("SOAK_HEADERS").as_deref() {
+            Ok("full") => Self::Full,
+            Ok("compact") => Self::Compact,
+            Ok("mixed") | Err(_) => Self::Mixed,
+            Ok(other) => panic!("SOAK_HEADERS={other:?}: give full, compact or mixed"),
+        }
+    }
+
+    /// `--message-headers` of the `n`th relay started (from 1).
+    fn of(self, n: usize, seed: u64) -> &'static str {
+        let compact = match self {
+            Self::Full => false,
+            Self::Compact => true,
+            Self::Mixed => (n as u64).wrapping_add(seed).is_multiple_of(2),
+        };
+        if compact {
+            "compact"
+        } else {
+            "full"
+        }
+    }
 }
 
 /// `host:port` of a `scheme://[user@]host:port/...` URL.
@@ -729,6 +789,8 @@ struct RelayLauncher {
     log: PathBuf,
     keep_log: bool,
     spawned: usize,
+    headers: SoakHeaders,
+    seed: u64,
 }
 
 impl RelayLauncher {
@@ -743,6 +805,10 @@ impl RelayLauncher {
             .args(&self.args)
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env("OUTBOX_RELAY_ID", format!("soak-relay-{}", self.spawned))
+            .env(
+                "OUTBOX_MESSAGE_HEADERS",
+                self.headers.of(self.spawned, self.seed),
+            )
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -992,6 +1058,8 @@ async fn soak(kind: BrokerKind, seed: u64, secs: Duration) {
         log: std::env::temp_dir().join(format!("{}.log", testkit::unique("soak_relay"))),
         keep_log,
         spawned: 0,
+        headers: SoakHeaders::from_env(),
+        seed,
     };
     let faults = FaultTally::new();
     let mut relays = vec![launcher.spawn()];
@@ -1182,7 +1250,7 @@ async fn soak(kind: BrokerKind, seed: u64, secs: Duration) {
 
     let summary = format!(
         "soak {} seed={seed} secs={} batch={batch} committed={} (tx {}) rolled_back={} (tx {}) \
-         writer_errors={} delivered_msgs={} | faults: {} relays_started={} | \
+         writer_errors={} delivered_msgs={} (compact headers {}, headers {:?}) | faults: {} relays_started={} | \
          fault phase {fault_secs:.0} s, drain {drain_secs:.1} s (drained={drained}, pending={left_pending}, \
          dead={dead}), read {read_secs:.1} s | set_aside_by_broker={set_aside} lost={} undelivered={} phantom={} reorders={} duplicates={} seq_mismatch={} \
          atomicity: db_phantom={} db_missing={} commit_order={}",
@@ -1194,6 +1262,8 @@ async fn soak(kind: BrokerKind, seed: u64, secs: Duration) {
         ledger.tx_rolled_back,
         ledger.errors,
         delivered.len(),
+        delivered.iter().filter(|d| d.compact).count(),
+        launcher.headers,
         faults.summary(),
         launcher.spawned,
         report.lost,
@@ -1228,10 +1298,23 @@ async fn soak(kind: BrokerKind, seed: u64, secs: Duration) {
         secs.as_secs()
     );
     // Every check is evaluated, so that one failure does not hide another.
+    let compact_msgs = delivered.iter().filter(|d| d.compact).count();
     let checks = [
         (
             ledger.tx_committed == 0 || delivered.is_empty(),
             "the soak wrote or delivered nothing".to_string(),
+        ),
+        (
+            match launcher.headers {
+                SoakHeaders::Full => compact_msgs > 0,
+                SoakHeaders::Compact => compact_msgs < delivered.len(),
+                SoakHeaders::Mixed => false,
+            },
+            format!(
+                "{compact_msgs} of {} messages in the compact encoding with {:?} headers",
+                delivered.len(),
+                launcher.headers
+            ),
         ),
         (
             report.db_phantom > 0,

@@ -17,6 +17,24 @@ pub enum BrokerKind {
     Redis,
 }
 
+/// How a relay sends each event's metadata (`--message-headers`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum MessageHeaders {
+    /// One header per field.
+    Full,
+    /// One `Outbox-Meta` header (docs/message-format.md).
+    Compact,
+}
+
+impl From<MessageHeaders> for outbox::meta::HeaderEncoding {
+    fn from(h: MessageHeaders) -> Self {
+        match h {
+            MessageHeaders::Full => Self::Full,
+            MessageHeaders::Compact => Self::Compact,
+        }
+    }
+}
+
 /// Broker selection and the JetStream adapter's settings.
 #[derive(Debug, Clone, Args)]
 pub struct BrokerArgs {
@@ -65,6 +83,18 @@ pub struct BrokerArgs {
     /// start-up. See docs/benchmarks.md for when it pays.
     #[arg(long, env = "OUTBOX_NATS_ATOMIC_BATCH")]
     pub nats_atomic_batch: bool,
+    /// How each event's ids and position travel (both brokers): `full`, one header per field
+    /// (Outbox-Tenant-Id, Outbox-Seq, ...; what every consumer reads), or `compact`, one
+    /// `Outbox-Meta` header beside Nats-Msg-Id / message_id (smaller and faster; read by this
+    /// project's consumer runtime from this version on, layout in docs/message-format.md for
+    /// consumers in other languages). Upgrade the consumers first.
+    #[arg(
+        long,
+        env = "OUTBOX_MESSAGE_HEADERS",
+        value_enum,
+        default_value = "full"
+    )]
+    pub message_headers: MessageHeaders,
     /// RabbitMQ adapter settings.
     #[command(flatten)]
     pub amqp: AmqpArgs,

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use outbox::amqp::AmqpPublisher;
+use outbox::amqp::{AmqpConfig, AmqpPublisher};
 use outbox::nats::{NatsConfig, NatsPublisher};
 use outbox::nats_batch::NatsBatchPublisher;
 use outbox::{OutboxError, Publisher, RelayConfig};
@@ -27,6 +27,7 @@ pub async fn connect(
                 replicas: args.nats_stream_replicas.map(usize::from),
                 create_stream: !args.nats_no_create_stream,
                 ack_timeout: Duration::from_secs(args.nats_ack_timeout_secs.max(1)),
+                header_encoding: args.message_headers.into(),
                 ..Default::default()
             };
             let horizon = relay.dedup_horizon(cfg.ack_timeout);
@@ -36,7 +37,13 @@ pub async fn connect(
             Ok(Arc::new(NatsPublisher::connect(cfg, horizon).await?))
         }
         // RabbitMQ has no de-duplication window to check: consumers de-duplicate on message_id.
-        BrokerKind::Rabbitmq => Ok(Arc::new(AmqpPublisher::connect(args.amqp.config()).await?)),
+        BrokerKind::Rabbitmq => {
+            let cfg = AmqpConfig {
+                header_encoding: args.message_headers.into(),
+                ..args.amqp.config()
+            };
+            Ok(Arc::new(AmqpPublisher::connect(cfg).await?))
+        }
         // The de-duplication keys must outlive every re-publish of an event.
         #[cfg(feature = "redis")]
         BrokerKind::Redis => {

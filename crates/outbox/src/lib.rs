@@ -30,7 +30,7 @@ pub use publishers::nats;
 pub use publishers::nats_batch;
 #[cfg(feature = "rabbitmq")]
 pub use publishers::{amqp, amqp_topology};
-pub use publishers::{pipeline, publisher};
+pub use publishers::{meta, pipeline, publisher};
 pub use relay::{retry, wake};
 pub use storage::{pg, schema, store};
 

@@ -10,6 +10,8 @@ use outbox::{PgStore, Relay, RelayConfig};
 use testkit::{TestDb, TestStream};
 use tokio_util::sync::CancellationToken;
 
+pub mod headers;
+
 /// Runs a relay over the backlog in `db` until `stream` holds `backlog` messages; events/s.
 pub async fn drain(
     db: &TestDb,
@@ -30,6 +32,28 @@ pub async fn drain_with(
     retention: Option<Duration>,
     relays: usize,
 ) -> f64 {
+    drain_nats(
+        db,
+        stream,
+        stream.nats_config(),
+        client,
+        backlog,
+        retention,
+        relays,
+    )
+    .await
+}
+
+/// Like [`drain_with`] with the adapter's settings `nats` (e.g. a header encoding).
+pub async fn drain_nats(
+    db: &TestDb,
+    stream: &TestStream,
+    nats: outbox::nats::NatsConfig,
+    client: &async_nats::Client,
+    backlog: i64,
+    retention: Option<Duration>,
+    relays: usize,
+) -> f64 {
     let stop = CancellationToken::new();
     let mut tasks = Vec::new();
     let t = Instant::now();
@@ -40,12 +64,10 @@ pub async fn drain_with(
             retention,
             ..Default::default()
         };
-        let publisher = NatsPublisher::connect(
-            stream.nats_config(),
-            config.dedup_horizon(stream.nats_config().ack_timeout),
-        )
-        .await
-        .unwrap();
+        let publisher =
+            NatsPublisher::connect(nats.clone(), config.dedup_horizon(nats.ack_timeout))
+                .await
+                .unwrap();
         let relay = Relay::new(
             Arc::new(PgStore::new(db.pool.clone())),
             Arc::new(publisher),
@@ -220,9 +242,11 @@ pub fn percentile(v: &mut [f64], p: f64) -> f64 {
     v[((v.len() as f64 - 1.0) * p).round() as usize]
 }
 
-/// The backlog's rows as the relay reads them (`row_to_message`), in id order: what a raw
-/// baseline publishes so that it sends the very messages the relay sends.
+/// The backlog's rows as the relay reads them (`row_to_message`, with the producer id the relay
+/// adds), in id order: what a raw baseline publishes so that it sends the very messages the
+/// relay sends.
 pub async fn backlog_messages(db: &TestDb) -> Vec<outbox::OutboundMessage> {
+    let producer = PgStore::new(db.pool.clone()).producer_id().await.unwrap();
     sqlx::query(
         "SELECT id, event_id, tenant_id, aggregate_type, aggregate_id, seq, partition, event_type, topic, payload,
                 headers, attempts, created_at, seq_epoch FROM outbox_event ORDER BY id",
@@ -231,7 +255,10 @@ pub async fn backlog_messages(db: &TestDb) -> Vec<outbox::OutboundMessage> {
     .await
     .unwrap()
     .iter()
-    .map(|r| outbox::pg::row_to_message(r).unwrap())
+    .map(|r| outbox::OutboundMessage {
+        producer_id: Some(producer),
+        ..outbox::pg::row_to_message(r).unwrap()
+    })
     .collect()
 }
 

@@ -25,7 +25,9 @@
 //! row's creation), `content_type`, `app_id`, and the headers `Outbox-Event-Id`,
 //! `Outbox-Event-Type`, `Outbox-Tenant-Id`, `Outbox-Aggregate-Type`, `Outbox-Aggregate-Id`,
 //! `Outbox-Seq` and `Outbox-Seq-Epoch` (integers), `Outbox-Correlation-Id` and `traceparent` when the event has one: the
-//! same names as the NATS adapter, so consumers move between brokers unchanged.
+//! same names as the NATS adapter, so consumers move between brokers unchanged. With
+//! [`AmqpConfig::header_encoding`] compact, the `Outbox-*` headers are replaced by one
+//! `Outbox-Meta` ([`crate::meta`]; the properties stay).
 //!
 //! **Unroutable messages** are never lost silently. Messages are published `mandatory`. By default
 //! the exchange is declared with an *alternate exchange* (`<exchange>.unroutable`, fanout, bound to
@@ -75,6 +77,7 @@ use lapin::{
 use tokio::sync::Mutex;
 
 use crate::error::{OutboxError, Result};
+use crate::meta::{self, HeaderEncoding, META_HEADER};
 use crate::pipeline::AckFuture;
 use crate::publisher::{
     Delivery, FailureKind, OutboundMessage, PublishFailure, Publisher, SKIP_HEADER,
@@ -121,6 +124,11 @@ pub struct AmqpConfig {
     pub max_message_size: usize,
     /// `app_id` property of every message.
     pub app_id: String,
+    /// Which headers carry each event's metadata ([`HeaderEncoding`]; default: one per field).
+    /// Compact keeps the properties and sends `Outbox-Meta` (and `traceparent`, and
+    /// `Outbox-Tenant-Id` when [`AmqpConfig::tenant_in_header_only`] is set: headers bindings
+    /// select tenants by it) in place of the `Outbox-*` headers.
+    pub header_encoding: HeaderEncoding,
 }
 
 impl Default for AmqpConfig {
@@ -138,6 +146,7 @@ impl Default for AmqpConfig {
             connect_timeout: Duration::from_secs(3),
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             app_id: "outbox-relay".into(),
+            header_encoding: HeaderEncoding::Full,
         }
     }
 }
@@ -250,31 +259,38 @@ impl AmqpPublisher {
     /// messages as the relay.
     pub fn properties(&self, m: &OutboundMessage) -> BasicProperties {
         let mut h = FieldTable::default();
-        let mut put = |k: &str, v: &str| {
+        let put = |h: &mut FieldTable, k: &str, v: &str| {
             h.insert(k.into(), AMQPValue::LongString(LongString::from(v)));
         };
-        put("Outbox-Event-Id", &m.event_id.to_string());
-        put("Outbox-Event-Type", &m.event_type);
-        put("Outbox-Tenant-Id", &m.tenant_id);
-        put("Outbox-Aggregate-Type", &m.aggregate_type);
-        put("Outbox-Aggregate-Id", &m.aggregate_id);
-        if let Some(c) = m.header("correlationId") {
-            put("Outbox-Correlation-Id", c);
+        if self.cfg.header_encoding == HeaderEncoding::Compact {
+            put(&mut h, META_HEADER, &meta::encode(m));
+            if self.cfg.tenant_in_header_only {
+                put(&mut h, "Outbox-Tenant-Id", &m.tenant_id);
+            }
+        } else {
+            put(&mut h, "Outbox-Event-Id", &m.event_id.to_string());
+            put(&mut h, "Outbox-Event-Type", &m.event_type);
+            put(&mut h, "Outbox-Tenant-Id", &m.tenant_id);
+            put(&mut h, "Outbox-Aggregate-Type", &m.aggregate_type);
+            put(&mut h, "Outbox-Aggregate-Id", &m.aggregate_id);
+            if let Some(c) = m.header("correlationId") {
+                put(&mut h, "Outbox-Correlation-Id", c);
+            }
+            if let Some(p) = m.producer_id {
+                put(&mut h, "Outbox-Producer-Id", &p.to_string());
+            }
+            if let Some(skip) = m.header(SKIP_HEADER) {
+                put(&mut h, "Outbox-Skip", skip);
+            }
+            h.insert("Outbox-Seq".into(), AMQPValue::LongLongInt(m.seq));
+            h.insert(
+                "Outbox-Seq-Epoch".into(),
+                AMQPValue::LongLongInt(m.seq_epoch),
+            );
         }
         if let Some(tp) = m.header("traceparent") {
-            put("traceparent", tp);
+            put(&mut h, "traceparent", tp);
         }
-        if let Some(p) = m.producer_id {
-            put("Outbox-Producer-Id", &p.to_string());
-        }
-        if let Some(skip) = m.header(SKIP_HEADER) {
-            put("Outbox-Skip", skip);
-        }
-        h.insert("Outbox-Seq".into(), AMQPValue::LongLongInt(m.seq));
-        h.insert(
-            "Outbox-Seq-Epoch".into(),
-            AMQPValue::LongLongInt(m.seq_epoch),
-        );
         let mut p = BasicProperties::default()
             .with_message_id(m.event_id.to_string().into())
             .with_type(short(&m.event_type))
@@ -679,5 +695,49 @@ fn confirmed(
             "nack",
             "RabbitMQ refused the message (basic.nack: a queue bound to its routing key is full with reject-publish, or failed)",
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::publisher::test_message;
+
+    /// The headers of `m` by an adapter with `encoding` (no broker needed: an unreachable one is
+    /// not an error at start-up).
+    async fn headers(encoding: HeaderEncoding, tenant_in_header_only: bool) -> FieldTable {
+        let p = AmqpPublisher::connect(AmqpConfig {
+            url: "amqp://guest:guest@127.0.0.1:1/%2f".into(),
+            header_encoding: encoding,
+            tenant_in_header_only,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let mut m = test_message(3, "agg", 0);
+        m.headers.insert("traceparent".into(), "00-ab-cd-01".into());
+        p.properties(&m).headers().clone().unwrap()
+    }
+
+    #[tokio::test]
+    async fn compact_keeps_the_tenant_header_where_headers_bindings_select_by_it() {
+        let names = |t: FieldTable| {
+            let mut n: Vec<String> = t.inner().keys().map(|k| k.to_string()).collect();
+            n.sort();
+            n
+        };
+        assert_eq!(
+            names(headers(HeaderEncoding::Compact, false).await),
+            [META_HEADER, "traceparent"]
+        );
+        assert_eq!(
+            names(headers(HeaderEncoding::Compact, true).await),
+            [META_HEADER, "Outbox-Tenant-Id", "traceparent"]
+        );
+        let full = names(headers(HeaderEncoding::Full, true).await);
+        assert!(
+            full.contains(&"Outbox-Seq".to_string()) && !full.contains(&META_HEADER.to_string()),
+            "{full:?}"
+        );
     }
 }

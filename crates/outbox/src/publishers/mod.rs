@@ -6,6 +6,7 @@
 pub mod amqp;
 #[cfg(feature = "rabbitmq")]
 pub mod amqp_topology;
+pub mod meta;
 #[cfg(feature = "nats")]
 pub mod nats;
 #[cfg(feature = "nats")]

@@ -21,6 +21,7 @@ use std::time::Instant;
 use tokio::sync::Mutex;
 
 use crate::error::{OutboxError, Result};
+use crate::meta::{self, HeaderEncoding, META_HEADER};
 use crate::publisher::{
     Delivery, FailureKind, OutboundMessage, PublishFailure, Publisher, SKIP_HEADER,
 };
@@ -50,6 +51,8 @@ pub struct NatsConfig {
     /// Most acknowledgements outstanding at once (async-nats' in-flight permits are set to the
     /// same number; acknowledgements are read while sending, so a larger batch never waits on them).
     pub max_in_flight: usize,
+    /// Which headers carry each event's metadata ([`HeaderEncoding`]; default: one per field).
+    pub header_encoding: HeaderEncoding,
 }
 
 impl Default for NatsConfig {
@@ -64,6 +67,7 @@ impl Default for NatsConfig {
             create_stream: true,
             ack_timeout: Duration::from_secs(5),
             max_in_flight: 1024,
+            header_encoding: HeaderEncoding::Full,
         }
     }
 }
@@ -229,6 +233,15 @@ impl NatsPublisher {
     /// async-nats' `From<&str>` does, when a value cannot be carried in a NATS header (CR or LF):
     /// such a row is the event's problem, dead-lettered at once, never the relay's.
     pub fn headers(m: &OutboundMessage) -> std::result::Result<HeaderMap, PublishFailure> {
+        Self::headers_for(m, HeaderEncoding::Full)
+    }
+
+    /// [`NatsPublisher::headers`] in the given encoding: [`HeaderEncoding::Compact`] sends
+    /// `Nats-Msg-Id` (JetStream de-duplicates on it), [`META_HEADER`] and `traceparent`.
+    pub fn headers_for(
+        m: &OutboundMessage,
+        encoding: HeaderEncoding,
+    ) -> std::result::Result<HeaderMap, PublishFailure> {
         let mut h = HeaderMap::new();
         let mut put = |name: &'static str,
                        value: &str|
@@ -245,6 +258,13 @@ impl NatsPublisher {
         };
         let id = m.event_id.to_string();
         put("Nats-Msg-Id", &id)?;
+        if encoding == HeaderEncoding::Compact {
+            put(META_HEADER, &meta::encode(m))?;
+            if let Some(tp) = m.header("traceparent") {
+                put("traceparent", tp)?;
+            }
+            return Ok(h);
+        }
         put("Outbox-Event-Id", &id)?;
         put("Outbox-Event-Type", &m.event_type)?;
         put("Outbox-Tenant-Id", &m.tenant_id)?;
@@ -493,7 +513,7 @@ impl Publisher for NatsPublisher {
                 self.captured(&subject)?;
                 let msg = PublishMessage::build()
                     .payload(m.payload.clone())
-                    .headers(Self::headers(m)?);
+                    .headers(Self::headers_for(m, self.cfg.header_encoding)?);
                 let ack = self
                     .js
                     .send_publish(subject, msg)
