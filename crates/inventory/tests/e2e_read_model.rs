@@ -200,7 +200,7 @@ fn relay(db_url: String, broker: Broker) -> Killable {
                 let publisher = outbox::publishers::redis::RedisPublisher::connect(cfg, horizon)
                     .await
                     .expect("publisher");
-                let r = testkit::relay::start_relay_with(pool, Arc::new(publisher), config).await;
+                let r = testkit::relay::start_relay_with(pool, Arc::new(publisher), config);
                 let _ = r.task.await;
             }
         }

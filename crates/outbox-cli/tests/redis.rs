@@ -250,7 +250,7 @@ async fn outages_spend_no_attempt_and_keep_order() {
     .await;
     let prefix = testkit::unique("out");
     let cfg = config(&server, &prefix);
-    let relay = start_relay_with(db.pool.clone(), publisher(cfg).await, test_config()).await;
+    let relay = start_relay_with(db.pool.clone(), publisher(cfg).await, test_config());
     let mut c = conn(&server.url()).await;
     let mut expected = 0;
     let phases: [(&str, &[&str], &[&str]); 3] = [
@@ -357,8 +357,7 @@ async fn a_poison_message_is_dead_lettered_alone() {
         db.pool.clone(),
         publisher(config(&server, &prefix)).await,
         test_config(),
-    )
-    .await;
+    );
     sqlx::query(
         "INSERT INTO outbox_event (event_id, tenant_id, aggregate_type, aggregate_id, event_type, topic, payload)
          SELECT gen_random_uuid(), 't0', 'V', CASE WHEN g <= 3 THEN 'p' ELSE 'h' || (g % 10) END, 'E',
@@ -400,8 +399,7 @@ async fn a_dead_consumers_entries_are_taken_over() {
         db.pool.clone(),
         publisher(config(&server, &prefix)).await,
         test_config(),
-    )
-    .await;
+    );
     insert_backlog(&db, 300, 30).await;
     assert!(
         eventually(Duration::from_secs(20), || async {

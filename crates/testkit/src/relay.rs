@@ -59,28 +59,6 @@ pub fn start_relay_with(
     InProcessRelay { stop, task }
 }
 
-/// Starts a relay over `pool` publishing through `publisher` (any broker adapter), woken by
-/// LISTEN/NOTIFY like a production relay.
-pub async fn start_relay_with(
-    pool: sqlx::PgPool,
-    publisher: Arc<dyn outbox::Publisher>,
-    config: RelayConfig,
-) -> InProcessRelay {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
-    let relay = Relay::new(Arc::new(PgStore::new(pool.clone())), publisher, config).expect("relay");
-    let stop = CancellationToken::new();
-    let s = stop.clone();
-    let task = tokio::spawn(async move {
-        let l = tokio::spawn(outbox::wake::listen(pool, relay.waker(), s.child_token()));
-        relay.run(s).await.expect("relay runs");
-        l.abort();
-    });
-    InProcessRelay { stop, task }
-}
-
 /// A loopback port nobody listens on right now.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
