@@ -567,6 +567,8 @@ async fn read_redis(url: &str, prefix: &str) -> Vec<Delivered> {
                         get("Outbox-Aggregate-Id")
                     ),
                     seq: get("Outbox-Seq").parse().unwrap_or(-1),
+                    // The Redis publisher writes its metadata as fields, one per header name.
+                    compact: false,
                     payload_len,
                 });
             }
