@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use outbox::nats::NatsPublisher;
 use outbox::{NewEvent, Outbox, RelayConfig};
 use testkit::{TestDb, TestStream};
 
