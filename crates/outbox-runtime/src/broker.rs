@@ -33,5 +33,12 @@ pub async fn connect(
         }
         // RabbitMQ has no de-duplication window to check: consumers de-duplicate on message_id.
         BrokerKind::Rabbitmq => Ok(Arc::new(AmqpPublisher::connect(args.amqp.config()).await?)),
+        // Kafka keeps no message-id window across producer sessions: consumers de-duplicate.
+        BrokerKind::Kafka => Ok(Arc::new(
+            outbox::publishers::kafka::KafkaPublisher::connect(
+                args.kafka.config(relay.lease_margin()),
+            )
+            .await?,
+        )),
     }
 }

@@ -196,6 +196,24 @@ pub const RABBITMQ_REASONS: FailureReasons = FailureReasons {
     route_refused: &["nack"],
 };
 
+/// Reasons of the Kafka adapter and of the pipeline shared by the adapters.
+pub const KAFKA_REASONS: FailureReasons = FailureReasons {
+    unavailable: &[
+        "disconnected",
+        "timeout",
+        "not_enough_replicas",
+        "leader_change",
+        "unknown_topic",
+        "queue_full",
+        "broker_refused",
+        "fatal",
+        "topic",
+    ],
+    retryable: &["rejected", "held_back"],
+    permanent: &["too_large", "rejected"],
+    route_refused: &[],
+};
+
 /// Reasons of a broker this module does not know (a test adapter): the pipeline's own.
 const OTHER_REASONS: FailureReasons = FailureReasons {
     unavailable: &["disconnected"],
@@ -215,6 +233,7 @@ pub fn failure_reasons(broker: &str) -> FailureReasons {
     match broker {
         "nats" => NATS_REASONS,
         "rabbitmq" => RABBITMQ_REASONS,
+        "kafka" => KAFKA_REASONS,
         _ => OTHER_REASONS,
     }
 }
@@ -318,5 +337,8 @@ mod tests {
         assert!(reasons_in(nats).len() >= 5 && reasons_in(amqp).len() >= 5);
         check("nats", &[nats, pipeline]);
         check("rabbitmq", &[amqp, pipeline]);
+        let kafka = include_str!("publishers/kafka.rs");
+        assert!(reasons_in(kafka).len() >= 10);
+        check("kafka", &[kafka, pipeline]);
     }
 }

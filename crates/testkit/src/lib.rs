@@ -10,6 +10,7 @@ pub mod proxy;
 pub mod rabbit;
 pub mod rabbit_node;
 pub mod relay;
+pub mod tansu;
 
 use std::time::Duration;
 

@@ -1,11 +1,13 @@
 //! How events leave: the [`publisher::Publisher`] trait the relay engine talks to, the
 //! per-aggregate [`pipeline`] the adapters share, and one module per broker behind its cargo
-//! feature (`nats` for JetStream, `rabbitmq` for RabbitMQ).
+//! feature (`nats` for JetStream, `rabbitmq` for RabbitMQ, `kafka` for Kafka).
 
 #[cfg(feature = "rabbitmq")]
 pub mod amqp;
 #[cfg(feature = "rabbitmq")]
 pub mod amqp_topology;
+#[cfg(feature = "kafka")]
+pub mod kafka;
 #[cfg(feature = "nats")]
 pub mod nats;
 pub mod pipeline;

@@ -55,6 +55,29 @@ pub async fn run<'a, S, Fut>(
     route_template: &str,
     window: usize,
     deadline: Instant,
+    send: S,
+) -> Vec<Result<Delivery, PublishFailure>>
+where
+    S: FnMut(&'a OutboundMessage) -> Fut,
+    Fut: Future<Output = Result<AckFuture, PublishFailure>>,
+{
+    run_with(batch, route_template, window, deadline, false, send).await
+}
+
+/// [`run`] for a broker client that keeps the messages of one key in order while several are in
+/// flight ([`crate::publisher::Publisher::ordered_in_flight_per_key`], Kafka's idempotent
+/// producer): with `ordered_in_flight`, an aggregate's next event is handed over as soon as the
+/// client accepted the previous one, not when the broker acknowledged it, so a hot aggregate is
+/// not held to one round trip per event. When an event of the aggregate fails, its successors
+/// not yet handed over are held back; those already handed over report what the broker said
+/// (the engine then keeps any acknowledged one pending and publishes it again after its
+/// predecessor, see `relay::engine::decide`).
+pub async fn run_with<'a, S, Fut>(
+    batch: &'a [OutboundMessage],
+    route_template: &str,
+    window: usize,
+    deadline: Instant,
+    ordered_in_flight: bool,
     mut send: S,
 ) -> Vec<Result<Delivery, PublishFailure>>
 where
@@ -62,6 +85,7 @@ where
     Fut: Future<Output = Result<AckFuture, PublishFailure>>,
 {
     let window = window.max(1);
+    let mut sent = vec![false; batch.len()];
     let mut out: Vec<Option<Result<Delivery, PublishFailure>>> = vec![None; batch.len()];
     // `next[i]`: the index of the event that follows `i` in its aggregate, if any.
     let mut next: Vec<Option<usize>> = vec![None; batch.len()];
@@ -83,6 +107,10 @@ where
     loop {
         while stopped.is_none() && in_flight.len() < window {
             let Some(i) = ready.pop_front() else { break };
+            if out[i].is_some() {
+                // Held back behind a predecessor that failed after this one was queued.
+                continue;
+            }
             if let Some(f) = refused.get(routes[i].as_str()) {
                 let not_sent = PublishFailure::new(
                     FailureKind::RouteRefused,
@@ -92,7 +120,7 @@ where
                         routes[i], f.message
                     ),
                 );
-                record(i, Err(not_sent), &mut out, &next, &mut ready, &mut stopped);
+                record(i, Err(not_sent), &mut out, &next, &sent, &mut ready, &mut stopped);
                 continue;
             }
             if Instant::now() >= deadline {
@@ -105,10 +133,18 @@ where
                 break;
             }
             match send(&batch[i]).await {
-                Ok(ack) => in_flight.push(async move { (i, ack.await) }),
+                Ok(ack) => {
+                    sent[i] = true;
+                    if ordered_in_flight {
+                        if let Some(n) = next[i] {
+                            ready.push_back(n);
+                        }
+                    }
+                    in_flight.push(async move { (i, ack.await) })
+                }
                 Err(f) => {
                     note_refusal(&routes[i], &f, &mut refused);
-                    record(i, Err(f), &mut out, &next, &mut ready, &mut stopped)
+                    record(i, Err(f), &mut out, &next, &sent, &mut ready, &mut stopped)
                 }
             }
         }
@@ -117,7 +153,13 @@ where
                 if let Err(f) = &outcome {
                     note_refusal(&routes[i], f, &mut refused);
                 }
-                record(i, outcome, &mut out, &next, &mut ready, &mut stopped)
+                // Ordered in flight: the successor was queued when this one was handed over.
+                let next = if ordered_in_flight && outcome.is_ok() {
+                    &[][..]
+                } else {
+                    &next[..]
+                };
+                record(i, outcome, &mut out, next, &sent, &mut ready, &mut stopped)
             }
             None => break,
         }
@@ -145,13 +187,14 @@ fn record(
     outcome: Result<Delivery, PublishFailure>,
     out: &mut [Option<Result<Delivery, PublishFailure>>],
     next: &[Option<usize>],
+    sent: &[bool],
     ready: &mut VecDeque<usize>,
     stopped: &mut Option<PublishFailure>,
 ) {
     match &outcome {
         Ok(_) => {
-            if let Some(n) = next[i] {
-                ready.push_back(n);
+            if let Some(Some(n)) = next.get(i) {
+                ready.push_back(*n);
             }
         }
         Err(f) => {
@@ -167,9 +210,12 @@ fn record(
             } else {
                 held_back()
             };
-            let mut n = next[i];
+            let mut n = next.get(i).copied().flatten();
             while let Some(j) = n {
-                out[j] = Some(Err(not_sent.clone()));
+                // One already handed over (ordered in flight) reports its own outcome.
+                if !sent[j] {
+                    out[j] = Some(Err(not_sent.clone()));
+                }
                 n = next[j];
             }
         }
