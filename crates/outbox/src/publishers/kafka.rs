@@ -196,13 +196,18 @@ impl KafkaPublisher {
             .clone()
     }
 
-    /// Replaces `old` after its fatal error (once: concurrent callers see the new one).
-    fn replace(&self, old: &Arc<FutureProducer>) {
+    /// Replaces `old` by a new producer (once: concurrent callers see the new one); `fatal`:
+    /// after its fatal error, else after a batch of which nothing got through.
+    fn replace(&self, old: &Arc<FutureProducer>, fatal: bool) {
         let mut cur = self.producer.write().unwrap_or_else(|p| p.into_inner());
         if Arc::ptr_eq(&cur, old) {
             match producer(&self.cfg) {
                 Ok(p) => {
-                    tracing::warn!("Kafka producer hit a fatal error; replaced by a new one");
+                    if fatal {
+                        tracing::warn!("Kafka producer hit a fatal error; replaced by a new one");
+                    } else {
+                        tracing::debug!("no record got through; Kafka producer replaced");
+                    }
                     *cur = Arc::new(p);
                 }
                 Err(e) => tracing::error!(error = %e, "cannot rebuild the Kafka producer"),
@@ -348,7 +353,7 @@ impl Publisher for KafkaPublisher {
         let all = |f: PublishFailure| batch.iter().map(|_| Err(f.clone())).collect::<Vec<_>>();
         let producer = self.current();
         if let Some((code, why)) = producer.client().fatal_error() {
-            self.replace(&producer);
+            self.replace(&producer, true);
             return all(PublishFailure::new(
                 FailureKind::Unavailable,
                 "fatal",
@@ -409,18 +414,22 @@ impl Publisher for KafkaPublisher {
                 run.await
             }
         };
-        if out
+        let outage = out
             .iter()
-            .any(|o| matches!(o, Err(f) if f.reason == "unknown_topic"))
-        {
-            // A broker that lost its topics (restarted empty, or a topic deleted): create again.
+            .any(|o| matches!(o, Err(f) if f.kind == FailureKind::Unavailable));
+        if outage && out.iter().all(|o| o.is_err()) {
+            // Nothing got through: the broker may have come back as another one (restarted
+            // empty, failed over) that knows neither the topic nor this producer's id, which
+            // librdkafka reports only as time-outs. Create the topics again (an existing one is
+            // fine) and start the next batch with a new producer session.
             self.topics
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .clear();
+            self.replace(&producer, false);
         }
         if producer.client().fatal_error().is_some() {
-            self.replace(&producer);
+            self.replace(&producer, true);
             // Whatever was acknowledged stays so; what failed is an outage, re-sent in order by
             // the engine with the new producer.
             return out
