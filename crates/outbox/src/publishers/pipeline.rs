@@ -341,6 +341,94 @@ mod tests {
         }
     }
 
+    /// Ordered in flight (Kafka): a hot aggregate has several events unacknowledged at once, sent
+    /// in order; when one fails, its successors not yet handed over are held back, and one
+    /// already handed over reports the broker's answer.
+    #[tokio::test]
+    async fn ordered_in_flight_sends_a_hot_aggregate_without_waiting_and_holds_after_a_failure() {
+        let batch: Vec<_> = (1..=6).map(|i| msg(i, "hot")).collect();
+        let open = Arc::new(Mutex::new(0usize));
+        let max_open = Arc::new(Mutex::new(0usize));
+        let order: Arc<Mutex<Vec<i64>>> = Arc::default();
+        let out = run_with(&batch, "{topic}", 10, far(), true, |m| {
+            let (open, max_open, order) = (open.clone(), max_open.clone(), order.clone());
+            let id = m.id;
+            async move {
+                order.lock().unwrap().push(id);
+                {
+                    let mut o = open.lock().unwrap();
+                    *o += 1;
+                    let mut mx = max_open.lock().unwrap();
+                    *mx = (*mx).max(*o);
+                }
+                let ack: AckFuture = async move {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    *open.lock().unwrap() -= 1;
+                    Ok(Delivery::Stored)
+                }
+                .boxed();
+                Ok(ack)
+            }
+        })
+        .await;
+        assert!(out.iter().all(|o| o.is_ok()));
+        assert_eq!(*order.lock().unwrap(), vec![1, 2, 3, 4, 5, 6]);
+        assert!(
+            *max_open.lock().unwrap() > 1,
+            "several of one aggregate in flight"
+        );
+
+        // Event 2 is refused by the client: 3.. are never sent; 1 reports its own outcome.
+        let sent: Arc<Mutex<Vec<i64>>> = Arc::default();
+        let out = run_with(&batch, "{topic}", 10, far(), true, |m| {
+            let sent = sent.clone();
+            let id = m.id;
+            async move {
+                if id == 2 {
+                    return Err(PublishFailure::new(
+                        FailureKind::Permanent,
+                        "too_large",
+                        "x",
+                    ));
+                }
+                sent.lock().unwrap().push(id);
+                Ok(async { Ok(Delivery::Stored) }.boxed())
+            }
+        })
+        .await;
+        assert_eq!(*sent.lock().unwrap(), vec![1]);
+        assert!(out[0].is_ok());
+        assert_eq!(out[1].as_ref().unwrap_err().reason, "too_large");
+        for o in &out[2..] {
+            assert_eq!(o.as_ref().unwrap_err().reason, "held_back");
+        }
+
+        // Event 1 fails at the broker after 2 was handed over: 2 reports the broker's answer,
+        // the later ones are held back (not sent after the failure came).
+        let sent: Arc<Mutex<Vec<i64>>> = Arc::default();
+        let out = run_with(&batch[..3], "{topic}", 2, far(), true, |m| {
+            let sent = sent.clone();
+            let id = m.id;
+            async move {
+                sent.lock().unwrap().push(id);
+                Ok(async move {
+                    if id == 1 {
+                        Err(PublishFailure::new(FailureKind::Permanent, "too_large", "x"))
+                    } else {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        Ok(Delivery::Stored)
+                    }
+                }
+                .boxed())
+            }
+        })
+        .await;
+        assert_eq!(*sent.lock().unwrap(), vec![1, 2], "window 2: 3 waits");
+        assert_eq!(out[0].as_ref().unwrap_err().reason, "too_large");
+        assert!(out[1].is_ok(), "handed over before the failure: the broker's answer");
+        assert_eq!(out[2].as_ref().unwrap_err().reason, "held_back");
+    }
+
     #[tokio::test]
     async fn nothing_is_sent_past_the_deadline() {
         let batch = vec![msg(1, "a"), msg(2, "a"), msg(3, "b")];
