@@ -50,7 +50,9 @@ async fn main() {
     let msgs = support::backlog_messages(&db).await;
     let raw_topic = testkit::unique("bench_raw");
     // The adapter creates the topic as it would for the relay; its producer is not used.
-    let adapter = KafkaPublisher::connect(config(&broker, &raw_topic)).await.unwrap();
+    let adapter = KafkaPublisher::connect(config(&broker, &raw_topic))
+        .await
+        .unwrap();
     let warm = vec![msgs[0].clone()];
     let far = tokio::time::Instant::now() + Duration::from_secs(60);
     use outbox::Publisher;
@@ -98,7 +100,9 @@ async fn main() {
         batch_size: 1000,
         ..Default::default()
     };
-    let publisher = KafkaPublisher::connect(config(&broker, &topic)).await.unwrap();
+    let publisher = KafkaPublisher::connect(config(&broker, &topic))
+        .await
+        .unwrap();
     let relay = Relay::new(
         Arc::new(PgStore::new(db.pool.clone())),
         Arc::new(publisher),
@@ -136,4 +140,3 @@ fn config(broker: &Tansu, topic: &str) -> KafkaConfig {
         ..Default::default()
     }
 }
-

@@ -44,7 +44,8 @@ fn read_topic(brokers: &str, topic: &str, partitions: i32, at_least: usize) -> V
         .expect("reader");
     let mut tpl = TopicPartitionList::new();
     for p in 0..partitions {
-        tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
+            .unwrap();
     }
     consumer.assign(&tpl).unwrap();
     let mut out = Vec::new();
@@ -118,7 +119,11 @@ async fn assert_delivered_in_order_from(db: &TestDb, msgs: &[Seen], any_start: b
     }
     let missing = want.difference(&seen).count();
     assert_eq!(missing, 0, "{missing} events never reached the topic");
-    assert_eq!(seen.len(), want.len(), "the topic holds events not in the table");
+    assert_eq!(
+        seen.len(),
+        want.len(),
+        "the topic holds events not in the table"
+    );
     dups
 }
 
@@ -183,14 +188,27 @@ async fn events_arrive_keyed_by_aggregate_with_the_outbox_headers_in_order() {
     let topic = testkit::unique("outbox");
     let _relay = RelayProcess::spawn(&db, &kafka.brokers(), &topic, &[]);
     insert_backlog(&db, 3000, 17).await;
-    assert!(all_published(&db, 3000, Duration::from_secs(60)).await, "{}", kafka.log_tail());
+    assert!(
+        all_published(&db, 3000, Duration::from_secs(60)).await,
+        "{}",
+        kafka.log_tail()
+    );
     let msgs = read_topic(&kafka.brokers(), &topic, 4, 3000);
     assert_eq!(assert_all_delivered_in_order(&db, &msgs).await, 0);
     // One partition per aggregate, the key is the aggregate, the headers are the outbox's.
     let mut partition_of: HashMap<&str, i32> = HashMap::new();
     for m in &msgs {
-        assert_eq!(*partition_of.entry(&m.key).or_insert(m.partition), m.partition);
-        assert_eq!(m.key, format!("{}/V/{}", m.headers["Outbox-Tenant-Id"], m.headers["Outbox-Aggregate-Id"]));
+        assert_eq!(
+            *partition_of.entry(&m.key).or_insert(m.partition),
+            m.partition
+        );
+        assert_eq!(
+            m.key,
+            format!(
+                "{}/V/{}",
+                m.headers["Outbox-Tenant-Id"], m.headers["Outbox-Aggregate-Id"]
+            )
+        );
         for h in [
             "Outbox-Event-Type",
             "Outbox-Seq-Epoch",
@@ -201,7 +219,10 @@ async fn events_arrive_keyed_by_aggregate_with_the_outbox_headers_in_order() {
         }
         assert!(m.payload.starts_with(b"{"));
     }
-    assert!(partition_of.values().collect::<HashSet<_>>().len() > 1, "aggregates spread over partitions");
+    assert!(
+        partition_of.values().collect::<HashSet<_>>().len() > 1,
+        "aggregates spread over partitions"
+    );
 }
 
 /// The broker down at start and again mid-stream (killed and started again: tansu keeps topics
@@ -217,21 +238,36 @@ async fn broker_outages_spend_no_attempt_and_lose_nothing_committed_meanwhile() 
     let _relay = RelayProcess::spawn(&db, &kafka.brokers(), &topic, &[]);
     insert_backlog(&db, 500, 7).await;
     tokio::time::sleep(Duration::from_secs(4)).await;
-    assert_eq!(count(&db, "pending").await, 500, "nothing published while Kafka is down");
+    assert_eq!(
+        count(&db, "pending").await,
+        500,
+        "nothing published while Kafka is down"
+    );
     assert_eq!(attempts_spent(&db).await, 0, "an outage spends no attempt");
     kafka.start_again().await;
-    assert!(all_published(&db, 500, Duration::from_secs(60)).await, "{}", kafka.log_tail());
+    assert!(
+        all_published(&db, 500, Duration::from_secs(60)).await,
+        "{}",
+        kafka.log_tail()
+    );
 
     // Down again: everything committed from now on must arrive after the restart.
     kafka.kill();
-    sqlx::query("DELETE FROM outbox_published").execute(&db.pool).await.unwrap();
+    sqlx::query("DELETE FROM outbox_published")
+        .execute(&db.pool)
+        .await
+        .unwrap();
     insert_backlog(&db, 2000, 7).await;
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert_eq!(count(&db, "published").await, 0);
     assert_eq!(attempts_spent(&db).await, 0, "an outage spends no attempt");
     assert_eq!(count(&db, "dead").await, 0);
     kafka.start_again().await;
-    assert!(all_published(&db, 2000, Duration::from_secs(60)).await, "{}", kafka.log_tail());
+    assert!(
+        all_published(&db, 2000, Duration::from_secs(60)).await,
+        "{}",
+        kafka.log_tail()
+    );
     let msgs = read_topic(&kafka.brokers(), &topic, 4, 2000);
     assert_eq!(assert_delivered_in_order_from(&db, &msgs, true).await, 0);
 }
@@ -271,16 +307,37 @@ async fn too_large_event_is_dead_lettered_alone() {
     let mut tx = db.pool.begin().await.unwrap();
     let big = "x".repeat(200_000);
     outbox
-        .enqueue(&mut tx, &[common::stock_event("t1", "poison", serde_json::json!({ "big": big }))])
+        .enqueue(
+            &mut tx,
+            &[common::stock_event(
+                "t1",
+                "poison",
+                serde_json::json!({ "big": big }),
+            )],
+        )
         .await
         .unwrap();
     outbox
-        .enqueue(&mut tx, &[common::stock_event("t1", "poison", serde_json::json!({ "n": 2 }))])
+        .enqueue(
+            &mut tx,
+            &[common::stock_event(
+                "t1",
+                "poison",
+                serde_json::json!({ "n": 2 }),
+            )],
+        )
         .await
         .unwrap();
     for i in 0..20 {
         outbox
-            .enqueue(&mut tx, &[common::stock_event("t1", &format!("ok{}", i % 4), serde_json::json!({ "n": i }))])
+            .enqueue(
+                &mut tx,
+                &[common::stock_event(
+                    "t1",
+                    &format!("ok{}", i % 4),
+                    serde_json::json!({ "n": i }),
+                )],
+            )
             .await
             .unwrap();
     }
@@ -293,7 +350,10 @@ async fn too_large_event_is_dead_lettered_alone() {
     );
     assert!(all_published(&db, 20, Duration::from_secs(60)).await);
     assert!(
-        eventually(Duration::from_secs(10), || async { count(&db, "dead").await == 1 }).await
+        eventually(Duration::from_secs(10), || async {
+            count(&db, "dead").await == 1
+        })
+        .await
     );
     let (attempts, error): (i32, String) = sqlx::query_as(
         "SELECT attempts, coalesce(last_error, '') FROM outbox_event WHERE status = 'dead'",
@@ -301,8 +361,14 @@ async fn too_large_event_is_dead_lettered_alone() {
     .fetch_one(&db.pool)
     .await
     .unwrap();
-    assert!(attempts <= 1, "dead-lettered at once, not after retries ({attempts})");
-    assert!(error.to_lowercase().contains("too large") || error.contains("size"), "{error}");
+    assert!(
+        attempts <= 1,
+        "dead-lettered at once, not after retries ({attempts})"
+    );
+    assert!(
+        error.to_lowercase().contains("too large") || error.contains("size"),
+        "{error}"
+    );
     let waiting: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM outbox_event WHERE status IN ('pending', 'held') AND aggregate_id = 'poison'",
     )
@@ -341,7 +407,10 @@ async fn nothing_leaves_after_the_send_deadline() {
     let deadline = tokio::time::Instant::now() + Duration::from_millis(1500);
     let started = std::time::Instant::now();
     let out = publisher.publish(&batch, deadline).await;
-    assert!(started.elapsed() < Duration::from_secs(10), "returned soon after the deadline");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "returned soon after the deadline"
+    );
     for o in &out {
         let f = o.as_ref().expect_err("nothing acknowledged while cut");
         assert!(
@@ -349,11 +418,17 @@ async fn nothing_leaves_after_the_send_deadline() {
             "{f:?}"
         );
     }
-    assert!(out.iter().any(|o| o.as_ref().unwrap_err().kind == FailureKind::LeaseExpired));
+    assert!(out
+        .iter()
+        .any(|o| o.as_ref().unwrap_err().kind == FailureKind::LeaseExpired));
     proxy.restore();
     tokio::time::sleep(Duration::from_secs(5)).await;
     let msgs = read_topic(&kafka.brokers(), &topic, 1, 1);
-    assert_eq!(msgs.len(), 1, "only the warm-up record: nothing was sent after the deadline");
+    assert_eq!(
+        msgs.len(),
+        1,
+        "only the warm-up record: nothing was sent after the deadline"
+    );
 }
 
 fn test_message(agg: &str, seq: i64) -> outbox::OutboundMessage {
@@ -395,7 +470,11 @@ async fn a_retrying_event_holds_only_its_aggregate_and_the_commit() {
     let far = tokio::time::Instant::now() + Duration::from_secs(30);
     let mut batch = vec![test_message("slow", 1)];
     batch.extend((1..=10).map(|i| test_message(&format!("b{i}"), 1)));
-    assert!(publisher.publish(&batch, far).await.iter().all(|o| o.is_ok()));
+    assert!(publisher
+        .publish(&batch, far)
+        .await
+        .iter()
+        .all(|o| o.is_ok()));
     let group = testkit::unique("group");
     let mut source = KafkaSource::connect(KafkaSourceConfig {
         brokers: kafka.brokers(),
@@ -419,7 +498,10 @@ async fn a_retrying_event_holds_only_its_aggregate_and_the_commit() {
         let agg = r.event.aggregate.as_ref().unwrap().aggregate_id.clone();
         if agg == "slow" && slow_retries < 3 {
             slow_retries += 1;
-            r.acker.retry_after(Duration::from_millis(300)).await.unwrap();
+            r.acker
+                .retry_after(Duration::from_millis(300))
+                .await
+                .unwrap();
             continue;
         }
         if agg == "slow" {
@@ -442,6 +524,38 @@ async fn a_retrying_event_holds_only_its_aggregate_and_the_commit() {
         "all settled: committed past the last"
     );
     drop(source);
+    // A new member of the group resumes at the committed offset: only what came after.
+    let later: Vec<_> = (1..=3).map(|i| test_message(&format!("c{i}"), 1)).collect();
+    assert!(publisher
+        .publish(&later, far)
+        .await
+        .iter()
+        .all(|o| o.is_ok()));
+    let mut source = KafkaSource::connect(KafkaSourceConfig {
+        brokers: kafka.brokers(),
+        group: group.clone(),
+        topics: vec![topic.clone()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut resumed = Vec::new();
+    let end = tokio::time::Instant::now() + Duration::from_secs(30);
+    while tokio::time::Instant::now() < end {
+        match tokio::time::timeout(Duration::from_secs(3), source.next()).await {
+            Ok(Ok(Some(r))) => {
+                resumed.push(r.event.aggregate.as_ref().unwrap().aggregate_id.clone());
+                r.acker.ack().await.unwrap();
+            }
+            _ if resumed.len() >= 3 => break,
+            _ => {}
+        }
+    }
+    assert_eq!(
+        resumed,
+        vec!["c1", "c2", "c3"],
+        "resumed after the committed offset"
+    );
 }
 
 /// The group's committed offset of partition 0 (None: nothing committed).
@@ -459,4 +573,3 @@ fn committed(brokers: &str, group: &str, topic: &str) -> Option<i64> {
         _ => None,
     }
 }
-

@@ -93,7 +93,11 @@ pub struct KafkaArgs {
     #[arg(long, env = "OUTBOX_KAFKA_DELIVERY_TIMEOUT_MS", default_value_t = 3000)]
     pub kafka_delivery_timeout_ms: u64,
     /// Largest record in bytes (the topic's max.message.bytes); larger events are dead-lettered.
-    #[arg(long, env = "OUTBOX_KAFKA_MAX_MESSAGE_BYTES", default_value_t = 1_000_000)]
+    #[arg(
+        long,
+        env = "OUTBOX_KAFKA_MAX_MESSAGE_BYTES",
+        default_value_t = 1_000_000
+    )]
     pub kafka_max_message_bytes: usize,
 }
 

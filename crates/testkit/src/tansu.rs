@@ -72,7 +72,9 @@ impl Tansu {
 
     fn signal(&self, sig: &str) {
         if let Some(c) = &self.child {
-            let _ = Command::new("kill").args([sig, &c.id().to_string()]).status();
+            let _ = Command::new("kill")
+                .args([sig, &c.id().to_string()])
+                .status();
         }
     }
 
@@ -123,12 +125,19 @@ impl Tansu {
         self.child = Some(child);
         let end = Instant::now() + Duration::from_secs(15);
         loop {
-            if tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.is_ok() {
+            if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+                .await
+                .is_ok()
+            {
                 return;
             }
             let exited = matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(Some(_))));
             if exited || Instant::now() > end {
-                panic!("tansu on port {} did not come up: {}", self.port, self.log_tail());
+                panic!(
+                    "tansu on port {} did not come up: {}",
+                    self.port,
+                    self.log_tail()
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

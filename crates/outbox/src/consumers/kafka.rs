@@ -25,7 +25,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::mpsc;
@@ -263,6 +265,25 @@ impl KafkaSource {
             })
             .map_err(|e| OutboxError::Config(format!("cannot build the Kafka consumer: {e}")))?;
         let topics: Vec<&str> = cfg.topics.iter().map(String::as_str).collect();
+        // A subscription to a topic that does not exist yet is not always assigned once it is
+        // created (tansu never rebalances for it): wait for the relay's first event instead.
+        for t in topics.iter().filter(|t| !t.starts_with('^')) {
+            let c = &consumer;
+            let known = tokio::task::block_in_place(|| {
+                c.fetch_metadata(Some(t), Duration::from_secs(5)).map(|m| {
+                    m.topics().iter().any(|mt| {
+                        mt.name() == *t && mt.error().is_none() && !mt.partitions().is_empty()
+                    })
+                })
+            })
+            .map_err(|e| broker(&format!("reading the metadata of topic {t}"), e))?;
+            if !known {
+                return Err(broker(
+                    &format!("topic {t} does not exist yet"),
+                    "the relay creates it with its first event; retrying",
+                ));
+            }
+        }
         consumer
             .subscribe(&topics)
             .map_err(|e| broker("subscribing", e))?;
@@ -310,10 +331,11 @@ async fn pump(
                     headers,
                     payload: Bytes::copy_from_slice(m.payload().unwrap_or_default()),
                 };
-                let generation = offsets
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .delivered(&delivery.topic, delivery.partition, delivery.offset);
+                let generation = offsets.lock().unwrap_or_else(|p| p.into_inner()).delivered(
+                    &delivery.topic,
+                    delivery.partition,
+                    delivery.offset,
+                );
                 Ok(delivery.received(generation, offsets.clone(), tx.clone()))
             }
             Err(e) => Err(broker("receiving", e)),
@@ -338,7 +360,10 @@ async fn commit_loop(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let commit = offsets.lock().unwrap_or_else(|p| p.into_inner()).to_commit();
+        let commit = offsets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .to_commit();
         if commit.is_empty() {
             continue;
         }
@@ -415,11 +440,11 @@ impl Acknowledger for KafkaAck {
         let me = *self;
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
-            let current = me.offsets.lock().unwrap_or_else(|p| p.into_inner()).current(
-                &me.msg.topic,
-                me.msg.partition,
-                me.generation,
-            );
+            let current = me
+                .offsets
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .current(&me.msg.topic, me.msg.partition, me.generation);
             // Revoked meanwhile: the new owner reads it from the committed position.
             if current {
                 let again = me.msg.received(me.generation, me.offsets, me.tx.clone());

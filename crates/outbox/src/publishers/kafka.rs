@@ -128,15 +128,14 @@ pub fn headers(m: &OutboundMessage) -> OwnedHeaders {
         "Content-Type",
         m.header("contentType").unwrap_or("application/json"),
     ));
-    pairs.into_iter().fold(
-        OwnedHeaders::new_with_capacity(12),
-        |h, (key, value)| {
+    pairs
+        .into_iter()
+        .fold(OwnedHeaders::new_with_capacity(12), |h, (key, value)| {
             h.insert(Header {
                 key,
                 value: Some(value),
             })
-        },
-    )
+        })
 }
 
 /// The record key: the aggregate, so that its events share a partition.
@@ -154,7 +153,10 @@ fn producer(cfg: &KafkaConfig) -> Result<FutureProducer> {
         .set("acks", "all")
         .set("message.timeout.ms", &timeout)
         .set("request.timeout.ms", &timeout)
-        .set("message.max.bytes", cfg.max_message_bytes.max(1000).to_string())
+        .set(
+            "message.max.bytes",
+            cfg.max_message_bytes.max(1000).to_string(),
+        )
         .set("linger.ms", "2")
         .set("reconnect.backoff.max.ms", "1000")
         .set("topic.metadata.refresh.interval.ms", "10000")
@@ -173,12 +175,16 @@ impl KafkaPublisher {
             ));
         }
         if cfg.topic_template.trim().is_empty() {
-            return Err(OutboxError::Config("the Kafka topic template is empty".into()));
+            return Err(OutboxError::Config(
+                "the Kafka topic template is empty".into(),
+            ));
         }
         let admin = ClientConfig::new()
             .set("bootstrap.servers", &cfg.brokers)
             .create()
-            .map_err(|e| OutboxError::Config(format!("cannot build the Kafka admin client: {e}")))?;
+            .map_err(|e| {
+                OutboxError::Config(format!("cannot build the Kafka admin client: {e}"))
+            })?;
         let producer = producer(&cfg)?;
         Ok(Self {
             producer: RwLock::new(Arc::new(producer)),
@@ -216,7 +222,10 @@ impl KafkaPublisher {
     }
 
     /// Creates the topics of `batch` that are not known to exist.
-    async fn ensure_topics(&self, batch: &[OutboundMessage]) -> std::result::Result<(), PublishFailure> {
+    async fn ensure_topics(
+        &self,
+        batch: &[OutboundMessage],
+    ) -> std::result::Result<(), PublishFailure> {
         if !self.cfg.create_topics {
             return Ok(());
         }
@@ -380,7 +389,9 @@ impl Publisher for KafkaPublisher {
                         .key(&key)
                         .payload(m.payload.as_ref())
                         .headers(headers(m));
-                    let ack = producer.send_result(record).map_err(|(e, _)| classify(&e))?;
+                    let ack = producer
+                        .send_result(record)
+                        .map_err(|(e, _)| classify(&e))?;
                     Ok(async move {
                         match ack.await {
                             Ok(Ok(_)) => Ok(Delivery::Stored),

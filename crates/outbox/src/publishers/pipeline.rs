@@ -120,7 +120,15 @@ where
                         routes[i], f.message
                     ),
                 );
-                record(i, Err(not_sent), &mut out, &next, &sent, &mut ready, &mut stopped);
+                record(
+                    i,
+                    Err(not_sent),
+                    &mut out,
+                    &next,
+                    &sent,
+                    &mut ready,
+                    &mut stopped,
+                );
                 continue;
             }
             if Instant::now() >= deadline {
@@ -413,7 +421,11 @@ mod tests {
                 sent.lock().unwrap().push(id);
                 Ok(async move {
                     if id == 1 {
-                        Err(PublishFailure::new(FailureKind::Permanent, "too_large", "x"))
+                        Err(PublishFailure::new(
+                            FailureKind::Permanent,
+                            "too_large",
+                            "x",
+                        ))
                     } else {
                         tokio::time::sleep(Duration::from_millis(20)).await;
                         Ok(Delivery::Stored)
@@ -425,7 +437,10 @@ mod tests {
         .await;
         assert_eq!(*sent.lock().unwrap(), vec![1, 2], "window 2: 3 waits");
         assert_eq!(out[0].as_ref().unwrap_err().reason, "too_large");
-        assert!(out[1].is_ok(), "handed over before the failure: the broker's answer");
+        assert!(
+            out[1].is_ok(),
+            "handed over before the failure: the broker's answer"
+        );
         assert_eq!(out[2].as_ref().unwrap_err().reason, "held_back");
     }
 
