@@ -82,49 +82,18 @@ fn read_topic(brokers: &str, topic: &str, partitions: i32, at_least: usize) -> V
     out
 }
 
-/// Every event of the table is in the topic; per aggregate the first copies come with seq 1, 2,
-/// 3, ... (copies re-published after a crash are skipped). Returns the number of copies.
+/// Every event of the table is in the topic, in order per aggregate; the number of copies.
 async fn assert_all_delivered_in_order(db: &TestDb, msgs: &[Seen]) -> usize {
     assert_delivered_in_order_from(db, msgs, false).await
 }
 
-/// As [`assert_all_delivered_in_order`]; with `any_start` an aggregate may start at any seq (its
-/// earlier events went to a broker that lost them with its memory), then 1 by 1.
+/// As [`common::assert_delivered_in_order`] for records read back from the topic.
 async fn assert_delivered_in_order_from(db: &TestDb, msgs: &[Seen], any_start: bool) -> usize {
-    let want: HashSet<String> =
-        sqlx::query_scalar::<_, uuid::Uuid>("SELECT event_id FROM outbox_event_all")
-            .fetch_all(&db.pool)
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|u| u.to_string())
-            .collect();
-    let mut seen = HashSet::new();
-    let mut next: HashMap<&str, i64> = HashMap::new();
-    let mut dups = 0;
-    for m in msgs {
-        if !seen.insert(m.event_id.clone()) {
-            dups += 1;
-            continue;
-        }
-        let n = next
-            .entry(m.aggregate.as_str())
-            .or_insert(if any_start { m.seq } else { 1 });
-        assert_eq!(
-            m.seq, *n,
-            "aggregate {} out of order: got seq {} expected {}",
-            m.aggregate, m.seq, n
-        );
-        *n += 1;
-    }
-    let missing = want.difference(&seen).count();
-    assert_eq!(missing, 0, "{missing} events never reached the topic");
-    assert_eq!(
-        seen.len(),
-        want.len(),
-        "the topic holds events not in the table"
-    );
-    dups
+    let items: Vec<(&str, &str, i64)> = msgs
+        .iter()
+        .map(|m| (m.event_id.as_str(), m.aggregate.as_str(), m.seq))
+        .collect();
+    common::assert_delivered_in_order(db, &items, any_start).await
 }
 
 /// An `outbox relay --broker kafka` child process, killed when dropped.
