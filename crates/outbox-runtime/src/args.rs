@@ -15,6 +15,8 @@ pub enum BrokerKind {
     /// Redis Streams, single node (feature `redis`).
     #[cfg(feature = "redis")]
     Redis,
+    /// Kafka (idempotent producer, acks=all; consumer groups).
+    Kafka,
 }
 
 /// How a relay sends each event's metadata (`--message-headers`).
@@ -102,6 +104,9 @@ pub struct BrokerArgs {
     #[cfg(feature = "redis")]
     #[command(flatten)]
     pub redis: RedisArgs,
+    /// Kafka adapter settings.
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
 }
 
 /// Settings of the Redis Streams adapter.
@@ -156,6 +161,60 @@ impl RedisArgs {
             dedup_prefix: self.redis_dedup_prefix.clone(),
             allow_loss_window: self.redis_allow_loss_window,
             command_timeout: Duration::from_secs(self.redis_timeout_secs.max(1)),
+            ..Default::default()
+        }
+    }
+}
+
+/// Settings of the Kafka adapter.
+#[derive(Debug, Clone, Args)]
+pub struct KafkaArgs {
+    /// Kafka bootstrap servers (host:port, several separated by commas).
+    #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    pub kafka_brokers: String,
+    /// Topic of each event: {tenant}, {topic}, {event_type}, {aggregate_type}. The key is the
+    /// aggregate ({tenant}/{aggregate_type}/{aggregate_id}) and the tenant is in the
+    /// Outbox-Tenant-Id header; with {tenant} here consumers subscribe to a pattern (^outbox\..*).
+    #[arg(long, env = "OUTBOX_KAFKA_TOPIC", default_value = "outbox.events")]
+    pub kafka_topic: String,
+    /// Partitions of a topic the relay creates.
+    #[arg(long, env = "OUTBOX_KAFKA_PARTITIONS", default_value_t = 8)]
+    pub kafka_partitions: i32,
+    /// Replication factor of a topic the relay creates (3 on a production cluster, with the
+    /// topic's min.insync.replicas at 2: acks=all then waits for two copies).
+    #[arg(long, env = "OUTBOX_KAFKA_REPLICATION", default_value_t = 1)]
+    pub kafka_replication: i32,
+    /// Only use existing topics, never create them.
+    #[arg(long, env = "OUTBOX_KAFKA_NO_CREATE_TOPICS")]
+    pub kafka_no_create_topics: bool,
+    /// Longest time (ms) librdkafka may spend delivering one message, retries included
+    /// (message.timeout.ms). Capped at the relay's lease reserve (a fifth of the lease), so that
+    /// nothing leaves after the lease could have passed to another relay.
+    #[arg(long, env = "OUTBOX_KAFKA_DELIVERY_TIMEOUT_MS", default_value_t = 3000)]
+    pub kafka_delivery_timeout_ms: u64,
+    /// Largest record in bytes (the topic's max.message.bytes); larger events are dead-lettered.
+    #[arg(
+        long,
+        env = "OUTBOX_KAFKA_MAX_MESSAGE_BYTES",
+        default_value_t = 1_000_000
+    )]
+    pub kafka_max_message_bytes: usize,
+}
+
+impl KafkaArgs {
+    /// The adapter configuration these flags describe, for a relay whose lease reserve is
+    /// `lease_margin`.
+    pub fn config(&self, lease_margin: Duration) -> outbox::publishers::kafka::KafkaConfig {
+        outbox::publishers::kafka::KafkaConfig {
+            brokers: self.kafka_brokers.clone(),
+            topic_template: self.kafka_topic.clone(),
+            create_topics: !self.kafka_no_create_topics,
+            partitions: self.kafka_partitions,
+            replication: self.kafka_replication,
+            delivery_timeout: Duration::from_millis(self.kafka_delivery_timeout_ms)
+                .min(lease_margin)
+                .max(Duration::from_secs(1)),
+            max_message_bytes: self.kafka_max_message_bytes,
             ..Default::default()
         }
     }
@@ -225,6 +284,7 @@ impl BrokerArgs {
     pub fn register_metric_zeros(&self) {
         match self.broker {
             BrokerKind::Nats => outbox::telemetry::register_relay_zeros("nats", None),
+            BrokerKind::Kafka => outbox::telemetry::register_relay_zeros("kafka", None),
             BrokerKind::Rabbitmq => {
                 outbox::telemetry::register_relay_zeros("rabbitmq", Some(&self.amqp.amqp_exchange))
             }

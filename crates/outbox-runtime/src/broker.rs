@@ -53,5 +53,12 @@ pub async fn connect(
                 outbox::publishers::redis::RedisPublisher::connect(cfg, horizon).await?,
             ))
         }
+        // Kafka keeps no message-id window across producer sessions: consumers de-duplicate.
+        BrokerKind::Kafka => Ok(Arc::new(
+            outbox::publishers::kafka::KafkaPublisher::connect(
+                args.kafka.config(relay.lease_margin()),
+            )
+            .await?,
+        )),
     }
 }

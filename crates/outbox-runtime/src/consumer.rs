@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use outbox::consumers::amqp::{AmqpSource, AmqpSourceConfig};
+use outbox::consumers::kafka::{KafkaSource, KafkaSourceConfig};
 use outbox::consumers::nats::{NatsSource, NatsSourceConfig};
 use outbox::consumers::{Consumer, ConsumerConfig, Handler, StartPolicy};
 use tokio_util::sync::CancellationToken;
@@ -90,6 +91,18 @@ pub struct ConsumerArgs {
     /// RabbitMQ queue to consume (declare it with `outbox rabbitmq-topology`).
     #[arg(long, env = "OUTBOX_CONSUMER_AMQP_QUEUE", default_value = "read-model")]
     pub amqp_queue: String,
+    /// Kafka bootstrap servers (host:port, several separated by commas).
+    #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    pub kafka_brokers: String,
+    /// Kafka topics to read (comma-separated), or one pattern starting with ^ for a relay
+    /// topic template with {tenant} (e.g. ^outbox\..*). The consumer group is the consumer name.
+    #[arg(
+        long,
+        env = "OUTBOX_CONSUMER_KAFKA_TOPICS",
+        default_value = "outbox.events",
+        value_delimiter = ','
+    )]
+    pub kafka_topics: Vec<String>,
     /// Unacknowledged messages RabbitMQ sends ahead (also bounds JetStream's ack-pending).
     #[arg(long, env = "OUTBOX_CONSUMER_PREFETCH", default_value_t = 256)]
     pub prefetch: u16,
@@ -177,6 +190,17 @@ pub async fn run<H: Handler>(
                     })
                     .await
                     .context("connecting the JetStream consumer")?;
+                    consumer.run(source, stop.clone()).await?;
+                }
+                BrokerKind::Kafka => {
+                    let source = KafkaSource::connect(KafkaSourceConfig {
+                        brokers: args.kafka_brokers.clone(),
+                        group: args.consumer_name.clone(),
+                        topics: args.kafka_topics.clone(),
+                        ..Default::default()
+                    })
+                    .await
+                    .context("connecting the Kafka consumer")?;
                     consumer.run(source, stop.clone()).await?;
                 }
                 BrokerKind::Rabbitmq => {

@@ -205,6 +205,24 @@ pub const REDIS_REASONS: FailureReasons = FailureReasons {
     route_refused: &[],
 };
 
+/// Reasons of the Kafka adapter and of the pipeline shared by the adapters.
+pub const KAFKA_REASONS: FailureReasons = FailureReasons {
+    unavailable: &[
+        "disconnected",
+        "timeout",
+        "not_enough_replicas",
+        "leader_change",
+        "unknown_topic",
+        "queue_full",
+        "broker_refused",
+        "fatal",
+        "topic",
+    ],
+    retryable: &["rejected", "held_back"],
+    permanent: &["too_large", "rejected"],
+    route_refused: &[],
+};
+
 /// Reasons of a broker this module does not know (a test adapter): the pipeline's own.
 const OTHER_REASONS: FailureReasons = FailureReasons {
     unavailable: &["disconnected"],
@@ -225,6 +243,7 @@ pub fn failure_reasons(broker: &str) -> FailureReasons {
         "nats" => NATS_REASONS,
         "rabbitmq" => RABBITMQ_REASONS,
         "redis" => REDIS_REASONS,
+        "kafka" => KAFKA_REASONS,
         _ => OTHER_REASONS,
     }
 }
@@ -331,5 +350,8 @@ mod tests {
         let redis = include_str!("publishers/redis.rs");
         assert!(reasons_in(redis).len() >= 4);
         check("redis", &[redis, pipeline]);
+        let kafka = include_str!("publishers/kafka.rs");
+        assert!(reasons_in(kafka).len() >= 10);
+        check("kafka", &[kafka, pipeline]);
     }
 }

@@ -11,6 +11,7 @@ pub mod rabbit;
 pub mod rabbit_node;
 pub mod redis_server;
 pub mod relay;
+pub mod tansu;
 
 use std::time::Duration;
 

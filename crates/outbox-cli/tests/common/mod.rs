@@ -265,3 +265,52 @@ pub fn assert_once_and_in_order(msgs: &[Seen]) -> usize {
     }
     ids.len()
 }
+
+/// Every event of the table reached the broker: `msgs` are (event id, aggregate, seq) in broker
+/// order; duplicates (a crash's re-publishes) are allowed and skipped, and per aggregate the first
+/// copies come with seq 1, 2, 3, ... (with `any_start`, from whatever seq the aggregate's first
+/// copy has: its earlier events went to a broker that lost them). Returns the number of
+/// duplicates.
+pub async fn assert_delivered_in_order(
+    db: &TestDb,
+    msgs: &[(&str, &str, i64)],
+    any_start: bool,
+) -> usize {
+    let want: std::collections::HashSet<String> =
+        sqlx::query_scalar::<_, uuid::Uuid>("SELECT event_id FROM outbox_event_all")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|u| u.to_string())
+            .collect();
+    let mut seen = std::collections::HashSet::new();
+    let mut next: HashMap<&str, i64> = HashMap::new();
+    let mut dups = 0;
+    for &(id, aggregate, seq) in msgs {
+        if !seen.insert(id.to_string()) {
+            dups += 1;
+            continue;
+        }
+        let n = next
+            .entry(aggregate)
+            .or_insert(if any_start { seq } else { 1 });
+        assert_eq!(
+            seq, *n,
+            "aggregate {aggregate} out of order: got seq {seq} expected {n}"
+        );
+        *n += 1;
+    }
+    let missing: Vec<_> = want.difference(&seen).take(5).collect();
+    assert!(
+        missing.is_empty(),
+        "{} events never reached the broker, e.g. {missing:?}",
+        want.difference(&seen).count()
+    );
+    assert_eq!(
+        seen.len(),
+        want.len(),
+        "the broker holds events not in the table"
+    );
+    dups
+}

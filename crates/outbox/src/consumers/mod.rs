@@ -26,13 +26,15 @@
 //!   worker, and a retried one may be overtaken by later ones.
 //!
 //! Brokers are adapters behind one small trait ([`source::EventSource`]): [`nats`] (feature
-//! `nats`), [`amqp`] (feature `rabbitmq`) and `redis` (feature `redis`).
+//! `nats`), [`amqp`] (feature `rabbitmq`), `redis` (feature `redis`) and `kafka` (feature `kafka`).
 
 #[cfg(feature = "rabbitmq")]
 pub mod amqp;
 pub mod dead_letters;
 pub mod event;
 mod inbox;
+#[cfg(feature = "kafka")]
+pub mod kafka;
 pub mod metrics;
 #[cfg(feature = "nats")]
 pub mod nats;

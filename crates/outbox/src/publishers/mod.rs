@@ -1,12 +1,15 @@
 //! How events leave: the [`publisher::Publisher`] trait the relay engine talks to, the
 //! per-aggregate [`pipeline`] the adapters share, and one module per broker behind its cargo
-//! feature (`nats` for JetStream, `rabbitmq` for RabbitMQ, `redis` for Redis Streams).
+//! feature (`nats` for JetStream, `rabbitmq` for RabbitMQ, `redis` for Redis Streams, `kafka` for
+//! Kafka).
 
 #[cfg(feature = "rabbitmq")]
 pub mod amqp;
 #[cfg(feature = "rabbitmq")]
 pub mod amqp_topology;
 pub mod meta;
+#[cfg(feature = "kafka")]
+pub mod kafka;
 #[cfg(feature = "nats")]
 pub mod nats;
 #[cfg(feature = "nats")]

@@ -55,6 +55,29 @@ pub async fn run<'a, S, Fut>(
     route_template: &str,
     window: usize,
     deadline: Instant,
+    send: S,
+) -> Vec<Result<Delivery, PublishFailure>>
+where
+    S: FnMut(&'a OutboundMessage) -> Fut,
+    Fut: Future<Output = Result<AckFuture, PublishFailure>>,
+{
+    run_with(batch, route_template, window, deadline, false, send).await
+}
+
+/// [`run`] for a broker client that keeps the messages of one key in order while several are in
+/// flight ([`crate::publisher::Publisher::ordered_in_flight_per_key`], Kafka's idempotent
+/// producer): with `ordered_in_flight`, an aggregate's next event is handed over as soon as the
+/// client accepted the previous one, not when the broker acknowledged it, so a hot aggregate is
+/// not held to one round trip per event. When an event of the aggregate fails, its successors
+/// not yet handed over are held back; those already handed over report what the broker said
+/// (the engine then keeps any acknowledged one pending and publishes it again after its
+/// predecessor, see `relay::engine::decide`).
+pub async fn run_with<'a, S, Fut>(
+    batch: &'a [OutboundMessage],
+    route_template: &str,
+    window: usize,
+    deadline: Instant,
+    ordered_in_flight: bool,
     mut send: S,
 ) -> Vec<Result<Delivery, PublishFailure>>
 where
@@ -62,6 +85,7 @@ where
     Fut: Future<Output = Result<AckFuture, PublishFailure>>,
 {
     let window = window.max(1);
+    let mut sent = vec![false; batch.len()];
     let mut out: Vec<Option<Result<Delivery, PublishFailure>>> = vec![None; batch.len()];
     // `next[i]`: the index of the event that follows `i` in its aggregate, if any.
     let mut next: Vec<Option<usize>> = vec![None; batch.len()];
@@ -83,6 +107,10 @@ where
     loop {
         while stopped.is_none() && in_flight.len() < window {
             let Some(i) = ready.pop_front() else { break };
+            if out[i].is_some() {
+                // Held back behind a predecessor that failed after this one was queued.
+                continue;
+            }
             if let Some(f) = refused.get(routes[i].as_str()) {
                 let not_sent = PublishFailure::new(
                     FailureKind::RouteRefused,
@@ -92,7 +120,15 @@ where
                         routes[i], f.message
                     ),
                 );
-                record(i, Err(not_sent), &mut out, &next, &mut ready, &mut stopped);
+                record(
+                    i,
+                    Err(not_sent),
+                    &mut out,
+                    &next,
+                    &sent,
+                    &mut ready,
+                    &mut stopped,
+                );
                 continue;
             }
             if Instant::now() >= deadline {
@@ -105,10 +141,18 @@ where
                 break;
             }
             match send(&batch[i]).await {
-                Ok(ack) => in_flight.push(async move { (i, ack.await) }),
+                Ok(ack) => {
+                    sent[i] = true;
+                    if ordered_in_flight {
+                        if let Some(n) = next[i] {
+                            ready.push_back(n);
+                        }
+                    }
+                    in_flight.push(async move { (i, ack.await) })
+                }
                 Err(f) => {
                     note_refusal(&routes[i], &f, &mut refused);
-                    record(i, Err(f), &mut out, &next, &mut ready, &mut stopped)
+                    record(i, Err(f), &mut out, &next, &sent, &mut ready, &mut stopped)
                 }
             }
         }
@@ -117,7 +161,13 @@ where
                 if let Err(f) = &outcome {
                     note_refusal(&routes[i], f, &mut refused);
                 }
-                record(i, outcome, &mut out, &next, &mut ready, &mut stopped)
+                // Ordered in flight: the successor was queued when this one was handed over.
+                let next = if ordered_in_flight && outcome.is_ok() {
+                    &[][..]
+                } else {
+                    &next[..]
+                };
+                record(i, outcome, &mut out, next, &sent, &mut ready, &mut stopped)
             }
             None => break,
         }
@@ -145,13 +195,14 @@ fn record(
     outcome: Result<Delivery, PublishFailure>,
     out: &mut [Option<Result<Delivery, PublishFailure>>],
     next: &[Option<usize>],
+    sent: &[bool],
     ready: &mut VecDeque<usize>,
     stopped: &mut Option<PublishFailure>,
 ) {
     match &outcome {
         Ok(_) => {
-            if let Some(n) = next[i] {
-                ready.push_back(n);
+            if let Some(Some(n)) = next.get(i) {
+                ready.push_back(*n);
             }
         }
         Err(f) => {
@@ -167,9 +218,12 @@ fn record(
             } else {
                 held_back()
             };
-            let mut n = next[i];
+            let mut n = next.get(i).copied().flatten();
             while let Some(j) = n {
-                out[j] = Some(Err(not_sent.clone()));
+                // One already handed over (ordered in flight) reports its own outcome.
+                if !sent[j] {
+                    out[j] = Some(Err(not_sent.clone()));
+                }
                 n = next[j];
             }
         }
@@ -293,6 +347,101 @@ mod tests {
         for o in &out[1..] {
             assert_eq!(o.as_ref().unwrap_err().kind, FailureKind::Unavailable);
         }
+    }
+
+    /// Ordered in flight (Kafka): a hot aggregate has several events unacknowledged at once, sent
+    /// in order; when one fails, its successors not yet handed over are held back, and one
+    /// already handed over reports the broker's answer.
+    #[tokio::test]
+    async fn ordered_in_flight_sends_a_hot_aggregate_without_waiting_and_holds_after_a_failure() {
+        let batch: Vec<_> = (1..=6).map(|i| msg(i, "hot")).collect();
+        let open = Arc::new(Mutex::new(0usize));
+        let max_open = Arc::new(Mutex::new(0usize));
+        let order: Arc<Mutex<Vec<i64>>> = Arc::default();
+        let out = run_with(&batch, "{topic}", 10, far(), true, |m| {
+            let (open, max_open, order) = (open.clone(), max_open.clone(), order.clone());
+            let id = m.id;
+            async move {
+                order.lock().unwrap().push(id);
+                {
+                    let mut o = open.lock().unwrap();
+                    *o += 1;
+                    let mut mx = max_open.lock().unwrap();
+                    *mx = (*mx).max(*o);
+                }
+                let ack: AckFuture = async move {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    *open.lock().unwrap() -= 1;
+                    Ok(Delivery::Stored)
+                }
+                .boxed();
+                Ok(ack)
+            }
+        })
+        .await;
+        assert!(out.iter().all(|o| o.is_ok()));
+        assert_eq!(*order.lock().unwrap(), vec![1, 2, 3, 4, 5, 6]);
+        assert!(
+            *max_open.lock().unwrap() > 1,
+            "several of one aggregate in flight"
+        );
+
+        // Event 2 is refused by the client: 3.. are never sent; 1 reports its own outcome.
+        let sent: Arc<Mutex<Vec<i64>>> = Arc::default();
+        let out = run_with(&batch, "{topic}", 10, far(), true, |m| {
+            let sent = sent.clone();
+            let id = m.id;
+            async move {
+                if id == 2 {
+                    return Err(PublishFailure::new(
+                        FailureKind::Permanent,
+                        "too_large",
+                        "x",
+                    ));
+                }
+                sent.lock().unwrap().push(id);
+                Ok(async { Ok(Delivery::Stored) }.boxed())
+            }
+        })
+        .await;
+        assert_eq!(*sent.lock().unwrap(), vec![1]);
+        assert!(out[0].is_ok());
+        assert_eq!(out[1].as_ref().unwrap_err().reason, "too_large");
+        for o in &out[2..] {
+            assert_eq!(o.as_ref().unwrap_err().reason, "held_back");
+        }
+
+        // Event 1 fails at the broker after 2 was handed over: 2 reports the broker's answer,
+        // the later ones are held back (not sent after the failure came).
+        let sent: Arc<Mutex<Vec<i64>>> = Arc::default();
+        let out = run_with(&batch[..3], "{topic}", 2, far(), true, |m| {
+            let sent = sent.clone();
+            let id = m.id;
+            async move {
+                sent.lock().unwrap().push(id);
+                Ok(async move {
+                    if id == 1 {
+                        Err(PublishFailure::new(
+                            FailureKind::Permanent,
+                            "too_large",
+                            "x",
+                        ))
+                    } else {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        Ok(Delivery::Stored)
+                    }
+                }
+                .boxed())
+            }
+        })
+        .await;
+        assert_eq!(*sent.lock().unwrap(), vec![1, 2], "window 2: 3 waits");
+        assert_eq!(out[0].as_ref().unwrap_err().reason, "too_large");
+        assert!(
+            out[1].is_ok(),
+            "handed over before the failure: the broker's answer"
+        );
+        assert_eq!(out[2].as_ref().unwrap_err().reason, "held_back");
     }
 
     #[tokio::test]

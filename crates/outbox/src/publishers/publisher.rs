@@ -150,7 +150,7 @@ impl PublishFailure {
 /// A broker adapter. Implementations publish a batch with many acknowledgements in flight and
 /// report one outcome per message, in the batch's order. Adapters send through
 /// [`crate::pipeline::run`], which keeps at most one unacknowledged message per aggregate in
-/// flight (see its doc for why).
+/// flight (see its doc for why), unless they say [`Publisher::ordered_in_flight_per_key`].
 #[async_trait]
 pub trait Publisher: Send + Sync + 'static {
     /// Short name for logs and metrics (`nats`, `rabbitmq`).
@@ -174,6 +174,16 @@ pub trait Publisher: Send + Sync + 'static {
     /// message with the same rendered route.
     fn route_template(&self) -> &str {
         "{topic}.{tenant}"
+    }
+
+    /// Whether the broker and its client keep the messages of one key (one aggregate) in order
+    /// with several in flight, through retries and reconnects (Kafka's idempotent producer: one
+    /// partition per key, sequence numbers per partition). Then the adapter sends through
+    /// [`crate::pipeline::run_with`] with more than one unacknowledged event per aggregate, and a
+    /// hot aggregate is not held to one round trip per event. `false` (one in flight per
+    /// aggregate) unless the adapter proves otherwise.
+    fn ordered_in_flight_per_key(&self) -> bool {
+        false
     }
 }
 

