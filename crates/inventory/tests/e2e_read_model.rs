@@ -190,7 +190,7 @@ fn relay(db_url: String, broker: Broker) -> Killable {
                             .await
                             .expect("publisher"),
                     ),
-                    Broker::Nats(_) => unreachable!(),
+                    Broker::Nats(_) | Broker::Redis(_) => unreachable!(),
                 };
                 let relay = outbox::Relay::new(
                     Arc::new(outbox::PgStore::new(pool.clone())),
