@@ -15,7 +15,7 @@ use outbox::console::actions::{self, Action, Applied, Preview};
 use outbox::console::dead_groups;
 use serde::Deserialize;
 
-use super::filters::{DeadQuery, ParkedQuery};
+use super::filters::{Carried, DeadQuery, ParkedQuery};
 use super::{consumer_db, layout, outbox_db};
 use crate::guard::Ctx;
 use crate::render::{self, enc, num};
