@@ -35,6 +35,22 @@ async fn click(c: &Client, css: &str) {
         .unwrap();
 }
 
+/// Logs in as alice through the login form.
+async fn log_in(c: &Client, base: &str) {
+    c.goto(&format!("{base}/login")).await.unwrap();
+    c.find(Locator::Css("input[name=token]"))
+        .await
+        .unwrap()
+        .send_keys(ALICE)
+        .await
+        .unwrap();
+    click(c, "button[type=submit]").await;
+    c.wait()
+        .for_element(Locator::Css("#operator"))
+        .await
+        .unwrap();
+}
+
 async fn dead(db: &TestDb) -> i64 {
     count(&db.pool, "dead").await
 }
@@ -78,17 +94,7 @@ async fn the_console_in_a_real_browser() {
     // Logging in through the form; the first page shows the database's counts.
     c.goto(&format!("{base}/")).await.unwrap();
     assert!(c.current_url().await.unwrap().path().ends_with("/login"));
-    c.find(Locator::Css("input[name=token]"))
-        .await
-        .unwrap()
-        .send_keys(ALICE)
-        .await
-        .unwrap();
-    click(c, "button[type=submit]").await;
-    c.wait()
-        .for_element(Locator::Css("#operator"))
-        .await
-        .unwrap();
+    log_in(c, &base).await;
     assert_eq!(text_of(c, "#operator").await, "alice");
     assert_eq!(text_of(c, "#dead-db .v").await, "4");
     assert_eq!(text_of(c, "#held-db .v").await, "6");
@@ -165,18 +171,7 @@ async fn the_console_in_a_real_browser() {
         .unwrap();
     assert!(text_of(c, "p.message").await.contains("log in"));
     assert_eq!(dead(&db).await, 4, "nothing changed without a session");
-    c.goto(&format!("{base}/login")).await.unwrap();
-    c.find(Locator::Css("input[name=token]"))
-        .await
-        .unwrap()
-        .send_keys(ALICE)
-        .await
-        .unwrap();
-    click(c, "button[type=submit]").await;
-    c.wait()
-        .for_element(Locator::Css("#operator"))
-        .await
-        .unwrap();
+    log_in(c, &base).await;
 
     // From another origin: a page on another port (same site, so the Strict cookie is sent)
     // with a complete form, the session's real CSRF token included.
@@ -411,18 +406,7 @@ async fn screenshots() {
     let b = Browser::start().await;
     let c = &b.client;
     c.set_window_size(1280, 1700).await.unwrap();
-    c.goto(&format!("{base}/login")).await.unwrap();
-    c.find(Locator::Css("input[name=token]"))
-        .await
-        .unwrap()
-        .send_keys(ALICE)
-        .await
-        .unwrap();
-    click(c, "button[type=submit]").await;
-    c.wait()
-        .for_element(Locator::Css("#operator"))
-        .await
-        .unwrap();
+    log_in(c, &base).await;
     let docs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs");
     let shot = |name: &'static str| {
         let docs = docs.clone();

@@ -15,10 +15,11 @@ use outbox::console::actions::{self, Action, Applied, Preview};
 use outbox::console::dead_groups;
 use serde::Deserialize;
 
-use super::filters::{DeadQuery, ParkedQuery};
+use super::filters::{Carried, DeadQuery, ParkedQuery};
 use super::{consumer_db, layout, outbox_db};
 use crate::guard::Ctx;
 use crate::render::{self, enc, num};
+use crate::sessions::Session;
 use crate::AppState;
 
 /// Replay and purge buttons posting `hidden` (a filter) to the dry run at `url`; nothing for a
@@ -60,6 +61,21 @@ pub(crate) struct ApplyForm<Q> {
     #[serde(default)]
     shown: String,
     confirm: Option<String>,
+}
+
+impl<Q> ApplyForm<Q> {
+    /// The operator's session (CSRF token checked), the action and the dry run it confirms; a
+    /// purge needs its confirmation box. `Err`: the refusal (nothing was changed).
+    #[allow(clippy::result_large_err)]
+    fn checked(&self, ctx: &Ctx) -> Result<(Session, Action, Preview), Response> {
+        let s = ctx.actor(&self.csrf)?.clone();
+        let action = parse_action(&self.action)?;
+        let preview = parse_preview(&self.as_of, &self.shown)?;
+        if action == Action::Purge && self.confirm.as_deref() != Some("yes") {
+            return Err(bad("a purge needs its confirmation box ticked"));
+        }
+        Ok((s, action, preview))
+    }
 }
 
 fn bad(why: &str) -> Response {
@@ -219,21 +235,14 @@ pub(crate) async fn dead_apply(
     Path(db): Path<String>,
     Form(f): Form<ApplyForm<DeadQuery>>,
 ) -> Response {
-    let s = match ctx.actor(&f.csrf) {
-        Ok(s) => s.clone(),
+    let (s, action, preview) = match f.checked(&ctx) {
+        Ok(x) => x,
         Err(r) => return r,
     };
     let pool = match outbox_db(&state, &db) {
         Ok(p) => p,
         Err(r) => return r,
     };
-    let (action, preview) = match (parse_action(&f.action), parse_preview(&f.as_of, &f.shown)) {
-        (Ok(a), Ok(p)) => (a, p),
-        (Err(r), _) | (_, Err(r)) => return r,
-    };
-    if action == Action::Purge && f.confirm.as_deref() != Some("yes") {
-        return bad("a purge needs its confirmation box ticked");
-    }
     let filter = match f.q.filter() {
         Ok(x) => x,
         Err(e) => return bad(&e),
@@ -316,21 +325,14 @@ pub(crate) async fn parked_apply(
     Path(db): Path<String>,
     Form(f): Form<ApplyForm<ParkedQuery>>,
 ) -> Response {
-    let s = match ctx.actor(&f.csrf) {
-        Ok(s) => s.clone(),
+    let (s, action, preview) = match f.checked(&ctx) {
+        Ok(x) => x,
         Err(r) => return r,
     };
     let pool = match consumer_db(&state, &db) {
         Ok(p) => p,
         Err(r) => return r,
     };
-    let (action, preview) = match (parse_action(&f.action), parse_preview(&f.as_of, &f.shown)) {
-        (Ok(a), Ok(p)) => (a, p),
-        (Err(r), _) | (_, Err(r)) => return r,
-    };
-    if action == Action::Purge && f.confirm.as_deref() != Some("yes") {
-        return bad("a purge needs its confirmation box ticked");
-    }
     let filter = match f.q.filter() {
         Ok(x) => x,
         Err(e) => return bad(&e),

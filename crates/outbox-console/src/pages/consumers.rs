@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use super::actions::buttons;
 use super::event::{download, payload_block};
-use super::filters::ParkedQuery;
+use super::filters::{Carried, ParkedQuery};
 use super::{consumer_db, db_error, layout, not_found};
 use crate::guard::Ctx;
 use crate::render::{self, enc, num};

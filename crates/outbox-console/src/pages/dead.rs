@@ -10,7 +10,7 @@ use outbox::console::dead_groups;
 use serde::Deserialize;
 
 use super::actions::buttons;
-use super::filters::DeadQuery;
+use super::filters::{Carried, DeadQuery};
 use super::{db_error, layout, outbox_db};
 use crate::guard::Ctx;
 use crate::render::{self, enc, num};

@@ -11,7 +11,7 @@ use outbox::console::event::{self, PAYLOAD_PREVIEW_BYTES};
 use uuid::Uuid;
 
 use super::actions::buttons;
-use super::filters::DeadQuery;
+use super::filters::{Carried, DeadQuery};
 use super::{db_error, layout, not_found, outbox_db};
 use crate::guard::Ctx;
 use crate::render::{self, enc, num};

@@ -73,6 +73,27 @@ fn uuid(s: &Option<String>) -> Result<Option<Uuid>, String> {
         .transpose()
 }
 
+/// A filter carried in links (query string) and forms (hidden fields), and shown to the operator.
+pub(crate) trait Carried {
+    /// Its fields by name, unset ones `None`.
+    fn pairs(&self) -> Vec<(&'static str, Option<String>)>;
+
+    /// As a query string.
+    fn query(&self) -> String {
+        pairs_to_query(&self.pairs())
+    }
+
+    /// As hidden form fields.
+    fn hidden(&self) -> Markup {
+        pairs_to_hidden(&self.pairs())
+    }
+
+    /// As text for the operator.
+    fn describe(&self) -> Markup {
+        pairs_to_text(&self.pairs())
+    }
+}
+
 fn pairs_to_query(pairs: &[(&str, Option<String>)]) -> String {
     pairs
         .iter()
@@ -110,7 +131,7 @@ pub(crate) struct DeadQuery {
     pub(crate) until: Option<String>,
 }
 
-impl DeadQuery {
+impl Carried for DeadQuery {
     fn pairs(&self) -> Vec<(&'static str, Option<String>)> {
         vec![
             ("event_id", some(&self.event_id)),
@@ -122,7 +143,9 @@ impl DeadQuery {
             ("until", some(&self.until)),
         ]
     }
+}
 
+impl DeadQuery {
     pub(crate) fn filter(&self) -> Result<DeadLetterFilter, String> {
         Ok(DeadLetterFilter {
             event_id: uuid(&self.event_id)?,
@@ -134,18 +157,6 @@ impl DeadQuery {
             until: time(&self.until, "until")?,
             ..Default::default()
         })
-    }
-
-    pub(crate) fn query(&self) -> String {
-        pairs_to_query(&self.pairs())
-    }
-
-    pub(crate) fn hidden(&self) -> Markup {
-        pairs_to_hidden(&self.pairs())
-    }
-
-    pub(crate) fn describe(&self) -> Markup {
-        pairs_to_text(&self.pairs())
     }
 }
 
@@ -163,7 +174,7 @@ pub(crate) struct ParkedQuery {
     pub(crate) until: Option<String>,
 }
 
-impl ParkedQuery {
+impl Carried for ParkedQuery {
     fn pairs(&self) -> Vec<(&'static str, Option<String>)> {
         vec![
             ("consumer", some(&self.consumer)),
@@ -177,7 +188,9 @@ impl ParkedQuery {
             ("until", some(&self.until)),
         ]
     }
+}
 
+impl ParkedQuery {
     pub(crate) fn filter(&self) -> Result<ParkedFilter, String> {
         Ok(ParkedFilter {
             consumer: some(&self.consumer),
@@ -191,17 +204,5 @@ impl ParkedQuery {
             until: time(&self.until, "until")?,
             as_of: None,
         })
-    }
-
-    pub(crate) fn query(&self) -> String {
-        pairs_to_query(&self.pairs())
-    }
-
-    pub(crate) fn hidden(&self) -> Markup {
-        pairs_to_hidden(&self.pairs())
-    }
-
-    pub(crate) fn describe(&self) -> Markup {
-        pairs_to_text(&self.pairs())
     }
 }

@@ -60,36 +60,53 @@ pub struct AggregateGroup {
 /// Aggregates with dead letters, in key order after `after` (a page cursor), at most [`PAGE`],
 /// optionally only those with a dead letter of `error_group` or of `tenant`. Key order lets the
 /// `outbox_event_blocking` index stop after one page however many dead letters there are.
-pub async fn by_aggregate(
+pub async fn by_aggregate<'a>(
     pool: &PgPool,
-    error_group: Option<&str>,
-    tenant: Option<&str>,
-    after: Option<(&str, &str, &str)>,
+    error_group: Option<&'a str>,
+    tenant: Option<&'a str>,
+    after: Option<(&'a str, &'a str, &'a str)>,
 ) -> Result<Vec<AggregateGroup>> {
-    let rows = sqlx::query(
+    // Only the conditions given, so that each case plans as an index range (a generic plan of
+    // `($1 IS NULL OR ...)` could use none).
+    let mut conds = vec!["status = 'dead'".to_string()];
+    let mut args: Vec<&str> = Vec::new();
+    let mut arg = |v: &'a str| {
+        args.push(v);
+        format!("${}", args.len())
+    };
+    if let Some(g) = error_group {
+        conds.push(format!("error_group = {}", arg(g)));
+    }
+    if let Some(t) = tenant {
+        conds.push(format!("tenant_id = {}", arg(t)));
+    }
+    if let Some((t, ty, id)) = after {
+        conds.push(format!(
+            "(tenant_id, aggregate_type, aggregate_id) > ({}, {}, {})",
+            arg(t),
+            arg(ty),
+            arg(id)
+        ));
+    }
+    let sql = format!(
         "SELECT d.tenant_id, d.aggregate_type, d.aggregate_id, d.dead, d.first_dead_at,
                 (SELECT count(*) FROM outbox_event h
                   WHERE h.status = 'held' AND h.tenant_id = d.tenant_id
                     AND h.aggregate_type = d.aggregate_type AND h.aggregate_id = d.aggregate_id) AS held
            FROM (SELECT tenant_id, aggregate_type, aggregate_id, count(*) AS dead,
                         min(dead_at) AS first_dead_at
-                   FROM outbox_event
-                  WHERE status = 'dead' AND ($1::text IS NULL OR error_group = $1)
-                    AND ($2::text IS NULL OR tenant_id = $2)
-                    AND ($3::text IS NULL OR (tenant_id, aggregate_type, aggregate_id) > ($3, $4, $5))
+                   FROM outbox_event WHERE {}
                   GROUP BY tenant_id, aggregate_type, aggregate_id
                   ORDER BY tenant_id, aggregate_type, aggregate_id
-                  LIMIT $6) d
+                  LIMIT {PAGE}) d
           ORDER BY d.tenant_id, d.aggregate_type, d.aggregate_id",
-    )
-    .bind(error_group)
-    .bind(tenant)
-    .bind(after.map(|a| a.0))
-    .bind(after.map(|a| a.1))
-    .bind(after.map(|a| a.2))
-    .bind(PAGE)
-    .fetch_all(pool)
-    .await?;
+        conds.join(" AND ")
+    );
+    let mut q = sqlx::query(&sql);
+    for a in args {
+        q = q.bind(a);
+    }
+    let rows = q.fetch_all(pool).await?;
     rows.iter()
         .map(|r| {
             Ok(AggregateGroup {

@@ -14,7 +14,7 @@ use crate::storage::route_holds::{self, RouteHold};
 pub const CHART_MINUTES: i64 = 15;
 /// Rows of `outbox_event` up to which the backlog breakdown is counted exactly; above, it is
 /// estimated from a sample of about this many rows.
-pub const BREAKDOWN_EXACT_UP_TO: f64 = 20_000.0;
+pub const BREAKDOWN_EXACT_UP_TO: f64 = 10_000.0;
 /// Tenants and event types listed (largest backlog first).
 pub const BREAKDOWN_ROWS: i64 = 25;
 
@@ -105,14 +105,15 @@ pub struct BacklogRow {
 /// Reads the overview of one outbox database: a handful of statements, run two at a time
 /// (the console's pool), none of which walks more than an index range or a small sample.
 pub async fn overview(pool: &PgPool) -> Result<Overview> {
-    let (counts, (relays, unowned_partitions, last_published_at), oldest, chart, holds, backlogs) =
+    // The two longest first, so that they take the pool's two connections at once.
+    let (oldest, backlogs, counts, (relays, unowned_partitions, last_published_at), chart, holds) =
         tokio::try_join!(
+            oldest_pending_age(pool),
+            backlogs(pool),
             estimate::state_counts(pool),
             relays(pool),
-            oldest_pending_age(pool),
             published_per_minute(pool),
             route_holds::list(pool),
-            backlogs(pool),
         )?;
     let held_orphaned = if counts.held.is_estimate() || counts.dead.is_estimate() {
         None
