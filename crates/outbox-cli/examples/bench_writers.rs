@@ -15,7 +15,10 @@
 //! - `commit1`: 300 transactions of one `Outbox::enqueue`d event each (waits for the WAL flush).
 //!
 //! Prints, per workload, the median time per schema and the median (min-max) over rounds of the
-//! ratio to `pre` measured in the same round: the goal is `now / pre` at most 1.2.
+//! ratio to `pre` measured in the same round (the goal is `now / pre` at most 1.2), for the wall
+//! clock and for the CPU time of the writing connection's server process (`/proc`, so the server
+//! must run on this machine): on a shared machine the second is the steadier measure of what the
+//! triggers and constraints cost.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -75,10 +78,30 @@ fn event(i: usize) -> NewEvent {
     )
 }
 
-/// Milliseconds of one workload on `conn`.
-async fn run(conn: &mut PgConnection, workload: &str, events: usize) -> f64 {
+/// CPU milliseconds (user + system) used so far by the server process `pid` (the connection's
+/// backend), from `/proc`: the trigger and constraint work, free of what other processes on a
+/// shared machine do to the wall clock. The server must run on this machine.
+fn backend_cpu_ms(pid: i32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|(_, a)| a).unwrap_or("");
+    let ticks: f64 = after
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|v| v.parse::<f64>().ok())
+        .sum();
+    ticks * 10.0 // USER_HZ is 100 on Linux
+}
+
+/// Wall and backend CPU milliseconds of one workload on `conn`.
+async fn run(conn: &mut PgConnection, workload: &str, events: usize) -> (f64, f64) {
     sqlx::query("CHECKPOINT").execute(&mut *conn).await.unwrap();
+    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
     let outbox = Outbox::new("Bench");
+    let cpu0 = backend_cpu_ms(pid);
     let t = Instant::now();
     match workload {
         "multi" => {
@@ -133,7 +156,10 @@ async fn run(conn: &mut PgConnection, workload: &str, events: usize) -> f64 {
             }
         }
     }
-    t.elapsed().as_secs_f64() * 1000.0
+    (
+        t.elapsed().as_secs_f64() * 1000.0,
+        backend_cpu_ms(pid) - cpu0,
+    )
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -157,8 +183,9 @@ async fn main() {
             .map(|n| n.get())
             .unwrap_or(1)
     );
-    // ms[schema][workload][round]
+    // ms[schema][workload][round], cpu likewise
     let mut ms = vec![vec![Vec::new(); WORKLOADS.len()]; SCHEMAS.len()];
+    let mut cpu = ms.clone();
     for round in 0..rounds {
         // Rotate the order so that no schema always goes first.
         for k in 0..SCHEMAS.len() {
@@ -166,12 +193,23 @@ async fn main() {
             let db = database(SCHEMAS[s]).await;
             let mut conn = PgConnection::connect(&db.url).await.unwrap();
             for (w, workload) in WORKLOADS.iter().enumerate() {
-                ms[s][w].push(run(&mut conn, workload, events).await);
+                let (wall, c) = run(&mut conn, workload, events).await;
+                ms[s][w].push(wall);
+                cpu[s][w].push(c);
             }
             conn.close().await.unwrap();
         }
         eprintln!("round {} of {rounds} done", round + 1);
     }
+    println!(
+        "wall clock (ms, events/s), and the ratio to pre: median (min-max) of the rounds' ratios"
+    );
+    report(&ms, rounds, events, true);
+    println!("server CPU of the writing connection's backend (ms), same ratios");
+    report(&cpu, rounds, events, false);
+}
+
+fn report(ms: &[Vec<Vec<f64>>], rounds: usize, events: usize, rate: bool) {
     for (w, workload) in WORKLOADS.iter().enumerate() {
         let n = if *workload == "commit1" {
             COMMITS
@@ -181,10 +219,15 @@ async fn main() {
         let mut line = format!("{workload:<8}");
         for (s, schema) in SCHEMAS.iter().enumerate() {
             let m = median(&mut ms[s][w].clone());
-            line += &format!("  {schema} {m:8.0} ms ({:6.0}/s)", n as f64 * 1000.0 / m);
+            line += &format!("  {schema} {m:7.0} ms");
+            if rate {
+                line += &format!(" ({:6.0}/s)", n as f64 * 1000.0 / m);
+            }
         }
         for s in 1..SCHEMAS.len() {
-            let mut r: Vec<f64> = (0..rounds).map(|i| ms[s][w][i] / ms[0][w][i]).collect();
+            let mut r: Vec<f64> = (0..rounds)
+                .map(|i| ms[s][w][i] / ms[0][w][i].max(1.0))
+                .collect();
             let (lo, hi) = r
                 .iter()
                 .fold((f64::MAX, f64::MIN), |(a, b), &x| (a.min(x), b.max(x)));
