@@ -30,29 +30,11 @@ pub async fn start_relay_on(
     nats: NatsConfig,
     config: RelayConfig,
 ) -> InProcessRelay {
-    // RUST_LOG=debug shows the relay's own logs when a test needs explaining.
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
     let horizon = config.dedup_horizon(nats.ack_timeout);
     let publisher = NatsPublisher::connect(nats, horizon)
         .await
         .expect("publisher");
-    let relay = Relay::new(
-        Arc::new(PgStore::new(pool.clone())),
-        Arc::new(publisher),
-        config,
-    )
-    .expect("relay");
-    let stop = CancellationToken::new();
-    let s = stop.clone();
-    let task = tokio::spawn(async move {
-        let l = tokio::spawn(outbox::wake::listen(pool, relay.waker(), s.child_token()));
-        relay.run(s).await.expect("relay runs");
-        l.abort();
-    });
-    InProcessRelay { stop, task }
+    start_relay_with(pool, Arc::new(publisher), config).await
 }
 
 /// Starts a relay over `pool` publishing through `publisher` (any broker adapter), woken by
@@ -62,6 +44,7 @@ pub async fn start_relay_with(
     publisher: Arc<dyn outbox::Publisher>,
     config: RelayConfig,
 ) -> InProcessRelay {
+    // RUST_LOG=debug shows the relay's own logs when a test needs explaining.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
