@@ -124,23 +124,23 @@ async fn total_len(
         .iter()
         .map(|m| m.render(&cfg.stream_template))
         .collect();
-    let mut n = 0;
-    for s in streams {
-        n += redis::cmd("XLEN")
-            .arg(s)
-            .query_async::<i64>(conn)
-            .await
-            .unwrap();
-    }
-    n
+    lengths(conn, streams).await
 }
 
+/// Entries in the streams the relay registered in `registry`.
 async fn registered_len(conn: &mut MultiplexedConnection, registry: &str) -> i64 {
     let streams: Vec<String> = redis::cmd("SMEMBERS")
         .arg(registry)
         .query_async(conn)
         .await
         .unwrap();
+    lengths(conn, streams).await
+}
+
+async fn lengths(
+    conn: &mut MultiplexedConnection,
+    streams: impl IntoIterator<Item = String>,
+) -> i64 {
     let mut n = 0;
     for s in streams {
         n += redis::cmd("XLEN")

@@ -417,6 +417,8 @@ async fn a_dead_consumers_entries_are_taken_over() {
         block: Duration::from_millis(100),
         claim_idle: Duration::from_secs(1),
         discover_every: Duration::from_millis(200),
+        cap_entries: None,
+        cap_age: None,
     };
     let mut a = RedisSource::connect(source_cfg("a")).await.unwrap();
     let mut taken = 0;

@@ -476,9 +476,10 @@ impl EventSource for RedisSource {
                 .query_async(&mut self.conn)
                 .await
                 .ok()?;
-            let Some(g) = groups.into_iter().find(|g| {
-                g.get("name").and_then(|n| text(n)).as_deref() == Some(self.group.as_str())
-            }) else {
+            let Some(g) = groups
+                .into_iter()
+                .find(|g| g.get("name").and_then(text).as_deref() == Some(self.group.as_str()))
+            else {
                 continue;
             };
             let lag = match g
@@ -497,7 +498,7 @@ impl EventSource for RedisSource {
             if lag > 0 {
                 let last = g
                     .get("last-delivered-id")
-                    .and_then(|v| text(v))
+                    .and_then(text)
                     .unwrap_or_else(|| "0-0".into());
                 let next: Vec<(String, Value)> = redis::cmd("XRANGE")
                     .arg(&s)
