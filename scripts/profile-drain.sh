@@ -72,13 +72,14 @@ for round in $(seq 1 "$ROUNDS"); do
     TEST_PG_URL="postgres://root@127.0.0.1:$PGPORT" TEST_NATS_URL="nats://127.0.0.1:$NPORT" \
       PROFILE_PG_PID=$PGPID PROFILE_NATS_PID=$NPID PROFILE_LABEL=$label PROFILE_PERF=$perf_out \
       "$bin" "$N"
+    # `|| true` below: `head` closing the pipe early makes perf fail (SIGPIPE) under pipefail.
     if [ -n "$perf_out" ] && [ -s "$perf_out" ]; then
       echo "[$label] hottest symbols of the relay's process (self time, perf record -e cpu-clock):"
       perf report -i "$perf_out" --stdio --no-children -g none --sort dso,symbol 2>/dev/null \
-        | grep -E '^ +[0-9]' | sed -E 's/ +$//; s/ {2,}/  /g' | head -"${PERF_TOP:-30}"
+        | grep -E '^ +[0-9]' | sed -E 's/ +$//; s/ {2,}/  /g' | head -"${PERF_TOP:-30}" || true
       echo "[$label] by library:"
       perf report -i "$perf_out" --stdio --no-children -g none --sort dso 2>/dev/null \
-        | grep -E '^ +[0-9]' | sed -E 's/ +$//; s/ {2,}/  /g' | head -8
+        | grep -E '^ +[0-9]' | sed -E 's/ +$//; s/ {2,}/  /g' | head -8 || true
     fi
   done
 done
