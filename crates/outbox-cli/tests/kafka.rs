@@ -7,10 +7,9 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{attempts_spent, count, insert_backlog};
+use common::{attempts_spent, count, insert_backlog, RelayProcess};
 use outbox::publishers::kafka::{KafkaConfig, KafkaPublisher};
 use outbox::{FailureKind, Publisher};
 use rdkafka::config::ClientConfig;
@@ -97,53 +96,26 @@ async fn assert_delivered_in_order_from(db: &TestDb, msgs: &[Seen], any_start: b
 }
 
 /// An `outbox relay --broker kafka` child process, killed when dropped.
-struct RelayProcess(Child);
-
-impl RelayProcess {
-    fn spawn(db: &TestDb, brokers: &str, topic: &str, extra: &[&str]) -> Self {
-        let mut args = vec![
-            "relay",
-            "--broker",
-            "kafka",
-            "--kafka-topic",
-            topic,
-            "--kafka-partitions",
-            "4",
-            "--lease-ms",
-            "5000",
-            "--poll-interval-ms",
-            "100",
-            "--retry-base-ms",
-            "50",
-            "--retry-cap-ms",
-            "500",
-        ];
-        if !extra.contains(&"--metrics-addr") {
-            args.extend(["--metrics-addr", ""]);
-        }
-        let child = Command::new(env!("CARGO_BIN_EXE_outbox"))
-            .args(&args)
-            .args(extra)
-            .env("DATABASE_URL", &db.url)
-            .env("KAFKA_BROKERS", brokers)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start outbox relay");
-        Self(child)
-    }
-
-    fn sigkill(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Drop for RelayProcess {
-    fn drop(&mut self) {
-        self.sigkill();
-    }
+fn spawn_relay(db: &TestDb, brokers: &str, topic: &str, extra: &[&str]) -> RelayProcess {
+    let mut args = vec![
+        "relay",
+        "--broker",
+        "kafka",
+        "--kafka-topic",
+        topic,
+        "--kafka-partitions",
+        "4",
+        "--lease-ms",
+        "5000",
+        "--poll-interval-ms",
+        "100",
+        "--retry-base-ms",
+        "50",
+        "--retry-cap-ms",
+        "500",
+    ];
+    args.extend_from_slice(extra);
+    RelayProcess::spawn_args(db, &args, &[("KAFKA_BROKERS", brokers)])
 }
 
 async fn all_published(db: &TestDb, n: i64, within: Duration) -> bool {
@@ -155,7 +127,7 @@ async fn events_arrive_keyed_by_aggregate_with_the_outbox_headers_in_order() {
     let db = TestDb::new().await;
     let kafka = Tansu::start().await;
     let topic = testkit::unique("outbox");
-    let _relay = RelayProcess::spawn(&db, &kafka.brokers(), &topic, &[]);
+    let _relay = spawn_relay(&db, &kafka.brokers(), &topic, &[]);
     insert_backlog(&db, 3000, 17).await;
     assert!(
         all_published(&db, 3000, Duration::from_secs(60)).await,
@@ -204,7 +176,7 @@ async fn broker_outages_spend_no_attempt_and_lose_nothing_committed_meanwhile() 
     let mut kafka = Tansu::start().await;
     let topic = testkit::unique("outbox");
     kafka.kill();
-    let _relay = RelayProcess::spawn(&db, &kafka.brokers(), &topic, &[]);
+    let _relay = spawn_relay(&db, &kafka.brokers(), &topic, &[]);
     insert_backlog(&db, 500, 7).await;
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert_eq!(
@@ -247,7 +219,7 @@ async fn relay_killed_mid_backlog_loses_nothing_after_restart() {
     let kafka = Tansu::start().await;
     let topic = testkit::unique("outbox");
     insert_backlog(&db, 15_000, 50).await;
-    let mut relay = RelayProcess::spawn(&db, &kafka.brokers(), &topic, &["--batch-size", "500"]);
+    let mut relay = spawn_relay(&db, &kafka.brokers(), &topic, &["--batch-size", "500"]);
     assert!(
         eventually(Duration::from_secs(60), || async {
             count(&db, "published").await >= 2000
@@ -257,7 +229,7 @@ async fn relay_killed_mid_backlog_loses_nothing_after_restart() {
     relay.sigkill();
     let after_kill = count(&db, "published").await;
     assert!(after_kill < 15_000, "the kill came mid-backlog");
-    let _relay = RelayProcess::spawn(&db, &kafka.brokers(), &topic, &[]);
+    let _relay = spawn_relay(&db, &kafka.brokers(), &topic, &[]);
     assert!(all_published(&db, 15_000, Duration::from_secs(90)).await);
     let msgs = read_topic(&kafka.brokers(), &topic, 4, 15_000);
     let dups = assert_all_delivered_in_order(&db, &msgs).await;
@@ -311,7 +283,7 @@ async fn too_large_event_is_dead_lettered_alone() {
             .unwrap();
     }
     tx.commit().await.unwrap();
-    let _relay = RelayProcess::spawn(
+    let _relay = spawn_relay(
         &db,
         &kafka.brokers(),
         &topic,

@@ -74,6 +74,25 @@ impl RelayProcess {
         Self(child)
     }
 
+    /// An `outbox` child process with these arguments (no HTTP server unless `args` name one)
+    /// and environment, besides `DATABASE_URL`.
+    pub fn spawn_args(db: &TestDb, args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_outbox"));
+        cmd.args(args);
+        if !args.contains(&"--metrics-addr") {
+            cmd.args(["--metrics-addr", ""]);
+        }
+        let child = cmd
+            .envs(env.iter().copied())
+            .env("DATABASE_URL", &db.url)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start outbox relay");
+        Self(child)
+    }
+
     pub fn sigkill(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
