@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use common::*;
+use outbox::meta::{HeaderEncoding, META_HEADER};
 use outbox::nats::{NatsConfig, NatsPublisher};
 use outbox::nats_batch::NatsBatchPublisher;
 use outbox::OutboxError;
@@ -74,14 +75,17 @@ async fn stream_seen(server: &PrivateNats, stream: &str) -> Vec<Seen> {
 }
 
 /// Relays a backlog (10 aggregates of 30 events, one hot aggregate of 300, in one statement each)
-/// on `server`, in the default or the batch mode, and checks the stream: every event once, each
-/// aggregate in order.
-async fn relay_backlog(server: &PrivateNats, batch: bool) {
+/// on `server`, in the default or the batch mode, with the full or the compact header encoding,
+/// and checks the stream: every event once, each aggregate in order, in the encoding asked for.
+async fn relay_backlog(server: &PrivateNats, batch: bool, encoding: HeaderEncoding) {
     let db = TestDb::new().await;
     let stream = TestStream::new();
     insert_backlog(&db, 300, 10).await;
     insert_hot(&db, "hot", 1, 300).await;
-    let cfg = config_on(&stream, &server.url());
+    let cfg = NatsConfig {
+        header_encoding: encoding,
+        ..config_on(&stream, &server.url())
+    };
     let config = test_config();
     let horizon = config.dedup_horizon(cfg.ack_timeout);
     let publisher: Arc<dyn outbox::Publisher> = if batch {
@@ -105,6 +109,11 @@ async fn relay_backlog(server: &PrivateNats, batch: bool) {
     assert_eq!(
         msgs.iter().any(|m| m.headers.contains_key("Nats-Batch-Id")),
         batch
+    );
+    assert!(
+        msgs.iter()
+            .all(|m| m.headers.contains_key(META_HEADER) == (encoding == HeaderEncoding::Compact)),
+        "every message in the {encoding:?} encoding (batch mode: {batch})"
     );
     assert_eq!(
         stream_config(server, &stream.name).await["allow_atomic"].as_bool() == Some(true),
@@ -148,8 +157,9 @@ async fn on_pinned(minor: &str) {
     let client = async_nats::connect(server.url()).await.unwrap();
     assert_eq!(client.server_info().version, version, "{}", bin.display());
     tokio::join!(
-        relay_backlog(&server, false),
-        relay_backlog(&server, true),
+        relay_backlog(&server, false, HeaderEncoding::Full),
+        relay_backlog(&server, true, HeaderEncoding::Full),
+        relay_backlog(&server, true, HeaderEncoding::Compact),
         duplicate_is_dropped(&server)
     );
 }

@@ -8,7 +8,7 @@ use outbox::nats::{NatsConfig, NatsPublisher};
 use outbox::nats_batch::NatsBatchPublisher;
 use outbox::{OutboxError, Publisher, RelayConfig};
 
-use crate::args::{BrokerArgs, BrokerKind};
+use crate::args::{BrokerArgs, BrokerKind, MessageHeaders};
 
 /// Connects the adapter selected by `args` for a relay configured as `relay`, whose re-publish
 /// horizon the broker's de-duplication must cover.
@@ -16,6 +16,17 @@ pub async fn connect(
     args: &BrokerArgs,
     relay: &RelayConfig,
 ) -> Result<Arc<dyn Publisher>, OutboxError> {
+    // The Redis and Kafka adapters write their metadata one field / header per name only:
+    // refuse rather than silently send what the operator did not ask for.
+    if args.message_headers == MessageHeaders::Compact
+        && !matches!(args.broker, BrokerKind::Nats | BrokerKind::Rabbitmq)
+    {
+        return Err(OutboxError::Config(format!(
+            "--message-headers compact is implemented for the nats and rabbitmq brokers only, not \
+             for {:?}: drop the flag (or OUTBOX_MESSAGE_HEADERS) for this broker",
+            args.broker
+        )));
+    }
     match args.broker {
         BrokerKind::Nats => {
             let cfg = NatsConfig {

@@ -244,13 +244,20 @@ pub fn seen_of(msgs: Vec<async_nats::jetstream::message::StreamMessage>) -> Vec<
     msgs.into_iter()
         .map(|m| {
             let h = m.headers.clone();
-            let get = |k: &str| h.get(k).map(|v| v.to_string()).unwrap_or_default();
             let mut headers = HashMap::new();
             for (k, vs) in h.iter() {
                 if let Some(v) = vs.first() {
                     headers.insert(k.to_string(), v.to_string());
                 }
             }
+            // A compact-encoded message reads as its full headers (kept beside `Outbox-Meta`).
+            if let Some(meta) = headers.get(outbox::meta::META_HEADER).cloned() {
+                let meta = outbox::meta::Meta::decode(&meta).expect("a readable Outbox-Meta");
+                for (k, v) in meta.full_headers() {
+                    headers.entry(k.to_string()).or_insert(v);
+                }
+            }
+            let get = |k: &str| headers.get(k).cloned().unwrap_or_default();
             Seen {
                 event_id: get("Nats-Msg-Id"),
                 aggregate: format!("{}/{}", get("Outbox-Tenant-Id"), get("Outbox-Aggregate-Id")),

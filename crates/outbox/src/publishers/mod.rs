@@ -7,9 +7,9 @@
 pub mod amqp;
 #[cfg(feature = "rabbitmq")]
 pub mod amqp_topology;
-pub mod meta;
 #[cfg(feature = "kafka")]
 pub mod kafka;
+pub mod meta;
 #[cfg(feature = "nats")]
 pub mod nats;
 #[cfg(feature = "nats")]

@@ -194,7 +194,10 @@ impl NatsBatchPublisher {
         let mut prepared = Vec::with_capacity(chunk.len());
         for m in chunk {
             let subject = m.render(&cfg.subject_template);
-            match (self.inner.captured(&subject), NatsPublisher::headers(m)) {
+            match (
+                self.inner.captured(&subject),
+                NatsPublisher::headers_for(m, cfg.header_encoding),
+            ) {
                 (Ok(()), Ok(h)) => prepared.push((subject, h)),
                 // One event's problem: the default path charges it to that event.
                 _ => return self.inner.publish(chunk, deadline).await,
