@@ -14,6 +14,7 @@ use maud::{html, Markup};
 use outbox::console::actions::{self, Action, Applied, Preview};
 use outbox::console::dead_groups;
 use serde::Deserialize;
+use sqlx::PgPool;
 
 use super::filters::{Carried, DeadQuery, ParkedQuery};
 use super::{consumer_db, layout, outbox_db};
@@ -84,6 +85,23 @@ fn bad(why: &str) -> Response {
         layout::bare("Nothing was changed", why),
     )
         .into_response()
+}
+
+/// What every dry run checks first, in this order: the operator (session and CSRF token), the
+/// database, the action and the filter; the first that fails answers the request.
+#[allow(clippy::result_large_err)]
+fn preview_start<F>(
+    ctx: &Ctx,
+    csrf: &str,
+    pool: Result<PgPool, Response>,
+    action: &str,
+    filter: Result<F, String>,
+) -> Result<(Session, PgPool, Action, F), Response> {
+    let s = ctx.actor(csrf)?.clone();
+    let pool = pool?;
+    let action = parse_action(action)?;
+    let filter = filter.map_err(|e| bad(&e))?;
+    Ok((s, pool, action, filter))
 }
 
 #[allow(clippy::result_large_err)]
@@ -177,21 +195,15 @@ pub(crate) async fn dead_preview(
     Path(db): Path<String>,
     Form(f): Form<PreviewForm<DeadQuery>>,
 ) -> Response {
-    let s = match ctx.actor(&f.csrf) {
-        Ok(s) => s.clone(),
-        Err(r) => return r,
-    };
-    let pool = match outbox_db(&state, &db) {
-        Ok(p) => p,
-        Err(r) => return r,
-    };
-    let action = match parse_action(&f.action) {
-        Ok(a) => a,
-        Err(r) => return r,
-    };
-    let filter = match f.q.filter() {
+    let (s, pool, action, filter) = match preview_start(
+        &ctx,
+        &f.csrf,
+        outbox_db(&state, &db),
+        &f.action,
+        f.q.filter(),
+    ) {
         Ok(x) => x,
-        Err(e) => return bad(&e),
+        Err(r) => return r,
     };
     let p = match actions::preview_dead(&pool, &filter).await {
         Ok(p) => p,
@@ -276,21 +288,15 @@ pub(crate) async fn parked_preview(
     Path(db): Path<String>,
     Form(f): Form<PreviewForm<ParkedQuery>>,
 ) -> Response {
-    let s = match ctx.actor(&f.csrf) {
-        Ok(s) => s.clone(),
-        Err(r) => return r,
-    };
-    let pool = match consumer_db(&state, &db) {
-        Ok(p) => p,
-        Err(r) => return r,
-    };
-    let action = match parse_action(&f.action) {
-        Ok(a) => a,
-        Err(r) => return r,
-    };
-    let filter = match f.q.filter() {
+    let (s, pool, action, filter) = match preview_start(
+        &ctx,
+        &f.csrf,
+        consumer_db(&state, &db),
+        &f.action,
+        f.q.filter(),
+    ) {
         Ok(x) => x,
-        Err(e) => return bad(&e),
+        Err(r) => return r,
     };
     let p = match actions::preview_parked(&pool, &filter).await {
         Ok(p) => p,
