@@ -94,8 +94,7 @@ pub(crate) async fn groups(
                         }
                     }
                 }
-                @if by_agg.len() as i64 == dead_groups::PAGE {
-                    @let last = by_agg.last().expect("a full page");
+                @if let Some(last) = by_agg.last().filter(|_| by_agg.len() as i64 == dead_groups::PAGE) {
                     p { a href=(format!("/db/{dbe}/dead?{}after_tenant={}&after_type={}&after_id={}",
                         group.map(|g| format!("group={}&", enc(g))).unwrap_or_default(),
                         enc(&last.tenant_id), enc(&last.aggregate_type), enc(&last.aggregate_id))) { "Next page" } }
