@@ -104,6 +104,20 @@ fn preview_start<F>(
     Ok((s, pool, action, filter))
 }
 
+/// What every apply checks first, in this order: the form (operator, CSRF token, action and the
+/// dry run it applies), the database and the filter; the first that fails answers the request.
+#[allow(clippy::result_large_err)]
+fn apply_start<F>(
+    checked: Result<(Session, Action, Preview), Response>,
+    pool: Result<PgPool, Response>,
+    filter: Result<F, String>,
+) -> Result<(Session, Action, Preview, PgPool, F), Response> {
+    let (s, action, preview) = checked?;
+    let pool = pool?;
+    let filter = filter.map_err(|e| bad(&e))?;
+    Ok((s, action, preview, pool, filter))
+}
+
 #[allow(clippy::result_large_err)]
 fn parse_action(s: &str) -> Result<Action, Response> {
     Action::parse(s).ok_or_else(|| bad("choose replay or purge"))
@@ -247,18 +261,11 @@ pub(crate) async fn dead_apply(
     Path(db): Path<String>,
     Form(f): Form<ApplyForm<DeadQuery>>,
 ) -> Response {
-    let (s, action, preview) = match f.checked(&ctx) {
-        Ok(x) => x,
-        Err(r) => return r,
-    };
-    let pool = match outbox_db(&state, &db) {
-        Ok(p) => p,
-        Err(r) => return r,
-    };
-    let filter = match f.q.filter() {
-        Ok(x) => x,
-        Err(e) => return bad(&e),
-    };
+    let (s, action, preview, pool, filter) =
+        match apply_start(f.checked(&ctx), outbox_db(&state, &db), f.q.filter()) {
+            Ok(x) => x,
+            Err(r) => return r,
+        };
     match actions::apply_dead(&pool, action, &filter, &preview, &s.operator).await {
         Ok(applied) => {
             tracing::info!(operator = %s.operator, action = action.as_str(), database = %db, done = applied.done.len(), shown = applied.shown, "console action on dead letters");
@@ -331,18 +338,11 @@ pub(crate) async fn parked_apply(
     Path(db): Path<String>,
     Form(f): Form<ApplyForm<ParkedQuery>>,
 ) -> Response {
-    let (s, action, preview) = match f.checked(&ctx) {
-        Ok(x) => x,
-        Err(r) => return r,
-    };
-    let pool = match consumer_db(&state, &db) {
-        Ok(p) => p,
-        Err(r) => return r,
-    };
-    let filter = match f.q.filter() {
-        Ok(x) => x,
-        Err(e) => return bad(&e),
-    };
+    let (s, action, preview, pool, filter) =
+        match apply_start(f.checked(&ctx), consumer_db(&state, &db), f.q.filter()) {
+            Ok(x) => x,
+            Err(r) => return r,
+        };
     let consumer = filter.consumer.clone().unwrap_or_default();
     match actions::apply_parked(&pool, action, &filter, &preview, &s.operator).await {
         Ok(applied) => {
