@@ -221,6 +221,28 @@ impl KafkaPublisher {
         }
     }
 
+    /// Puts the producer in use into librdkafka's fatal-error state, as an unrecoverable
+    /// sequence gap or a fenced epoch would, through librdkafka's own test hook
+    /// (`rd_kafka_test_fatal_error`): no broker here raises a fatal error on demand, and the
+    /// replace-and-re-send path must still be exercised by tests and fault drills. librdkafka
+    /// then fails what it still queues and refuses new records; what is in flight completes.
+    /// True when librdkafka took it (false: that producer was already in its fatal state).
+    #[doc(hidden)]
+    pub fn raise_fatal_error(&self, reason: &str) -> bool {
+        let producer = self.current();
+        let reason = std::ffi::CString::new(reason.replace('\0', " ")).unwrap_or_default();
+        // SAFETY: the client pointer belongs to `producer`, alive for the whole call, and
+        // librdkafka formats `reason` into its own buffer before returning.
+        let err = unsafe {
+            rdkafka::bindings::rd_kafka_test_fatal_error(
+                producer.client().native_ptr(),
+                rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER,
+                reason.as_ptr(),
+            )
+        };
+        err == rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR
+    }
+
     /// Creates the topics of `batch` that are not known to exist.
     async fn ensure_topics(
         &self,
@@ -342,7 +364,12 @@ impl Publisher for KafkaPublisher {
 
     fn is_connected(&self) -> bool {
         // librdkafka keeps no single connection state; a fatal error is the one state in which it
-        // cannot publish until replaced.
+        // cannot publish until replaced. Replaced here too, not only at the next batch: an idle
+        // relay would otherwise report its broker down (readiness failing) until an event came.
+        let producer = self.current();
+        if producer.client().fatal_error().is_some() {
+            self.replace(&producer, true);
+        }
         self.current().client().fatal_error().is_none()
     }
 
