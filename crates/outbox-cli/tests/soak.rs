@@ -342,7 +342,7 @@ impl Broker {
                 .map(String::from)
                 .to_vec(),
                 // `--kafka-delivery-timeout-ms` stays at its default: capped at the lease
-                // reserve (300 ms of the soak's 1500 ms lease), then raised to librdkafka's
+                // reserve (300 ms of the soak's 1500 ms lease), then raised to the adapter's
                 // 1 s floor, so `message.timeout.ms` is 1 s and cuts of 50 ms-2 s land both
                 // before and after it.
                 ("KAFKA_BROKERS", proxy.addr.to_string()),
