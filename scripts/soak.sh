@@ -4,7 +4,7 @@
 #   scripts/soak.sh                    10 minutes per broker, random seed
 #   SOAK_SECONDS=120 scripts/soak.sh   shorter
 #   SOAK_SEED=1234 scripts/soak.sh     replay a seed printed by a failed run
-#   scripts/soak.sh soak_nats          one broker only (soak_nats | soak_rabbitmq)
+#   scripts/soak.sh soak_nats          one broker only (soak_nats | soak_rabbitmq | soak_redis | soak_kafka)
 #   SOAK_ROUNDS=5 scripts/soak.sh      several rounds, a new seed each (stops at the first failure)
 #
 # SOAK_HEADERS=compact (or full) starts every relay with that header encoding; by default the
