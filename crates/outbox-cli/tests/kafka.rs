@@ -563,22 +563,22 @@ fn spawn_writers(
         .collect()
 }
 
-/// A broker restart that keeps what it stored (tansu on S3 storage): tansu SIGKILLed at a seeded
-/// random moment while the relay works through a backlog that four writers keep growing on three
+/// A broker restart that keeps what it stored (tansu on S3 storage): tansu SIGKILLed three times,
+/// each at a seeded random moment while the relay works through a backlog that four writers keep growing on three
 /// hot aggregates, and started again on the same port with the same storage. Every committed
 /// event is in the topic (the records stored before the kill included), in order per
 /// aggregate, duplicates only as copies with the same `Outbox-Event-Id`; nothing is
 /// dead-lettered and the outage spends no attempt.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn durable_broker_sigkilled_mid_batch_loses_nothing() {
-    durable_broker_killed(2, false).await;
+    durable_broker_killed(3, false).await;
 }
 
 /// As above, but each kill comes while a storage write of the broker hangs (its S3 server
 /// stalled): the broker dies between the writes of one produce request.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn durable_broker_killed_mid_storage_write_loses_nothing() {
-    durable_broker_killed(2, true).await;
+    durable_broker_killed(3, true).await;
 }
 
 async fn durable_broker_killed(kills: usize, stall_storage: bool) {
@@ -616,7 +616,7 @@ async fn durable_broker_killed(kills: usize, stall_storage: bool) {
         }
         // A short outage matters most: librdkafka then retries the requests in flight with their
         // sequence numbers (after a longer one it bumps the epoch, and tansu fences it).
-        tokio::time::sleep(Duration::from_millis(rng.random_range(50..1500))).await;
+        tokio::time::sleep(Duration::from_millis(rng.random_range(50..700))).await;
         assert_eq!(
             attempts_spent(&db).await,
             0,
@@ -707,4 +707,87 @@ async fn assert_all_delivered_applicable_in_order(
         "seed {seed}: some events have no copy after their predecessor"
     );
     (dups, early)
+}
+
+/// The consumer side of a broker restart that keeps what it stored: a group member applies and
+/// commits the first half of a topic, tansu is SIGKILLed and started again on the same storage,
+/// and a new member of the group starts at the committed offset: it gets the second half (stored
+/// before the kill) and what was published after the restart, and nothing applied before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_broker_restart_keeps_the_committed_offsets() {
+    use outbox::consumers::kafka::{KafkaSource, KafkaSourceConfig};
+    use outbox::consumers::EventSource;
+    let mut kafka = Tansu::start_durable().await;
+    let topic = testkit::unique("outbox");
+    let publisher = KafkaPublisher::connect(KafkaConfig {
+        brokers: kafka.brokers(),
+        topic_template: topic.clone(),
+        partitions: 1,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let far = tokio::time::Instant::now() + Duration::from_secs(30);
+    let first: Vec<_> = (1..=20).map(|i| test_message(&format!("a{i}"), 1)).collect();
+    assert!(publisher
+        .publish(&first, far)
+        .await
+        .iter()
+        .all(|o| o.is_ok()));
+    let group = testkit::unique("group");
+    let cfg = KafkaSourceConfig {
+        brokers: kafka.brokers(),
+        group: group.clone(),
+        topics: vec![topic.clone()],
+        commit_interval: Duration::from_millis(100),
+        ..Default::default()
+    };
+    let mut source = KafkaSource::connect(cfg.clone()).await.unwrap();
+    let mut applied = Vec::new();
+    while applied.len() < 10 {
+        let r = tokio::time::timeout(Duration::from_secs(20), source.next())
+            .await
+            .expect("a record within 20 s")
+            .unwrap()
+            .unwrap();
+        applied.push(r.event.aggregate.as_ref().unwrap().aggregate_id.clone());
+        r.acker.ack().await.unwrap();
+    }
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            committed(&kafka.brokers(), &group, &topic) == Some(10)
+        })
+        .await,
+        "the first ten committed"
+    );
+    drop(source);
+    kafka.kill();
+    kafka.start_again().await;
+    assert_eq!(
+        committed(&kafka.brokers(), &group, &topic),
+        Some(10),
+        "the committed offset survived the restart"
+    );
+    let later: Vec<_> = (1..=5).map(|i| test_message(&format!("b{i}"), 1)).collect();
+    let far = tokio::time::Instant::now() + Duration::from_secs(30);
+    assert!(publisher
+        .publish(&later, far)
+        .await
+        .iter()
+        .all(|o| o.is_ok()));
+    let mut source = KafkaSource::connect(cfg).await.unwrap();
+    let mut resumed = Vec::new();
+    let end = tokio::time::Instant::now() + Duration::from_secs(30);
+    while resumed.len() < 15 && tokio::time::Instant::now() < end {
+        if let Ok(Ok(Some(r))) = tokio::time::timeout(Duration::from_secs(3), source.next()).await
+        {
+            resumed.push(r.event.aggregate.as_ref().unwrap().aggregate_id.clone());
+            r.acker.ack().await.unwrap();
+        }
+    }
+    let want: Vec<String> = (11..=20)
+        .map(|i| format!("a{i}"))
+        .chain((1..=5).map(|i| format!("b{i}")))
+        .collect();
+    assert_eq!(resumed, want, "resumed at the committed offset, nothing lost");
 }
