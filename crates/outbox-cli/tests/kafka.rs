@@ -728,7 +728,9 @@ async fn durable_broker_restart_keeps_the_committed_offsets() {
     .await
     .unwrap();
     let far = tokio::time::Instant::now() + Duration::from_secs(30);
-    let first: Vec<_> = (1..=20).map(|i| test_message(&format!("a{i}"), 1)).collect();
+    let first: Vec<_> = (1..=20)
+        .map(|i| test_message(&format!("a{i}"), 1))
+        .collect();
     assert!(publisher
         .publish(&first, far)
         .await
@@ -779,8 +781,7 @@ async fn durable_broker_restart_keeps_the_committed_offsets() {
     let mut resumed = Vec::new();
     let end = tokio::time::Instant::now() + Duration::from_secs(30);
     while resumed.len() < 15 && tokio::time::Instant::now() < end {
-        if let Ok(Ok(Some(r))) = tokio::time::timeout(Duration::from_secs(3), source.next()).await
-        {
+        if let Ok(Ok(Some(r))) = tokio::time::timeout(Duration::from_secs(3), source.next()).await {
             resumed.push(r.event.aggregate.as_ref().unwrap().aggregate_id.clone());
             r.acker.ack().await.unwrap();
         }
@@ -789,5 +790,151 @@ async fn durable_broker_restart_keeps_the_committed_offsets() {
         .map(|i| format!("a{i}"))
         .chain((1..=5).map(|i| format!("b{i}")))
         .collect();
-    assert_eq!(resumed, want, "resumed at the committed offset, nothing lost");
+    assert_eq!(
+        resumed, want,
+        "resumed at the committed offset, nothing lost"
+    );
+}
+
+/// Run only as a child of `a_killed_group_members_partitions_go_to_a_new_member`: a group member
+/// that applies one event every `CHILD_DELAY_MS` and appends its id to `CHILD_OUT`, until killed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "child process of a_killed_group_members_partitions_go_to_a_new_member"]
+async fn kafka_group_member_child() {
+    use outbox::consumers::kafka::{KafkaSource, KafkaSourceConfig};
+    use outbox::consumers::EventSource;
+    use std::io::Write;
+    let env =
+        |k: &str| std::env::var(k).unwrap_or_else(|_| panic!("{k} is set by the parent test"));
+    let mut source = KafkaSource::connect(KafkaSourceConfig {
+        brokers: env("CHILD_BROKERS"),
+        group: env("CHILD_GROUP"),
+        topics: vec![env("CHILD_TOPIC")],
+        commit_interval: Duration::from_millis(100),
+        session_timeout: Duration::from_millis(env("CHILD_SESSION_MS").parse().unwrap()),
+    })
+    .await
+    .unwrap();
+    let delay = Duration::from_millis(env("CHILD_DELAY_MS").parse().unwrap());
+    let mut out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(env("CHILD_OUT"))
+        .unwrap();
+    while let Ok(Some(r)) = source.next().await {
+        tokio::time::sleep(delay).await;
+        writeln!(out, "{}", r.event.event_id).unwrap();
+        out.flush().unwrap();
+        r.acker.ack().await.unwrap();
+    }
+}
+
+/// A group member SIGKILLed mid-topic (no LeaveGroup): within its session time-out plus a
+/// rebalance, a new member of the same group is assigned every partition and applies the rest;
+/// with what the killed member applied, every event was applied (at least once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_group_members_partitions_go_to_a_new_member() {
+    use outbox::consumers::kafka::{KafkaSource, KafkaSourceConfig};
+    use outbox::consumers::EventSource;
+    let kafka = Tansu::start().await;
+    let topic = testkit::unique("outbox");
+    let publisher = KafkaPublisher::connect(KafkaConfig {
+        brokers: kafka.brokers(),
+        topic_template: topic.clone(),
+        partitions: 4,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let far = tokio::time::Instant::now() + Duration::from_secs(30);
+    let batch: Vec<_> = (0..60)
+        .map(|i| test_message(&format!("a{}", i % 12), i / 12 + 1))
+        .collect();
+    let all: HashSet<String> = batch.iter().map(|m| m.event_id.to_string()).collect();
+    assert!(publisher
+        .publish(&batch, far)
+        .await
+        .iter()
+        .all(|o| o.is_ok()));
+    let group = testkit::unique("group");
+    let session = Duration::from_millis(
+        std::env::var("KAFKA_TEST_SESSION_MS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(3000),
+    );
+    let out = std::env::temp_dir().join(testkit::unique("member-a"));
+    let mut child = std::process::Command::new(std::env::current_exe().expect("test binary"))
+        .args([
+            "kafka_group_member_child",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env("CHILD_BROKERS", kafka.brokers())
+        .env("CHILD_GROUP", &group)
+        .env("CHILD_TOPIC", &topic)
+        .env("CHILD_SESSION_MS", session.as_millis().to_string())
+        .env("CHILD_DELAY_MS", "100")
+        .env("CHILD_OUT", &out)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start the member child");
+    let applied_by_a = || -> Vec<String> {
+        std::fs::read_to_string(&out)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    };
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            applied_by_a().len() >= 10
+        })
+        .await,
+        "the first member applies events"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let killed = std::time::Instant::now();
+    let by_a: HashSet<String> = applied_by_a().into_iter().collect();
+    let _ = std::fs::remove_file(&out);
+    assert!(by_a.len() < all.len(), "killed mid-topic");
+    let mut source = KafkaSource::connect(KafkaSourceConfig {
+        brokers: kafka.brokers(),
+        group: group.clone(),
+        topics: vec![topic.clone()],
+        commit_interval: Duration::from_millis(100),
+        session_timeout: session,
+    })
+    .await
+    .unwrap();
+    let mut by_b = HashSet::new();
+    let mut first = None;
+    let end = tokio::time::Instant::now() + Duration::from_secs(40);
+    while !all.iter().all(|e| by_a.contains(e) || by_b.contains(e))
+        && tokio::time::Instant::now() < end
+    {
+        if let Ok(Ok(Some(r))) = tokio::time::timeout(Duration::from_secs(1), source.next()).await {
+            first.get_or_insert_with(|| killed.elapsed());
+            by_b.insert(r.event.event_id.to_string());
+            r.acker.ack().await.unwrap();
+        }
+    }
+    let missing = all
+        .iter()
+        .filter(|e| !by_a.contains(*e) && !by_b.contains(*e))
+        .count();
+    eprintln!(
+        "first record to the new member {first:?} after the kill; {} applied by the killed member, {} by the new one, {missing} missing",
+        by_a.len(),
+        by_b.len()
+    );
+    assert_eq!(missing, 0, "every event applied; {}", kafka.log_tail());
+    let first = first.expect("the new member got records");
+    assert!(
+        first < session + Duration::from_secs(15),
+        "the partitions were handed over within the session time-out and a rebalance: {first:?}"
+    );
 }
