@@ -30,8 +30,9 @@
 //!   tansu's S3 storage records a request's sequence numbers, then the watermark, then the
 //!   records, so a broker killed in between answers the retry "duplicate" for records it never
 //!   stored (seen in `kafka.rs: durable_broker_*`, a loss). Such messages (see [`unconfirmed`]) are
-//!   reported `Unavailable` (`unconfirmed`) and published again: on Kafka a duplicate, on tansu the
-//!   record that was missing. Its successors of the same request already stored stay where they
+//!   reported `Unavailable` (`unconfirmed`) and published again: on Kafka (which answers a retry of
+//!   one of a producer's last five requests with its original offset, and this error only for
+//!   older ones) a rare duplicate, on tansu the record that was missing. Its successors of the same request already stored stay where they
 //!   are, so a consumer can see the re-published event after its successor: the consumer runtime
 //!   sends such a gap back until the predecessor arrives, and the engine publishes the successor
 //!   again after it.
