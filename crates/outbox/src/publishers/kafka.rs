@@ -29,13 +29,13 @@
 //!   with no offset. A broker whose producer state can run ahead of its log breaks that promise:
 //!   tansu's S3 storage records a request's sequence numbers, then the watermark, then the
 //!   records, so a broker killed in between answers the retry "duplicate" for records it never
-//!   stored (seen in `kafka.rs: durable_broker_*`, a loss). Such messages (see [`unconfirmed`]) are
-//!   reported `Unavailable` (`unconfirmed`) and published again: on Kafka (which answers a retry of
-//!   one of a producer's last five requests with its original offset, and this error only for
-//!   older ones) a rare duplicate, on tansu the record that was missing. Its successors of the same request already stored stay where they
-//!   are, so a consumer can see the re-published event after its successor: the consumer runtime
-//!   sends such a gap back until the predecessor arrives, and the engine publishes the successor
-//!   again after it.
+//!   stored (seen in `kafka.rs: durable_broker_*`, a loss). Such messages (see `unconfirmed`) are
+//!   reported `Unavailable` (`unconfirmed`) and published again: on Kafka (which answers a retry
+//!   of one of a producer's last five requests with its original offset, and this error only for
+//!   older ones) a rare duplicate, on tansu the record that was missing. A later request of the
+//!   same partition may already be stored, so a consumer can meet the re-published event after
+//!   its successor: the consumer runtime sends such a gap back until the predecessor arrives, and
+//!   the engine publishes the successor again after it (not seen in the tests so far).
 //! - **Duplicates.** Kafka keeps no message-id window across producer sessions: a row published
 //!   again after a relay crash or a fatal error is stored twice. Consumers drop the copy by
 //!   `Outbox-Event-Id` / `Outbox-Seq` (the inbox), as for RabbitMQ.
