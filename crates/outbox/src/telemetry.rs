@@ -217,6 +217,7 @@ pub const KAFKA_REASONS: FailureReasons = FailureReasons {
         "broker_refused",
         "fatal",
         "topic",
+        "unconfirmed",
     ],
     retryable: &["rejected", "held_back"],
     permanent: &["too_large", "rejected"],
