@@ -465,3 +465,85 @@ async fn a_dead_consumers_entries_are_taken_over() {
     }
     assert_eq!(b.lag().await, Some(0));
 }
+
+/// `--message-headers compact` on Redis (issue 20 goal 3, issue 22): relays started in turn with
+/// full, compact and full fields write one stream per tenant and topic in which every aggregate
+/// has entries of both encodings; the compact entries hold only `envelope`, `Outbox-Event-Id` and
+/// `Outbox-Meta`; and the consumer runtime applies every event once, in order, under the
+/// outbox's producer identity.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compact_and_full_fields_in_one_stream_are_applied_in_order_with_the_producer() {
+    use outbox::meta::META_HEADER;
+    let db = TestDb::new().await;
+    let server = PrivateRedis::start().await;
+    let prefix = testkit::unique("mixed");
+    let (stream, registry, dedup) = (
+        format!("{prefix}:{{tenant}}:{{topic}}"),
+        format!("{prefix}:streams"),
+        format!("{prefix}:dedup:"),
+    );
+    let per_round = 200;
+    for (round, encoding) in ["full", "compact", "full"].into_iter().enumerate() {
+        insert_backlog(&db, per_round, 20).await;
+        let mut relay = common::RelayProcess::spawn_args(
+            &db,
+            &[
+                "relay",
+                "--broker",
+                "redis",
+                "--message-headers",
+                encoding,
+                "--redis-stream",
+                &stream,
+                "--redis-registry-key",
+                &registry,
+                "--redis-dedup-prefix",
+                &dedup,
+                "--poll-interval-ms",
+                "100",
+            ],
+            &[("REDIS_URL", &server.url())],
+        );
+        let want = per_round * (round as i64 + 1);
+        assert!(
+            eventually(Duration::from_secs(30), || async {
+                count(&db, "published").await == want
+            })
+            .await,
+            "{encoding} relay: published {} of {want}",
+            count(&db, "published").await
+        );
+        relay.sigterm_and_wait();
+    }
+    let seen = read_all(&server.url(), &registry).await;
+    assert_eq!(seen.len(), 3 * per_round as usize);
+    let compact: Vec<&Seen> = seen
+        .iter()
+        .filter(|m| m.headers.contains_key(META_HEADER))
+        .collect();
+    assert_eq!(
+        compact.len(),
+        per_round as usize,
+        "the middle relay's entries"
+    );
+    for m in &compact {
+        let mut names: Vec<&str> = m.headers.keys().map(String::as_str).collect();
+        names.sort();
+        assert_eq!(names, ["Outbox-Event-Id", META_HEADER], "{m:?}");
+    }
+    let source = RedisSource::connect(RedisSourceConfig {
+        url: server.url(),
+        registry_key: registry.clone(),
+        group: "g".into(),
+        consumer: "c".into(),
+        block: Duration::from_millis(100),
+        ..Default::default()
+    })
+    .await
+    .expect("source");
+    let name = testkit::unique("mixed_redis");
+    let c = common::applied::Running::start(&db, &name, source).await;
+    common::applied::wait(&db, seen.len(), Duration::from_secs(30)).await;
+    c.shutdown().await;
+    common::applied::assert_all_once_in_order_with_the_producer(&db, &name).await;
+}
