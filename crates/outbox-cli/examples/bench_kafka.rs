@@ -13,11 +13,18 @@
 //!
 //! `cargo run --release -p outbox-cli --example bench_kafka -- [backlog]` (default 100000).
 //! Needs tansu (`scripts/ensure-services.sh` installs it; `TANSU_BIN` overrides).
+//!
+//! `BENCH_ONLY=headers` measures the compact encoding instead (issue 20 goal 3 on Kafka):
+//! `BENCH_PAIRS` pairs (default 3) of drains with full and with compact record headers (each
+//! drain a fresh backlog and topic, the order alternating), with the CPU time per event of this
+//! process (the relay), the database's backends and tansu.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
+use futures::FutureExt;
+use outbox::meta::HeaderEncoding;
 use outbox::publishers::kafka::{self, KafkaConfig, KafkaPublisher};
 use outbox::{PgStore, Relay, RelayConfig};
 use rdkafka::config::ClientConfig;
@@ -42,6 +49,29 @@ async fn main() {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!("machine: {cores} cores; backlog {backlog}; broker: tansu (memory storage)");
     let broker = Tansu::start().await;
+    if std::env::var("BENCH_ONLY").as_deref() == Ok("headers") {
+        let pid = broker.pid().expect("tansu runs");
+        support::header_pairs(
+            backlog,
+            support::env_or("BENCH_PAIRS", 3),
+            "tansu",
+            pid,
+            || async {}.boxed(),
+            |db, compact| {
+                let cfg = KafkaConfig {
+                    header_encoding: if compact {
+                        HeaderEncoding::Compact
+                    } else {
+                        HeaderEncoding::Full
+                    },
+                    ..config(&broker, &testkit::unique("bench_headers"))
+                };
+                async move { relay_drain(db, cfg, backlog).await }.boxed()
+            },
+        )
+        .await;
+        return;
+    }
 
     // --- raw baseline --------------------------------------------------------------------
     let db = TestDb::new().await;
@@ -95,14 +125,31 @@ async fn main() {
     write_backlog(&db, backlog).await;
     quiet().await;
     let topic = testkit::unique("bench_relay");
+    let drained = relay_drain(&db, config(&broker, &topic), backlog).await;
+    println!(
+        "relay drain, rows kept as published      : {drained:>9.0} events/s   ratio {:.2}",
+        drained / raw
+    );
+}
+
+fn config(broker: &Tansu, topic: &str) -> KafkaConfig {
+    KafkaConfig {
+        brokers: broker.brokers(),
+        topic_template: topic.into(),
+        partitions: PARTITIONS,
+        ..Default::default()
+    }
+}
+
+/// Runs a relay with the adapter settings `cfg` over the backlog of `db` until every row is
+/// published (rows kept); events/s.
+async fn relay_drain(db: &TestDb, cfg: KafkaConfig, backlog: i64) -> f64 {
     let relay_config = RelayConfig {
         relay_id: testkit::unique("bench"),
         batch_size: 1000,
         ..Default::default()
     };
-    let publisher = KafkaPublisher::connect(config(&broker, &topic))
-        .await
-        .unwrap();
+    let publisher = KafkaPublisher::connect(cfg).await.unwrap();
     let relay = Relay::new(
         Arc::new(PgStore::new(db.pool.clone())),
         Arc::new(publisher),
@@ -126,17 +173,5 @@ async fn main() {
     let drained = backlog as f64 / t.elapsed().as_secs_f64();
     stop.cancel();
     task.await.unwrap().unwrap();
-    println!(
-        "relay drain, rows kept as published      : {drained:>9.0} events/s   ratio {:.2}",
-        drained / raw
-    );
-}
-
-fn config(broker: &Tansu, topic: &str) -> KafkaConfig {
-    KafkaConfig {
-        brokers: broker.brokers(),
-        topic_template: topic.into(),
-        partitions: PARTITIONS,
-        ..Default::default()
-    }
+    drained
 }

@@ -14,10 +14,17 @@
 //!   (script: `XADD`, `SADD`), each on a fresh database and fresh stream names.
 //!
 //! `cargo run --release -p outbox-cli --example bench_redis -- [backlog]` (default 100000).
+//!
+//! `BENCH_ONLY=headers` measures the compact encoding instead (issue 20 goal 3 on Redis):
+//! `BENCH_PAIRS` pairs (default 3) of drains with full and with compact fields (de-duplication
+//! on, each drain a fresh backlog, the order alternating), with the CPU time per event of this
+//! process (the relay), the database's backends and redis-server.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
+use outbox::meta::HeaderEncoding;
 use outbox::publishers::redis::{RedisConfig, RedisPublisher};
 use outbox::{OutboundMessage, PgStore, Relay, RelayConfig};
 use redis::aio::MultiplexedConnection;
@@ -50,6 +57,36 @@ async fn main() {
         )
         .await
         .unwrap();
+
+    if std::env::var("BENCH_ONLY").as_deref() == Ok("headers") {
+        let pid = server.pid().expect("redis-server runs");
+        let mut round = 0;
+        support::header_pairs(
+            backlog,
+            support::env_or("BENCH_PAIRS", 3),
+            "redis-server",
+            pid,
+            || {
+                let mut conn = conn.clone();
+                async move { flush(&mut conn).await }.boxed()
+            },
+            |db, compact| {
+                round += 1;
+                let cfg = RedisConfig {
+                    header_encoding: if compact {
+                        HeaderEncoding::Compact
+                    } else {
+                        HeaderEncoding::Full
+                    },
+                    ..config(&server, &format!("h{round}"))
+                };
+                let mut conn = conn.clone();
+                async move { drain(db, &mut conn, cfg, backlog).await }.boxed()
+            },
+        )
+        .await;
+        return;
+    }
 
     let db = TestDb::new().await;
     write_backlog(&db, backlog).await;

@@ -1012,3 +1012,73 @@ async fn a_killed_group_members_partitions_go_to_a_new_member() {
         "the partitions were handed over within the session time-out and a rebalance: {first:?}"
     );
 }
+
+/// `--message-headers compact` on Kafka (issue 20 goal 3, issue 22): relays started in turn with
+/// full, compact and full headers write one topic in which every aggregate has records of both
+/// encodings; the compact records carry only `Outbox-Event-Id` and `Outbox-Meta` (the key is still
+/// the aggregate); and the consumer runtime applies every event once, in order, under the outbox's
+/// producer identity.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compact_and_full_headers_in_one_topic_are_applied_in_order_with_the_producer() {
+    use outbox::consumers::kafka::{KafkaSource, KafkaSourceConfig};
+    use outbox::meta::META_HEADER;
+    let db = TestDb::new().await;
+    let kafka = Tansu::start().await;
+    let topic = testkit::unique("mixed");
+    let per_round = 200;
+    for (round, encoding) in ["full", "compact", "full"].into_iter().enumerate() {
+        insert_backlog(&db, per_round, 20).await;
+        let mut relay = spawn_relay(
+            &db,
+            &kafka.brokers(),
+            &topic,
+            &["--message-headers", encoding],
+        );
+        let want = per_round * (round as i64 + 1);
+        assert!(
+            all_published(&db, want, Duration::from_secs(60)).await,
+            "{encoding} relay: {}",
+            kafka.log_tail()
+        );
+        relay.sigterm_and_wait();
+    }
+    let total = 3 * per_round as usize;
+    let msgs = read_topic(&kafka.brokers(), &topic, 4, total);
+    assert_eq!(msgs.len(), total);
+    let compact: Vec<&Seen> = msgs
+        .iter()
+        .filter(|m| m.headers.contains_key(META_HEADER))
+        .collect();
+    assert_eq!(
+        compact.len(),
+        per_round as usize,
+        "the middle relay's records"
+    );
+    for m in &compact {
+        let mut names: Vec<&str> = m.headers.keys().map(String::as_str).collect();
+        names.sort();
+        assert_eq!(names, ["Outbox-Event-Id", META_HEADER], "{m:?}");
+        let meta = outbox::meta::Meta::decode(&m.headers[META_HEADER]).unwrap();
+        assert_eq!(
+            m.key,
+            format!(
+                "{}/{}/{}",
+                meta.tenant_id, meta.aggregate_type, meta.aggregate_id
+            )
+        );
+    }
+    let source = KafkaSource::connect(KafkaSourceConfig {
+        brokers: kafka.brokers(),
+        group: testkit::unique("group"),
+        topics: vec![topic.clone()],
+        commit_interval: Duration::from_millis(100),
+        ..Default::default()
+    })
+    .await
+    .expect("source");
+    let name = testkit::unique("mixed_kafka");
+    let c = common::applied::Running::start(&db, &name, source).await;
+    common::applied::wait(&db, total, Duration::from_secs(45)).await;
+    c.shutdown().await;
+    common::applied::assert_all_once_in_order_with_the_producer(&db, &name).await;
+}

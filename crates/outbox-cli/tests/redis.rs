@@ -465,3 +465,221 @@ async fn a_dead_consumers_entries_are_taken_over() {
     }
     assert_eq!(b.lag().await, Some(0));
 }
+
+/// `--message-headers compact` on Redis (issue 20 goal 3, issue 22): relays started in turn with
+/// full, compact and full fields write one stream per tenant and topic in which every aggregate
+/// has entries of both encodings; the compact entries hold only `envelope`, `Outbox-Event-Id` and
+/// `Outbox-Meta`; and the consumer runtime applies every event once, in order, under the
+/// outbox's producer identity.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compact_and_full_fields_in_one_stream_are_applied_in_order_with_the_producer() {
+    use outbox::meta::META_HEADER;
+    let db = TestDb::new().await;
+    let server = PrivateRedis::start().await;
+    let prefix = testkit::unique("mixed");
+    let (stream, registry, dedup) = (
+        format!("{prefix}:{{tenant}}:{{topic}}"),
+        format!("{prefix}:streams"),
+        format!("{prefix}:dedup:"),
+    );
+    let per_round = 200;
+    for (round, encoding) in ["full", "compact", "full"].into_iter().enumerate() {
+        insert_backlog(&db, per_round, 20).await;
+        let mut relay = common::RelayProcess::spawn_args(
+            &db,
+            &[
+                "relay",
+                "--broker",
+                "redis",
+                "--message-headers",
+                encoding,
+                "--redis-stream",
+                &stream,
+                "--redis-registry-key",
+                &registry,
+                "--redis-dedup-prefix",
+                &dedup,
+                "--poll-interval-ms",
+                "100",
+            ],
+            &[("REDIS_URL", &server.url())],
+        );
+        let want = per_round * (round as i64 + 1);
+        assert!(
+            eventually(Duration::from_secs(30), || async {
+                count(&db, "published").await == want
+            })
+            .await,
+            "{encoding} relay: published {} of {want}",
+            count(&db, "published").await
+        );
+        relay.sigterm_and_wait();
+    }
+    let seen = read_all(&server.url(), &registry).await;
+    assert_eq!(seen.len(), 3 * per_round as usize);
+    let compact: Vec<&Seen> = seen
+        .iter()
+        .filter(|m| m.headers.contains_key(META_HEADER))
+        .collect();
+    assert_eq!(
+        compact.len(),
+        per_round as usize,
+        "the middle relay's entries"
+    );
+    for m in &compact {
+        let mut names: Vec<&str> = m.headers.keys().map(String::as_str).collect();
+        names.sort();
+        assert_eq!(names, ["Outbox-Event-Id", META_HEADER], "{m:?}");
+    }
+    let source = RedisSource::connect(RedisSourceConfig {
+        url: server.url(),
+        registry_key: registry.clone(),
+        group: "g".into(),
+        consumer: "c".into(),
+        block: Duration::from_millis(100),
+        ..Default::default()
+    })
+    .await
+    .expect("source");
+    let name = testkit::unique("mixed_redis");
+    let c = common::applied::Running::start(&db, &name, source).await;
+    common::applied::wait(&db, seen.len(), Duration::from_secs(30)).await;
+    c.shutdown().await;
+    common::applied::assert_all_once_in_order_with_the_producer(&db, &name).await;
+}
+
+/// Adds an entry as the relay's full encoding writes it (aggregate `agg` of tenant `t`, `seq`) to
+/// `stream` and registers the stream.
+async fn add_entry(
+    c: &mut MultiplexedConnection,
+    registry: &str,
+    stream: &str,
+    agg: &str,
+    seq: i64,
+) {
+    let id = uuid::Uuid::now_v7().to_string();
+    let _: String = redis::cmd("XADD")
+        .arg(stream)
+        .arg("*")
+        .arg(ENVELOPE_FIELD)
+        .arg(format!(r#"{{"eventId":"{id}"}}"#))
+        .arg("Outbox-Event-Id")
+        .arg(&id)
+        .arg("Outbox-Tenant-Id")
+        .arg("t")
+        .arg("Outbox-Aggregate-Type")
+        .arg("A")
+        .arg("Outbox-Aggregate-Id")
+        .arg(agg)
+        .arg("Outbox-Seq")
+        .arg(seq)
+        .query_async(c)
+        .await
+        .expect("XADD");
+    let _: i64 = redis::cmd("SADD")
+        .arg(registry)
+        .arg(stream)
+        .query_async(c)
+        .await
+        .unwrap();
+}
+
+fn source_config(server: &PrivateRedis, registry: &str, consumer: &str) -> RedisSourceConfig {
+    RedisSourceConfig {
+        url: server.url(),
+        registry_key: registry.into(),
+        group: "g".into(),
+        consumer: consumer.into(),
+        block: Duration::from_millis(100),
+        discover_every: Duration::from_millis(200),
+        ..Default::default()
+    }
+}
+
+/// The next entry within `within`, as (aggregate id, seq), with its acknowledger.
+async fn next_entry(
+    s: &mut RedisSource,
+    within: Duration,
+) -> Option<((String, i64), Box<dyn outbox::consumers::Acknowledger>)> {
+    let r = tokio::time::timeout(within, s.next())
+        .await
+        .ok()?
+        .unwrap()?;
+    let (a, p) = r.event.sequenced().expect("sequenced");
+    Some(((a.aggregate_id.clone(), p.seq), r.acker))
+}
+
+/// A consumer restarted under its name reads its own pending entries first; one of them still
+/// being handled (held, not acknowledged) must not keep the stream's new entries from it. (It
+/// did: the pending entries were read from `0` again and again, the held one kept coming back,
+/// and the stream never switched to new entries until it was acknowledged.)
+#[tokio::test]
+async fn a_held_pending_entry_does_not_keep_new_entries_from_a_restarted_consumer() {
+    let server = PrivateRedis::start().await;
+    let prefix = testkit::unique("hist");
+    let (registry, stream) = (format!("{prefix}:streams"), format!("{prefix}:t:x"));
+    let mut c = conn(&server.url()).await;
+    for seq in 1..=3 {
+        add_entry(&mut c, &registry, &stream, &format!("p{seq}"), 1).await;
+    }
+    let mut a = RedisSource::connect(source_config(&server, &registry, "c"))
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        next_entry(&mut a, Duration::from_secs(5))
+            .await
+            .expect("read");
+    }
+    drop(a); // dies with its three entries pending
+    let mut a = RedisSource::connect(source_config(&server, &registry, "c"))
+        .await
+        .unwrap();
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let (key, acker) = next_entry(&mut a, Duration::from_secs(5))
+            .await
+            .expect("its own pending entries again");
+        if key.0 == "p1" {
+            held.push(acker); // still being handled
+        } else {
+            acker.ack().await.unwrap();
+        }
+    }
+    assert_eq!(held.len(), 1);
+    add_entry(&mut c, &registry, &stream, "n", 1).await;
+    let got = next_entry(&mut a, Duration::from_secs(5)).await;
+    assert_eq!(
+        got.map(|(k, _)| k),
+        Some(("n".to_string(), 1)),
+        "the new entry is delivered while p1 is still held"
+    );
+}
+
+/// Entries of several streams returned by one read are handed over in entry-id (time) order, not
+/// stream after stream: an aggregate whose events went to two topics (two streams) arrives in
+/// seq order, so the runtime does not make each event wait for its predecessor (a gap retry).
+#[tokio::test]
+async fn entries_of_several_streams_are_handed_over_in_time_order() {
+    let server = PrivateRedis::start().await;
+    let prefix = testkit::unique("order");
+    let registry = format!("{prefix}:streams");
+    let mut c = conn(&server.url()).await;
+    for seq in 1..=8 {
+        let topic = if seq % 2 == 0 { "even" } else { "odd" };
+        add_entry(&mut c, &registry, &format!("{prefix}:t:{topic}"), "x", seq).await;
+        // Entry ids are milliseconds: within one, the two streams' ids cannot be compared.
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    let mut s = RedisSource::connect(source_config(&server, &registry, "c"))
+        .await
+        .unwrap();
+    let mut seqs = Vec::new();
+    while let Some(((_, seq), acker)) = next_entry(&mut s, Duration::from_secs(5)).await {
+        seqs.push(seq);
+        acker.ack().await.unwrap();
+        if seqs.len() == 8 {
+            break;
+        }
+    }
+    assert_eq!(seqs, (1..=8).collect::<Vec<_>>());
+}

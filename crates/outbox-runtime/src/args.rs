@@ -85,11 +85,12 @@ pub struct BrokerArgs {
     /// start-up. See docs/benchmarks.md for when it pays.
     #[arg(long, env = "OUTBOX_NATS_ATOMIC_BATCH")]
     pub nats_atomic_batch: bool,
-    /// How each event's ids and position travel (both brokers): `full`, one header per field
-    /// (Outbox-Tenant-Id, Outbox-Seq, ...; what every consumer reads), or `compact`, one
-    /// `Outbox-Meta` header beside Nats-Msg-Id / message_id (smaller and faster; read by this
-    /// project's consumer runtime from this version on, layout in docs/message-format.md for
-    /// consumers in other languages). Upgrade the consumers first.
+    /// How each event's ids and position travel (every broker): `full`, one header per field
+    /// (Outbox-Tenant-Id, Outbox-Seq, ...; Redis: one stream field each; what every consumer
+    /// reads), or `compact`, one `Outbox-Meta` header (Redis: field) beside the event id
+    /// (Nats-Msg-Id, AMQP message_id, Redis / Kafka Outbox-Event-Id) and traceparent (smaller and
+    /// faster; read by this project's consumer runtime from this version on, layout in
+    /// docs/message-format.md for consumers in other languages). Upgrade the consumers first.
     #[arg(
         long,
         env = "OUTBOX_MESSAGE_HEADERS",

@@ -8,7 +8,7 @@ use outbox::nats::{NatsConfig, NatsPublisher};
 use outbox::nats_batch::NatsBatchPublisher;
 use outbox::{OutboxError, Publisher, RelayConfig};
 
-use crate::args::{BrokerArgs, BrokerKind, MessageHeaders};
+use crate::args::{BrokerArgs, BrokerKind};
 
 /// Connects the adapter selected by `args` for a relay configured as `relay`, whose re-publish
 /// horizon the broker's de-duplication must cover.
@@ -16,17 +16,6 @@ pub async fn connect(
     args: &BrokerArgs,
     relay: &RelayConfig,
 ) -> Result<Arc<dyn Publisher>, OutboxError> {
-    // The Redis and Kafka adapters write their metadata one field / header per name only:
-    // refuse rather than silently send what the operator did not ask for.
-    if args.message_headers == MessageHeaders::Compact
-        && !matches!(args.broker, BrokerKind::Nats | BrokerKind::Rabbitmq)
-    {
-        return Err(OutboxError::Config(format!(
-            "--message-headers compact is implemented for the nats and rabbitmq brokers only, not \
-             for {:?}: drop the flag (or OUTBOX_MESSAGE_HEADERS) for this broker",
-            args.broker
-        )));
-    }
     match args.broker {
         BrokerKind::Nats => {
             let cfg = NatsConfig {
@@ -58,7 +47,10 @@ pub async fn connect(
         // The de-duplication keys must outlive every re-publish of an event.
         #[cfg(feature = "redis")]
         BrokerKind::Redis => {
-            let cfg = args.redis.config();
+            let cfg = outbox::publishers::redis::RedisConfig {
+                header_encoding: args.message_headers.into(),
+                ..args.redis.config()
+            };
             let horizon = relay.dedup_horizon(cfg.command_timeout);
             Ok(Arc::new(
                 outbox::publishers::redis::RedisPublisher::connect(cfg, horizon).await?,
@@ -67,7 +59,10 @@ pub async fn connect(
         // Kafka keeps no message-id window across producer sessions: consumers de-duplicate.
         BrokerKind::Kafka => Ok(Arc::new(
             outbox::publishers::kafka::KafkaPublisher::connect(
-                args.kafka.config(relay.lease_margin()),
+                outbox::publishers::kafka::KafkaConfig {
+                    header_encoding: args.message_headers.into(),
+                    ..args.kafka.config(relay.lease_margin())
+                },
             )
             .await?,
         )),

@@ -209,6 +209,11 @@ impl Tansu {
         self.advertised.clone()
     }
 
+    /// The broker's process id while it runs (benchmarks read its CPU time).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     /// Stops the broker's process (SIGSTOP): connections stay open, nothing is answered.
     pub fn pause(&self) {
         self.signal("-STOP");

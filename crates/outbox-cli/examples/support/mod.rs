@@ -409,3 +409,83 @@ pub async fn raw_stream(client: &async_nats::Client) -> (TestStream, jetstream::
     let template = format!("{}.{{tenant}}.{{topic}}", raw_stream.prefix);
     (raw_stream, js, template)
 }
+
+/// `BENCH_ONLY=headers` of the Redis and Kafka benchmarks: `pairs` pairs of drains, each of a
+/// fresh backlog of `backlog` events (rows kept), one with full and one with compact headers, the
+/// order alternating per pair; prints per drain the rate and the CPU microseconds per event of
+/// this process (the relay), the database's backends and the broker process `broker_pid`, then
+/// the medians and the ratios. `drain(db, compact)` runs one relay over `db` until done;
+/// `reset()` runs before each drain, outside the measurement (e.g. empties the broker).
+pub async fn header_pairs<F, R>(
+    backlog: i64,
+    pairs: usize,
+    broker: &str,
+    broker_pid: u32,
+    mut reset: R,
+    mut drain: F,
+) where
+    F: for<'a> FnMut(&'a TestDb, bool) -> futures::future::BoxFuture<'a, f64>,
+    R: FnMut() -> futures::future::BoxFuture<'static, ()>,
+{
+    let mut rates: [Vec<f64>; 2] = Default::default();
+    let mut cpu: [Vec<[f64; 3]>; 2] = Default::default();
+    let mut ratios = Vec::new();
+    for pair in 0..pairs {
+        let mut this = [0.0; 2];
+        for i in 0..2 {
+            let compact = (pair + i) % 2 == 1;
+            reset().await;
+            let db = TestDb::new().await;
+            write_backlog(&db, backlog).await;
+            quiet().await;
+            let pg_before = cpu::snapshot(&cpu::backends(&db).await);
+            let before = cpu::Sample::take(&[broker_pid]);
+            let rate = drain(&db, compact).await;
+            let used = cpu::Sample::take(&[broker_pid]).since(&before);
+            let pg = cpu::backend_delta(&pg_before, &cpu::backends(&db).await);
+            let per = |s: f64| s * 1e6 / backlog as f64;
+            let us = [per(used.me), per(pg), per(used.children)];
+            println!(
+                "  pair {pair}: drain, rows kept, {} headers: {rate:>8.0} events/s   CPU us/event: relay {:.1}  PostgreSQL {:.1}  {broker} {:.1}  total {:.1}",
+                if compact { "compact" } else { "full   " },
+                us[0],
+                us[1],
+                us[2],
+                us.iter().sum::<f64>()
+            );
+            this[compact as usize] = rate;
+            rates[compact as usize].push(rate);
+            cpu[compact as usize].push(us);
+        }
+        ratios.push(this[1] / this[0]);
+    }
+    let med = |v: Vec<f64>| headers::median_of(v);
+    let cpu_med = |m: usize, k: usize| med(cpu[m].iter().map(|c| c[k]).collect());
+    let total = |m: usize| med(cpu[m].iter().map(|c| c.iter().sum()).collect());
+    for (m, name) in [(0, "full   "), (1, "compact")] {
+        println!(
+            "median, {name} headers: {:>8.0} events/s   CPU us/event: relay {:.1}  PostgreSQL {:.1}  {broker} {:.1}  total {:.1}",
+            med(rates[m].clone()),
+            cpu_med(m, 0),
+            cpu_med(m, 1),
+            cpu_med(m, 2),
+            total(m)
+        );
+    }
+    println!(
+        "compact / full drain per pair {:?}, median x{:.2}; CPU per event full / compact: relay x{:.2}  {broker} x{:.2}  total x{:.2}",
+        ratios.iter().map(|r| (r * 100.0).round() / 100.0).collect::<Vec<_>>(),
+        med(ratios.clone()),
+        cpu_med(0, 0) / cpu_med(1, 0),
+        cpu_med(0, 2) / cpu_med(1, 2),
+        total(0) / total(1)
+    );
+}
+
+/// The number in the environment variable `k`, else `d`.
+pub fn env_or(k: &str, d: usize) -> usize {
+    std::env::var(k)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(d)
+}

@@ -340,3 +340,154 @@ pub async fn assert_delivered_in_order(
     );
     dups
 }
+
+/// The consumer runtime over a broker's source, for the broker tests: one effect row per applied
+/// event with the producer identity and position the runtime read from the message.
+pub mod applied {
+    use std::time::Duration;
+
+    use async_trait::async_trait;
+    use outbox::consumers::{
+        Consumer, ConsumerConfig, EventSource, Handler, HandlerError, InboundEvent,
+    };
+    use sqlx::PgConnection;
+    use testkit::TestDb;
+    use tokio_util::sync::CancellationToken;
+    use uuid::Uuid;
+
+    /// Writes (event id, producer, tenant/aggregate, seq) of each applied event.
+    struct Recorder;
+
+    #[async_trait]
+    impl Handler for Recorder {
+        async fn handle(
+            &self,
+            tx: &mut PgConnection,
+            e: &InboundEvent,
+        ) -> Result<(), HandlerError> {
+            let (agg, seq) = match e.sequenced() {
+                Some((a, p)) => (
+                    Some(format!("{}/{}", a.tenant_id, a.aggregate_id)),
+                    Some(p.seq),
+                ),
+                None => (None, None),
+            };
+            sqlx::query(
+                "INSERT INTO test_effect (event_id, producer, aggregate, seq) VALUES ($1, $2, $3, $4)",
+            )
+            .bind(e.event_id)
+            .bind(&e.producer)
+            .bind(agg)
+            .bind(seq)
+            .execute(&mut *tx)
+            .await?;
+            Ok(())
+        }
+    }
+
+    /// A consumer runtime running `source` on `db` (which holds the outbox too) under `name`.
+    pub struct Running {
+        stop: CancellationToken,
+        task: tokio::task::JoinHandle<outbox::error::Result<()>>,
+    }
+
+    impl Running {
+        /// Creates the effect table and starts the consumer.
+        pub async fn start(db: &TestDb, name: &str, source: impl EventSource) -> Self {
+            sqlx::query(
+                "CREATE TABLE IF NOT EXISTS test_effect (n BIGSERIAL PRIMARY KEY, event_id UUID NOT NULL,
+                     producer TEXT NOT NULL, aggregate TEXT, seq BIGINT)",
+            )
+            .execute(&db.pool)
+            .await
+            .expect("effect table");
+            let mut cfg = ConsumerConfig::new(name);
+            cfg.concurrency = 4;
+            cfg.gap_retry = Duration::from_millis(30);
+            let consumer = Consumer::new(db.pool.clone(), Recorder, cfg).expect("consumer");
+            let stop = CancellationToken::new();
+            let st = stop.clone();
+            let task = tokio::spawn(async move { consumer.run(source, st).await });
+            Self { stop, task }
+        }
+
+        /// Stops it; it must still have been running.
+        pub async fn shutdown(self) {
+            assert!(!self.task.is_finished(), "the consumer is still running");
+            self.stop.cancel();
+            tokio::time::timeout(Duration::from_secs(10), self.task)
+                .await
+                .expect("the consumer stops within 10 s")
+                .expect("no panic")
+                .expect("the consumer ends cleanly");
+        }
+    }
+
+    /// Effect rows (event id, producer, aggregate, seq) in the order they were written.
+    pub async fn effects(db: &TestDb) -> Vec<(Uuid, String, Option<String>, Option<i64>)> {
+        sqlx::query_as("SELECT event_id, producer, aggregate, seq FROM test_effect ORDER BY n")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap_or_default()
+    }
+
+    /// Waits (at most `within`) until `n` events were applied.
+    pub async fn wait(db: &TestDb, n: usize, within: Duration) {
+        let ok = testkit::eventually(within, || async { effects(db).await.len() >= n }).await;
+        assert!(ok, "{} of {n} events applied", effects(db).await.len());
+    }
+
+    /// Every event of the outbox in `db` was applied exactly once, each aggregate's in seq order
+    /// (1, 2, 3, ...), all under the outbox's producer identity, and nothing was parked.
+    pub async fn assert_all_once_in_order_with_the_producer(db: &TestDb, name: &str) {
+        let producer: Uuid = sqlx::query_scalar("SELECT id FROM outbox_producer")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+        let want: Vec<(Uuid, String, i64)> = sqlx::query_as(
+            "SELECT event_id, tenant_id || '/' || aggregate_id, seq FROM outbox_event_all ORDER BY event_id",
+        )
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+        let rows = effects(db).await;
+        let mut got: Vec<(Uuid, String, i64)> = rows
+            .iter()
+            .map(|(id, _, agg, seq)| {
+                (
+                    *id,
+                    agg.clone().expect("sequenced: the aggregate was read"),
+                    seq.expect("sequenced: the seq was read"),
+                )
+            })
+            .collect();
+        got.sort();
+        assert_eq!(got.len(), want.len(), "every event applied exactly once");
+        assert_eq!(got, want, "the ids and positions the producer wrote");
+        let producer = producer.to_string();
+        let others: Vec<&String> = rows
+            .iter()
+            .map(|r| &r.1)
+            .filter(|p| **p != producer)
+            .collect();
+        assert!(
+            others.is_empty(),
+            "producer identity lost: {:?}",
+            &others[..others.len().min(3)]
+        );
+        let mut next: std::collections::HashMap<&str, i64> = Default::default();
+        for (_, _, agg, seq) in &rows {
+            let n = next.entry(agg.as_deref().unwrap()).or_insert(1);
+            assert_eq!(seq.unwrap(), *n, "{agg:?} applied out of order");
+            *n += 1;
+        }
+        let parked: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM outbox_consumer_dead_letter WHERE consumer = $1",
+        )
+        .bind(name)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        assert_eq!(parked, 0, "nothing parked");
+    }
+}

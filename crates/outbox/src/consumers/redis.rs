@@ -8,8 +8,9 @@
 //!   entry still in the stream.
 //! - **Reading.** A background task reads with `XREADGROUP` on a connection of its own (a
 //!   blocking read would hold a multiplexed connection's other commands), first this consumer's
-//!   own pending entries (`0`: what a previous run of the same consumer name read and did not
-//!   acknowledge), then new ones (`>`), and hands them over through a channel, which keeps
+//!   own pending entries (from `0`: what a previous run of the same consumer name read and did
+//!   not acknowledge), each read going on after the last entry the previous one returned, then
+//!   new ones (`>`), and hands them over through a channel, which keeps
 //!   [`EventSource::next`] cancel-safe.
 //! - **Dead consumers.** Every `claim_idle / 2` the task takes over entries idle longer than
 //!   `claim_idle` in the group (`XAUTOCLAIM`): those of a consumer that died, or was renamed.
@@ -175,7 +176,8 @@ struct Reader {
     tx: mpsc::Sender<Received>,
     held: Held,
     streams: Arc<Mutex<Vec<String>>>,
-    /// Per stream, `0` while this consumer's own pending entries are being read, then `>`.
+    /// Per stream, while this consumer's own pending entries are being read the id after which
+    /// the next read goes on (from `0`), then `>`.
     cursors: HashMap<String, String>,
 }
 
@@ -258,7 +260,7 @@ impl Reader {
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .unzip();
-        let history = ids.iter().any(|i| i == "0");
+        let history = ids.iter().any(|i| i != ">");
         let mut cmd = redis::cmd("XREADGROUP");
         cmd.arg("GROUP")
             .arg(&self.cfg.group)
@@ -274,18 +276,30 @@ impl Reader {
             .await
             .map_err(|e| broker("XREADGROUP", e))?;
         let reply = reply.unwrap_or_default();
-        let mut got: HashMap<String, usize> = HashMap::new();
+        let mut last: HashMap<String, String> = HashMap::new();
+        let mut entries = Vec::new();
         for key in reply.keys {
-            got.insert(key.key.clone(), key.ids.len());
-            for entry in key.ids {
-                self.deliver(&key.key, entry).await;
+            if let Some(e) = key.ids.last() {
+                last.insert(key.key.clone(), e.id.clone());
             }
+            entries.extend(key.ids.into_iter().map(|e| (key.key.clone(), e)));
+        }
+        // In entry-id (time) order across the streams, not stream after stream: an aggregate's
+        // events that went to several streams (one per topic) were added one after the other,
+        // so this hands them over nearly in order, instead of making each wait (a gap retry)
+        // for its predecessor in a stream handed over later.
+        entries.sort_by_cached_key(|(_, e)| entry_time(&e.id));
+        for (stream, entry) in entries {
+            self.deliver(&stream, entry).await;
         }
         if history {
-            // A stream whose own pending entries are all read again switches to new entries.
+            // A history read goes on after the last pending entry it returned (reading from
+            // `0` again would return the same entries over and over, all held, and never let
+            // the stream's new entries through while any of them waits); a stream with no
+            // pending entry left switches to new entries.
             for (name, id) in self.cursors.iter_mut() {
-                if id == "0" && got.get(name).copied().unwrap_or(0) == 0 {
-                    *id = ">".into();
+                if id != ">" {
+                    *id = last.remove(name).unwrap_or_else(|| ">".into());
                 }
             }
         }
@@ -375,6 +389,12 @@ impl Reader {
         }
         Ok(())
     }
+}
+
+/// An entry id (`<ms>-<n>`) as numbers, for ordering entries of several streams.
+fn entry_time(id: &str) -> (u64, u64) {
+    let (ms, n) = id.split_once('-').unwrap_or((id, "0"));
+    (ms.parse().unwrap_or(u64::MAX), n.parse().unwrap_or(0))
 }
 
 /// A stream entry as an event: the [`ENVELOPE_FIELD`] is the body, the other fields headers.

@@ -4,7 +4,10 @@
 //! - **Key and headers.** The record key is the aggregate (`{tenant}/{aggregate_type}/{aggregate_id}`),
 //!   so all events of one aggregate go to one partition and keep their order there; the headers
 //!   are the ones every adapter sends (`Outbox-Event-Id`, `-Seq`, `-Seq-Epoch`, `-Producer-Id`,
-//!   `-Skip`, ...: [`crate::nats::NatsPublisher::headers`] without `Nats-Msg-Id`).
+//!   `-Skip`, ...: [`crate::nats::NatsPublisher::headers`] without `Nats-Msg-Id`). With
+//!   [`KafkaConfig::header_encoding`] compact they are `Outbox-Event-Id` (a Kafka record has no
+//!   message id of its own: consumers de-duplicate on this header), `Outbox-Meta`
+//!   ([`crate::meta`]) and `traceparent`.
 //! - **Acknowledged by all in-sync replicas.** `acks=all` with `enable.idempotence=true`: a
 //!   broker retry within one producer session is de-duplicated by the broker, and the messages of
 //!   one partition stay in order with up to five requests in flight. So the adapter says
@@ -54,6 +57,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer, PurgeConfig};
 
 use crate::error::{OutboxError, Result};
+use crate::meta::{self, HeaderEncoding, META_HEADER};
 use crate::publisher::{
     Delivery, FailureKind, OutboundMessage, PublishFailure, Publisher, SKIP_HEADER,
 };
@@ -80,6 +84,8 @@ pub struct KafkaConfig {
     pub max_message_bytes: usize,
     /// Most acknowledgements outstanding at once.
     pub max_in_flight: usize,
+    /// Which headers carry each event's metadata ([`HeaderEncoding`]; default: one per field).
+    pub header_encoding: HeaderEncoding,
 }
 
 impl Default for KafkaConfig {
@@ -93,6 +99,7 @@ impl Default for KafkaConfig {
             delivery_timeout: Duration::from_secs(3),
             max_message_bytes: 1_000_000,
             max_in_flight: 4096,
+            header_encoding: HeaderEncoding::Full,
         }
     }
 }
@@ -111,7 +118,32 @@ pub struct KafkaPublisher {
 /// `Nats-Msg-Id` (Kafka headers are bytes, so no value is refused). Also used by the benchmark's
 /// raw baseline, so that it sends the same records.
 pub fn headers(m: &OutboundMessage) -> OwnedHeaders {
+    headers_for(m, HeaderEncoding::Full)
+}
+
+/// [`headers`] in the given encoding: [`HeaderEncoding::Compact`] sends `Outbox-Event-Id`,
+/// [`META_HEADER`] and `traceparent` (when the event has one).
+pub fn headers_for(m: &OutboundMessage, encoding: HeaderEncoding) -> OwnedHeaders {
     let id = m.event_id.to_string();
+    if encoding == HeaderEncoding::Compact {
+        let value = meta::encode(m);
+        let mut h = OwnedHeaders::new_with_capacity(3)
+            .insert(Header {
+                key: "Outbox-Event-Id",
+                value: Some(&id),
+            })
+            .insert(Header {
+                key: META_HEADER,
+                value: Some(&value),
+            });
+        if let Some(tp) = m.header("traceparent") {
+            h = h.insert(Header {
+                key: "traceparent",
+                value: Some(tp),
+            });
+        }
+        return h;
+    }
     let seq = m.seq.to_string();
     let epoch = m.seq_epoch.to_string();
     let producer = m.producer_id.map(|p| p.to_string());
@@ -432,7 +464,7 @@ impl Publisher for KafkaPublisher {
                     let record = FutureRecord::to(&topic)
                         .key(&key)
                         .payload(m.payload.as_ref())
-                        .headers(headers(m));
+                        .headers(headers_for(m, self.cfg.header_encoding));
                     let ack = producer
                         .send_result(record)
                         .map_err(|(e, _)| classify(&e))?;

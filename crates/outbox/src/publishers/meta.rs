@@ -3,7 +3,8 @@
 //! A relay sends each event's ids and position either as one header per field (the default,
 //! [`HeaderEncoding::Full`]) or, opted in per relay, as one header holding all of them
 //! ([`HeaderEncoding::Compact`]). The event id stays where the broker looks for it (`Nats-Msg-Id`,
-//! which JetStream de-duplicates on; the AMQP `message_id` property), `traceparent` stays its own
+//! which JetStream de-duplicates on; the AMQP `message_id` property; on Redis Streams and Kafka,
+//! which have no message id of their own, `Outbox-Event-Id`), `traceparent` stays its own
 //! header (tracing tools look for it by name), and the body is the same in both.
 //!
 //! Why one text header and not a binary one: NATS header values are text lines (no CR or LF) and
@@ -46,9 +47,9 @@ pub enum HeaderEncoding {
     /// every consumer of earlier versions reads.
     #[default]
     Full,
-    /// The broker's message id, `Outbox-Meta`, and `traceparent` when the event has one. Read
-    /// by this library's consumer runtime from this version on; other consumers read the layout
-    /// in the module doc.
+    /// The broker's message id (Redis, Kafka: `Outbox-Event-Id`), `Outbox-Meta`, and
+    /// `traceparent` when the event has one. Read by this library's consumer runtime from this
+    /// version on; other consumers read the layout in the module doc.
     Compact,
 }
 

@@ -5,7 +5,10 @@
 //!   (`{tenant}`, `{topic}`, `{event_type}`, `{aggregate_type}`; default
 //!   `outbox:{tenant}:{topic}`): the field `envelope` holds the bytes the producer's transaction
 //!   wrote, the other fields the metadata that JetStream and RabbitMQ carry as headers
-//!   (`Outbox-Event-Id`, `Outbox-Seq`, `Outbox-Producer-Id`, `Outbox-Skip`, ...).
+//!   (`Outbox-Event-Id`, `Outbox-Seq`, `Outbox-Producer-Id`, `Outbox-Skip`, ...). With
+//!   [`RedisConfig::header_encoding`] compact, those fields are replaced by one, `Outbox-Meta`
+//!   ([`crate::meta`]), beside `envelope`, `Outbox-Event-Id` (a stream entry has no message id
+//!   of its own: this field is the de-duplication key consumers read) and `traceparent`.
 //! - **Discovery.** Streams are created by their first event, one per tenant and topic. The same
 //!   script that adds an entry adds its stream's name to the registry set (default
 //!   `outbox:streams`), atomically: a consumer reads the set, creates its group on every stream
@@ -44,6 +47,7 @@ use redis::{RedisError, Script};
 use tokio::sync::Mutex;
 
 use crate::error::{OutboxError, Result};
+use crate::meta::{self, HeaderEncoding, META_HEADER};
 use crate::publisher::{
     Delivery, FailureKind, OutboundMessage, PublishFailure, Publisher, SKIP_HEADER,
 };
@@ -70,6 +74,8 @@ pub struct RedisConfig {
     pub command_timeout: Duration,
     /// Most commands outstanding at once.
     pub max_in_flight: usize,
+    /// Which fields carry each event's metadata ([`HeaderEncoding`]; default: one per field).
+    pub header_encoding: HeaderEncoding,
 }
 
 impl Default for RedisConfig {
@@ -83,6 +89,7 @@ impl Default for RedisConfig {
             allow_loss_window: false,
             command_timeout: Duration::from_secs(5),
             max_in_flight: 1024,
+            header_encoding: HeaderEncoding::Full,
         }
     }
 }
@@ -254,10 +261,27 @@ impl RedisPublisher {
     /// metadata under the header names JetStream and RabbitMQ use (also used by the benchmark's
     /// raw baseline, so that it sends byte-for-byte what the relay sends).
     pub fn fields(m: &OutboundMessage) -> Vec<(&'static str, Vec<u8>)> {
+        Self::fields_for(m, HeaderEncoding::Full)
+    }
+
+    /// [`RedisPublisher::fields`] in the given encoding: [`HeaderEncoding::Compact`] writes
+    /// [`ENVELOPE_FIELD`], `Outbox-Event-Id`, [`META_HEADER`] and `traceparent` (when the event
+    /// has one).
+    pub fn fields_for(
+        m: &OutboundMessage,
+        encoding: HeaderEncoding,
+    ) -> Vec<(&'static str, Vec<u8>)> {
         let mut f: Vec<(&'static str, Vec<u8>)> = Vec::with_capacity(14);
         f.push((ENVELOPE_FIELD, m.payload.to_vec()));
         let mut put = |k: &'static str, v: &str| f.push((k, v.as_bytes().to_vec()));
         put("Outbox-Event-Id", &m.event_id.to_string());
+        if encoding == HeaderEncoding::Compact {
+            put(META_HEADER, &meta::encode(m));
+            if let Some(tp) = m.header("traceparent") {
+                put("traceparent", tp);
+            }
+            return f;
+        }
         put("Outbox-Event-Type", &m.event_type);
         put("Outbox-Tenant-Id", &m.tenant_id);
         put("Outbox-Aggregate-Type", &m.aggregate_type);
@@ -293,7 +317,7 @@ impl Inner {
             .key(&self.cfg.registry_key)
             .key(format!("{}{}", self.cfg.dedup_prefix, m.event_id))
             .arg(self.dedup_ttl_ms);
-        for (k, v) in RedisPublisher::fields(m) {
+        for (k, v) in RedisPublisher::fields_for(m, self.cfg.header_encoding) {
             inv.arg(k).arg(v);
         }
         let mut conn = self.conn.clone();
