@@ -106,3 +106,13 @@ BEGIN
     END IF;
     RETURN NULL;
 END $$;
+
+-- ---------------------------------------------------------------------------------------------
+-- 3. Room for HOT updates of `outbox_aggregate`.
+-- Every event updates its aggregate's row (last_seq, last_id, last_at; none indexed). On a full
+-- page that update cannot be HOT: the new version goes to another page and its primary key gets a
+-- new entry (perf: `_bt_doinsert` and `_bt_bottomupdel_pass` under the upsert). Half-empty pages
+-- keep the new versions on the row's page, pruned by later writers. The table has one small row
+-- per aggregate, so twice its size is cheap. Applies to pages written from now on (no rewrite
+-- here: that would lock the writers out for its duration).
+ALTER TABLE outbox_aggregate SET (fillfactor = 50);
