@@ -74,8 +74,15 @@ BEGIN
 END $$;
 
 -- Same function (and trigger) as rule 4's: one call and one query per statement for both checks.
+-- The "held?" probe is a correlated subquery with LIMIT, which the planner keeps as a per-row
+-- index lookup (`outbox_event_holding`, leading columns tenant, type, id) instead of a join: the
+-- plan is made once per session, for whatever statement came first, and a join planned for a
+-- 10,000-row statement (a hash over every held row and blocking dead letter, behind three bitmap
+-- scans) would then be re-run by every single-row INSERT, its cost growing with the dead letters.
+-- `enable_seqscan` / `enable_bitmapscan` off for the same reason: an index lookup per new row,
+-- whatever the statistics said when the session planned it.
 CREATE OR REPLACE FUNCTION outbox_event_id_unused() RETURNS trigger LANGUAGE plpgsql
-    SET enable_seqscan = off AS $$
+    SET enable_seqscan = off SET enable_bitmapscan = off AS $$
 DECLARE
     used UUID;
     holding BOOLEAN;
@@ -83,11 +90,11 @@ BEGIN
     SELECT (SELECT n.event_id FROM new_rows n
             WHERE EXISTS (SELECT 1 FROM outbox_published p WHERE p.event_id = n.event_id) LIMIT 1),
            EXISTS (SELECT 1 FROM new_rows n
-                   WHERE EXISTS (
-                       SELECT 1 FROM outbox_event b
-                       WHERE b.tenant_id = n.tenant_id AND b.aggregate_type = n.aggregate_type
-                         AND b.aggregate_id = n.aggregate_id
-                         AND (b.status = 'held' OR (b.status = 'dead' AND b.blocks_aggregate))))
+                   WHERE (SELECT true FROM outbox_event b
+                          WHERE b.tenant_id = n.tenant_id AND b.aggregate_type = n.aggregate_type
+                            AND b.aggregate_id = n.aggregate_id
+                            AND (b.status = 'held' OR (b.status = 'dead' AND b.blocks_aggregate))
+                          LIMIT 1))
     INTO used, holding;
     IF used IS NOT NULL THEN
         RAISE EXCEPTION 'event id % was already used by an event that was published; an event id is unique for the life of the outbox', used
@@ -98,11 +105,11 @@ BEGIN
         UPDATE outbox_event e SET status = 'held'
         FROM new_rows n
         WHERE e.event_id = n.event_id AND e.status = 'pending'
-          AND EXISTS (
-              SELECT 1 FROM outbox_event b
-              WHERE b.tenant_id = n.tenant_id AND b.aggregate_type = n.aggregate_type
-                AND b.aggregate_id = n.aggregate_id
-                AND (b.status = 'held' OR (b.status = 'dead' AND b.blocks_aggregate)));
+          AND (SELECT true FROM outbox_event b
+               WHERE b.tenant_id = n.tenant_id AND b.aggregate_type = n.aggregate_type
+                 AND b.aggregate_id = n.aggregate_id
+                 AND (b.status = 'held' OR (b.status = 'dead' AND b.blocks_aggregate))
+               LIMIT 1);
     END IF;
     RETURN NULL;
 END $$;
