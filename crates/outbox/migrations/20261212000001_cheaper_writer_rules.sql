@@ -79,10 +79,10 @@ END $$;
 -- plan is made once per session, for whatever statement came first, and a join planned for a
 -- 10,000-row statement (a hash over every held row and blocking dead letter, behind three bitmap
 -- scans) would then be re-run by every single-row INSERT, its cost growing with the dead letters.
--- `enable_seqscan` / `enable_bitmapscan` off for the same reason: an index lookup per new row,
--- whatever the statistics said when the session planned it.
+-- `enable_seqscan = off` for the same reason: an index lookup per new row, whatever the
+-- statistics said when the session planned it (an empty outbox makes a sequential scan look free).
 CREATE OR REPLACE FUNCTION outbox_event_id_unused() RETURNS trigger LANGUAGE plpgsql
-    SET enable_seqscan = off SET enable_bitmapscan = off AS $$
+    SET enable_seqscan = off AS $$
 DECLARE
     used UUID;
     holding BOOLEAN;
