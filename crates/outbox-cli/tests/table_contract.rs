@@ -482,7 +482,10 @@ async fn the_cheaper_name_checks_decide_as_the_rules_as_written() {
         .await
         .unwrap();
         let differ: Option<Vec<String>> = row.get("differ");
-        assert_eq!(differ, None, "seed {seed}: {column}: {def} differs on these");
+        assert_eq!(
+            differ, None,
+            "seed {seed}: {column}: {def} differs on these"
+        );
         let (valid, invalid): (i64, i64) = (row.get("valid"), row.get("invalid"));
         assert!(
             valid > 300 && invalid > 300,
@@ -690,7 +693,9 @@ async fn a_multi_row_insert_holds_exactly_the_rows_behind_a_blocking_dead_letter
                     WHERE status <> 'dead' AND seq > 1 OR aggregate_id IN ('d', 'e')
                     ORDER BY id";
     let expected = |s: &[(&str, &str)]| -> Vec<(String, String)> {
-        s.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+        s.iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
     };
     assert_eq!(
         statuses(new_rows).await,
@@ -712,7 +717,10 @@ async fn a_multi_row_insert_holds_exactly_the_rows_behind_a_blocking_dead_letter
         .unwrap();
     let mut tx = db.pool.begin().await.unwrap();
     Outbox::new("Test")
-        .enqueue(&mut tx, &[event("c", 1), event("a", 2), event("f", 3), event("b", 4)])
+        .enqueue(
+            &mut tx,
+            &[event("c", 1), event("a", 2), event("f", 3), event("b", 4)],
+        )
         .await
         .unwrap();
     tx.commit().await.unwrap();
