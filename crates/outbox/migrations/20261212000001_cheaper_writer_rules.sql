@@ -46,7 +46,7 @@ ALTER TABLE outbox_event
 -- The row trigger's only query is now the upsert into `outbox_aggregate`, which reaches its row
 -- through the conflict arbiter (the primary key) whatever the planner thinks: it no longer needs
 -- `SET enable_seqscan = off` (whose per-row GUC save and restore, `fmgr_security_definer`, cost
--- about 2%). The statement trigger keeps it: its probes must use their indexes on an outbox whose
+-- about 2%). The statement trigger sets it instead: its probes must use their indexes on an outbox whose
 -- statistics said "empty" when the session planned them.
 CREATE OR REPLACE FUNCTION outbox_event_assign() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
