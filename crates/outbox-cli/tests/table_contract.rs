@@ -424,6 +424,88 @@ async fn the_fast_header_check_decides_as_the_rule_as_written() {
     );
 }
 
+/// The name formats of rule 1 are checked without bounded repetitions since migration
+/// `20261212000001` (cheaper for writers); the constraints as installed must decide exactly as the
+/// formats as documented (docs/outbox-table.md), on random names around every length bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cheaper_name_checks_decide_as_the_rules_as_written() {
+    use rand::{Rng, SeedableRng};
+    let db = TestDb::new().await;
+    let seed: u64 = rand::random();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    const CHARS: &[char] = &[
+        'a', 'Z', '0', '9', '_', '-', '.', ' ', '/', '\n', '\u{7f}', 'é', 'Ａ', '€', '[', '^', '$',
+    ];
+    let mut names = vec![String::new()];
+    for _ in 0..4000 {
+        let len = match rng.random_range(0..6) {
+            0 => rng.random_range(60..70),
+            1 => rng.random_range(124..134),
+            _ => rng.random_range(0..12),
+        };
+        names.push(
+            (0..len)
+                .map(|_| {
+                    if rng.random_range(0..40) == 0 {
+                        CHARS[rng.random_range(0..CHARS.len())]
+                    } else {
+                        CHARS[rng.random_range(0..6)]
+                    }
+                })
+                .collect(),
+        );
+    }
+    for (column, rule) in [
+        ("tenant_id", "'^[A-Za-z0-9_-]{1,64}$'"),
+        ("aggregate_type", "'^[A-Za-z0-9_-]{1,64}$'"),
+        ("event_type", "'^[A-Za-z0-9_.-]{1,128}$'"),
+    ] {
+        // The constraint's own text, evaluated on the samples under the column's name.
+        let def: String = sqlx::query_scalar(
+            "SELECT pg_get_constraintdef(oid) FROM pg_constraint
+             WHERE conrelid = 'outbox_event'::regclass AND conname = $1",
+        )
+        .bind(format!("outbox_event_{column}_check"))
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        let expr = def.strip_prefix("CHECK ").expect("a CHECK constraint");
+        let row = sqlx::query(&format!(
+            "SELECT count(*) FILTER (WHERE {column} ~ {rule}) AS valid,
+                    count(*) FILTER (WHERE NOT {column} ~ {rule}) AS invalid,
+                    (array_agg({column}) FILTER (WHERE ({expr}) IS DISTINCT FROM ({column} ~ {rule})))[1:5]
+                        AS differ
+             FROM unnest($1::text[]) AS u({column})"
+        ))
+        .bind(&names)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        let differ: Option<Vec<String>> = row.get("differ");
+        assert_eq!(
+            differ, None,
+            "seed {seed}: {column}: {def} differs on these"
+        );
+        let (valid, invalid): (i64, i64) = (row.get("valid"), row.get("invalid"));
+        assert!(
+            valid > 300 && invalid > 300,
+            "seed {seed}: {column}: both outcomes must be exercised ({valid} valid, {invalid} invalid)"
+        );
+    }
+    // And a broken format is refused under the same constraint name as ever.
+    let e = sql_error(
+        &db,
+        &format!(
+            "INSERT INTO outbox_event (event_id, tenant_id, aggregate_type, aggregate_id, event_type, topic, payload)
+             VALUES (gen_random_uuid(), 'acme', 'V', 'v1', '{}', 'x.y', '\\x7b7d')",
+            "E".repeat(129)
+        ),
+    )
+    .await;
+    assert_eq!(e.code(), "23514");
+    assert_eq!(e.constraint(), Some("outbox_event_event_type_check"));
+}
+
 // ---------------------------------------------------------------------------------------------
 // 3. Event ids
 
@@ -568,6 +650,95 @@ async fn rows_behind_a_dead_letter_are_held_and_released_in_order() {
     relay.shutdown().await;
     let last = seen(&stream).await.last().unwrap().event_id.clone();
     assert_eq!(last, again[1].to_string());
+}
+
+/// Since migration `20261212000001` "held?" is decided once per statement, over all its rows: one
+/// multi-row statement (a raw INSERT, and `Outbox::enqueue`) must hold exactly the rows whose
+/// aggregate has a blocking dead letter or a held row, whatever their order in the statement, and
+/// leave every other row pending (a non-blocking dead letter holds nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_multi_row_insert_holds_exactly_the_rows_behind_a_blocking_dead_letter() {
+    let db = TestDb::new().await;
+    let one = |agg: &str| raw_insert(&format!("'{agg}'"), "", "");
+    for agg in ["a", "b", "c"] {
+        sqlx::query(&one(agg)).execute(&db.pool).await.unwrap();
+    }
+    // As the relay dead-letters: `a` blocks its aggregate, `b` does not.
+    sqlx::query(
+        "UPDATE outbox_event SET status = 'dead', dead_at = now(), last_error = 'test',
+                blocks_aggregate = (aggregate_id = 'a')
+         WHERE aggregate_id IN ('a', 'b')",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let statuses = |sql: &'static str| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query_as::<_, (String, String)>(sql)
+                .fetch_all(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    sqlx::query(
+        "INSERT INTO outbox_event (event_id, tenant_id, aggregate_type, aggregate_id, event_type, topic, payload)
+         SELECT gen_random_uuid(), 'acme', 'V', agg, 'E', 'x.y', '\x7b7d'
+         FROM unnest(ARRAY['d', 'a', 'c', 'a', 'b', 'e', 'a']) WITH ORDINALITY AS u(agg, n) ORDER BY n",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let new_rows = "SELECT aggregate_id, status FROM outbox_event
+                    WHERE status <> 'dead' AND seq > 1 OR aggregate_id IN ('d', 'e')
+                    ORDER BY id";
+    let expected = |s: &[(&str, &str)]| -> Vec<(String, String)> {
+        s.iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
+    };
+    assert_eq!(
+        statuses(new_rows).await,
+        expected(&[
+            ("d", "pending"),
+            ("a", "held"),
+            ("c", "pending"),
+            ("a", "held"),
+            ("b", "pending"),
+            ("e", "pending"),
+            ("a", "held"),
+        ])
+    );
+    // Enqueue (one statement for all its events), in the same transaction as a raw INSERT that
+    // holds: the held row of `a` inserted before in this transaction holds the next ones too.
+    sqlx::query("UPDATE outbox_event SET status = 'pending', blocks_aggregate = false, attempts = 1 WHERE status = 'dead' AND aggregate_id = 'b'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let mut tx = db.pool.begin().await.unwrap();
+    Outbox::new("Test")
+        .enqueue(
+            &mut tx,
+            &[event("c", 1), event("a", 2), event("f", 3), event("b", 4)],
+        )
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let held: Vec<(String, String)> = statuses(
+        "SELECT aggregate_id, count(*)::text FROM outbox_event WHERE status = 'held'
+         GROUP BY 1 ORDER BY 1",
+    )
+    .await;
+    assert_eq!(held, expected(&[("a", "4")]), "only `a` is held, all of it");
+    let pending: Vec<(String, String)> = statuses(
+        "SELECT aggregate_id, count(*)::text FROM outbox_event WHERE status = 'pending'
+         GROUP BY 1 ORDER BY 1",
+    )
+    .await;
+    assert_eq!(
+        pending,
+        expected(&[("b", "3"), ("c", "3"), ("d", "1"), ("e", "1"), ("f", "1")])
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
