@@ -164,7 +164,7 @@ async fn relay_statements(admin: &sqlx::PgPool, db: &str) -> Vec<(String, i64, f
         .into_iter()
         .map(|(k, (c, ms, p, pms))| (k.to_string(), c, ms, p, pms))
         .collect();
-    v.sort_by(|a, b| b.1.cmp(&a.1));
+    v.sort_by_key(|b| std::cmp::Reverse(b.1));
     v
 }
 

@@ -392,7 +392,6 @@ async fn a_claim_says_whether_it_left_deliverable_rows_behind() {
 }
 
 async fn claims_say_whether_they_left_rows_behind(db: &TestDb, store: PgStore) {
-    let store = PgStore::new(db.pool.clone());
     store
         .lease_round("claimer", "i1", Duration::from_secs(30))
         .await
