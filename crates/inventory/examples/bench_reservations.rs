@@ -98,9 +98,10 @@ async fn run_phase(with_relay: bool, requests: usize, concurrency: usize) -> Pha
         )
         .await
         .expect("NATS publisher");
+        // As `inventory serve` opens it (relay_connect_options).
         let relay_pool = sqlx::postgres::PgPoolOptions::new()
             .max_connections(4)
-            .connect(&db.url)
+            .connect_with(outbox::pg::relay_connect_options(&db.url).unwrap())
             .await
             .expect("relay pool");
         let relay = Relay::new(

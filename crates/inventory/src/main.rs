@@ -254,7 +254,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let relay_pool = PgPoolOptions::new()
             .max_connections(args.relay.db_connections.max(2))
             .acquire_timeout(Duration::from_secs(5))
-            .connect_lazy(&args.database_url)?;
+            .connect_lazy_with(outbox::pg::relay_connect_options(&args.database_url)?);
         let (r, b, s) = (args.relay.clone(), args.broker.clone(), stop.clone());
         let handle = tokio::spawn(async move {
             outbox_runtime::relay_cmd::run(relay_pool, &r, &b, metrics_addr, s).await

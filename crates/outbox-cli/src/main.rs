@@ -151,11 +151,13 @@ async fn main() -> anyhow::Result<()> {
                 return outbox_cli::fleet::run(databases, &relay, &broker, addr, migrate, stop)
                     .await;
             }
+            // The relay's own pool: its reads run as single statements (relay_connect_options).
+            let options = outbox::pg::relay_connect_options(&databases[0].url)
+                .context("DATABASE_URL is not a valid PostgreSQL URL")?;
             let pool = PgPoolOptions::new()
                 .max_connections(relay.db_connections.max(2))
                 .acquire_timeout(std::time::Duration::from_secs(5))
-                .connect_lazy(&databases[0].url)
-                .context("DATABASE_URL is not a valid PostgreSQL URL")?;
+                .connect_lazy_with(options);
             if migrate {
                 outbox::schema::migrate(&pool)
                     .await

@@ -376,9 +376,10 @@ pub async fn nats_relay(
     )
     .await
     .unwrap();
+    // The relay's own pool, as the relay binaries open it (relay_connect_options).
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(connections)
-        .connect(url)
+        .connect_with(outbox::pg::relay_connect_options(url).unwrap())
         .await
         .unwrap();
     let relay = Relay::new(

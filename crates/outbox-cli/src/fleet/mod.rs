@@ -216,11 +216,13 @@ async fn run_once(
     stop: &CancellationToken,
 ) -> anyhow::Result<()> {
     let config = relay.config()?;
+    // The relay's own pool: its reads run as single statements (relay_connect_options).
+    let options =
+        outbox::pg::relay_connect_options(&db.url).context("not a valid PostgreSQL URL")?;
     let pool = PgPoolOptions::new()
         .max_connections(relay.db_connections.max(2))
         .acquire_timeout(Duration::from_secs(5))
-        .connect_lazy(&db.url)
-        .context("not a valid PostgreSQL URL")?;
+        .connect_lazy_with(options);
     if migrate {
         outbox::schema::migrate(&pool)
             .await
