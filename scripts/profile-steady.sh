@@ -25,42 +25,15 @@ if [ -z "${BINS:-}" ]; then
   cargo build --release -p outbox-cli --example profile_steady >&2
   BINS="this=$T/release/examples/profile_steady"
 fi
-PGBIN=${TEST_PG_BIN:-$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)}
-NATS=${NATS_SERVER_BIN:-$(command -v nats-server || echo /usr/sbin/nats-server)}
 DIR=$(mktemp -d /tmp/profile-steady.XXXXXX)
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
-PGPORT=$(free_port)
-NPORT=$(free_port)
+PG_EXTRA_CONF='pg_stat_statements.track_planning = on'
+. scripts/lib/private-servers.sh
 cleanup() {
-  [ -n "${NPID:-}" ] && kill -TERM "$NPID" 2>/dev/null && wait "$NPID" 2>/dev/null || true
-  [ -f "$DIR/pg/postmaster.pid" ] && as_pg "$PGBIN/pg_ctl" -D "$DIR/pg" -m immediate stop >/dev/null 2>&1 || true
+  stop_private_servers
   rm -rf "$DIR"
 }
 trap cleanup EXIT
-[ "$(id -u)" = 0 ] && chown postgres: "$DIR"
-as_pg "$PGBIN/initdb" -D "$DIR/pg" -U root --auth=trust >/dev/null
-SSL=off
-if as_pg test -r /etc/ssl/private/ssl-cert-snakeoil.key; then SSL=on; fi
-cat >>"$DIR/pg/postgresql.conf" <<CONF
-port = $PGPORT
-listen_addresses = '127.0.0.1'
-unix_socket_directories = '$DIR'
-shared_buffers = 128MB
-max_connections = 100
-autovacuum = ${AUTOVACUUM:-off}
-ssl = $SSL
-ssl_cert_file = '/etc/ssl/certs/ssl-cert-snakeoil.pem'
-ssl_key_file = '/etc/ssl/private/ssl-cert-snakeoil.key'
-shared_preload_libraries = 'pg_stat_statements'
-pg_stat_statements.track_utility = on
-pg_stat_statements.track_planning = on
-CONF
-as_pg "$PGBIN/pg_ctl" -D "$DIR/pg" -l "$DIR/pg/log" -w start >/dev/null
-PGPID=$(head -1 "$DIR/pg/postmaster.pid")
-"$NATS" -js -sd "$DIR/nats" -a 127.0.0.1 -p "$NPORT" >"$DIR/nats.log" 2>&1 &
-NPID=$!
-for _ in $(seq 50); do (echo >"/dev/tcp/127.0.0.1/$NPORT") 2>/dev/null && break; sleep 0.1; done
+start_private_servers
 echo "private servers: postgres pid $PGPID port $PGPORT (ssl $SSL), nats-server pid $NPID port $NPORT; load average $(cut -d' ' -f1-3 /proc/loadavg)"
 for round in $(seq 1 "$ROUNDS"); do
   for entry in $BINS; do
