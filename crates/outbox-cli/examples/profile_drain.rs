@@ -26,22 +26,8 @@ use tokio_util::sync::CancellationToken;
 
 #[path = "support/mod.rs"]
 mod support;
+use support::cpu::{machine, stat, summary};
 use support::{quiet, write_backlog};
-
-/// Clock ticks per second of `/proc/<pid>/stat` (USER_HZ).
-const TICKS: f64 = 100.0;
-
-/// utime, stime, cutime, cstime of `pid` in seconds, and its command line's first words.
-fn stat(pid: u32) -> Option<(f64, f64, u32)> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let (_, rest) = s.rsplit_once(')')?;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let get = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // After the name: state(0) ppid(1) ... utime(11) stime(12) cutime(13) cstime(14).
-    let own = (get(11) + get(12)) / TICKS;
-    let reaped = (get(13) + get(14)) / TICKS;
-    Some((own, reaped, get(1) as u32))
-}
 
 /// What a PostgreSQL process does, from the title it sets (`postgres: walwriter`, ...).
 fn pg_role(pid: u32) -> String {
@@ -84,23 +70,6 @@ fn tree(root: u32) -> HashMap<String, f64> {
         }
     }
     out
-}
-
-/// Busy and total CPU seconds of the whole machine (`/proc/stat`).
-fn machine() -> (f64, f64) {
-    let s = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let v: Vec<f64> = s
-        .lines()
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    let total: f64 = v.iter().sum();
-    // idle and iowait.
-    let idle = v.get(3).copied().unwrap_or(0.0) + v.get(4).copied().unwrap_or(0.0);
-    ((total - idle) / TICKS, total / TICKS)
 }
 
 #[derive(Clone)]
@@ -418,15 +387,4 @@ fn longest_chain(msgs: &[outbox::OutboundMessage], batch: usize) -> usize {
         })
         .max()
         .unwrap_or(0)
-}
-
-/// `_sum` and `_count` of a Prometheus histogram in `text`.
-fn summary(text: &str, name: &str) -> (f64, f64) {
-    let find = |suffix: &str| {
-        text.lines()
-            .filter(|l| l.starts_with(&format!("{name}{suffix}")))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum::<f64>()
-    };
-    (find("_sum"), find("_count"))
 }

@@ -35,25 +35,11 @@ use tokio_util::sync::CancellationToken;
 
 #[path = "support/mod.rs"]
 mod support;
+use support::cpu::{machine, stat, summary};
 use support::{percentile, quiet};
 
-/// Clock ticks per second of `/proc/<pid>/stat` (USER_HZ).
-const TICKS: f64 = 100.0;
 /// The relay's PostgreSQL role: its backends and statements are told apart by it.
 const RELAY_ROLE: &str = "relay_prof";
-
-/// utime + stime of `pid` in seconds, cutime + cstime, and its parent.
-fn stat(pid: u32) -> Option<(f64, f64, u32)> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let (_, rest) = s.rsplit_once(')')?;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let get = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    Some((
-        (get(11) + get(12)) / TICKS,
-        (get(13) + get(14)) / TICKS,
-        get(1) as u32,
-    ))
-}
 
 /// Every process under the postmaster `root` with its own CPU seconds, plus the postmaster itself
 /// and what it reaped of exited children (under pid 0).
@@ -74,22 +60,6 @@ fn pg_tree(root: u32) -> HashMap<u32, f64> {
         }
     }
     out
-}
-
-/// Busy and total CPU seconds of the whole machine.
-fn machine() -> (f64, f64) {
-    let s = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let v: Vec<f64> = s
-        .lines()
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    let total: f64 = v.iter().sum();
-    let idle = v.get(3).copied().unwrap_or(0.0) + v.get(4).copied().unwrap_or(0.0);
-    ((total - idle) / TICKS, total / TICKS)
 }
 
 struct Sample {
@@ -189,17 +159,6 @@ fn classify(q: &str) -> &'static str {
     } else {
         "other"
     }
-}
-
-/// `_sum` and `_count` of a Prometheus histogram in `text`.
-fn summary(text: &str, name: &str) -> (f64, f64) {
-    let find = |suffix: &str| {
-        text.lines()
-            .filter(|l| l.starts_with(&format!("{name}{suffix}")))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum::<f64>()
-    };
-    (find("_sum"), find("_count"))
 }
 
 /// The child: a relay at its defaults (own pool of 4, `LISTEN` wake-ups, the Prometheus recorder

@@ -269,17 +269,51 @@ pub mod cpu {
 
     /// User + system CPU seconds of `pid`, 0 when it is gone.
     pub fn seconds(pid: u32) -> f64 {
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            return 0.0;
-        };
+        stat(pid).map_or(0.0, |(own, _, _)| own)
+    }
+
+    /// `pid`'s own user + system CPU seconds, what it reaped of exited children (cutime +
+    /// cstime), and its parent's pid.
+    pub fn stat(pid: u32) -> Option<(f64, f64, u32)> {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
         // The command name is in parentheses and may hold spaces: fields count from after it.
-        let Some((_, rest)) = stat.rsplit_once(')') else {
-            return 0.0;
-        };
+        let (_, rest) = s.rsplit_once(')')?;
         let f: Vec<&str> = rest.split_whitespace().collect();
         let get = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-        // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
-        (get(11) + get(12)) / TICKS
+        // After the name: state(0) ppid(1) ... utime(11) stime(12) cutime(13) cstime(14).
+        Some((
+            (get(11) + get(12)) / TICKS,
+            (get(13) + get(14)) / TICKS,
+            get(1) as u32,
+        ))
+    }
+
+    /// Busy and total CPU seconds of the whole machine (`/proc/stat`).
+    pub fn machine() -> (f64, f64) {
+        let s = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        let v: Vec<f64> = s
+            .lines()
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        let total: f64 = v.iter().sum();
+        // idle and iowait.
+        let idle = v.get(3).copied().unwrap_or(0.0) + v.get(4).copied().unwrap_or(0.0);
+        ((total - idle) / TICKS, total / TICKS)
+    }
+
+    /// `_sum` and `_count` of a Prometheus histogram in `text`.
+    pub fn summary(text: &str, name: &str) -> (f64, f64) {
+        let find = |suffix: &str| {
+            text.lines()
+                .filter(|l| l.starts_with(&format!("{name}{suffix}")))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum::<f64>()
+        };
+        (find("_sum"), find("_count"))
     }
 
     /// CPU seconds of this process and of a set of other processes.
