@@ -417,17 +417,24 @@ async fn rabbitmq_compact_and_full_headers_from_two_producers_are_applied_once_i
     })
     .await
     .expect("source");
-    let c = Running::start(&db, &name, source);
+    apply_with_one_unreadable(&db, &t, &name, source).await;
+}
+
+/// Runs consumer `name` over `source` until every event of `t` is applied and the one malformed
+/// message is parked `unreadable`, then checks `t`'s effects (the parked row removed first: it
+/// is the malformed message's, not an event of `t`).
+async fn apply_with_one_unreadable(db: &TestDb, t: &Traffic, name: &str, source: impl EventSource) {
+    let c = Running::start(db, name, source);
     wait_effects(&db.pool, t.applied().len()).await;
-    let parked = wait_parked(&db.pool, &name, 1).await;
+    let parked = wait_parked(&db.pool, name, 1).await;
     c.shutdown().await;
     assert_eq!(parked, vec![(None, None, "unreadable".into())]);
     sqlx::query("DELETE FROM outbox_consumer_dead_letter WHERE consumer = $1")
-        .bind(&name)
+        .bind(name)
         .execute(&db.pool)
         .await
         .unwrap();
-    t.check(&db.pool, &name).await;
+    t.check(&db.pool, name).await;
 }
 
 /// Parked rows (aggregate, seq, reason) once there are `n`. (An unreadable message is parked
@@ -645,17 +652,7 @@ async fn redis_compact_and_full_fields_from_two_producers_are_applied_once_in_or
     })
     .await
     .expect("source");
-    let c = Running::start(&db, &name, source);
-    wait_effects(&db.pool, t.applied().len()).await;
-    let parked = wait_parked(&db.pool, &name, 1).await;
-    c.shutdown().await;
-    assert_eq!(parked, vec![(None, None, "unreadable".into())]);
-    sqlx::query("DELETE FROM outbox_consumer_dead_letter WHERE consumer = $1")
-        .bind(&name)
-        .execute(&db.pool)
-        .await
-        .unwrap();
-    t.check(&db.pool, &name).await;
+    apply_with_one_unreadable(&db, &t, &name, source).await;
 }
 
 /// Kafka (issue 22): the adapter in both encodings into one topic (Kafka keeps copies: an event
@@ -732,17 +729,7 @@ async fn kafka_compact_and_full_headers_from_two_producers_are_applied_once_in_o
     })
     .await
     .expect("source");
-    let c = Running::start(&db, &name, source);
-    wait_effects(&db.pool, t.applied().len()).await;
-    let parked = wait_parked(&db.pool, &name, 1).await;
-    c.shutdown().await;
-    assert_eq!(parked, vec![(None, None, "unreadable".into())]);
-    sqlx::query("DELETE FROM outbox_consumer_dead_letter WHERE consumer = $1")
-        .bind(&name)
-        .execute(&db.pool)
-        .await
-        .unwrap();
-    t.check(&db.pool, &name).await;
+    apply_with_one_unreadable(&db, &t, &name, source).await;
 
     // What went out really is compact where asked, keyed by the aggregate.
     let reader: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
