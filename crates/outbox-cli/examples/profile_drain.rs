@@ -335,7 +335,7 @@ async fn main() {
     let per = |k: &str| st.get(k).map(|c| c.0 as f64).unwrap_or(0.0);
     let claim_rt = (per("claim") + per("claim_settings") + per("begin") + per("commit")) / batches;
     println!(
-        "[{label}] round trips: {batches:.0} claims, {settles:.0} settlements; per batch: claim {claim_rt:.1} (BEGIN, settings, SELECT, COMMIT), publish {waves} wave(s) of acknowledgements, settle {:.1}; lease/gauges {:.0} statements in all",
+        "[{label}] round trips: {batches:.0} claims, {settles:.0} settlements; per batch: claim {claim_rt:.1} (the claim, with BEGIN, settings and COMMIT on a shared pool), publish {waves} wave(s) of acknowledgements, settle {:.1}; lease/gauges {:.0} statements in all",
         per("settle") / settles,
         per("lease") + per("gauges")
     );
