@@ -4,7 +4,9 @@
 # runs against a private server (initdb in a temporary directory, default settings, fsync on, a
 # free loopback port) that nothing else writes to; NATS is the machine's.
 #   scripts/bench_archive.sh [pairs] [reservations] [connections]   (defaults 10, 5000, 32)
-# Extra environment is passed through (BENCH_RETENTION_ZERO=1: the relay deletes published rows).
+# Extra environment is passed through (BENCH_RETENTION_ZERO=1: the relay deletes published rows;
+# BENCH_WAKE_WINDOW_MS: the inventory's wake-up window). BENCH_BIN=<path to a bench_reservations
+# binary> runs that build (e.g. an older one from its own target directory) instead of this tree's.
 set -euo pipefail
 PAIRS=${1:-10}
 REQ=${2:-5000}
@@ -22,5 +24,9 @@ trap cleanup EXIT
 "${AS[@]}" "$BIN/pg_ctl" -D "$DIR/data" -l "$DIR/log" -w \
   -o "-p $PORT -k $DIR -c listen_addresses=127.0.0.1 -c max_connections=100" start >/dev/null
 cd "$HERE"
-TEST_PG_URL="postgres://root@127.0.0.1:$PORT" BENCH_PAIRS=$PAIRS \
-  cargo run --release -q -p inventory --example bench_reservations -- "$REQ" "$CONC"
+if [ -n "${BENCH_BIN:-}" ]; then
+  RUN=("$BENCH_BIN")
+else
+  RUN=(cargo run --release -q -p inventory --example bench_reservations --)
+fi
+TEST_PG_URL="postgres://root@127.0.0.1:$PORT" BENCH_PAIRS=$PAIRS "${RUN[@]}" "$REQ" "$CONC"

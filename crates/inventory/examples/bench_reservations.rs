@@ -36,6 +36,10 @@ use testkit::{TestDb, TestStream};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+/// The binaries' allocator (`inventory serve`, `src/main.rs`), so that what is measured is what ships.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const SECRET: &[u8] = b"bench-secret";
 const VARIANTS: usize = 64;
 const WARMUP: usize = 500;
@@ -77,8 +81,7 @@ async fn run_phase(with_relay: bool, requests: usize, concurrency: usize) -> Pha
         .ok()
         .and_then(|v| v.parse().ok())
     {
-        state.notifier =
-            outbox::wake::CommitNotifier::spawn(pool.clone(), Duration::from_millis(ms));
+        state = state.with_wake_window(Duration::from_millis(ms));
     }
     let stream = TestStream::new();
     let stop = CancellationToken::new();

@@ -55,7 +55,8 @@ pub struct AppState {
     /// (that would flush concurrent commits one at a time): handlers call
     /// [`AppState::notifier`] after they commit.
     pub outbox: Outbox,
-    /// Wakes the relays after commits, at most once per [`WAKE_WINDOW`].
+    /// Wakes the relays after commits, at most once per [`WAKE_WINDOW`] (or the window given to
+    /// [`AppState::with_wake_window`]).
     pub notifier: CommitNotifier,
     /// Token verification (verify only: minting is `auth::Minter`'s).
     pub jwt: Arc<auth::Verifier>,
@@ -80,6 +81,16 @@ impl AppState {
             jwt: Arc::new(keys.into()),
             relay: Arc::default(),
         }
+    }
+
+    /// The same state with the relays woken at most once per `window` instead of
+    /// [`WAKE_WINDOW`] (`inventory serve --wake-window-ms`): a wider window means fewer, larger
+    /// relay batches under a steady stream of commits, at the price of up to `window` more
+    /// commit-to-stream latency while commits keep coming. Must be called within a Tokio runtime.
+    pub fn with_wake_window(mut self, window: std::time::Duration) -> Self {
+        // The notifier replaced here ends its task when its last sender is dropped.
+        self.notifier = CommitNotifier::spawn(self.pool.clone(), window);
+        self
     }
 }
 

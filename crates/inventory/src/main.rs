@@ -67,6 +67,11 @@ struct ServeArgs {
     /// older keys are removed on the sweep's schedule.
     #[arg(long, env = "INVENTORY_IDEMPOTENCY_TTL_HOURS", default_value_t = 24.0)]
     idempotency_ttl_hours: f64,
+    /// Milliseconds between the notifications that wake the relays while commits keep coming
+    /// (the first commit after a quiet spell wakes them at once). Wider: fewer, larger relay
+    /// batches and less CPU taken from the service; narrower: events reach the broker sooner.
+    #[arg(long, env = "INVENTORY_WAKE_WINDOW_MS", default_value_t = inventory::WAKE_WINDOW.as_millis() as u64)]
+    wake_window_ms: u64,
     /// Database connections of the HTTP API.
     #[arg(long, env = "INVENTORY_DB_POOL", default_value_t = 16)]
     db_pool: u32,
@@ -190,6 +195,12 @@ fn seed_defaults(cmd: clap::Command) -> clap::Command {
     .mut_arg("amqp_tenant_in_header_only", |a| a.default_value("true"))
 }
 
+// mimalloc instead of glibc's malloc: the relay's hot path allocates per event (rows, headers,
+// acknowledgement futures), and glibc's malloc took about a fifth of its CPU at a steady load
+// (docs/benchmarks.md, "Issue 20, fourth pass").
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cmd = seed_defaults(Cli::command()).mut_subcommand("serve", seed_defaults);
@@ -235,7 +246,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     inventory::migrate(&pool)
         .await
         .context("applying the outbox and inventory migrations")?;
-    let state = AppState::with_keys(pool.clone(), verifier);
+    let state = AppState::with_keys(pool.clone(), verifier)
+        .with_wake_window(Duration::from_millis(args.wake_window_ms));
     let stop = outbox_runtime::relay_cmd::shutdown_signal();
 
     let expiry = tokio::spawn(inventory::expiry::run(

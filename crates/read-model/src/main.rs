@@ -72,6 +72,12 @@ impl Cli {
     }
 }
 
+// mimalloc instead of glibc's malloc: the relay's hot path allocates per event (rows, headers,
+// acknowledgement futures), and glibc's malloc took about a fifth of its CPU at a steady load
+// (docs/benchmarks.md, "Issue 20, fourth pass").
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();

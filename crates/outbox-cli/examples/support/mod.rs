@@ -12,6 +12,10 @@ use tokio_util::sync::CancellationToken;
 
 pub mod headers;
 
+/// The binaries' allocator (`src/main.rs`), so that what is measured is what ships.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Runs a relay over the backlog in `db` until `stream` holds `backlog` messages; events/s.
 pub async fn drain(
     db: &TestDb,
