@@ -15,6 +15,9 @@
 //! - `enqueue`: `Outbox::enqueue` of 100 events per transaction, `events` in all;
 //! - `commit1`: 300 transactions of one `Outbox::enqueue`d event each (waits for the WAL flush).
 //!
+//! `BENCH_WORKLOADS=multi,single` runs only the named workloads (the others print 0); `single`
+//! should keep `multi` before it, which creates the aggregates it then updates.
+//!
 //! Prints, per workload, the median time per schema and the median (min-max) over rounds of the
 //! ratio to `pre` measured in the same round (the goal is `now / pre` at most 1.2), for the wall
 //! clock and for the CPU time of the writing connection's server process (`/proc`, so the server
@@ -196,6 +199,10 @@ async fn main() {
             .map(|n| n.get())
             .unwrap_or(1)
     );
+    // BENCH_WORKLOADS=single,... runs only those (the others print as 0).
+    let only: Option<Vec<String>> = std::env::var("BENCH_WORKLOADS")
+        .ok()
+        .map(|v| v.split(',').map(str::to_owned).collect());
     // ms[schema][workload][round], cpu likewise
     let mut ms = vec![vec![Vec::new(); WORKLOADS.len()]; SCHEMAS.len()];
     let mut cpu = ms.clone();
@@ -206,6 +213,14 @@ async fn main() {
             let db = database(SCHEMAS[s]).await;
             let mut conn = PgConnection::connect(&db.url).await.unwrap();
             for (w, workload) in WORKLOADS.iter().enumerate() {
+                if only
+                    .as_ref()
+                    .is_some_and(|o| !o.iter().any(|x| x == workload))
+                {
+                    ms[s][w].push(0.0);
+                    cpu[s][w].push(0.0);
+                    continue;
+                }
                 let (wall, c) = run(&mut conn, workload, events).await;
                 ms[s][w].push(wall);
                 cpu[s][w].push(c);
