@@ -42,9 +42,18 @@ pub const SEED_EXCHANGE: &str = "inventory.events";
 /// `Outbox-Tenant-Id` header (see the README).
 pub const SEED_ROUTING_KEY: &str = "{topic}";
 
-/// The longest a relay waits to hear of a commit (besides one round trip): commits within it
-/// share one wake-up notification.
-pub const WAKE_WINDOW: std::time::Duration = std::time::Duration::from_millis(5);
+/// The longest a relay waits to hear of a commit (besides one round trip) while commits keep
+/// coming: commits within it share one wake-up notification, and so one relay batch. The first
+/// commit after a quiet spell wakes the relays at once.
+///
+/// Why 20 ms and not 5: a relay batch costs about 1-2 ms of CPU beyond its events (claim,
+/// publish and settlement round trips on the relay, PostgreSQL and the broker), so under a steady
+/// stream of commits the window bounds that overhead at (batch cost / window) of a core, which the
+/// service, sharing the machine, would otherwise lose. At 1,000 events/s the relay's side cost
+/// 261 µs per event with 5 ms, 196 with 10 ms and 132 with 20 ms, for a commit-to-stream p50 of
+/// 4.3, 7.4 and 13 ms (docs/benchmarks.md, "Issue 20, fourth pass"). `inventory serve
+/// --wake-window-ms` sets it.
+pub const WAKE_WINDOW: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// What every request handler shares.
 #[derive(Debug, Clone)]
