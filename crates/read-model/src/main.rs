@@ -72,9 +72,8 @@ impl Cli {
     }
 }
 
-// mimalloc instead of glibc's malloc: the relay's hot path allocates per event (rows, headers,
-// acknowledgement futures), and glibc's malloc took about a fifth of its CPU at a steady load
-// (docs/benchmarks.md, "Issue 20, fourth pass").
+// The allocator of the relay binaries (`outbox`, `inventory`: docs/benchmarks.md, "Issue 20,
+// fourth pass"), so that every binary of the workspace runs on the same one.
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
