@@ -10,7 +10,7 @@ use common::*;
 use outbox::store::RelayStore;
 use outbox::{NewEvent, Outbox, OutboxError, PgStore};
 use serde_json::json;
-use sqlx::Row;
+use sqlx::{Connection, Row};
 use testkit::{eventually, TestDb, TestStream};
 use uuid::Uuid;
 
@@ -152,17 +152,13 @@ async fn enqueue_refuses_control_characters_with_a_typed_error_before_writing() 
 async fn rows_the_relay_cannot_carry_are_dead_lettered_at_once_and_the_others_flow() {
     let db = TestDb::new().await;
     let stream = TestStream::new();
-    for c in [
-        "outbox_event_created_at_decodable",
-        "outbox_event_aggregate_id_no_control_chars",
-        "outbox_event_headers_are_strings_without_control_chars",
+    // The control-character rules live on the columns' domains (20261213000001).
+    for drop in [
+        "ALTER TABLE outbox_event DROP CONSTRAINT outbox_event_created_at_decodable",
+        "ALTER DOMAIN outbox_aggregate_id DROP CONSTRAINT outbox_event_aggregate_id_no_control_chars",
+        "ALTER DOMAIN outbox_headers DROP CONSTRAINT outbox_event_headers_are_strings_without_control_chars",
     ] {
-        sqlx::query(&format!(
-            "ALTER TABLE outbox_event DROP CONSTRAINT IF EXISTS {c}"
-        ))
-        .execute(&db.pool)
-        .await
-        .unwrap();
+        sqlx::query(drop).execute(&db.pool).await.unwrap();
     }
     let outbox = Outbox::new("Test");
     let mut tx = db.pool.begin().await.unwrap();
@@ -460,16 +456,22 @@ async fn the_cheaper_name_checks_decide_as_the_rules_as_written() {
         ("aggregate_type", "'^[A-Za-z0-9_-]{1,64}$'"),
         ("event_type", "'^[A-Za-z0-9_.-]{1,128}$'"),
     ] {
-        // The constraint's own text, evaluated on the samples under the column's name.
+        // The constraint's own text, evaluated on the samples under the column's name. Since
+        // 20261213000001 it is a CHECK of the column's domain, written over `VALUE`.
         let def: String = sqlx::query_scalar(
-            "SELECT pg_get_constraintdef(oid) FROM pg_constraint
-             WHERE conrelid = 'outbox_event'::regclass AND conname = $1",
+            "SELECT pg_get_constraintdef(c.oid) FROM pg_constraint c
+             JOIN pg_attribute a ON a.atttypid = c.contypid
+             WHERE a.attrelid = 'outbox_event'::regclass AND a.attname = $2 AND c.conname = $1",
         )
         .bind(format!("outbox_event_{column}_check"))
+        .bind(column)
         .fetch_one(&db.pool)
         .await
         .unwrap();
-        let expr = def.strip_prefix("CHECK ").expect("a CHECK constraint");
+        let expr = def
+            .strip_prefix("CHECK ")
+            .expect("a CHECK constraint")
+            .replace("VALUE", column);
         let row = sqlx::query(&format!(
             "SELECT count(*) FILTER (WHERE {column} ~ {rule}) AS valid,
                     count(*) FILTER (WHERE NOT {column} ~ {rule}) AS invalid,
@@ -504,6 +506,231 @@ async fn the_cheaper_name_checks_decide_as_the_rules_as_written() {
     .await;
     assert_eq!(e.code(), "23514");
     assert_eq!(e.constraint(), Some("outbox_event_event_type_check"));
+}
+
+/// Applies the outbox migrations whose version is in `from..until`, one transaction per file as
+/// `outbox migrate` does.
+async fn apply_migrations(db: &TestDb, from: u64, until: u64) {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../outbox/migrations");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "sql"))
+        .collect();
+    files.sort();
+    for f in files {
+        let version: u64 = f.file_name().unwrap().to_str().unwrap()[..14]
+            .parse()
+            .unwrap();
+        if (from..until).contains(&version) {
+            let mut tx = db.pool.begin().await.unwrap();
+            sqlx::raw_sql(&std::fs::read_to_string(&f).unwrap())
+                .execute(&mut *tx)
+                .await
+                .unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+            tx.commit().await.unwrap();
+        }
+    }
+}
+
+/// 20261213000001 moved the eight rules on writer-supplied names and headers from table CHECKs to
+/// domains (a table CHECK's text is read and planned again for every statement). Same rules, same
+/// SQLSTATE and constraint names, for INSERTs (one row and many) and UPDATEs alike; and the
+/// migration goes through on a table holding rows older than the control-character rules (which
+/// were added NOT VALID for such rows), keeping them for the relay to dead-letter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_name_rules_hold_from_their_domains_for_old_rows_inserts_and_updates() {
+    const DOMAINS: u64 = 20261213000001;
+    let db = TestDb::empty().await;
+    apply_migrations(&db, 0, DOMAINS).await;
+    // A writer's session that inserts before the migration and after it: its compiled trigger
+    // functions must not keep the old column types.
+    let mut writer = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    // Rows from before the control-character rules, as an old database may hold.
+    for sql in [
+        "ALTER TABLE outbox_event DROP CONSTRAINT outbox_event_aggregate_id_no_control_chars,
+                                  DROP CONSTRAINT outbox_event_headers_are_strings_without_control_chars",
+        raw_insert("E'old\\nrow'", "", "").as_str(),
+        raw_insert("'old'", ", headers", ", '{\"traceparent\": \"a\\u0001b\"}'").as_str(),
+        "ALTER TABLE outbox_event
+             ADD CONSTRAINT outbox_event_aggregate_id_no_control_chars
+                 CHECK (aggregate_id !~ '[[:cntrl:]]') NOT VALID,
+             ADD CONSTRAINT outbox_event_headers_are_strings_without_control_chars
+                 CHECK (outbox_headers_valid(headers)) NOT VALID",
+    ] {
+        sqlx::query(sql).execute(&mut writer).await.unwrap();
+    }
+    apply_migrations(&db, DOMAINS, u64::MAX).await;
+    let old: Vec<(String, serde_json::Value)> =
+        sqlx::query_as("SELECT aggregate_id, headers FROM outbox_event ORDER BY id")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        old,
+        vec![
+            ("old\nrow".to_string(), json!({})),
+            ("old".to_string(), json!({ "traceparent": "a\u{1}b" }))
+        ],
+        "the old rows are kept, and read as text and JSON"
+    );
+
+    sqlx::query(&raw_insert("'good'", "", ""))
+        .execute(&mut writer)
+        .await
+        .expect("a session that wrote before the migration writes after it");
+    let values = |column: &str, bad: &str| -> [String; 6] {
+        let mut v = ["'acme'", "'V'", "'a1'", "'E'", "'x.y'", "'{}'::jsonb"].map(String::from);
+        let i = [
+            "tenant_id",
+            "aggregate_type",
+            "aggregate_id",
+            "event_type",
+            "topic",
+            "headers",
+        ]
+        .iter()
+        .position(|c| *c == column)
+        .unwrap();
+        v[i] = bad.to_string();
+        v
+    };
+    let headers_rule = "outbox_event_headers_are_strings_without_control_chars";
+    let cases = [
+        ("tenant_id", "'ac me'", "outbox_event_tenant_id_check"),
+        (
+            "tenant_id",
+            "repeat('t', 65)",
+            "outbox_event_tenant_id_check",
+        ),
+        (
+            "aggregate_type",
+            "'V/1'",
+            "outbox_event_aggregate_type_check",
+        ),
+        ("aggregate_id", "''", "outbox_event_aggregate_id_check"),
+        (
+            "aggregate_id",
+            "repeat('a', 201)",
+            "outbox_event_aggregate_id_check",
+        ),
+        (
+            "aggregate_id",
+            "E'a\\tb'",
+            "outbox_event_aggregate_id_no_control_chars",
+        ),
+        ("event_type", "'E E'", "outbox_event_event_type_check"),
+        (
+            "event_type",
+            "repeat('E', 129)",
+            "outbox_event_event_type_check",
+        ),
+        ("topic", "'x..y'", "outbox_event_topic_check"),
+        ("topic", "repeat('x', 201)", "outbox_event_topic_check"),
+        ("headers", "'[]'::jsonb", headers_rule),
+        ("headers", "'{\"a\": 1}'::jsonb", headers_rule),
+        ("headers", "'{\"a\": \"b\\r\\nc\"}'::jsonb", headers_rule),
+    ];
+    for (column, bad, constraint) in cases {
+        let [t, at, a, e, topic, h] = values(column, bad);
+        let one = format!(
+            "INSERT INTO outbox_event (event_id, tenant_id, aggregate_type, aggregate_id, event_type,
+                                       topic, headers, payload)
+             VALUES (gen_random_uuid(), {t}, {at}, {a}, {e}, {topic}, {h}, '\\x7b7d')"
+        );
+        // The bad row last of three, so the statement's first rows are written before it fails.
+        let many = format!(
+            "INSERT INTO outbox_event (event_id, tenant_id, aggregate_type, aggregate_id, event_type,
+                                       topic, headers, payload)
+             SELECT gen_random_uuid(), x.*, '\\x7b7d' FROM (VALUES
+                 ('acme', 'V', 'm1', 'E', 'x.y', '{{}}'::jsonb), ('acme', 'V', 'm2', 'E', 'x.y', '{{}}'),
+                 ({t}, {at}, {a}, {e}, {topic}, {h})) AS x"
+        );
+        let update =
+            format!("UPDATE outbox_event SET {column} = {bad} WHERE aggregate_id = 'good'");
+        for sql in [one, many, update] {
+            let e = sql_error(&db, &sql).await;
+            assert_eq!(e.code(), "23514", "{sql}: {}", e.message());
+            assert_eq!(e.constraint(), Some(constraint), "{sql}: {}", e.message());
+        }
+    }
+    let rows: Vec<(String, String, serde_json::Value)> =
+        sqlx::query_as("SELECT aggregate_id, tenant_id, headers FROM outbox_event ORDER BY id")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(rows.len(), 3, "nothing of a refused statement was written");
+    assert_eq!(
+        rows[2],
+        ("good".to_string(), "acme".to_string(), json!({})),
+        "nothing was changed by a refused UPDATE"
+    );
+}
+
+/// The same migration under a running relay: its claim, prepared before it, returns columns whose
+/// type the migration changes, and PostgreSQL refuses such a statement in that session for as long
+/// as it is kept (`0A000 cached plan must not change result type`). The relay used to fail every
+/// claim, keeping its leases, until its connections were replaced (30 min by default); it now drops
+/// the stale statements and goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_relay_carries_on_through_a_migration_that_changes_column_types() {
+    const DOMAINS: u64 = 20261213000001;
+    let db = TestDb::empty().await;
+    apply_migrations(&db, 0, DOMAINS).await;
+    let stream = TestStream::new();
+    // A pool of the relay's own, as in production: every connection of it runs the claim before
+    // the migration (in a pool shared with the test, claims on connections that never prepared
+    // the statement would go through and hide the stall).
+    let relay_pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&db.url)
+        .await
+        .unwrap();
+    let relay =
+        testkit::relay::start_relay_on(relay_pool, stream.nats_config(), test_config()).await;
+    let outbox = Outbox::new("Test");
+    let enqueue = |n: i64| {
+        let (pool, outbox) = (db.pool.clone(), outbox.clone());
+        async move {
+            let mut tx = pool.begin().await.unwrap();
+            outbox
+                .enqueue(&mut tx, &[event("a", n), event("b", n)])
+                .await
+                .unwrap();
+            tx.commit().await.unwrap();
+        }
+    };
+    enqueue(1).await;
+    let before = eventually(Duration::from_secs(10), || async {
+        count(&db, "published").await == 2
+    })
+    .await;
+    assert!(before, "delivered before the migration");
+    // Polls every 100 ms: a second of claims prepares the statement on both connections.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    apply_migrations(&db, DOMAINS, u64::MAX).await;
+    enqueue(2).await;
+    let after = eventually(Duration::from_secs(15), || async {
+        count(&db, "published").await == 4
+    })
+    .await;
+    relay.shutdown().await;
+    assert!(after, "the relay stalled after the migration");
+    let got: Vec<(String, i64)> = seen(&stream)
+        .await
+        .into_iter()
+        .map(|m| (m.aggregate, m.seq))
+        .collect();
+    assert_eq!(got.len(), 4, "{got:?}");
+    for agg in ["acme/a", "acme/b"] {
+        let seqs: Vec<i64> = got
+            .iter()
+            .filter(|(a, _)| a == agg)
+            .map(|(_, s)| *s)
+            .collect();
+        assert_eq!(seqs, vec![1, 2], "{agg}: in order, once each");
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
-use sqlx::{PgPool, Row};
+use sqlx::{Connection, PgPool, Row};
 use uuid::Uuid;
 
 use crate::error::{OutboxError, Result};
@@ -123,12 +123,49 @@ impl PgStore {
     /// from the drain it reports on (docs/benchmarks.md).
     async fn read_tx(&self) -> Result<sqlx::Transaction<'static, sqlx::Postgres>> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query(
-            "SELECT set_config('jit', 'off', true), set_config('max_parallel_workers_per_gather', '0', true)",
-        )
-        .execute(&mut *tx)
-        .await?;
+        read_settings(&mut tx).await?;
         Ok(tx)
+    }
+}
+
+/// The settings of [`PgStore::read_tx`], for the transaction open on `conn`.
+async fn read_settings(conn: &mut sqlx::PgConnection) -> Result<()> {
+    sqlx::query(
+        "SELECT set_config('jit', 'off', true), set_config('max_parallel_workers_per_gather', '0', true)",
+    )
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Whether `e` is PostgreSQL refusing a statement prepared before a migration changed the type of a
+/// column it returns (`0A000 cached plan must not change result type`). It refuses it in that
+/// session for as long as the statement lives, and sqlx keeps prepared statements per connection
+/// until the connection closes (`max_lifetime`, 30 min by default): a relay would keep its leases and
+/// fail every claim until then (migration `20261213000001` changes seven columns' types).
+fn is_stale_statement(e: &OutboxError) -> bool {
+    match e {
+        OutboxError::Database(sqlx::Error::Database(db)) => {
+            db.code().as_deref() == Some("0A000")
+                && db
+                    .message()
+                    .contains("cached plan must not change result type")
+        }
+        _ => false,
+    }
+}
+
+/// Drops the prepared statements of `conn` (whose claim failed with [`is_stale_statement`]), so
+/// that its next claim prepares the statement against the schema as it is now. Each connection of
+/// the pool that held the old statement fails one claim and comes here; the relay retries the
+/// claim after its usual back-off.
+async fn forget_prepared_statements(conn: &mut sqlx::PgConnection) {
+    tracing::warn!(
+        "the outbox schema changed under this relay (a migration ran while it was running): \
+         preparing the claim again"
+    );
+    if let Err(e) = conn.clear_cached_statements().await {
+        tracing::warn!(error = %e, "could not drop a connection's prepared statements");
     }
 }
 
@@ -390,14 +427,31 @@ impl RelayStore for PgStore {
                 .bind(&held.aggregate_types)
                 .bind(&held.aggregate_ids);
         }
-        let rows = if self.session_settings {
-            query.fetch_all(&self.pool).await?
+        // On a connection of its own (not `&self.pool`), so that a statement gone stale can be
+        // dropped from the very connection that holds it.
+        let mut conn = self.pool.acquire().await?;
+        let fetched: Result<Vec<PgRow>> = if self.session_settings {
+            query.fetch_all(&mut *conn).await.map_err(OutboxError::from)
         } else {
-            let mut tx = self.read_tx().await?;
-            let rows = query.fetch_all(&mut *tx).await?;
-            tx.commit().await?;
-            rows
+            async {
+                let mut tx = conn.begin().await?;
+                read_settings(&mut tx).await?;
+                let rows = query.fetch_all(&mut *tx).await?;
+                tx.commit().await?;
+                Ok(rows)
+            }
+            .await
         };
+        let rows = match fetched {
+            Ok(rows) => rows,
+            Err(e) => {
+                if is_stale_statement(&e) {
+                    forget_prepared_statements(&mut conn).await;
+                }
+                return Err(e);
+            }
+        };
+        drop(conn);
         let drained = drained(&rows, limit)?;
         let (mut batch, bad) = decode_rows(&rows, dead_blocks)?;
         if !batch.is_empty() {
