@@ -671,21 +671,35 @@ async fn the_name_rules_hold_from_their_domains_for_old_rows_inserts_and_updates
 /// type the migration changes, and PostgreSQL refuses such a statement in that session for as long
 /// as it is kept (`0A000 cached plan must not change result type`). The relay used to fail every
 /// claim, keeping its leases, until its connections were replaced (30 min by default); it now drops
-/// the stale statements and goes on.
+/// the stale statements and goes on. On a pool of the relay's own (reads as single statements) and
+/// on an application's pool (reads in a transaction of their own).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_running_relay_carries_on_through_a_migration_that_changes_column_types() {
+    relay_through_a_type_changing_migration(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_on_an_application_pool_carries_on_through_a_type_changing_migration() {
+    relay_through_a_type_changing_migration(false).await;
+}
+
+async fn relay_through_a_type_changing_migration(own_pool: bool) {
     const DOMAINS: u64 = 20261213000001;
     let db = TestDb::empty().await;
     apply_migrations(&db, 0, DOMAINS).await;
     let stream = TestStream::new();
-    // A pool of the relay's own, as in production: every connection of it runs the claim before
-    // the migration (in a pool shared with the test, claims on connections that never prepared
-    // the statement would go through and hide the stall).
-    let relay_pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(2)
-        .connect(&db.url)
-        .await
-        .unwrap();
+    // A pool of two connections for the relay alone: both run the claim before the migration (in
+    // a pool shared with the test, claims on connections that never prepared the statement would
+    // go through and hide the stall).
+    let relay_pool = if own_pool {
+        PgStore::connect_lazy(&db.url, 2).unwrap().pool().clone()
+    } else {
+        sqlx::postgres::PgPoolOptions::new()
+            .max_connections(2)
+            .connect(&db.url)
+            .await
+            .unwrap()
+    };
     let relay =
         testkit::relay::start_relay_on(relay_pool, stream.nats_config(), test_config()).await;
     let outbox = Outbox::new("Test");

@@ -22,11 +22,16 @@
 --     several rules is reported for the first broken one in column order (tenant_id,
 --     aggregate_type, aggregate_id, event_type, topic, headers; within a column by name, as
 --     before), then the table CHECKs;
+--   * an UPDATE checks the columns it assigns (the others' values were checked when written);
 --   * the column types read `outbox_tenant_id`, ... in the catalogue. Values are still `text` and
---     `jsonb`: parameters of those types and `unnest($1::text[])` are assigned
---     without a cast, and the wire protocol describes a domain column as its base type, so clients
---     decode as before. The view `outbox_event_all` keeps the base types. Indexes on these columns
---     are used as before (PostgreSQL looks through a domain to its base type's operators).
+--     `jsonb`: parameters of those types and `unnest($1::text[])` are assigned without a cast,
+--     and the wire protocol describes a domain column as its base type, so clients decode as
+--     before. The view `outbox_event_all` keeps the base types. Indexes on these columns are used
+--     as before (PostgreSQL looks through a domain to its base type's operators).
+--
+-- Sessions open across the migration: see the end of this file for the trigger functions, and
+-- docs/outbox-table.md, "Upgrading to 20261213000001", for statements prepared before it that
+-- return these columns (relays of earlier versions must be stopped first).
 --
 -- Existing rows: the rules added VALID hold for every row, so the type change (one rewrite of
 -- `outbox_event` and its indexes, under an ACCESS EXCLUSIVE lock: the table holds unpublished and

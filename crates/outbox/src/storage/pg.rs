@@ -33,11 +33,12 @@ pub struct PgStore {
     /// `Outbox-Producer-Id`.
     producer: Arc<tokio::sync::OnceCell<Uuid>>,
     /// The pool's connections start with JIT and parallel workers off ([`relay_connect_options`]):
-    /// the relay's reads run as single statements, not inside [`PgStore::read_tx`].
+    /// the relay's reads run as single statements, not in a transaction of their own
+    /// ([`PgStore::read_conn`]).
     session_settings: bool,
 }
 
-/// The settings the relay's large reads need (see [`PgStore::read_tx`]), as startup options.
+/// The settings the relay's large reads need (see [`PgStore::read_conn`]), as startup options.
 const READ_SETTINGS: [(&str, &str); 2] = [("jit", "off"), ("max_parallel_workers_per_gather", "0")];
 
 /// Connection settings for a pool of the relay's own: `url` with JIT and parallel workers off for
@@ -114,28 +115,73 @@ impl PgStore {
         &self.pool
     }
 
-    /// A transaction for the relay's large reads (the claim, the backlog gauge) with JIT and
-    /// parallel workers off, set in one round trip and for this transaction only, so the caller's
-    /// pool (which may be shared with an application) is left untouched. Why: once the planner
-    /// has statistics of a large backlog, the claim's estimated cost passes `jit_above_cost` and
-    /// compiling it took about 0.5 s per claim against 9 ms for running it; and the gauge, read
-    /// every 2 s, ran as a three-process parallel scan (~110 ms on 200,000 rows) that took CPU
-    /// from the drain it reports on (docs/benchmarks.md).
-    async fn read_tx(&self) -> Result<sqlx::Transaction<'static, sqlx::Postgres>> {
+    /// A connection for the relay's large reads (the claim, the backlog and held gauges), with JIT
+    /// and parallel workers off. Why: once the planner has statistics of a large backlog, the
+    /// claim's estimated cost passes `jit_above_cost` and compiling it took about 0.5 s per claim
+    /// against 9 ms for running it; and the gauge, read every 2 s, ran as a three-process parallel
+    /// scan (~110 ms on 200,000 rows) that took CPU from the drain it reports on
+    /// (docs/benchmarks.md). A pool of the relay's own ([`relay_connect_options`]) has them for
+    /// the whole session; on any other pool (which may be shared with an application, and is left
+    /// untouched) they are set in one round trip, for a transaction of the read's own.
+    async fn read_conn(&self) -> Result<ReadConn> {
+        if self.session_settings {
+            return Ok(ReadConn::Session(self.pool.acquire().await?));
+        }
         let mut tx = self.pool.begin().await?;
-        read_settings(&mut tx).await?;
-        Ok(tx)
+        sqlx::query(
+            "SELECT set_config('jit', 'off', true), set_config('max_parallel_workers_per_gather', '0', true)",
+        )
+        .execute(&mut *tx)
+        .await?;
+        Ok(ReadConn::Transaction(tx))
     }
 }
 
-/// The settings of [`PgStore::read_tx`], for the transaction open on `conn`.
-async fn read_settings(conn: &mut sqlx::PgConnection) -> Result<()> {
-    sqlx::query(
-        "SELECT set_config('jit', 'off', true), set_config('max_parallel_workers_per_gather', '0', true)",
-    )
-    .execute(conn)
-    .await?;
-    Ok(())
+/// A connection of [`PgStore::read_conn`].
+enum ReadConn {
+    /// A connection of a pool whose sessions have the read settings.
+    Session(sqlx::pool::PoolConnection<sqlx::Postgres>),
+    /// A transaction that set them for itself.
+    Transaction(sqlx::Transaction<'static, sqlx::Postgres>),
+}
+
+impl ReadConn {
+    /// The connection to read on.
+    fn conn(&mut self) -> &mut sqlx::PgConnection {
+        match self {
+            ReadConn::Session(c) => c,
+            ReadConn::Transaction(t) => t,
+        }
+    }
+
+    /// Ends the read: commits its transaction, if it has one, and gives the connection back.
+    async fn finish(self) -> Result<()> {
+        if let ReadConn::Transaction(t) = self {
+            t.commit().await?;
+        }
+        Ok(())
+    }
+
+    /// The read failed with `e`. If a statement went stale under a migration
+    /// ([`is_stale_statement`]), drops this connection's prepared statements, so that its next
+    /// read prepares them against the schema as it is now: each connection of the pool that held
+    /// the old statement fails one read and comes here, and the relay retries after its usual
+    /// back-off.
+    async fn failed(mut self, e: sqlx::Error) -> OutboxError {
+        let e = OutboxError::from(e);
+        if is_stale_statement(&e) {
+            tracing::warn!(
+                "the outbox schema changed under this relay (a migration ran while it was \
+                 running): preparing its statements again"
+            );
+            // PostgreSQL takes Close messages inside a failed transaction too; the transaction's
+            // rollback follows when it is dropped.
+            if let Err(close) = self.conn().clear_cached_statements().await {
+                tracing::warn!(error = %close, "could not drop a connection's prepared statements");
+            }
+        }
+        e
+    }
 }
 
 /// Whether `e` is PostgreSQL refusing a statement prepared before a migration changed the type of a
@@ -152,20 +198,6 @@ fn is_stale_statement(e: &OutboxError) -> bool {
                     .contains("cached plan must not change result type")
         }
         _ => false,
-    }
-}
-
-/// Drops the prepared statements of `conn` (whose claim failed with [`is_stale_statement`]), so
-/// that its next claim prepares the statement against the schema as it is now. Each connection of
-/// the pool that held the old statement fails one claim and comes here; the relay retries the
-/// claim after its usual back-off.
-async fn forget_prepared_statements(conn: &mut sqlx::PgConnection) {
-    tracing::warn!(
-        "the outbox schema changed under this relay (a migration ran while it was running): \
-         preparing the claim again"
-    );
-    if let Err(e) = conn.clear_cached_statements().await {
-        tracing::warn!(error = %e, "could not drop a connection's prepared statements");
     }
 }
 
@@ -427,31 +459,12 @@ impl RelayStore for PgStore {
                 .bind(&held.aggregate_types)
                 .bind(&held.aggregate_ids);
         }
-        // On a connection of its own (not `&self.pool`), so that a statement gone stale can be
-        // dropped from the very connection that holds it.
-        let mut conn = self.pool.acquire().await?;
-        let fetched: Result<Vec<PgRow>> = if self.session_settings {
-            query.fetch_all(&mut *conn).await.map_err(OutboxError::from)
-        } else {
-            async {
-                let mut tx = conn.begin().await?;
-                read_settings(&mut tx).await?;
-                let rows = query.fetch_all(&mut *tx).await?;
-                tx.commit().await?;
-                Ok(rows)
-            }
-            .await
-        };
-        let rows = match fetched {
+        let mut read = self.read_conn().await?;
+        let rows = match query.fetch_all(read.conn()).await {
             Ok(rows) => rows,
-            Err(e) => {
-                if is_stale_statement(&e) {
-                    forget_prepared_statements(&mut conn).await;
-                }
-                return Err(e);
-            }
+            Err(e) => return Err(read.failed(e).await),
         };
-        drop(conn);
+        read.finish().await?;
         let drained = drained(&rows, limit)?;
         let (mut batch, bad) = decode_rows(&rows, dead_blocks)?;
         if !batch.is_empty() {
@@ -632,27 +645,22 @@ impl RelayStore for PgStore {
             "SELECT count(*) AS n, EXTRACT(EPOCH FROM (now() - min(created_at)))::float8 AS age
              FROM outbox_event WHERE status = 'pending'",
         );
-        let row = if self.session_settings {
-            q.fetch_one(&self.pool).await?
-        } else {
-            let mut tx = self.read_tx().await?;
-            let row = q.fetch_one(&mut *tx).await?;
-            tx.commit().await?;
-            row
+        let mut read = self.read_conn().await?;
+        let row = match q.fetch_one(read.conn()).await {
+            Ok(row) => row,
+            Err(e) => return Err(read.failed(e).await),
         };
+        read.finish().await?;
         let n: i64 = row.try_get("n")?;
         let age: Option<f64> = row.try_get("age")?;
         Ok((n, age.map(|a| Duration::from_secs_f64(a.max(0.0)))))
     }
 
     async fn held(&self) -> Result<HeldCounts> {
-        // Serial and without JIT, as the backlog gauge (see `read_tx`).
-        if self.session_settings {
-            return held_counts(&self.pool).await;
-        }
-        let mut tx = self.read_tx().await?;
-        let counts = held_counts(&mut *tx).await?;
-        tx.commit().await?;
+        // Serial and without JIT, as the backlog gauge (see `read_conn`).
+        let mut read = self.read_conn().await?;
+        let counts = held_counts(read.conn()).await?;
+        read.finish().await?;
         Ok(counts)
     }
 }
