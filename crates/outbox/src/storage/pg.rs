@@ -188,7 +188,7 @@ impl ReadConn {
 /// column it returns (`0A000 cached plan must not change result type`). It refuses it in that
 /// session for as long as the statement lives, and sqlx keeps prepared statements per connection
 /// until the connection closes (`max_lifetime`, 30 min by default): a relay would keep its leases and
-/// fail every claim until then (migration `20261213000001` changes seven columns' types).
+/// fail every claim until then (migration `20261213000001` changes six columns' types).
 fn is_stale_statement(e: &OutboxError) -> bool {
     match e {
         OutboxError::Database(sqlx::Error::Database(db)) => {
