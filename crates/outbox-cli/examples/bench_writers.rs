@@ -2,11 +2,11 @@
 //! four schemas, interleaved in one run, with the ratios to the schema before the table contract.
 //!
 //! `cargo run --release -p outbox-cli --example bench_writers -- [events] [rounds]`
-//! (defaults 20000 and 5). Schemas, each a fresh database per round, migrations read from
-//! `crates/outbox/migrations`:
+//! (defaults 20000 and 5). Schemas, each a fresh database per round with a chosen set of the
+//! library's embedded migrations (`TestDb::apply_outbox_migrations`):
 //! - `pre`: the first two migrations (before the table contract, issue 10);
 //! - `contract`: every migration except this issue's blocks (`20261210*`, `20261212*`);
-//! - `now`: every migration before the fifth pass (`20261213*`, the writers' name domains);
+//! - `now`: every migration before the fifth pass (`20261213*`, the rules as domains);
 //! - `next`: every migration.
 //!
 //! Workloads, in this order in each database (events over 5,000 aggregates of 10 tenants):
@@ -24,7 +24,6 @@
 //! must run on this machine): on a shared machine the second is the steadier measure of what the
 //! triggers and constraints cost.
 
-use std::path::PathBuf;
 use std::time::Instant;
 
 use outbox::{NewEvent, Outbox};
@@ -37,41 +36,19 @@ const SCHEMAS: [&str; 4] = ["pre", "contract", "now", "next"];
 const WORKLOADS: [&str; 4] = ["multi", "single", "enqueue", "commit1"];
 const COMMITS: usize = 300;
 
-fn migrations(schema: &str) -> Vec<PathBuf> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../outbox/migrations");
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .expect("crates/outbox/migrations")
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "sql"))
-        .collect();
-    files.sort();
-    let version = |p: &PathBuf| -> u64 {
-        p.file_name().unwrap().to_str().unwrap()[..14]
-            .parse()
-            .expect("migration version")
-    };
-    files
-        .into_iter()
-        .filter(|p| match schema {
-            "pre" => version(p) < 20261201000001,
-            "contract" => {
-                !(20261210000001..=20261210999999).contains(&version(p))
-                    && !(20261212000001..=20261212999999).contains(&version(p))
-            }
-            "now" => version(p) < 20261213000001,
-            _ => true,
-        })
-        .collect()
-}
-
+/// A fresh database with the schema `schema` (see the module docs).
 async fn database(schema: &str) -> TestDb {
     let db = TestDb::empty().await;
-    for f in migrations(schema) {
-        let sql = std::fs::read_to_string(&f).unwrap();
-        let mut tx = db.pool.begin().await.unwrap();
-        sqlx::raw_sql(&sql).execute(&mut *tx).await.unwrap();
-        tx.commit().await.unwrap();
-    }
+    db.apply_outbox_migrations(|v| match schema {
+        "pre" => v < 20261201000001,
+        "contract" => {
+            !(20261210000001..=20261210999999).contains(&v)
+                && !(20261212000001..=20261212999999).contains(&v)
+        }
+        "now" => v < 20261213000001,
+        _ => true,
+    })
+    .await;
     db
 }
 

@@ -508,31 +508,6 @@ async fn the_cheaper_name_checks_decide_as_the_rules_as_written() {
     assert_eq!(e.constraint(), Some("outbox_event_event_type_check"));
 }
 
-/// Applies the outbox migrations whose version is in `from..until`, one transaction per file as
-/// `outbox migrate` does.
-async fn apply_migrations(db: &TestDb, from: u64, until: u64) {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../outbox/migrations");
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "sql"))
-        .collect();
-    files.sort();
-    for f in files {
-        let version: u64 = f.file_name().unwrap().to_str().unwrap()[..14]
-            .parse()
-            .unwrap();
-        if (from..until).contains(&version) {
-            let mut tx = db.pool.begin().await.unwrap();
-            sqlx::raw_sql(&std::fs::read_to_string(&f).unwrap())
-                .execute(&mut *tx)
-                .await
-                .unwrap_or_else(|e| panic!("{}: {e}", f.display()));
-            tx.commit().await.unwrap();
-        }
-    }
-}
-
 /// 20261213000001 moved the eight rules on writer-supplied names and headers from table CHECKs to
 /// domains (a table CHECK's text is read and planned again for every statement). Same rules, same
 /// SQLSTATE and constraint names, for INSERTs (one row and many) and UPDATEs alike; and the
@@ -540,9 +515,9 @@ async fn apply_migrations(db: &TestDb, from: u64, until: u64) {
 /// were added NOT VALID for such rows), keeping them for the relay to dead-letter.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_name_rules_hold_from_their_domains_for_old_rows_inserts_and_updates() {
-    const DOMAINS: u64 = 20261213000001;
+    const DOMAINS: i64 = 20261213000001;
     let db = TestDb::empty().await;
-    apply_migrations(&db, 0, DOMAINS).await;
+    db.apply_outbox_migrations(|v| v < DOMAINS).await;
     // A writer's session that inserts before the migration and after it: its compiled trigger
     // functions must not keep the old column types.
     let mut writer = sqlx::PgConnection::connect(&db.url).await.unwrap();
@@ -560,7 +535,7 @@ async fn the_name_rules_hold_from_their_domains_for_old_rows_inserts_and_updates
     ] {
         sqlx::query(sql).execute(&mut writer).await.unwrap();
     }
-    apply_migrations(&db, DOMAINS, u64::MAX).await;
+    db.apply_outbox_migrations(|v| v >= DOMAINS).await;
     let old: Vec<(String, serde_json::Value)> =
         sqlx::query_as("SELECT aggregate_id, headers FROM outbox_event ORDER BY id")
             .fetch_all(&db.pool)
@@ -684,13 +659,15 @@ async fn a_relay_on_an_application_pool_carries_on_through_a_type_changing_migra
 }
 
 async fn relay_through_a_type_changing_migration(own_pool: bool) {
-    const DOMAINS: u64 = 20261213000001;
+    const DOMAINS: i64 = 20261213000001;
     let db = TestDb::empty().await;
-    apply_migrations(&db, 0, DOMAINS).await;
+    db.apply_outbox_migrations(|v| v < DOMAINS).await;
     let stream = TestStream::new();
-    // A pool of two connections for the relay alone: both run the claim before the migration (in
-    // a pool shared with the test, claims on connections that never prepared the statement would
-    // go through and hide the stall).
+    // A pool of two connections for the relay alone: its LISTEN takes one for good, so every
+    // claim runs on the other, and the deliveries before the migration prove that it prepared
+    // the claim there. With more connections, or in a pool shared with the test, a claim on a
+    // connection that never prepared the statement would go through and hide the stall. (With
+    // one, the relay cannot work at all: the LISTEN holds it.)
     let relay_pool = if own_pool {
         PgStore::connect_lazy(&db.url, 2).unwrap().pool().clone()
     } else {
@@ -720,10 +697,7 @@ async fn relay_through_a_type_changing_migration(own_pool: bool) {
     })
     .await;
     assert!(before, "delivered before the migration");
-    // Polls every 100 ms: a second of claims prepares the statement on both connections.
-    tokio::time::sleep(Duration::from_secs(1)).await;
-
-    apply_migrations(&db, DOMAINS, u64::MAX).await;
+    db.apply_outbox_migrations(|v| v >= DOMAINS).await;
     enqueue(2).await;
     let after = eventually(Duration::from_secs(15), || async {
         count(&db, "published").await == 4

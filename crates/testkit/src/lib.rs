@@ -82,6 +82,25 @@ impl TestDb {
     pub fn name(&self) -> &str {
         &self.name
     }
+
+    /// Applies the outbox's migrations (those embedded in the library) whose version `which`
+    /// accepts, in version order, one transaction each, without recording them as applied: for
+    /// tests and benchmarks that need the schema as it was before a given migration, or another
+    /// chosen set of them, and may then apply the rest.
+    pub async fn apply_outbox_migrations(&self, which: impl Fn(i64) -> bool) {
+        let migrator = outbox::schema::migrator();
+        for m in migrator
+            .iter()
+            .filter(|m| !m.migration_type.is_down_migration() && which(m.version))
+        {
+            let mut tx = self.pool.begin().await.expect("begin a migration");
+            sqlx::raw_sql(&m.sql)
+                .execute(&mut *tx)
+                .await
+                .unwrap_or_else(|e| panic!("migration {} ({}): {e}", m.version, m.description));
+            tx.commit().await.expect("commit a migration");
+        }
+    }
 }
 
 impl Drop for TestDb {

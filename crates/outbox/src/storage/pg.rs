@@ -167,8 +167,7 @@ impl ReadConn {
     /// read prepares them against the schema as it is now: each connection of the pool that held
     /// the old statement fails one read and comes here, and the relay retries after its usual
     /// back-off.
-    async fn failed(mut self, e: sqlx::Error) -> OutboxError {
-        let e = OutboxError::from(e);
+    async fn failed(mut self, e: OutboxError) -> OutboxError {
         if is_stale_statement(&e) {
             tracing::warn!(
                 "the outbox schema changed under this relay (a migration ran while it was \
@@ -462,7 +461,7 @@ impl RelayStore for PgStore {
         let mut read = self.read_conn().await?;
         let rows = match query.fetch_all(read.conn()).await {
             Ok(rows) => rows,
-            Err(e) => return Err(read.failed(e).await),
+            Err(e) => return Err(read.failed(e.into()).await),
         };
         read.finish().await?;
         let drained = drained(&rows, limit)?;
@@ -648,7 +647,7 @@ impl RelayStore for PgStore {
         let mut read = self.read_conn().await?;
         let row = match q.fetch_one(read.conn()).await {
             Ok(row) => row,
-            Err(e) => return Err(read.failed(e).await),
+            Err(e) => return Err(read.failed(e.into()).await),
         };
         read.finish().await?;
         let n: i64 = row.try_get("n")?;
@@ -659,7 +658,10 @@ impl RelayStore for PgStore {
     async fn held(&self) -> Result<HeldCounts> {
         // Serial and without JIT, as the backlog gauge (see `read_conn`).
         let mut read = self.read_conn().await?;
-        let counts = held_counts(read.conn()).await?;
+        let counts = match held_counts(read.conn()).await {
+            Ok(counts) => counts,
+            Err(e) => return Err(read.failed(e).await),
+        };
         read.finish().await?;
         Ok(counts)
     }
