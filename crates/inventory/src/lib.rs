@@ -83,8 +83,18 @@ impl AppState {
     /// or HS256 [`auth::JwtKeys`]; either may also check `iss` and `aud`).
     /// Starts the relays' wake-up task, so it must be called within a Tokio runtime.
     pub fn with_keys(pool: PgPool, keys: impl Into<auth::Verifier>) -> Self {
+        Self::with_keys_and_wake_window(pool, keys, WAKE_WINDOW)
+    }
+
+    /// [`AppState::with_keys`], with the relays woken at most once per `window` (see
+    /// [`AppState::with_wake_window`]): what `inventory serve` builds, starting one wake-up task.
+    pub fn with_keys_and_wake_window(
+        pool: PgPool,
+        keys: impl Into<auth::Verifier>,
+        window: std::time::Duration,
+    ) -> Self {
         Self {
-            notifier: CommitNotifier::spawn(pool.clone(), WAKE_WINDOW),
+            notifier: CommitNotifier::spawn(pool.clone(), window),
             pool,
             outbox: Outbox::new(SOURCE_SERVICE).with_notify(false),
             jwt: Arc::new(keys.into()),

@@ -246,8 +246,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     inventory::migrate(&pool)
         .await
         .context("applying the outbox and inventory migrations")?;
-    let state = AppState::with_keys(pool.clone(), verifier)
-        .with_wake_window(Duration::from_millis(args.wake_window_ms));
+    let state = AppState::with_keys_and_wake_window(
+        pool.clone(),
+        verifier,
+        Duration::from_millis(args.wake_window_ms),
+    );
     let stop = outbox_runtime::relay_cmd::shutdown_signal();
 
     let expiry = tokio::spawn(inventory::expiry::run(
