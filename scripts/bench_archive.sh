@@ -4,6 +4,8 @@
 # runs against a private server (initdb in a temporary directory, default settings, fsync on, a
 # free loopback port) that nothing else writes to; NATS is the machine's.
 #   scripts/bench_archive.sh [pairs] [reservations] [connections]   (defaults 10, 5000, 32)
+# With 60 or more pairs it also prints the interval over blocks of BENCH_BLOCK (default 20)
+# consecutive pairs (batch means), which holds the drift of the machine between blocks.
 # Extra environment is passed through (BENCH_RETENTION_ZERO=1: the relay deletes published rows;
 # BENCH_WAKE_WINDOW_MS: the inventory's wake-up window). BENCH_BIN=<path to a bench_reservations
 # binary> runs that build (e.g. an older one from its own target directory) instead of this tree's.

@@ -18,7 +18,9 @@
 //! the machine and this process used in each HTTP phase (PostgreSQL and NATS are the rest), and
 //! the medians. `BENCH_PAIRS=N` runs N interleaved pairs of relay on / relay off instead (no raw
 //! baseline) and prints the median ratio, its 95% interval and WAL bytes and flushes per
-//! reservation (issue 20, goal 6; `scripts/bench_archive.sh` runs it on a private server).
+//! reservation (issue 20, goal 6; `scripts/bench_archive.sh` runs it on a private server). With
+//! three or more blocks of `BENCH_BLOCK` (default 20) consecutive pairs it also prints the
+//! interval over the blocks' means (batch means), which holds the machine's drift between them.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -423,6 +425,15 @@ fn t975(df: usize) -> f64 {
     T.get(df.max(1) - 1).copied().unwrap_or(1.96)
 }
 
+/// The geometric mean of ratios given as logarithms, and the 95% t-interval of it.
+fn geometric_interval(logs: &[f64]) -> (f64, f64, f64) {
+    let n = logs.len();
+    let mean = logs.iter().sum::<f64>() / n as f64;
+    let sd = (logs.iter().map(|l| (l - mean).powi(2)).sum::<f64>() / (n.max(2) - 1) as f64).sqrt();
+    let half = t975(n - 1) * sd / (n as f64).sqrt();
+    (mean.exp(), (mean - half).exp(), (mean + half).exp())
+}
+
 /// `BENCH_PAIRS` pairs of (relay on, relay off), the order alternating pair by pair (on, off,
 /// off, on, ...), no raw baseline: the relay on / off ratio of each pair, their median, and a 95%
 /// t-interval of the mean of the log ratios (the geometric mean's interval), with WAL bytes and
@@ -463,16 +474,30 @@ async fn pairs(n: usize, requests: usize, concurrency: usize) {
         }
     };
     let logs: Vec<f64> = ratios.iter().map(|r| r.ln()).collect();
-    let mean = logs.iter().sum::<f64>() / n as f64;
-    let sd = (logs.iter().map(|l| (l - mean).powi(2)).sum::<f64>() / (n.max(2) - 1) as f64).sqrt();
-    let half = t975(n - 1) * sd / (n as f64).sqrt();
-    let (lo, hi) = ((mean - half).exp(), (mean + half).exp());
+    let (mean, lo, hi) = geometric_interval(&logs);
     println!(
-        "relay on / off over {n} pairs: median {:.3}, geometric mean {:.3}, 95% interval {lo:.3}-{hi:.3} (goal: lower bound >= 0.90: {})",
+        "relay on / off over {n} pairs: median {:.3}, geometric mean {mean:.3}, 95% interval {lo:.3}-{hi:.3} (goal: lower bound >= 0.90: {})",
         median(ratios.clone()),
-        mean.exp(),
         if lo >= 0.9 { "met" } else { "not met" }
     );
+    // The machine drifts over minutes (docs/benchmarks.md, issue 20, fourth pass), so neighbouring
+    // pairs are alike and the interval above is too narrow for a long run. Batch means: each
+    // block of consecutive pairs gives one mean, and the interval is taken over the blocks.
+    let block = env_or("BENCH_BLOCK", 20usize).max(1);
+    let blocks: Vec<f64> = logs
+        .chunks_exact(block)
+        .map(|c| c.iter().sum::<f64>() / block as f64)
+        .collect();
+    if blocks.len() >= 3 {
+        let (mean, lo, hi) = geometric_interval(&blocks);
+        let each: Vec<String> = blocks.iter().map(|b| format!("{:.3}", b.exp())).collect();
+        println!(
+            "over {} blocks of {block} consecutive pairs (batch means): {}; geometric mean {mean:.3}, 95% interval {lo:.3}-{hi:.3} (goal: lower bound >= 0.90: {})",
+            blocks.len(),
+            each.join(" "),
+            if lo >= 0.9 { "met" } else { "not met" }
+        );
+    }
     println!(
         "WAL per reservation (median): relay on {:.0} bytes, {:.3} flushes; relay off {:.0} bytes, {:.3} flushes",
         median(wal_on.iter().map(|w| w.0).collect()),

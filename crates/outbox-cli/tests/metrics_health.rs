@@ -99,6 +99,14 @@ async fn counters_move_by_exactly_the_workload() {
         body.contains("outbox_batch_size_bucket"),
         "batch size is a histogram"
     );
+    let (claims, batches) = (
+        metric(&body, "outbox_claim_duration_seconds_count"),
+        metric(&body, "outbox_batch_size_count"),
+    );
+    assert!(
+        batches >= 1.0 && claims >= batches,
+        "every claim is timed, those that found a batch among them: {claims} claims, {batches} batches"
+    );
     assert!(
         eventually(Duration::from_secs(5), || async {
             metric(

@@ -44,6 +44,10 @@ pub const ROUTES_REFUSED: &str = "outbox_refused_routes";
 pub const OLDEST_ROUTE_HELD_AGE: &str = "outbox_oldest_route_held_age_seconds";
 /// Histogram: seconds to publish one batch and receive its acknowledgements.
 pub const PUBLISH_SECONDS: &str = "outbox_publish_duration_seconds";
+/// Histogram: seconds one claim took (every claim, those that find nothing too). Rising while
+/// the backlog stays small means the claim steps over published rows autovacuum has not yet
+/// removed (docs/outbox-table.md, "Vacuum").
+pub const CLAIM_SECONDS: &str = "outbox_claim_duration_seconds";
 /// Histogram: events per claimed batch.
 pub const BATCH_SIZE: &str = "outbox_batch_size";
 /// Histogram: seconds from an event's commit to the broker's acknowledgement.
@@ -71,6 +75,7 @@ pub const ALL: &[&str] = &[
     ROUTES_REFUSED,
     OLDEST_ROUTE_HELD_AGE,
     PUBLISH_SECONDS,
+    CLAIM_SECONDS,
     BATCH_SIZE,
     COMMIT_TO_ACK,
 ];
@@ -129,6 +134,11 @@ pub fn describe() {
         PUBLISH_SECONDS,
         Unit::Seconds,
         "Time to publish a batch and receive its acknowledgements"
+    );
+    describe_histogram!(
+        CLAIM_SECONDS,
+        Unit::Seconds,
+        "Time one claim of pending events took"
     );
     describe_histogram!(BATCH_SIZE, "Events per claimed batch");
     describe_histogram!(
@@ -287,6 +297,7 @@ pub fn register_relay_zeros(broker: &str, amqp_exchange: Option<&str>) {
     }
     // Registered without a sample: the exporter renders every bucket, `_sum` and `_count` at 0.
     let _ = histogram!(PUBLISH_SECONDS);
+    let _ = histogram!(CLAIM_SECONDS);
     let _ = histogram!(BATCH_SIZE);
     let _ = histogram!(COMMIT_TO_ACK);
 }

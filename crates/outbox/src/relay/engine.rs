@@ -19,7 +19,7 @@ use crate::error::{OutboxError, Result};
 use crate::publisher::{Delivery, FailureKind, OutboundMessage, PublishFailure, Publisher};
 use crate::relay::routes::RouteHolds;
 use crate::retry::RetryPolicy;
-use crate::store::{Claimed, Fence, RelayStore, Settlement};
+use crate::store::{Claimed, Fence, HeldRoutes, RelayStore, Settlement};
 use crate::telemetry as m;
 
 /// Settings of one relay.
@@ -402,18 +402,7 @@ impl Relay {
             let claim_started = Instant::now();
             let claimed = match prefetched.take() {
                 Some(b) => Ok(b),
-                None => {
-                    self.store
-                        .claim_except(
-                            &cfg.relay_id,
-                            cfg.batch_size,
-                            cfg.dead_letters_block,
-                            exclude,
-                            margin,
-                            &routes.active(),
-                        )
-                        .await
-                }
+                None => self.claim(exclude, &routes.active()).await,
             };
             let Claimed {
                 messages: batch,
@@ -462,14 +451,7 @@ impl Relay {
                     let held = routes.active();
                     let (outcomes, next) = tokio::join!(
                         self.publisher.publish(&batch, deadline),
-                        self.store.claim_except(
-                            &cfg.relay_id,
-                            cfg.batch_size,
-                            cfg.dead_letters_block,
-                            &in_flight,
-                            margin,
-                            &held,
-                        )
+                        self.claim(&in_flight, &held)
                     );
                     (outcomes, next.ok().filter(|b| !b.messages.is_empty()))
                 } else {
@@ -605,6 +587,25 @@ impl Relay {
             }
         }
         recorded.broker_wide
+    }
+
+    /// One claim of up to a batch from this relay's partitions, its time recorded.
+    async fn claim(&self, exclude: &[uuid::Uuid], held: &HeldRoutes) -> Result<Claimed> {
+        let cfg = &self.config;
+        let started = Instant::now();
+        let claimed = self
+            .store
+            .claim_except(
+                &cfg.relay_id,
+                cfg.batch_size,
+                cfg.dead_letters_block,
+                exclude,
+                cfg.lease_margin(),
+                held,
+            )
+            .await;
+        metrics::histogram!(m::CLAIM_SECONDS).record(started.elapsed().as_secs_f64());
+        claimed
     }
 
     fn delete_published(&self) -> bool {
