@@ -62,7 +62,7 @@ async fn case(churn: i64, claims: usize) -> [f64; 4] {
         .execute(&db.pool)
         .await
         .unwrap();
-    support::write_backlog_over(&db, churn + PENDING, 64).await;
+    support::write_backlog(&db, churn + PENDING).await;
     let settled: Vec<uuid::Uuid> =
         sqlx::query_scalar("SELECT event_id FROM outbox_event ORDER BY id LIMIT $1")
             .bind(churn)
