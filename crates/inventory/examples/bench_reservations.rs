@@ -78,13 +78,16 @@ async fn run_phase(with_relay: bool, requests: usize, concurrency: usize) -> Pha
         .connect(&db.url)
         .await
         .expect("pool");
-    let mut state = AppState::new(pool.clone(), SECRET);
-    if let Some(ms) = std::env::var("BENCH_WAKE_WINDOW_MS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-    {
-        state = state.with_wake_window(Duration::from_millis(ms));
-    }
+    // As `inventory serve` builds it: one wake-up task, with the window asked for.
+    let window = env_or(
+        "BENCH_WAKE_WINDOW_MS",
+        inventory::WAKE_WINDOW.as_millis() as u64,
+    );
+    let state = AppState::with_keys_and_wake_window(
+        pool.clone(),
+        JwtKeys::new(SECRET),
+        Duration::from_millis(window),
+    );
     let stream = TestStream::new();
     let stop = CancellationToken::new();
     let mut relay_task = None;
